@@ -1,0 +1,251 @@
+//! The request path: entry, checks, the walk down the filter chain, the leaf
+//! call, and dirty-bitmap marking.
+//!
+//! A request enters its node (waiting there while quiesced), is checked
+//! against the node's size, state (I5) and the leaf's alignment, then walks
+//! down through filters iteratively: each level is counted in flight, checked
+//! for activity, and given the chance to shift the offset (raw), delay or
+//! fail the request (blkdebug). Writes mark the enabled bitmaps of every
+//! level they passed, once the leaf has answered. Nothing here allocates.
+
+use crate::buf::IoBuf;
+use crate::driver::{BlockRead, BlockStatus, BlockWrite, Discard, Extent, Flush, Resize, WriteFlags, WriteZeroes, ZeroFlags};
+use crate::error::{BlockError, Op, Result};
+use crate::node::{Kind, Node};
+
+/// Deepest filter chain a request may walk.
+const MAX_DEPTH: usize = 8;
+
+/// The nodes a request passed and its offset at each; uncounts them on drop.
+struct Path<'a> {
+    levels: [Option<(&'a Node, u64)>; MAX_DEPTH],
+    depth: usize,
+}
+
+impl<'a> Path<'a> {
+    async fn enter(node: &'a Node, offset: u64) -> Path<'a> {
+        node.inflight.enter().await;
+        Self::entered(node, offset)
+    }
+
+    /// Count a request that must not wait for quiescing (the graph's own
+    /// flush while it holds the node quiesced).
+    fn enter_quiesced(node: &'a Node, offset: u64) -> Path<'a> {
+        node.inflight.pass();
+        Self::entered(node, offset)
+    }
+
+    fn entered(node: &'a Node, offset: u64) -> Path<'a> {
+        let mut levels = [None; MAX_DEPTH];
+        levels[0] = Some((node, offset));
+        Path { levels, depth: 1 }
+    }
+
+    fn push(&mut self, node: &'a Node, offset: u64) -> Result<()> {
+        if self.depth == MAX_DEPTH {
+            return Err(BlockError::InvalidOption { option: "graph".into(), reason: format!("filter chain deeper than {MAX_DEPTH} at '{}'", node.name) });
+        }
+        node.inflight.pass();
+        self.levels[self.depth] = Some((node, offset));
+        self.depth += 1;
+        Ok(())
+    }
+
+    fn mark_dirty(&self, len: u64) {
+        for (node, offset) in self.levels.iter().take(self.depth).flatten() {
+            node.mark_dirty(*offset, len);
+        }
+    }
+}
+
+impl Drop for Path<'_> {
+    fn drop(&mut self) {
+        for (node, _) in self.levels.iter().take(self.depth).flatten() {
+            node.inflight.exit();
+        }
+    }
+}
+
+fn is_modification(op: Op) -> bool {
+    matches!(op, Op::Write | Op::WriteZeroes | Op::Discard | Op::Truncate)
+}
+
+impl Node {
+    /// Bounds of a request against this node's length (overflow-safe).
+    fn check_range(&self, op: Op, offset: u64, len: u64) -> Result<()> {
+        let size = self.length();
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(BlockError::OutOfRange { node: self.name.clone(), op, offset, len, size }),
+        }
+    }
+
+    fn check_state(&self, op: Op) -> Result<()> {
+        if is_modification(op) {
+            if !self.is_active() {
+                return Err(BlockError::Inactive { node: self.name.clone(), op });
+            }
+            if self.read_only {
+                return Err(BlockError::ReadOnly { node: self.name.clone(), op });
+            }
+        }
+        Ok(())
+    }
+
+    /// Walk from `path`'s top to the leaf, running filters; returns the leaf and its offset.
+    async fn descend<'a>(&'a self, path: &mut Path<'a>, op: Op, offset: u64, len: u64) -> Result<(&'a Node, u64)> {
+        let mut node: &'a Node = self;
+        let mut off = offset;
+        loop {
+            node.check_state(op)?;
+            match &node.kind {
+                Kind::Raw(r) => off = r.map(off),
+                Kind::Blkdebug(b) => b.check(&node.name, op, off, len).await?,
+                Kind::File(_) | Kind::Null(_) | Kind::Dyn(_) => {
+                    let align = u64::from(node.alignment());
+                    if align > 1 && (off % align != 0 || len % align != 0) {
+                        return Err(BlockError::Misaligned { node: node.name.clone(), op, offset: off, len, align: align as u32 });
+                    }
+                    return Ok((node, off));
+                }
+            }
+            let Some(child) = &node.child else {
+                return Err(BlockError::InvalidOption { option: "file".into(), reason: format!("filter '{}' has no child", node.name) });
+            };
+            node = &child.node;
+            path.push(node, off)?;
+        }
+    }
+
+    /// Read `buf.len()` bytes at `offset`.
+    pub async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
+        let len = buf.len() as u64;
+        let mut path = Path::enter(self, offset).await;
+        self.check_range(Op::Read, offset, len)?;
+        let (leaf, off) = self.descend(&mut path, Op::Read, offset, len).await?;
+        match &leaf.kind {
+            Kind::File(d) => d.read(off, buf).await,
+            Kind::Null(d) => d.read(off, buf).await,
+            Kind::Dyn(d) => crate::driver::DynDriver::read(&**d, off, buf).await,
+            Kind::Raw(_) | Kind::Blkdebug(_) => Err(not_leaf(leaf)),
+        }
+    }
+
+    /// Write all of `buf` at `offset`.
+    pub async fn write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> Result<IoBuf> {
+        let len = buf.len() as u64;
+        let mut path = Path::enter(self, offset).await;
+        self.check_range(Op::Write, offset, len)?;
+        let (leaf, off) = self.descend(&mut path, Op::Write, offset, len).await?;
+        let native_fua = leaf.caps().fua;
+        let leaf_flags = WriteFlags { fua: flags.fua && native_fua };
+        let res = match &leaf.kind {
+            Kind::File(d) => d.write(off, buf, leaf_flags).await,
+            Kind::Null(d) => d.write(off, buf, leaf_flags).await,
+            Kind::Dyn(d) => crate::driver::DynDriver::write(&**d, off, buf, leaf_flags).await,
+            Kind::Raw(_) | Kind::Blkdebug(_) => Err(not_leaf(leaf)),
+        };
+        path.mark_dirty(len);
+        let buf = res?;
+        if flags.fua && !native_fua {
+            leaf_flush(leaf).await?;
+        }
+        Ok(buf)
+    }
+
+    /// Make `[offset, offset+len)` read as zeroes.
+    pub async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        let mut path = Path::enter(self, offset).await;
+        self.check_range(Op::WriteZeroes, offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let (leaf, off) = self.descend(&mut path, Op::WriteZeroes, offset, len).await?;
+        let res = match &leaf.kind {
+            Kind::File(d) => d.write_zeroes(off, len, flags).await,
+            Kind::Null(d) => d.write_zeroes(off, len, flags).await,
+            Kind::Dyn(d) => crate::driver::DynDriver::write_zeroes(&**d, off, len, flags).await,
+            Kind::Raw(_) | Kind::Blkdebug(_) => Err(not_leaf(leaf)),
+        };
+        // A fast-zero refusal changed nothing.
+        if !matches!(res, Err(BlockError::Unsupported { .. })) {
+            path.mark_dirty(len);
+        }
+        res
+    }
+
+    /// Tell the storage `[offset, offset+len)` is no longer needed.
+    pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let mut path = Path::enter(self, offset).await;
+        self.check_range(Op::Discard, offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let (leaf, off) = self.descend(&mut path, Op::Discard, offset, len).await?;
+        let res = match &leaf.kind {
+            Kind::File(d) => d.discard(off, len).await,
+            Kind::Null(d) => d.discard(off, len).await,
+            Kind::Dyn(d) => crate::driver::DynDriver::discard(&**d, off, len).await,
+            Kind::Raw(_) | Kind::Blkdebug(_) => Err(not_leaf(leaf)),
+        };
+        path.mark_dirty(len);
+        res
+    }
+
+    /// Flush this node and every node below it.
+    pub async fn flush(&self) -> Result<()> {
+        let mut path = Path::enter(self, 0).await;
+        let (leaf, _) = self.descend(&mut path, Op::Flush, 0, 0).await?;
+        leaf_flush(leaf).await
+    }
+
+    /// Flush while the caller holds this node quiesced (inactivation).
+    pub(crate) async fn flush_quiesced(&self) -> Result<()> {
+        let mut path = Path::enter_quiesced(self, 0);
+        let (leaf, _) = self.descend(&mut path, Op::Flush, 0, 0).await?;
+        leaf_flush(leaf).await
+    }
+
+    /// The allocation state of the extent at `offset` (at most `len` bytes).
+    pub async fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        let mut path = Path::enter(self, offset).await;
+        self.check_range(Op::BlockStatus, offset, len)?;
+        let (leaf, off) = self.descend(&mut path, Op::BlockStatus, offset, len).await?;
+        let ext = match &leaf.kind {
+            Kind::File(d) => d.block_status(off, len).await?,
+            Kind::Null(d) => d.block_status(off, len).await?,
+            Kind::Dyn(d) => crate::driver::DynDriver::block_status(&**d, off, len).await?,
+            Kind::Raw(_) | Kind::Blkdebug(_) => return Err(not_leaf(leaf)),
+        };
+        // A driver must make progress and stay inside the request.
+        Ok(Extent { len: ext.len.clamp(1.min(len), len), ..ext })
+    }
+
+    /// Change the size (only nodes without filters in between).
+    pub async fn truncate(&self, len: u64) -> Result<()> {
+        let mut path = Path::enter(self, 0).await;
+        let (leaf, _) = self.descend(&mut path, Op::Truncate, 0, 0).await?;
+        if !std::ptr::eq(leaf, self) {
+            return Err(BlockError::Unsupported { node: self.name.clone(), what: "resize through a filter" });
+        }
+        match &leaf.kind {
+            Kind::File(d) => d.truncate(len).await,
+            Kind::Null(d) => d.truncate(len).await,
+            Kind::Dyn(d) => crate::driver::DynDriver::truncate(&**d, len).await,
+            Kind::Raw(_) | Kind::Blkdebug(_) => Err(not_leaf(leaf)),
+        }
+    }
+}
+
+async fn leaf_flush(leaf: &Node) -> Result<()> {
+    match &leaf.kind {
+        Kind::File(d) => d.flush().await,
+        Kind::Null(d) => d.flush().await,
+        Kind::Dyn(d) => crate::driver::DynDriver::flush(&**d, ).await,
+        Kind::Raw(_) | Kind::Blkdebug(_) => Err(not_leaf(leaf)),
+    }
+}
+
+fn not_leaf(node: &Node) -> BlockError {
+    BlockError::InvalidOption { option: "driver".into(), reason: format!("'{}' is not a leaf", node.name) }
+}

@@ -1,0 +1,264 @@
+//! A node of the graph: a driver, at most one child (filters), a state
+//! (active / inactive), its users and their permissions, and its dirty bitmaps.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use crate::bitmap::DirtyBitmap;
+use crate::driver::{Caps, DynDriver, LeafInfo};
+use crate::drivers::blkdebug::Blkdebug;
+use crate::drivers::file::FileDriver;
+use crate::drivers::null::NullDriver;
+use crate::drivers::raw::RawFilter;
+use crate::error::{BlockError, Result};
+use crate::inflight::Inflight;
+use crate::perm::{Perm, PermSet};
+
+/// What a node does with requests.
+pub(crate) enum Kind {
+    File(FileDriver),
+    Null(NullDriver),
+    /// A driver registered from another crate (e.g. the NBD client).
+    Dyn(Arc<dyn DynDriver>),
+    Raw(RawFilter),
+    Blkdebug(Blkdebug),
+}
+
+impl std::fmt::Debug for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.driver_name())
+    }
+}
+
+impl Kind {
+    pub(crate) fn driver_name(&self) -> &'static str {
+        match self {
+            Kind::File(_) => "file",
+            Kind::Null(_) => "null-co",
+            Kind::Dyn(d) => d.driver_name(),
+            Kind::Raw(_) => "raw",
+            Kind::Blkdebug(_) => "blkdebug",
+        }
+    }
+}
+
+/// An edge to a child node; `role` is QEMU's child name ("file", "image").
+#[derive(Debug)]
+pub struct Child {
+    pub role: &'static str,
+    pub node: Arc<Node>,
+}
+
+/// Identifies one user of a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct UserId(pub(crate) u64);
+
+/// A user attached to a node: a guest device, an export, a job.
+#[derive(Debug, Clone)]
+pub struct User {
+    pub id: UserId,
+    /// Shown in errors: "export 'e0'", "guest disk", "job 'mirror0'".
+    pub name: String,
+    pub perms: PermSet,
+    /// May the node be inactivated under this user? (QEMU: users with a
+    /// device, read-only users and exports with `allow-inactive` may.)
+    pub allow_inactive: bool,
+}
+
+impl User {
+    /// Whether this user stops its node from being inactivated.
+    pub fn blocks_inactivation(&self) -> bool {
+        !self.allow_inactive && !self.perms.perm.without(Perm::CONSISTENT_READ).is_empty()
+    }
+}
+
+/// A node of the block graph.
+#[derive(Debug)]
+pub struct Node {
+    pub(crate) name: String,
+    pub(crate) kind: Kind,
+    pub(crate) child: Option<Child>,
+    pub(crate) read_only: bool,
+    /// Created implicitly as a nested child in `blockdev-add` (deleted with its parent).
+    pub(crate) implicit: bool,
+    /// Writes, zeroes, discards and resizes fail with EPERM unless set (I5).
+    /// Changes only while the node and its ancestors are quiesced and drained.
+    pub(crate) active: AtomicBool,
+    pub(crate) inflight: Inflight,
+    /// Enabled bitmaps are marked by every write, zero and discard through the node.
+    pub(crate) bitmaps: RwLock<Vec<Arc<DirtyBitmap>>>,
+    /// Users attached directly (not parent nodes).
+    pub(crate) users: Mutex<Vec<User>>,
+    /// The permissions last applied to this node (cumulative over users and parents).
+    pub(crate) applied: Mutex<PermSet>,
+}
+
+/// A snapshot of a node for query commands.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    pub node_name: String,
+    pub driver: &'static str,
+    pub filename: Option<String>,
+    pub read_only: bool,
+    pub active: bool,
+    pub length: u64,
+    pub child: Option<(String, String)>,
+    pub perms: PermSet,
+    pub users: Vec<String>,
+    pub implicit: bool,
+}
+
+impl Node {
+    pub(crate) fn new(name: String, kind: Kind, child: Option<Child>, read_only: bool, active: bool, implicit: bool) -> Self {
+        Self {
+            name,
+            kind,
+            child,
+            read_only,
+            implicit,
+            active: AtomicBool::new(active),
+            inflight: Inflight::default(),
+            bitmaps: RwLock::new(Vec::new()),
+            users: Mutex::new(Vec::new()),
+            applied: Mutex::new(PermSet::new(Perm::NONE, Perm::ALL)),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn driver_name(&self) -> &'static str {
+        self.kind.driver_name()
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.active.load(Ordering::SeqCst)
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    pub fn child(&self) -> Option<&Arc<Node>> {
+        self.child.as_ref().map(|c| &c.node)
+    }
+
+    /// The file driver, if this is a `file` node.
+    pub fn file(&self) -> Option<&FileDriver> {
+        match &self.kind {
+            Kind::File(f) => Some(f),
+            _ => None,
+        }
+    }
+
+    /// The blkdebug filter, if this is a `blkdebug` node.
+    pub fn blkdebug(&self) -> Option<&Blkdebug> {
+        match &self.kind {
+            Kind::Blkdebug(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// The leaf at the bottom of the filter chain.
+    pub fn leaf(&self) -> &Node {
+        let mut n = self;
+        while let Some(c) = &n.child {
+            n = &c.node;
+        }
+        n
+    }
+
+    /// Current length in bytes.
+    pub fn length(&self) -> u64 {
+        match &self.kind {
+            Kind::File(f) => LeafInfo::length(f),
+            Kind::Null(n) => LeafInfo::length(n),
+            Kind::Dyn(d) => d.length(),
+            Kind::Raw(r) => r.length(self.child().map(|c| c.length()).unwrap_or(0)),
+            Kind::Blkdebug(_) => self.child().map(|c| c.length()).unwrap_or(0),
+        }
+    }
+
+    /// Capabilities of the leaf under this node.
+    pub fn caps(&self) -> Caps {
+        match &self.leaf().kind {
+            Kind::File(f) => LeafInfo::caps(f),
+            Kind::Null(n) => LeafInfo::caps(n),
+            Kind::Dyn(d) => d.caps(),
+            Kind::Raw(_) | Kind::Blkdebug(_) => Caps::default(),
+        }
+    }
+
+    /// Required request alignment of the leaf.
+    pub fn alignment(&self) -> u32 {
+        match &self.leaf().kind {
+            Kind::File(f) => LeafInfo::alignment(f),
+            Kind::Null(n) => LeafInfo::alignment(n),
+            Kind::Dyn(d) => d.alignment(),
+            Kind::Raw(_) | Kind::Blkdebug(_) => 1,
+        }
+    }
+
+    /// Re-read what the driver caches (on activation).
+    pub(crate) fn refresh(&self) -> Result<()> {
+        match &self.kind {
+            Kind::File(f) => LeafInfo::refresh(f),
+            Kind::Dyn(d) => d.refresh(),
+            _ => Ok(()),
+        }
+    }
+
+    /// Requests currently in flight on this node.
+    pub fn in_flight(&self) -> usize {
+        self.inflight.in_flight()
+    }
+
+    /// The users attached directly to this node.
+    pub fn users(&self) -> Vec<User> {
+        self.users.lock().map(|u| u.clone()).unwrap_or_default()
+    }
+
+    /// The permissions currently applied (cumulative over users and parents).
+    pub fn applied_perms(&self) -> PermSet {
+        self.applied.lock().map(|p| *p).unwrap_or(PermSet::new(Perm::NONE, Perm::ALL))
+    }
+
+    /// A bitmap by name.
+    pub fn bitmap(&self, name: &str) -> Result<Arc<DirtyBitmap>> {
+        self.bitmaps
+            .read()
+            .ok()
+            .and_then(|b| b.iter().find(|b| b.name() == name).cloned())
+            .ok_or_else(|| BlockError::BitmapNotFound { node: self.name.clone(), bitmap: name.to_string() })
+    }
+
+    /// Every bitmap of this node.
+    pub fn bitmaps(&self) -> Vec<Arc<DirtyBitmap>> {
+        self.bitmaps.read().map(|b| b.clone()).unwrap_or_default()
+    }
+
+    /// Mark the enabled bitmaps for a modification of `[offset, offset+len)`.
+    pub(crate) fn mark_dirty(&self, offset: u64, len: u64) {
+        if let Ok(b) = self.bitmaps.read() {
+            for bm in b.iter() {
+                bm.mark(offset, len);
+            }
+        }
+    }
+
+    pub fn info(&self) -> NodeInfo {
+        NodeInfo {
+            node_name: self.name.clone(),
+            driver: self.driver_name(),
+            filename: self.leaf().file().map(|f| f.filename().to_string()),
+            read_only: self.read_only,
+            active: self.is_active(),
+            length: self.length(),
+            child: self.child.as_ref().map(|c| (c.role.to_string(), c.node.name.clone())),
+            perms: self.applied_perms(),
+            users: self.users().into_iter().map(|u| u.name).collect(),
+            implicit: self.implicit,
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! jobs: placeholder until its issue lands.

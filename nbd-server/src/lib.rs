@@ -1,0 +1,1 @@
+//! nbd-server: placeholder until its issue lands.

@@ -1,0 +1,1 @@
+//! vmm: placeholder until its issue lands.
