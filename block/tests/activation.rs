@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 //! Activation on real files: I3 (all or nothing), I4 (idempotent), I5
 //! (inactive nodes refuse modifications), and QEMU 10's parent/child rules.
 
