@@ -93,10 +93,13 @@ impl PermSet {
         Self { perm, shared }
     }
 
-    /// A guest disk: reads and writes, lets others only read (QEMU's
-    /// virtio-blk with share-rw=off). I1: no second writer.
-    pub const GUEST_WRITER: PermSet =
-        PermSet::new(Perm::CONSISTENT_READ.union(Perm::WRITE), Perm::CONSISTENT_READ.union(Perm::WRITE_UNCHANGED));
+    /// A guest disk: reads and writes, lets others read, write unchanged
+    /// data and resize, but not write (QEMU's virtio-blk with share-rw=off).
+    /// I1: no second writer.
+    pub const GUEST_WRITER: PermSet = PermSet::new(
+        Perm::CONSISTENT_READ.union(Perm::WRITE),
+        Perm::CONSISTENT_READ.union(Perm::WRITE_UNCHANGED).union(Perm::RESIZE),
+    );
     /// A writable NBD export: shares everything, as qemu-nbd and qemu-storage-daemon do.
     pub const EXPORT_WRITABLE: PermSet = PermSet::new(Perm::CONSISTENT_READ.union(Perm::WRITE), Perm::ALL);
     /// A read-only export: shares everything.
