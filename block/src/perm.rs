@@ -100,10 +100,12 @@ impl PermSet {
         Perm::CONSISTENT_READ.union(Perm::WRITE),
         Perm::CONSISTENT_READ.union(Perm::WRITE_UNCHANGED).union(Perm::RESIZE),
     );
-    /// A writable NBD export: shares everything, as qemu-nbd and qemu-storage-daemon do.
-    pub const EXPORT_WRITABLE: PermSet = PermSet::new(Perm::CONSISTENT_READ.union(Perm::WRITE), Perm::ALL);
-    /// A read-only export: shares everything.
-    pub const EXPORT_READONLY: PermSet = PermSet::new(Perm::CONSISTENT_READ, Perm::ALL);
+    /// A writable NBD export: shares everything but resize (its size is
+    /// fixed while clients use it), as qemu-nbd and qemu-storage-daemon do.
+    pub const EXPORT_WRITABLE: PermSet =
+        PermSet::new(Perm::CONSISTENT_READ.union(Perm::WRITE), Perm::ALL.without(Perm::RESIZE));
+    /// A read-only export: shares everything but resize.
+    pub const EXPORT_READONLY: PermSet = PermSet::new(Perm::CONSISTENT_READ, Perm::ALL.without(Perm::RESIZE));
 
     /// The first permission on which `self` and `other` conflict, if any.
     pub fn conflict(&self, other: &PermSet) -> Option<Perm> {

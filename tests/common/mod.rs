@@ -1,0 +1,65 @@
+//! Helpers shared by the end-to-end tests.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+/// The peers are the judges: a missing one is a broken setup, not a skip.
+/// `./scripts/test` installs them.
+pub fn require_tools(tools: &[&str]) {
+    for t in tools {
+        let found = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).chain([std::path::PathBuf::from("/usr/sbin")]).any(|d| d.join(t).is_file()))
+            .unwrap_or(false);
+        assert!(found, "{t} is not installed; run ./scripts/test, which installs the peers");
+    }
+}
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+/// A minimal synchronous QMP client for driving peers (qemu-storage-daemon) in tests.
+pub struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Qmp {
+    /// Connect (retrying while the peer starts), read the greeting, negotiate capabilities.
+    pub fn connect(path: &Path) -> Qmp {
+        let mut last = None;
+        for _ in 0..100 {
+            match UnixStream::connect(path) {
+                Ok(s) => {
+                    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                    let mut q = Qmp { reader: BufReader::new(s.try_clone().unwrap()), writer: s };
+                    let greeting = q.read();
+                    assert!(greeting.get("QMP").is_some(), "greeting: {greeting}");
+                    let r = q.execute("qmp_capabilities", serde_json::json!({}));
+                    assert!(r.get("return").is_some(), "{r}");
+                    return q;
+                }
+                Err(e) => last = Some(e),
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("cannot connect to QMP at {}: {last:?}", path.display());
+    }
+
+    fn read(&mut self) -> serde_json::Value {
+        let mut line = String::new();
+        self.reader.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad QMP line {line:?}: {e}"))
+    }
+
+    /// Run a command; returns the reply (`return` or `error`), skipping events.
+    pub fn execute(&mut self, cmd: &str, args: serde_json::Value) -> serde_json::Value {
+        let msg = serde_json::json!({"execute": cmd, "arguments": args});
+        writeln!(self.writer, "{msg}").unwrap();
+        loop {
+            let v = self.read();
+            if v.get("event").is_none() {
+                return v;
+            }
+        }
+    }
+}
