@@ -1,6 +1,7 @@
 //! The `baton` command line.
 
 mod exercise;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -19,6 +20,8 @@ enum Command {
     /// workload through a guest-style user, a dirty bitmap, and an
     /// all-or-nothing inactivation and reactivation.
     Exercise(exercise::Args),
+    /// Serve a raw image over NBD (qemu-nbd's flags).
+    Serve(serve::Args),
 }
 
 fn main() -> ExitCode {
@@ -27,6 +30,17 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Command::Serve(a) = &cli.command {
+        if serve::is_fork_request(a) {
+            return match serve::fork_and_wait() {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("baton: {}", error_chain(&e));
+                    ExitCode::FAILURE
+                }
+            };
+        }
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -36,13 +50,14 @@ fn main() -> ExitCode {
     };
     let res = rt.block_on(async {
         match cli.command {
-            Command::Exercise(a) => exercise::run(a).await,
+            Command::Exercise(a) => exercise::run(a).await.map_err(|e| Box::new(e) as Box<dyn std::error::Error>),
+            Command::Serve(a) => serve::run(a).await.map_err(|e| Box::new(e) as Box<dyn std::error::Error>),
         }
     });
     match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("baton: {}", error_chain(&e));
+            eprintln!("baton: {}", error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -1,1 +1,12 @@
-//! nbd-server: placeholder until its issue lands.
+//! baton's NBD: one protocol codec ([`proto`]) shared by the server
+//! ([`server`], [`export`], negotiation in [`handshake`], transmission in
+//! `conn`) and the client block driver ([`client`]).
+
+pub mod export;
+pub mod handshake;
+pub mod proto;
+pub mod server;
+mod conn;
+
+pub use export::{Export, ExportConfig};
+pub use server::{Listener, Server, ServerConfig};
