@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use block::{BlockError, BufPool, IoBuf, WriteFlags, ZeroFlags};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{Mutex, Notify};
 
 use crate::export::Export;
@@ -34,8 +34,11 @@ const MAX_EXTENTS: usize = 2048;
 /// Largest oversized write payload we read and discard to stay in sync.
 const MAX_SKIP: u64 = 256 << 20;
 
+/// Read buffer: several small requests arrive in one system call.
+const READ_BUFFER: usize = 256 << 10;
+
 struct ReadSide<R> {
-    r: R,
+    r: BufReader<R>,
     hdr: [u8; 32],
 }
 
@@ -79,7 +82,7 @@ where
 {
     pub(crate) fn new(r: R, w: W, n: Negotiated) -> Arc<Self> {
         Arc::new(Conn {
-            reader: Mutex::new(ReadSide { r, hdr: [0; 32] }),
+            reader: Mutex::new(ReadSide { r: BufReader::with_capacity(READ_BUFFER, r), hdr: [0; 32] }),
             writer: Mutex::new(w),
             export: n.export,
             structured: n.structured,
