@@ -179,6 +179,9 @@ pub async fn run(a: Args) -> Result<(), ServeError> {
             Listener::Tcp(TcpListener::bind(&addr).await.map_err(|source| ServeError::Listen { addr, source })?)
         }
     };
+    // Handlers first: a signal arriving as soon as the URI is out must shut down cleanly.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| ServeError::Setup(e.to_string()))?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).map_err(|e| ServeError::Setup(e.to_string()))?;
     if let Some(p) = &a.pid_file {
         std::fs::write(p, format!("{}\n", std::process::id())).map_err(|e| ServeError::Setup(format!("cannot write {}: {e}", p.display())))?;
     }
@@ -189,7 +192,6 @@ pub async fn run(a: Args) -> Result<(), ServeError> {
     }
 
     let serving = tokio::spawn(server.clone().serve(listener));
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| ServeError::Setup(e.to_string()))?;
     let once = async {
         if !a.once {
             return std::future::pending::<()>().await;
@@ -201,7 +203,7 @@ pub async fn run(a: Args) -> Result<(), ServeError> {
         server.wait_idle().await;
     };
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = once => tracing::info!("--once: the client left"),
     }

@@ -115,6 +115,8 @@ pub trait LeafInfo {
     fn refresh(&self) -> Result<()> {
         Ok(())
     }
+    /// The node is being deleted: release connections and other resources now.
+    fn close(&self) {}
 }
 
 /// A complete leaf driver.
@@ -186,5 +188,8 @@ impl<T: LeafDriver> DynDriver for T {
     }
     fn truncate(&self, len: u64) -> BoxFuture<'_, Result<()>> {
         Box::pin(Resize::truncate(self, len))
+    }
+    fn close(&self) {
+        LeafInfo::close(self)
     }
 }

@@ -2,6 +2,7 @@
 //! ([`server`], [`export`], negotiation in [`handshake`], transmission in
 //! `conn`) and the client block driver ([`client`]).
 
+pub mod client;
 pub mod export;
 pub mod handshake;
 pub mod proto;
