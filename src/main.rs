@@ -1,6 +1,10 @@
 //! The `baton` command line.
 
+mod daemon;
+mod daemon_cli;
 mod exercise;
+mod keyval;
+mod qmp;
 mod serve;
 
 use std::process::ExitCode;
@@ -22,6 +26,8 @@ enum Command {
     Exercise(exercise::Args),
     /// Serve a raw image over NBD (qemu-nbd's flags).
     Serve(serve::Args),
+    /// The storage daemon with a QMP control socket (qemu-storage-daemon's command line).
+    Daemon(daemon_cli::Args),
 }
 
 fn main() -> ExitCode {
@@ -30,6 +36,17 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Command::Daemon(a) = &cli.command {
+        if daemon_cli::is_daemonize_request(a) {
+            return match daemon_cli::daemonize_and_wait() {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("baton: {}", error_chain(&e));
+                    ExitCode::FAILURE
+                }
+            };
+        }
+    }
     if let Command::Serve(a) = &cli.command {
         if serve::is_fork_request(a) {
             return match serve::fork_and_wait() {
@@ -52,6 +69,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Exercise(a) => exercise::run(a).await.map_err(|e| Box::new(e) as Box<dyn std::error::Error>),
             Command::Serve(a) => serve::run(a).await.map_err(|e| Box::new(e) as Box<dyn std::error::Error>),
+            Command::Daemon(a) => daemon_cli::run(a).await,
         }
     });
     match res {
@@ -64,7 +82,7 @@ fn main() -> ExitCode {
 }
 
 /// An error and its sources, `: `-separated.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
@@ -73,4 +91,14 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+/// Point stdout at /dev/null (a daemonized child whose parent has exited).
+pub(crate) fn detach_stdout() {
+    use std::os::fd::AsFd;
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        if let Ok(mut out) = std::io::stdout().as_fd().try_clone_to_owned() {
+            let _ = nix::unistd::dup2(null.as_fd(), &mut out);
+        }
+    }
 }

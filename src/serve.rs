@@ -188,7 +188,7 @@ pub async fn run(a: Args) -> Result<(), ServeError> {
     println!("{}", uri(&a));
     let _ = std::io::stdout().flush();
     if std::env::var_os(FORK_CHILD).is_some() {
-        detach_stdout();
+        crate::detach_stdout();
     }
 
     let serving = tokio::spawn(server.clone().serve(listener));
@@ -220,13 +220,3 @@ pub async fn run(a: Args) -> Result<(), ServeError> {
     res.map_err(ServeError::from)
 }
 
-/// After the forked child reported its URI, stdout goes nowhere (the parent has exited).
-fn detach_stdout() {
-    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
-        use std::os::fd::AsFd;
-        let mut out = std::io::stdout().as_fd().try_clone_to_owned().ok();
-        if let Some(o) = out.as_mut() {
-            let _ = nix::unistd::dup2(null.as_fd(), o);
-        }
-    }
-}

@@ -471,6 +471,17 @@ impl Graph {
         Ok(bm)
     }
 
+    /// Put back a bitmap removed earlier (transaction rollback).
+    pub fn bitmap_insert(&self, node: &str, bitmap: Arc<DirtyBitmap>) -> Result<()> {
+        let node = self.find(node)?;
+        let mut list = node.bitmaps.write().map_err(|_| BlockError::NodeNotFound(node.name.clone()))?;
+        if list.iter().any(|b| b.name() == bitmap.name()) {
+            return Err(BlockError::BitmapExists { node: node.name.clone(), bitmap: bitmap.name().to_string() });
+        }
+        list.push(bitmap);
+        Ok(())
+    }
+
     /// `block-dirty-bitmap-remove`.
     pub fn bitmap_remove(&self, node: &str, name: &str) -> Result<Arc<DirtyBitmap>> {
         let node = self.find(node)?;

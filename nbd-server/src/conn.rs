@@ -120,8 +120,10 @@ where
                 // Register for the stop signal before looking at `closed`, so a
                 // close() between the two cannot be missed.
                 let stop = self.stop.notified();
-                tokio::pin!(stop);
+                let export_closed = self.export.closed();
+                tokio::pin!(stop, export_closed);
                 stop.as_mut().enable();
+                export_closed.as_mut().enable();
                 if self.closed.load(Ordering::SeqCst) || self.export.is_closing() {
                     self.close();
                     return;
@@ -129,6 +131,7 @@ where
                 tokio::select! {
                     r = self.read_request(&mut rs) => r,
                     _ = stop => Ok(Incoming::End),
+                    _ = export_closed => Ok(Incoming::End),
                 }
             };
             let res = match incoming {

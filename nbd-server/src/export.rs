@@ -45,6 +45,8 @@ pub struct Export {
     closing: AtomicBool,
     /// Signalled when the last client leaves.
     idle: Notify,
+    /// Signalled when the export is closed, to wake connections waiting for requests.
+    closed: Notify,
 }
 
 impl Export {
@@ -62,7 +64,7 @@ impl Export {
         let perms = if config.writable { PermSet::EXPORT_WRITABLE } else { PermSet::EXPORT_READONLY };
         let user = format!("export '{}'", if config.id.is_empty() { &config.name } else { &config.id });
         let backend = graph.attach(&config.node, &user, perms, config.allow_inactive)?;
-        Ok(Arc::new(Export { config, backend, bitmaps, clients: AtomicUsize::new(0), closing: AtomicBool::new(false), idle: Notify::new() }))
+        Ok(Arc::new(Export { config, backend, bitmaps, clients: AtomicUsize::new(0), closing: AtomicBool::new(false), idle: Notify::new(), closed: Notify::new() }))
     }
 
     pub fn name(&self) -> &str {
@@ -119,6 +121,12 @@ impl Export {
     /// Stop serving: connections drop after their current request.
     pub fn close(&self) {
         self.closing.store(true, Ordering::SeqCst);
+        self.closed.notify_waiters();
+    }
+
+    /// Resolves when `close` is called (register before checking `is_closing`).
+    pub(crate) fn closed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.closed.notified()
     }
 
     /// Wait until no client uses the export.

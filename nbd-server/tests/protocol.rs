@@ -1031,20 +1031,33 @@ async fn feed(path: &Path, prefix: Option<Mode>, bytes: &[u8]) -> bool {
     tokio::time::timeout(Duration::from_secs(5), async { tokio::join!(drain, send) }).await.is_ok()
 }
 
-/// Byte strings that are mostly well-formed protocol units with random fields.
-fn fuzz_input(ext: bool) -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+/// Random bytes up to 64 long.
+fn garbage() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+    proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)
+}
+
+/// Well-formed request headers with random fields (any flags, known and
+/// unknown commands, edge-case offsets and lengths), then random bytes.
+fn request_stream(ext: bool) -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
     use proptest::prelude::*;
-    let unit = prop_oneof![
-        proptest::collection::vec(any::<u8>(), 0..64),
-        (any::<u16>(), 0u16..12, any::<u64>(), prop_oneof![Just(0u64), 1u64..70_000, any::<u64>()], any::<u64>())
-            .prop_map(move |(flags, kind, cookie, len, off)| {
-                let off = if off % 2 == 0 { off % SIZE } else { off };
-                request_bytes(ext, flags, kind, cookie, off, len)
-            }),
-        (prop_oneof![0u32..16, any::<u32>()], proptest::collection::vec(any::<u8>(), 0..40)).prop_map(|(o, d)| option_bytes(o, &d)),
-        (0usize..10).prop_map(|n| go_payload("disk", &[0; 3][..n.min(3)])),
+    let len = prop_oneof![Just(0u64), 1u64..70_000, Just(u64::from(proto::MAX_PAYLOAD) + 1), Just(u64::from(u32::MAX)), any::<u64>()];
+    let off = prop_oneof![0u64..SIZE, Just(SIZE), Just(u64::MAX - 511), any::<u64>()];
+    let flags = prop_oneof![0u16..64, any::<u16>()];
+    let req = (flags, 0u16..12, any::<u64>(), off, len).prop_map(move |(f, k, c, o, l)| request_bytes(ext, f, k, c, o, l));
+    (proptest::collection::vec(req, 0..12), garbage()).prop_map(|(v, tail)| [v.concat(), tail].concat())
+}
+
+/// Well-formed options with random codes and payloads (and some real GO,
+/// INFO and meta-context payloads), then random bytes.
+fn option_stream() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+    use proptest::prelude::*;
+    let payload = prop_oneof![
+        garbage(),
+        (0usize..4, 0usize..4).prop_map(|(n, i)| go_payload(["disk", "ro", "nope", ""][n], &[0, 1, 2, 3][..i])),
+        (0usize..3, 0usize..3).prop_map(|(n, q)| meta_payload(["disk", "nope", ""][n], &["base:allocation", "qemu:", "x"][..q])),
     ];
-    proptest::collection::vec(unit, 0..12).prop_map(|v| v.concat())
+    let opt = (prop_oneof![0u32..16, any::<u32>()], payload).prop_map(|(o, d)| option_bytes(o, &d));
+    (proptest::collection::vec(opt, 0..12), garbage()).prop_map(|(v, tail)| [v.concat(), tail].concat())
 }
 
 #[test]
@@ -1062,12 +1075,13 @@ fn random_client_bytes_never_panic_or_hang_the_server() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("fuzz-srv").enable_all().build().unwrap();
     let fx = rt.block_on(fixture(default_cfg()));
 
-    let mut runner = TestRunner::new(Config { cases: 64, failure_persistence: None, ..Config::default() });
+    let config = Config { cases: 64, failure_persistence: None, ..Config::default() };
+    let mut runner = TestRunner::new(config.clone());
     // 1. Raw bytes (and well-formed-ish option streams) as the whole negotiation.
     let strat = prop_oneof![
-        proptest::collection::vec(any::<u8>(), 0..512),
-        (any::<u32>(), fuzz_input(false)).prop_map(|(fl, b)| [fl.to_be_bytes().to_vec(), b].concat()),
-        fuzz_input(false).prop_map(|b| [3u32.to_be_bytes().to_vec(), b].concat()),
+        1 => proptest::collection::vec(any::<u8>(), 0..512),
+        1 => (any::<u32>(), option_stream()).prop_map(|(fl, b)| [fl.to_be_bytes().to_vec(), b].concat()),
+        3 => (0u32..4, option_stream()).prop_map(|(fl, b)| [fl.to_be_bytes().to_vec(), b].concat()),
     ];
     runner
         .run(&strat, |bytes| {
@@ -1077,8 +1091,9 @@ fn random_client_bytes_never_panic_or_hang_the_server() {
         })
         .unwrap();
     // 2. After a valid handshake, as the transmission stream.
-    let strat = (any::<bool>(), proptest::collection::vec(any::<u8>(), 0..256)).prop_flat_map(|(ext, raw)| {
-        prop_oneof![Just(raw), fuzz_input(ext)].prop_map(move |b| (ext, b))
+    let mut runner = TestRunner::new(config);
+    let strat = any::<bool>().prop_flat_map(|ext| {
+        prop_oneof![1 => proptest::collection::vec(any::<u8>(), 0..256), 4 => request_stream(ext)].prop_map(move |b| (ext, b))
     });
     runner
         .run(&strat, |(ext, bytes)| {
@@ -1104,5 +1119,7 @@ fn random_client_bytes_never_panic_or_hang_the_server() {
         }
     });
     assert_eq!(FUZZ_PANICS.load(Ordering::SeqCst), 0, "the server panicked on fuzz input");
+    // Every case really reached the server (64 + 64 cases, 2 valid clients).
+    assert!(fx.server.accepted() >= 130, "only {} connections accepted", fx.server.accepted());
     let _ = &fx.graph;
 }

@@ -1,0 +1,221 @@
+//! The daemon's state: the block graph, the NBD server and its exports, the
+//! event bus every monitor listens to, and the lock that serialises QMP
+//! commands (QEMU's big lock, in spirit: one control-plane command at a time).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use block::Graph;
+use nbd_server::{Export, ExportConfig, Listener, Server, ServerConfig};
+use serde_json::{json, Value};
+use tokio::sync::{broadcast, Mutex, Notify};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("NBD server already running")]
+    NbdRunning,
+    #[error("NBD server not running")]
+    NbdNotRunning,
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Export(String),
+    #[error(transparent)]
+    Block(#[from] block::BlockError),
+}
+
+/// Where the NBD server listens.
+#[derive(Debug, Clone)]
+pub enum NbdAddr {
+    Inet { host: String, port: String },
+    Unix { path: PathBuf },
+}
+
+struct NbdService {
+    server: Arc<Server>,
+    task: tokio::task::JoinHandle<()>,
+    unix_path: Option<PathBuf>,
+}
+
+pub struct Daemon {
+    pub graph: Arc<Graph>,
+    nbd: Mutex<Option<NbdService>>,
+    events: broadcast::Sender<Value>,
+    /// Serialises QMP commands.
+    pub bql: Mutex<()>,
+    quit: Notify,
+    quitting: AtomicBool,
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon").finish_non_exhaustive()
+    }
+}
+
+/// QMP's timestamp member.
+pub fn timestamp() -> Value {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    json!({"seconds": now.as_secs(), "microseconds": now.subsec_micros()})
+}
+
+impl Daemon {
+    pub fn new() -> Arc<Self> {
+        let graph = Arc::new(Graph::new());
+        nbd_server::client::register(&graph);
+        let (events, _) = broadcast::channel(1024);
+        Arc::new(Daemon { graph, nbd: Mutex::new(None), events, bql: Mutex::new(()), quit: Notify::new(), quitting: AtomicBool::new(false) })
+    }
+
+    /// Send an event to every monitor.
+    pub fn emit(&self, event: &str, data: Value) {
+        let _ = self.events.send(json!({"event": event, "data": data, "timestamp": timestamp()}));
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Value> {
+        self.events.subscribe()
+    }
+
+    /// Ask the daemon to shut down (QMP `quit`, signals).
+    pub fn request_quit(&self) {
+        self.quitting.store(true, Ordering::SeqCst);
+        self.quit.notify_waiters();
+    }
+
+    pub async fn wait_quit(&self) {
+        loop {
+            let n = self.quit.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            if self.quitting.load(Ordering::SeqCst) {
+                return;
+            }
+            n.await;
+        }
+    }
+
+    /// `nbd-server-start`.
+    pub async fn nbd_start(&self, addr: NbdAddr, max_connections: usize) -> Result<(), DaemonError> {
+        let mut nbd = self.nbd.lock().await;
+        if nbd.is_some() {
+            return Err(DaemonError::NbdRunning);
+        }
+        let (listener, unix_path) = match &addr {
+            NbdAddr::Inet { host, port } => {
+                let a = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+                let l = tokio::net::TcpListener::bind(&a).await.map_err(|source| DaemonError::Listen { addr: a, source })?;
+                (Listener::Tcp(l), None)
+            }
+            NbdAddr::Unix { path } => {
+                let l = tokio::net::UnixListener::bind(path).map_err(|source| DaemonError::Listen { addr: path.display().to_string(), source })?;
+                (Listener::Unix(l), Some(path.clone()))
+            }
+        };
+        let server = Server::new(ServerConfig { max_connections, ..Default::default() });
+        let task = tokio::spawn(server.clone().serve(listener));
+        *nbd = Some(NbdService { server, task, unix_path });
+        Ok(())
+    }
+
+    /// `nbd-server-stop`: close every client and delete every NBD export.
+    pub async fn nbd_stop(&self) -> Result<(), DaemonError> {
+        let svc = self.nbd.lock().await.take().ok_or(DaemonError::NbdNotRunning)?;
+        svc.server.stop();
+        for e in svc.server.exports.list() {
+            e.close();
+            if let Some(e) = svc.server.exports.remove(&e.config.id) {
+                self.finish_export_delete(e).await;
+            }
+        }
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), svc.server.wait_idle()).await;
+        svc.task.abort();
+        if let Some(p) = svc.unix_path {
+            let _ = std::fs::remove_file(p);
+        }
+        Ok(())
+    }
+
+    /// `block-export-add` (type nbd).
+    pub async fn export_add(&self, config: ExportConfig) -> Result<(), DaemonError> {
+        let nbd = self.nbd.lock().await;
+        let svc = nbd.as_ref().ok_or(DaemonError::NbdNotRunning)?;
+        if svc.server.exports.find_id(&config.id).is_some() {
+            return Err(DaemonError::Export(format!("Block export id '{}' is already in use", config.id)));
+        }
+        if svc.server.exports.get(&config.name).is_some() {
+            return Err(DaemonError::Export(format!("NBD server already has export named '{}'", config.name)));
+        }
+        let export = Export::open(&self.graph, config).await?;
+        svc.server.exports.add(export).map_err(DaemonError::Export)
+    }
+
+    /// `block-export-del`.
+    pub async fn export_del(&self, id: &str, hard: bool) -> Result<(), DaemonError> {
+        let e = {
+            let nbd = self.nbd.lock().await;
+            let svc = nbd.as_ref().ok_or_else(|| DaemonError::Export(format!("Export '{id}' is not found")))?;
+            let e = svc.server.exports.find_id(id).ok_or_else(|| DaemonError::Export(format!("Export '{id}' is not found")))?;
+            if e.is_closing() {
+                return Err(DaemonError::Export(format!("Export '{id}' is already shutting down")));
+            }
+            if !hard && e.client_count() > 0 {
+                return Err(DaemonError::Export(format!("export '{id}' still in use (use mode='hard' to force client disconnect)")));
+            }
+            e.close();
+            svc.server.exports.remove(id);
+            e
+        };
+        if e.client_count() == 0 {
+            self.finish_export_delete(e).await;
+        } else {
+            // Hard mode: the event follows once the last client is gone.
+            let events = self.events.clone();
+            tokio::spawn(async move {
+                e.wait_idle().await;
+                let id = e.config.id.clone();
+                drop(e);
+                let _ = events.send(json!({"event": "BLOCK_EXPORT_DELETED", "data": {"id": id}, "timestamp": timestamp()}));
+            });
+        }
+        Ok(())
+    }
+
+    async fn finish_export_delete(&self, e: Arc<Export>) {
+        e.wait_idle().await;
+        let id = e.config.id.clone();
+        drop(e);
+        self.emit("BLOCK_EXPORT_DELETED", json!({"id": id}));
+    }
+
+    /// `query-block-exports`, newest first as QEMU lists them.
+    pub async fn exports(&self) -> Vec<Arc<Export>> {
+        let nbd = self.nbd.lock().await;
+        let mut v = nbd.as_ref().map(|s| s.server.exports.list()).unwrap_or_default();
+        v.reverse();
+        v
+    }
+
+    /// Clean shutdown: stop serving, flush every node, release locks.
+    pub async fn shutdown(&self) {
+        let _ = self.nbd_stop().await;
+        for n in self.graph.nodes() {
+            if n.is_active() {
+                if let Err(e) = n.flush().await {
+                    tracing::warn!(node = n.name(), error = %e.chain(), "flush at shutdown failed");
+                }
+            }
+        }
+        for n in self.graph.nodes().iter().rev() {
+            if !n.users().is_empty() {
+                continue;
+            }
+            let _ = self.graph.blockdev_del(n.name()).await;
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! `baton daemon`: the qemu-storage-daemon-like entry point. It takes QSD's
+//! own command lines (`--blockdev`, `--nbd-server`, `--export`,
+//! `--chardev`/`--monitor`, `--pidfile`, `--daemonize`) plus the `--qmp
+//! unix:PATH` shorthand, and serves QMP monitors until `quit` or a signal.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+
+use crate::daemon::Daemon;
+use crate::keyval::parse_option;
+use crate::qmp::{commands, monitor};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A block node, in keyval (driver=file,node-name=f,filename=x) or JSON form; repeatable.
+    #[arg(long = "blockdev", value_name = "OPTIONS")]
+    blockdevs: Vec<String>,
+    /// Start the NBD server: addr.type=unix,addr.path=P or addr.type=inet,addr.host=H,addr.port=N [,max-connections=N].
+    #[arg(long = "nbd-server", value_name = "OPTIONS")]
+    nbd_server: Option<String>,
+    /// A block export: type=nbd,id=E,node-name=N[,name=X][,writable=on][,bitmaps.0=B][,allow-inactive=on]; repeatable.
+    #[arg(long = "export", value_name = "OPTIONS")]
+    exports: Vec<String>,
+    /// A character device: socket,path=P,server=on,wait=off,id=X; repeatable.
+    #[arg(long = "chardev", value_name = "OPTIONS")]
+    chardevs: Vec<String>,
+    /// A QMP monitor on a chardev: [chardev=]X[,mode=control]; repeatable.
+    #[arg(long = "monitor", value_name = "OPTIONS")]
+    monitors: Vec<String>,
+    /// Shorthand for a QMP monitor: unix:PATH (server, no wait); repeatable.
+    #[arg(long = "qmp", value_name = "unix:PATH")]
+    qmp: Vec<String>,
+    /// Write the daemon's pid here.
+    #[arg(long = "pidfile", value_name = "PATH")]
+    pidfile: Option<PathBuf>,
+    /// Go to the background once everything is set up.
+    #[arg(long)]
+    daemonize: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{option}: {reason}")]
+    Option { option: &'static str, reason: String },
+    #[error("{option}: {source}")]
+    Qmp {
+        option: &'static str,
+        #[source]
+        source: crate::qmp::error::QmpError,
+    },
+    #[error("cannot create the monitor socket {path}")]
+    Monitor {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn opt_err(option: &'static str, reason: impl std::fmt::Display) -> CliError {
+    CliError::Option { option, reason: reason.to_string() }
+}
+
+/// Run a QMP command from the command line, through the same dispatch as a monitor.
+async fn run_command(d: &Arc<Daemon>, option: &'static str, name: &str, args: Map<String, Value>) -> Result<(), CliError> {
+    let cmd = commands::find(name).ok_or_else(|| opt_err(option, format!("no command {name}")))?;
+    commands::dispatch(d, cmd, args).await.map(|_| ()).map_err(|source| CliError::Qmp { option, source })
+}
+
+const DAEMON_CHILD: &str = "BATON_DAEMONIZED_CHILD";
+
+pub fn is_daemonize_request(a: &Args) -> bool {
+    a.daemonize && std::env::var_os(DAEMON_CHILD).is_none()
+}
+
+/// `--daemonize`: start the same command line in a new session and return once it is set up.
+pub fn daemonize_and_wait() -> Result<(), CliError> {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().map_err(|e| opt_err("--daemonize", e))?;
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--daemonize").collect();
+    let mut child = std::process::Command::new(exe)
+        .args(args)
+        .env(DAEMON_CHILD, "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .map_err(|e| opt_err("--daemonize", e))?;
+    let mut line = String::new();
+    if let Some(out) = child.stdout.take() {
+        let _ = std::io::BufReader::new(out).read_line(&mut line);
+    }
+    if line.trim() != "ready" {
+        let status = child.wait().map_err(|e| opt_err("--daemonize", e))?;
+        return Err(opt_err("--daemonize", format!("the daemon exited during setup ({status})")));
+    }
+    Ok(())
+}
+
+pub async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let d = Daemon::new();
+    for b in &a.blockdevs {
+        let opts = parse_option(b, None).map_err(|e| opt_err("--blockdev", e))?;
+        run_command(&d, "--blockdev", "blockdev-add", opts).await?;
+    }
+    if let Some(n) = &a.nbd_server {
+        let mut o = parse_option(n, None).map_err(|e| opt_err("--nbd-server", e))?;
+        // QSD's flat form (addr.type=unix,addr.path=P) -> QMP's legacy {type, data}.
+        let addr = match o.remove("addr") {
+            Some(Value::Object(mut addr)) => {
+                let ty = addr.remove("type").unwrap_or(Value::Null);
+                serde_json::json!({"type": ty, "data": addr})
+            }
+            _ => return Err(opt_err("--nbd-server", "addr.type is missing").into()),
+        };
+        let mut args = Map::new();
+        args.insert("addr".into(), addr);
+        if let Some(v) = o.remove("max-connections") {
+            let n: u64 = v.as_str().and_then(|s| s.parse().ok()).or(v.as_u64()).ok_or_else(|| opt_err("--nbd-server", "max-connections must be a number"))?;
+            args.insert("max-connections".into(), n.into());
+        }
+        for k in ["tls-creds", "tls-authz"] {
+            if let Some(v) = o.remove(k) {
+                args.insert(k.into(), v);
+            }
+        }
+        if let Some(k) = o.keys().next() {
+            return Err(opt_err("--nbd-server", format!("parameter '{k}' is unexpected")).into());
+        }
+        run_command(&d, "--nbd-server", "nbd-server-start", args).await?;
+    }
+    for e in &a.exports {
+        let mut o = parse_option(e, None).map_err(|e| opt_err("--export", e))?;
+        for k in ["writable", "writethrough", "allow-inactive", "allocation-depth", "fixed-iothread", "x-baton-multi-conn"] {
+            if let Some(Value::String(s)) = o.get(k) {
+                let b = match s.as_str() {
+                    "on" | "true" | "yes" => true,
+                    "off" | "false" | "no" => false,
+                    other => return Err(opt_err("--export", format!("{k}: expected on or off, got '{other}'")).into()),
+                };
+                o.insert(k.into(), Value::Bool(b));
+            }
+        }
+        run_command(&d, "--export", "block-export-add", o).await?;
+    }
+
+    let mut chardevs: HashMap<String, PathBuf> = HashMap::new();
+    for c in &a.chardevs {
+        let mut o = parse_option(c, Some("backend")).map_err(|e| opt_err("--chardev", e))?;
+        let backend = o.remove("backend").and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+        if backend != "socket" {
+            return Err(opt_err("--chardev", format!("backend '{backend}' is not supported (only socket)")).into());
+        }
+        let id = o.remove("id").and_then(|v| v.as_str().map(String::from)).ok_or_else(|| opt_err("--chardev", "id is missing"))?;
+        let path = o.remove("path").and_then(|v| v.as_str().map(String::from)).ok_or_else(|| opt_err("--chardev", "path is missing (only unix sockets)"))?;
+        if o.remove("server").and_then(|v| v.as_str().map(String::from)).as_deref() == Some("off") {
+            return Err(opt_err("--chardev", "server=off is not supported").into());
+        }
+        o.remove("wait");
+        if let Some(k) = o.keys().next() {
+            return Err(opt_err("--chardev", format!("parameter '{k}' is unexpected")).into());
+        }
+        chardevs.insert(id, path.into());
+    }
+    let mut sockets: Vec<PathBuf> = Vec::new();
+    for m in &a.monitors {
+        let mut o = parse_option(m, Some("chardev")).map_err(|e| opt_err("--monitor", e))?;
+        let id = o.remove("chardev").and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+        if let Some(mode) = o.remove("mode") {
+            if mode.as_str() != Some("control") {
+                return Err(opt_err("--monitor", "only mode=control is supported").into());
+            }
+        }
+        o.remove("pretty");
+        o.remove("id");
+        let path = chardevs.get(&id).ok_or_else(|| opt_err("--monitor", format!("chardev '{id}' not found")))?;
+        sockets.push(path.clone());
+    }
+    for q in &a.qmp {
+        let rest = q.strip_prefix("unix:").ok_or_else(|| opt_err("--qmp", "only unix:PATH is supported"))?;
+        let path = rest.split(',').next().unwrap_or_default();
+        sockets.push(path.into());
+    }
+    for path in &sockets {
+        let l = monitor::bind(path).map_err(|source| CliError::Monitor { path: path.display().to_string(), source })?;
+        tokio::spawn(monitor::serve(d.clone(), l));
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    if let Some(p) = &a.pidfile {
+        std::fs::write(p, format!("{}\n", std::process::id())).map_err(|e| opt_err("--pidfile", e))?;
+    }
+    if std::env::var_os(DAEMON_CHILD).is_some() {
+        println!("ready");
+        crate::detach_stdout();
+    }
+    tokio::select! {
+        _ = d.wait_quit() => tracing::info!("quit"),
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
+    }
+    let _bql = d.bql.lock().await;
+    d.shutdown().await;
+    for path in &sockets {
+        let _ = std::fs::remove_file(path);
+    }
+    if let Some(p) = &a.pidfile {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(())
+}

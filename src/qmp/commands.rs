@@ -1,0 +1,549 @@
+//! The QMP commands: the table (names, arguments, return types) and their
+//! handlers. `dispatch` is the only way in: it checks the arguments against
+//! the table, then runs the handler.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use block::bitmap::DirtyBitmap;
+use block::Node;
+use nbd_server::ExportConfig;
+use serde_json::{json, Map, Value};
+
+use super::error::{ErrorClass, QmpError};
+use super::schema::{check_fields, check_value, introspect, opt, req, Args, Field, Ty};
+use crate::daemon::{Daemon, NbdAddr};
+
+type Reply = Result<Value, QmpError>;
+type Handler = fn(Arc<Daemon>, Map<String, Value>) -> Pin<Box<dyn Future<Output = Reply> + Send>>;
+
+/// One command of the schema.
+pub struct Command {
+    pub name: &'static str,
+    pub args: Args,
+    /// Return type for introspection (`None`: an empty object).
+    pub ret: Option<&'static Ty>,
+    pub handler: Handler,
+}
+
+macro_rules! handler {
+    ($f:path) => {
+        |d, a| Box::pin($f(d, a))
+    };
+}
+
+// ---- types shared by several commands ----
+
+static BITMAP_REF: [Field; 2] = [req("node", Ty::Str), req("name", Ty::Str)];
+static BITMAP_ADD: [Field; 5] =
+    [req("node", Ty::Str), req("name", Ty::Str), opt("granularity", Ty::Int), opt("persistent", Ty::Bool), opt("disabled", Ty::Bool)];
+static BITMAP_MERGE: [Field; 3] = [req("node", Ty::Str), req("target", Ty::Str), req("bitmaps", Ty::Array(&Ty::StrOrObj(&BITMAP_REF)))];
+static INET: [Field; 4] = [req("host", Ty::Str), req("port", Ty::Str), opt("numeric", Ty::Bool), opt("ipv4", Ty::Bool)];
+static UNIX: [Field; 1] = [req("path", Ty::Str)];
+static ADDR_LEGACY: [Field; 2] = [req("type", Ty::Enum(&["inet", "unix", "vsock", "fd"])), req("data", Ty::Any)];
+static NBD_START: [Field; 5] = [
+    req("addr", Ty::Obj(&ADDR_LEGACY)),
+    opt("tls-creds", Ty::Str),
+    opt("tls-authz", Ty::Str),
+    opt("max-connections", Ty::Int),
+    opt("handshake-max-seconds", Ty::Int),
+];
+static EXPORT_ADD: [Field; 13] = [
+    req("type", Ty::Enum(&["nbd", "vhost-user-blk", "fuse", "vduse-blk"])),
+    req("id", Ty::Str),
+    opt("fixed-iothread", Ty::Bool),
+    opt("iothread", Ty::Str),
+    req("node-name", Ty::Str),
+    opt("writable", Ty::Bool),
+    opt("writethrough", Ty::Bool),
+    opt("allow-inactive", Ty::Bool),
+    opt("name", Ty::Str),
+    opt("description", Ty::Str),
+    opt("bitmaps", Ty::Array(&Ty::StrOrObj(&BITMAP_REF))),
+    opt("allocation-depth", Ty::Bool),
+    opt("x-baton-multi-conn", Ty::Bool),
+];
+static EXPORT_DEL: [Field; 2] = [req("id", Ty::Str), opt("mode", Ty::Enum(&["safe", "hard"]))];
+static EXPORT_INFO: [Field; 4] = [req("type", Ty::Str), req("id", Ty::Str), req("node-name", Ty::Str), req("shutting-down", Ty::Bool)];
+static TRANSACTION_ACTION: [Field; 2] = [
+    req("type", Ty::Enum(&["block-dirty-bitmap-add", "block-dirty-bitmap-remove", "block-dirty-bitmap-clear", "block-dirty-bitmap-enable", "block-dirty-bitmap-disable", "block-dirty-bitmap-merge"])),
+    req("data", Ty::Any),
+];
+static TRANSACTION_PROPS: [Field; 1] = [opt("completion-mode", Ty::Enum(&["individual", "grouped"]))];
+static BLOCKDEV_ADD: [Field; 8] = [
+    req("driver", Ty::Enum(&["blkdebug", "file", "host_device", "nbd", "null-aio", "null-co", "raw"])),
+    opt("node-name", Ty::Str),
+    opt("discard", Ty::Enum(&["ignore", "unmap"])),
+    opt("cache", Ty::Any),
+    opt("read-only", Ty::Bool),
+    opt("auto-read-only", Ty::Bool),
+    opt("force-share", Ty::Bool),
+    opt("active", Ty::Bool),
+];
+static VERSION_TRIPLE: [Field; 3] = [req("major", Ty::Int), req("minor", Ty::Int), req("micro", Ty::Int)];
+static VERSION_INFO: [Field; 2] = [req("qemu", Ty::Obj(&VERSION_TRIPLE)), req("package", Ty::Str)];
+static COMMAND_INFO: [Field; 1] = [req("name", Ty::Str)];
+static SHA256: [Field; 1] = [req("sha256", Ty::Str)];
+static BLKDEBUG_RULES: [Field; 3] = [req("node-name", Ty::Str), opt("inject-error", Ty::Any), opt("x-baton-inject-delay", Ty::Any)];
+static NODE_INFO_RET: Ty = Ty::Array(&Ty::Any);
+static EXPORTS_RET: Ty = Ty::Array(&Ty::Obj(&EXPORT_INFO));
+static COMMANDS_RET: Ty = Ty::Array(&Ty::Obj(&COMMAND_INFO));
+static VERSION_RET: Ty = Ty::Obj(&VERSION_INFO);
+static SHA_RET: Ty = Ty::Obj(&SHA256);
+static SCHEMA_RET: Ty = Ty::Array(&Ty::Any);
+
+/// Events baton emits, with their data members.
+pub static EVENTS: &[(&str, &[Field])] = &[("BLOCK_EXPORT_DELETED", &[req("id", Ty::Str)])];
+
+/// Every command. `qmp_capabilities` is handled by the session but listed here too.
+pub static COMMANDS: &[Command] = &[
+    Command { name: "qmp_capabilities", args: Args::Fields(&[opt("enable", Ty::Array(&Ty::Enum(&["oob"])))]), ret: None, handler: handler!(noop) },
+    Command { name: "query-commands", args: Args::Fields(&[]), ret: Some(&COMMANDS_RET), handler: handler!(query_commands) },
+    Command { name: "query-version", args: Args::Fields(&[]), ret: Some(&VERSION_RET), handler: handler!(query_version) },
+    Command { name: "query-qmp-schema", args: Args::Fields(&[]), ret: Some(&SCHEMA_RET), handler: handler!(query_qmp_schema) },
+    Command { name: "quit", args: Args::Fields(&[]), ret: None, handler: handler!(quit) },
+    Command { name: "blockdev-add", args: Args::Open(&BLOCKDEV_ADD), ret: None, handler: handler!(blockdev_add) },
+    Command { name: "blockdev-del", args: Args::Fields(&[req("node-name", Ty::Str)]), ret: None, handler: handler!(blockdev_del) },
+    Command {
+        name: "blockdev-set-active",
+        args: Args::Fields(&[opt("node-name", Ty::Str), req("active", Ty::Bool)]),
+        ret: None,
+        handler: handler!(blockdev_set_active),
+    },
+    Command { name: "query-named-block-nodes", args: Args::Fields(&[opt("flat", Ty::Bool)]), ret: Some(&NODE_INFO_RET), handler: handler!(query_named_block_nodes) },
+    Command { name: "block-dirty-bitmap-add", args: Args::Fields(&BITMAP_ADD), ret: None, handler: handler!(bitmap_add) },
+    Command { name: "block-dirty-bitmap-remove", args: Args::Fields(&BITMAP_REF), ret: None, handler: handler!(bitmap_remove) },
+    Command { name: "block-dirty-bitmap-clear", args: Args::Fields(&BITMAP_REF), ret: None, handler: handler!(bitmap_clear) },
+    Command { name: "block-dirty-bitmap-enable", args: Args::Fields(&BITMAP_REF), ret: None, handler: handler!(bitmap_enable) },
+    Command { name: "block-dirty-bitmap-disable", args: Args::Fields(&BITMAP_REF), ret: None, handler: handler!(bitmap_disable) },
+    Command { name: "block-dirty-bitmap-merge", args: Args::Fields(&BITMAP_MERGE), ret: None, handler: handler!(bitmap_merge) },
+    Command { name: "x-debug-block-dirty-bitmap-sha256", args: Args::Fields(&BITMAP_REF), ret: Some(&SHA_RET), handler: handler!(bitmap_sha256) },
+    Command { name: "nbd-server-start", args: Args::Fields(&NBD_START), ret: None, handler: handler!(nbd_server_start) },
+    Command { name: "nbd-server-stop", args: Args::Fields(&[]), ret: None, handler: handler!(nbd_server_stop) },
+    Command { name: "block-export-add", args: Args::Fields(&EXPORT_ADD), ret: None, handler: handler!(block_export_add) },
+    Command { name: "block-export-del", args: Args::Fields(&EXPORT_DEL), ret: None, handler: handler!(block_export_del) },
+    Command { name: "query-block-exports", args: Args::Fields(&[]), ret: Some(&EXPORTS_RET), handler: handler!(query_block_exports) },
+    Command {
+        name: "transaction",
+        args: Args::Fields(&[req("actions", Ty::Array(&Ty::Obj(&TRANSACTION_ACTION))), opt("properties", Ty::Obj(&TRANSACTION_PROPS))]),
+        ret: None,
+        handler: handler!(transaction),
+    },
+    Command { name: "x-baton-blkdebug-set-rules", args: Args::Fields(&BLKDEBUG_RULES), ret: None, handler: handler!(blkdebug_set_rules) },
+];
+
+pub fn find(name: &str) -> Option<&'static Command> {
+    COMMANDS.iter().find(|c| c.name == name)
+}
+
+/// Check arguments against the schema, then run the command.
+pub async fn dispatch(d: &Arc<Daemon>, cmd: &'static Command, args: Map<String, Value>) -> Reply {
+    match &cmd.args {
+        Args::Fields(f) => check_fields(f, &args, "", false)?,
+        Args::Open(f) => check_fields(f, &args, "", true)?,
+    }
+    (cmd.handler)(d.clone(), args).await
+}
+
+fn s(a: &Map<String, Value>, k: &str) -> String {
+    a.get(k).and_then(Value::as_str).unwrap_or_default().to_string()
+}
+fn b(a: &Map<String, Value>, k: &str) -> Option<bool> {
+    a.get(k).and_then(Value::as_bool)
+}
+
+async fn noop(_: Arc<Daemon>, _: Map<String, Value>) -> Reply {
+    Ok(json!({}))
+}
+
+async fn query_commands(_: Arc<Daemon>, _: Map<String, Value>) -> Reply {
+    Ok(Value::Array(COMMANDS.iter().map(|c| json!({"name": c.name})).collect()))
+}
+
+/// The QEMU version baton's QMP corresponds to, and baton's own in `package`.
+pub fn version() -> Value {
+    json!({"qemu": {"major": 10, "minor": 0, "micro": 2}, "package": format!("baton {}", env!("CARGO_PKG_VERSION"))})
+}
+
+async fn query_version(_: Arc<Daemon>, _: Map<String, Value>) -> Reply {
+    Ok(version())
+}
+
+async fn query_qmp_schema(_: Arc<Daemon>, _: Map<String, Value>) -> Reply {
+    let cmds: Vec<(&'static str, &Args, Option<&'static Ty>)> = COMMANDS.iter().map(|c| (c.name, &c.args, c.ret)).collect();
+    Ok(introspect(&cmds, EVENTS))
+}
+
+async fn quit(d: Arc<Daemon>, _: Map<String, Value>) -> Reply {
+    d.request_quit();
+    Ok(json!({}))
+}
+
+async fn blockdev_add(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
+    if !a.contains_key("node-name") {
+        return Err(QmpError::generic("'node-name' must be specified for the root node"));
+    }
+    d.graph.blockdev_add(&Value::Object(a)).await?;
+    Ok(json!({}))
+}
+
+async fn blockdev_del(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
+    d.graph.blockdev_del(&s(&a, "node-name")).await?;
+    Ok(json!({}))
+}
+
+async fn blockdev_set_active(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
+    let node = a.get("node-name").and_then(Value::as_str);
+    let active = b(&a, "active").unwrap_or(true);
+    d.graph.set_active(node, active).await?;
+    Ok(json!({}))
+}
+
+/// The QEMU shape of one node (BlockDeviceInfo).
+fn node_info(n: &Node) -> Value {
+    let info = n.info();
+    let filename = info.filename.clone().unwrap_or_else(|| format!("{}://", info.driver));
+    let actual = info.filename.as_ref().and_then(|f| std::fs::metadata(f).ok()).map(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.blocks() * 512
+    });
+    let direct = n.leaf().file().is_some_and(|f| f.options().direct);
+    let mut image = json!({
+        "virtual-size": info.length, "filename": filename, "format": info.driver, "dirty-flag": false,
+    });
+    if let Some(a) = actual {
+        image["actual-size"] = json!(a);
+    }
+    if info.driver == "file" {
+        image["format-specific"] = json!({"type": "file", "data": {}});
+    }
+    let mut v = json!({
+        "iops_rd": 0, "detect_zeroes": "off", "active": info.active, "image": image, "iops_wr": 0,
+        "ro": info.read_only, "node-name": info.node_name, "backing_file_depth": 0, "drv": info.driver,
+        "iops": 0, "bps_wr": 0, "write_threshold": 0, "encrypted": false, "bps": 0, "bps_rd": 0,
+        "cache": {"no-flush": false, "direct": direct, "writeback": true}, "file": filename,
+    });
+    let bitmaps: Vec<Value> = n
+        .bitmaps()
+        .iter()
+        .map(|bm| {
+            json!({"name": bm.name(), "recording": bm.is_enabled(), "persistent": false, "busy": bm.is_busy(),
+                   "granularity": bm.granularity(), "count": bm.dirty_granules() * bm.granularity()})
+        })
+        .collect();
+    if !bitmaps.is_empty() {
+        v["dirty-bitmaps"] = Value::Array(bitmaps);
+    }
+    v
+}
+
+async fn query_named_block_nodes(d: Arc<Daemon>, _: Map<String, Value>) -> Reply {
+    // Newest first, as QEMU lists them.
+    Ok(Value::Array(d.graph.nodes().iter().rev().map(|n| node_info(n)).collect()))
+}
+
+fn bitmap_of(d: &Daemon, node: &str, name: &str) -> Result<Arc<DirtyBitmap>, QmpError> {
+    let n = d.graph.find(node)?;
+    n.bitmap(name).map_err(|_| QmpError::generic(format!("Dirty bitmap '{name}' not found")))
+}
+
+fn check_bitmap_name(name: &str) -> Result<(), QmpError> {
+    if name.is_empty() {
+        return Err(QmpError::generic("Bitmap name cannot be empty"));
+    }
+    if name.len() > 1023 {
+        return Err(QmpError::generic("Bitmap name too long"));
+    }
+    Ok(())
+}
+
+fn bitmap_add_now(d: &Daemon, a: &Map<String, Value>) -> Result<(), QmpError> {
+    let (node, name) = (s(a, "node"), s(a, "name"));
+    check_bitmap_name(&name)?;
+    if b(a, "persistent") == Some(true) {
+        return Err(QmpError::generic("persistent bitmaps are not supported yet (baton has no qcow2)"));
+    }
+    let n = d.graph.find(&node)?;
+    if n.bitmap(&name).is_ok() {
+        return Err(QmpError::generic(format!("Bitmap already exists: {name}")));
+    }
+    let granularity = match a.get("granularity") {
+        None => None,
+        Some(g) => match g.as_u64() {
+            Some(g) if g.is_power_of_two() && g >= 512 => Some(g),
+            _ => return Err(QmpError::generic("Granularity must be power of 2 and at least 512")),
+        },
+    };
+    d.graph.bitmap_add(&node, &name, granularity, b(a, "disabled").unwrap_or(false))?;
+    Ok(())
+}
+
+async fn bitmap_add(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
+    bitmap_add_now(&d, &a).map(|()| json!({}))
+}
+
+fn not_busy(bm: &DirtyBitmap) -> Result<(), QmpError> {
+    if bm.is_busy() {
+        return Err(QmpError::generic(format!("Bitmap '{}' is currently in use by another operation and cannot be used", bm.name())));
+    }
+    Ok(())
+}
+
+async fn bitmap_remove(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
+    let bm = bitmap_of(&d, &s(&a, "node"), &s(&a, "name"))?;
+    not_busy(&bm)?;
+    d.graph.bitmap_remove(&s(&a, "node"), &s(&a, "name"))?;
+    Ok(json!({}))
+}
+
+async fn bitmap_clear(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
+    let bm = bitmap_of(&d, &s(&a, "node"), &s(&a, "name"))?;
+    not_busy(&bm)?;
+    bm.clear();
+    Ok(json!({}))
+}
+
+async fn bitmap_enable(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
+    let bm = bitmap_of(&d, &s(&a, "node"), &s(&a, "name"))?;
+    not_busy(&bm)?;
+    bm.set_enabled(true);
+    Ok(json!({}))
+}
+
+async fn bitmap_disable(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
+    let bm = bitmap_of(&d, &s(&a, "node"), &s(&a, "name"))?;
+    not_busy(&bm)?;
+    bm.set_enabled(false);
+    Ok(json!({}))
+}
+
+/// The sources of a merge: names on `node`, or `{node, name}` anywhere.
+fn merge_sources(d: &Daemon, node: &str, list: &[Value]) -> Result<Vec<Arc<DirtyBitmap>>, QmpError> {
+    list.iter()
+        .map(|v| match v {
+            Value::String(name) => bitmap_of(d, node, name),
+            Value::Object(o) => bitmap_of(d, &s(o, "node"), &s(o, "name")),
+            _ => Err(QmpError::generic("Invalid parameter type for 'bitmaps', expected: string or object")),
+        })
+        .collect()
+}
+
+async fn bitmap_merge(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
+    let node = s(&a, "node");
+    let target = bitmap_of(&d, &node, &s(&a, "target"))?;
+    not_busy(&target)?;
+    let sources = merge_sources(&d, &node, a.get("bitmaps").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default())?;
+    // Check every source first so that a bad one changes nothing.
+    for src in &sources {
+        if src.size() != target.size() {
+            return Err(QmpError::generic(format!("Bitmap '{}' is of a different size than '{}'", src.name(), target.name())));
+        }
+    }
+    for src in &sources {
+        target.merge_from(src).map_err(|e| QmpError::generic(e.to_string()))?;
+    }
+    Ok(json!({}))
+}
+
+async fn bitmap_sha256(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
+    use sha2::Digest;
+    let bm = bitmap_of(&d, &s(&a, "node"), &s(&a, "name"))?;
+    let mut h = sha2::Sha256::new();
+    for w in bm.snapshot_bits() {
+        h.update(w.to_le_bytes());
+    }
+    let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    Ok(json!({"sha256": hex}))
+}
+
+async fn nbd_server_start(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
+    if a.contains_key("tls-creds") || a.contains_key("tls-authz") {
+        return Err(QmpError::generic("TLS is not supported yet"));
+    }
+    let addr = a.get("addr").cloned().unwrap_or(Value::Null);
+    let data = addr.get("data").and_then(Value::as_object).cloned().unwrap_or_default();
+    let addr = match addr.get("type").and_then(Value::as_str) {
+        Some("inet") => {
+            static F: Ty = Ty::Obj(&INET);
+            check_value(&F, &Value::Object(data.clone()), "addr.data")?;
+            NbdAddr::Inet { host: s(&data, "host"), port: s(&data, "port") }
+        }
+        Some("unix") => {
+            static F: Ty = Ty::Obj(&UNIX);
+            check_value(&F, &Value::Object(data.clone()), "addr.data")?;
+            NbdAddr::Unix { path: s(&data, "path").into() }
+        }
+        Some(other) => return Err(QmpError::generic(format!("address type '{other}' is not supported"))),
+        None => return Err(QmpError::generic("Parameter 'addr.type' is missing")),
+    };
+    let max = a.get("max-connections").and_then(Value::as_u64).unwrap_or(0) as usize;
+    d.nbd_start(addr, max).await?;
+    Ok(json!({}))
+}
+
+async fn nbd_server_stop(d: Arc<Daemon>, _: Map<String, Value>) -> Reply {
+    d.nbd_stop().await?;
+    Ok(json!({}))
+}
+
+async fn block_export_add(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
+    if s(&a, "type") != "nbd" {
+        return Err(QmpError::generic(format!("export type '{}' is not supported", s(&a, "type"))));
+    }
+    let node = s(&a, "node-name");
+    let mut bitmaps = Vec::new();
+    for v in a.get("bitmaps").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default() {
+        match v {
+            Value::String(n) => bitmaps.push(n.clone()),
+            Value::Object(o) if s(o, "node") == node => bitmaps.push(s(o, "name")),
+            Value::Object(_) => return Err(QmpError::generic("exporting a bitmap of another node is not supported")),
+            _ => {}
+        }
+    }
+    for bm in &bitmaps {
+        bitmap_of(&d, &node, bm).map_err(|_| QmpError::generic(format!("Bitmap '{bm}' is not found")))?;
+    }
+    let config = ExportConfig {
+        name: a.get("name").and_then(Value::as_str).unwrap_or(&node).to_string(),
+        description: s(&a, "description"),
+        node: node.clone(),
+        writable: b(&a, "writable").unwrap_or(false),
+        bitmaps,
+        allocation_depth: b(&a, "allocation-depth").unwrap_or(false),
+        allow_inactive: b(&a, "allow-inactive").unwrap_or(false),
+        // QEMU 10 advertises multi-conn on every NBD export of qemu-storage-daemon.
+        multi_conn: b(&a, "x-baton-multi-conn").unwrap_or(true),
+        id: s(&a, "id"),
+    };
+    d.export_add(config).await?;
+    Ok(json!({}))
+}
+
+async fn block_export_del(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
+    d.export_del(&s(&a, "id"), a.get("mode").and_then(Value::as_str) == Some("hard")).await?;
+    Ok(json!({}))
+}
+
+async fn query_block_exports(d: Arc<Daemon>, _: Map<String, Value>) -> Reply {
+    Ok(Value::Array(
+        d.exports()
+            .await
+            .iter()
+            .map(|e| json!({"node-name": e.config.node, "shutting-down": e.is_closing(), "type": "nbd", "id": e.config.id}))
+            .collect(),
+    ))
+}
+
+async fn blkdebug_set_rules(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
+    let node = d.graph.find(&s(&a, "node-name"))?;
+    let dbg = node.blkdebug().ok_or_else(|| QmpError::generic(format!("node '{}' is not a blkdebug node", node.name())))?;
+    let parse = |k: &str| -> Result<Value, QmpError> { Ok(a.get(k).cloned().unwrap_or(json!([]))) };
+    let errors = serde_json::from_value(parse("inject-error")?).map_err(|e| QmpError::generic(format!("inject-error: {e}")))?;
+    let delays = serde_json::from_value(parse("x-baton-inject-delay")?).map_err(|e| QmpError::generic(format!("x-baton-inject-delay: {e}")))?;
+    dbg.set_rules(errors, delays);
+    Ok(json!({}))
+}
+
+/// One prepared transaction action and how to undo it.
+enum Undo {
+    Remove { node: String, name: String },
+    Reinsert { node: String, bitmap: Arc<DirtyBitmap> },
+    Restore { bitmap: Arc<DirtyBitmap>, copy: DirtyBitmap },
+    Enabled { bitmap: Arc<DirtyBitmap>, was: bool },
+}
+
+fn copy_of(bm: &DirtyBitmap) -> Result<DirtyBitmap, QmpError> {
+    let c = DirtyBitmap::new(bm.name(), bm.size(), bm.granularity()).map_err(|e| QmpError::generic(e.to_string()))?;
+    c.merge_from(bm).map_err(|e| QmpError::generic(e.to_string()))?;
+    Ok(c)
+}
+
+fn apply_action(d: &Daemon, kind: &str, a: &Map<String, Value>) -> Result<Undo, QmpError> {
+    match kind {
+        "block-dirty-bitmap-add" => {
+            check_fields(&BITMAP_ADD, a, "", false)?;
+            bitmap_add_now(d, a)?;
+            Ok(Undo::Remove { node: s(a, "node"), name: s(a, "name") })
+        }
+        "block-dirty-bitmap-merge" => {
+            check_fields(&BITMAP_MERGE, a, "", false)?;
+            let node = s(a, "node");
+            let target = bitmap_of(d, &node, &s(a, "target"))?;
+            not_busy(&target)?;
+            let sources = merge_sources(d, &node, a.get("bitmaps").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default())?;
+            let copy = copy_of(&target)?;
+            for src in &sources {
+                target.merge_from(src).map_err(|e| QmpError::generic(e.to_string()))?;
+            }
+            Ok(Undo::Restore { bitmap: target, copy })
+        }
+        _ => {
+            check_fields(&BITMAP_REF, a, "", false)?;
+            let bm = bitmap_of(d, &s(a, "node"), &s(a, "name"))?;
+            not_busy(&bm)?;
+            match kind {
+                "block-dirty-bitmap-remove" => {
+                    d.graph.bitmap_remove(&s(a, "node"), &s(a, "name"))?;
+                    Ok(Undo::Reinsert { node: s(a, "node"), bitmap: bm })
+                }
+                "block-dirty-bitmap-clear" => {
+                    let copy = copy_of(&bm)?;
+                    bm.clear();
+                    Ok(Undo::Restore { bitmap: bm, copy })
+                }
+                "block-dirty-bitmap-enable" | "block-dirty-bitmap-disable" => {
+                    let was = bm.is_enabled();
+                    bm.set_enabled(kind == "block-dirty-bitmap-enable");
+                    Ok(Undo::Enabled { bitmap: bm, was })
+                }
+                other => Err(QmpError::generic(format!("transaction action '{other}' is not supported"))),
+            }
+        }
+    }
+}
+
+fn undo(d: &Daemon, u: Undo) {
+    match u {
+        Undo::Remove { node, name } => {
+            let _ = d.graph.bitmap_remove(&node, &name);
+        }
+        Undo::Reinsert { node, bitmap } => {
+            let _ = d.graph.bitmap_insert(&node, bitmap);
+        }
+        Undo::Restore { bitmap, copy } => {
+            bitmap.clear();
+            let _ = bitmap.merge_from(&copy);
+        }
+        Undo::Enabled { bitmap, was } => bitmap.set_enabled(was),
+    }
+}
+
+/// `transaction`: every action or none (the graph is locked for the whole of it).
+async fn transaction(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
+    let actions = a.get("actions").and_then(Value::as_array).cloned().unwrap_or_default();
+    let mut done: Vec<Undo> = Vec::with_capacity(actions.len());
+    for act in &actions {
+        let kind = act.get("type").and_then(Value::as_str).unwrap_or_default();
+        let data = act.get("data").and_then(Value::as_object).cloned();
+        let res = match data {
+            Some(data) => apply_action(&d, kind, &data),
+            None => Err(QmpError::generic("Invalid parameter type for 'data', expected: object")),
+        };
+        match res {
+            Ok(u) => done.push(u),
+            Err(e) => {
+                for u in done.into_iter().rev() {
+                    undo(&d, u);
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(json!({}))
+}
+
+/// Classes for errors raised before dispatch.
+pub fn not_found(name: &str) -> QmpError {
+    QmpError::new(ErrorClass::CommandNotFound, format!("The command {name} has not been found"))
+}
