@@ -356,7 +356,8 @@ impl Graph {
         }
         st.next_user += 1;
         let id = UserId(st.next_user);
-        let user = User { id, name: user_name.to_string(), perms, allow_inactive };
+        let backend = BlockBackend::new(self.clone(), node.clone(), id, user_name.to_string(), perms);
+        let user = User { id, backend: backend.weak(), name: user_name.to_string(), perms, allow_inactive };
         if let Ok(mut u) = node.users.lock() {
             u.push(user);
         }
@@ -365,10 +366,61 @@ impl Graph {
                 u.retain(|u| u.id != id);
             }
             let _ = self.refresh_perms(&st);
+            drop(st);
+            // The backend's drop detaches a user that no longer exists: harmless.
+            drop(backend);
             return Err(e);
         }
         drop(st);
-        Ok(BlockBackend::new(self.clone(), node, id, user_name.to_string(), perms))
+        Ok(backend)
+    }
+
+    /// Hold and drain the requests of every user of `node` but `except`
+    /// (a mirror's own users), e.g. before moving them to another node.
+    pub async fn quiesce_users(&self, node: &Node, except: &[UserId]) -> UsersQuiesced {
+        let held: Vec<_> = node.users().into_iter().filter(|u| !except.contains(&u.id)).filter_map(|u| u.backend.upgrade()).collect();
+        for b in &held {
+            b.io.begin_quiesce();
+        }
+        for b in &held {
+            b.io.wait_drained().await;
+        }
+        UsersQuiesced(held)
+    }
+
+    /// Move every user of `from` but `except` to `to` (QEMU's
+    /// bdrv_replace_node for a mirror's pivot). Call with the users quiesced.
+    /// Parent nodes of `from` cannot be moved (their child is fixed).
+    pub fn move_users(&self, from: &Arc<Node>, to: &Arc<Node>, except: &[UserId]) -> Result<()> {
+        let st = self.lock_state();
+        if !st.parents(from).is_empty() {
+            return Err(BlockError::Unsupported { node: from.name.clone(), what: "replacing a node that has a parent node" });
+        }
+        let moving: Vec<User> = from.users().into_iter().filter(|u| !except.contains(&u.id)).collect();
+        let take = |list: &Mutex<Vec<User>>, ids: &[UserId]| {
+            if let Ok(mut l) = list.lock() {
+                l.retain(|u| !ids.contains(&u.id));
+            }
+        };
+        let ids: Vec<UserId> = moving.iter().map(|u| u.id).collect();
+        take(&from.users, &ids);
+        if let Ok(mut l) = to.users.lock() {
+            l.extend(moving.iter().cloned());
+        }
+        if let Err(e) = self.refresh_perms(&st) {
+            take(&to.users, &ids);
+            if let Ok(mut l) = from.users.lock() {
+                l.extend(moving);
+            }
+            let _ = self.refresh_perms(&st);
+            return Err(e);
+        }
+        for u in &moving {
+            if let Some(b) = u.backend.upgrade() {
+                b.set_node(to.clone());
+            }
+        }
+        Ok(())
     }
 
     /// Detach a user (called when its BlockBackend is dropped).
@@ -503,5 +555,17 @@ fn release_node(node: &Node) {
     }
     if let Kind::Dyn(d) = &node.kind {
         d.close();
+    }
+}
+
+/// Users whose requests are held at their entry; released on drop.
+#[derive(Debug)]
+pub struct UsersQuiesced(Vec<Arc<crate::backend::BackendInner>>);
+
+impl Drop for UsersQuiesced {
+    fn drop(&mut self) {
+        for b in &self.0 {
+            b.io.end_quiesce();
+        }
     }
 }

@@ -11,7 +11,7 @@
 use crate::buf::IoBuf;
 use crate::driver::{BlockRead, BlockStatus, BlockWrite, Discard, Extent, Flush, Resize, WriteFlags, WriteZeroes, ZeroFlags};
 use crate::error::{BlockError, Op, Result};
-use crate::node::{Kind, Node};
+use crate::node::{Kind, Node, Written};
 
 /// Deepest filter chain a request may walk.
 const MAX_DEPTH: usize = 8;
@@ -54,6 +54,15 @@ impl<'a> Path<'a> {
     fn mark_dirty(&self, len: u64) {
         for (node, offset) in self.levels.iter().take(self.depth).flatten() {
             node.mark_dirty(*offset, len);
+        }
+    }
+
+    /// Run the write hooks of the levels that have one.
+    async fn run_hooks(&self, len: u64, what: Written<'_>) {
+        for (node, offset) in self.levels.iter().take(self.depth).flatten() {
+            if let Some(h) = node.write_hook() {
+                h.after_write(*offset, len, what).await;
+            }
         }
     }
 }
@@ -150,6 +159,7 @@ impl Node {
         if flags.fua && !native_fua {
             leaf_flush(leaf).await?;
         }
+        path.run_hooks(len, Written::Data(&buf)).await;
         Ok(buf)
     }
 
@@ -171,6 +181,9 @@ impl Node {
         if !matches!(res, Err(BlockError::Unsupported { .. })) {
             path.mark_dirty(len);
         }
+        if res.is_ok() {
+            path.run_hooks(len, Written::Zeroes { may_unmap: flags.may_unmap }).await;
+        }
         res
     }
 
@@ -189,6 +202,9 @@ impl Node {
             Kind::Raw(_) | Kind::Blkdebug(_) => Err(not_leaf(leaf)),
         };
         path.mark_dirty(len);
+        if res.is_ok() {
+            path.run_hooks(len, Written::Discard).await;
+        }
         res
     }
 

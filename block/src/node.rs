@@ -57,6 +57,8 @@ pub struct UserId(pub(crate) u64);
 #[derive(Debug, Clone)]
 pub struct User {
     pub id: UserId,
+    /// The user's handle, so that a pivot can move it to another node.
+    pub(crate) backend: std::sync::Weak<crate::backend::BackendInner>,
     /// Shown in errors: "export 'e0'", "guest disk", "job 'mirror0'".
     pub name: String,
     pub perms: PermSet,
@@ -70,6 +72,22 @@ impl User {
     pub fn blocks_inactivation(&self) -> bool {
         !self.allow_inactive && !self.perms.perm.without(Perm::CONSISTENT_READ).is_empty()
     }
+}
+
+/// What a completed modification did, as a write hook sees it.
+#[derive(Debug, Clone, Copy)]
+pub enum Written<'a> {
+    Data(&'a [u8]),
+    Zeroes { may_unmap: bool },
+    Discard,
+}
+
+/// Runs after every modification through a node completes, before the
+/// request is answered (a mirror's write-blocking mode copies the write to
+/// its target here). The hook handles its own errors: the request's result
+/// is the node's.
+pub trait WriteHook: Send + Sync + std::fmt::Debug {
+    fn after_write<'a>(&'a self, offset: u64, len: u64, what: Written<'a>) -> crate::driver::BoxFuture<'a, ()>;
 }
 
 /// A node of the block graph.
@@ -91,6 +109,11 @@ pub struct Node {
     pub(crate) users: Mutex<Vec<User>>,
     /// The permissions last applied to this node (cumulative over users and parents).
     pub(crate) applied: Mutex<PermSet>,
+    /// Bitmaps of jobs (a mirror's own): marked like the others, never listed.
+    pub(crate) internal_bitmaps: RwLock<Vec<Arc<DirtyBitmap>>>,
+    pub(crate) write_hook: RwLock<Option<Arc<dyn WriteHook>>>,
+    /// True iff `write_hook` is set; lets writes skip the lock.
+    pub(crate) has_hook: AtomicBool,
 }
 
 /// A snapshot of a node for query commands.
@@ -121,6 +144,9 @@ impl Node {
             bitmaps: RwLock::new(Vec::new()),
             users: Mutex::new(Vec::new()),
             applied: Mutex::new(PermSet::new(Perm::NONE, Perm::ALL)),
+            internal_bitmaps: RwLock::new(Vec::new()),
+            write_hook: RwLock::new(None),
+            has_hook: AtomicBool::new(false),
         }
     }
 
@@ -240,11 +266,41 @@ impl Node {
 
     /// Mark the enabled bitmaps for a modification of `[offset, offset+len)`.
     pub(crate) fn mark_dirty(&self, offset: u64, len: u64) {
-        if let Ok(b) = self.bitmaps.read() {
-            for bm in b.iter() {
-                bm.mark(offset, len);
+        for list in [&self.bitmaps, &self.internal_bitmaps] {
+            if let Ok(b) = list.read() {
+                for bm in b.iter() {
+                    bm.mark(offset, len);
+                }
             }
         }
+    }
+
+    /// Add a job's own bitmap: marked by every modification, not listed by queries.
+    pub fn add_internal_bitmap(&self, bm: Arc<DirtyBitmap>) {
+        if let Ok(mut l) = self.internal_bitmaps.write() {
+            l.push(bm);
+        }
+    }
+
+    pub fn remove_internal_bitmap(&self, bm: &Arc<DirtyBitmap>) {
+        if let Ok(mut l) = self.internal_bitmaps.write() {
+            l.retain(|b| !Arc::ptr_eq(b, bm));
+        }
+    }
+
+    /// Install or remove the write hook.
+    pub fn set_write_hook(&self, hook: Option<Arc<dyn WriteHook>>) {
+        if let Ok(mut h) = self.write_hook.write() {
+            self.has_hook.store(hook.is_some(), Ordering::SeqCst);
+            *h = hook;
+        }
+    }
+
+    pub(crate) fn write_hook(&self) -> Option<Arc<dyn WriteHook>> {
+        if !self.has_hook.load(Ordering::SeqCst) {
+            return None;
+        }
+        self.write_hook.read().ok().and_then(|h| h.clone())
     }
 
     pub fn info(&self) -> NodeInfo {

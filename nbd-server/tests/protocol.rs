@@ -109,6 +109,8 @@ struct Reply {
     status: Vec<(u32, Vec<(u64, u64)>)>,
     /// Chunk types in arrival order (empty for a simple reply).
     kinds: Vec<u16>,
+    /// The offset field of each extended chunk header (extended headers only).
+    hdr_offsets: Vec<u64>,
 }
 
 fn be32(b: &[u8]) -> u32 {
@@ -296,7 +298,7 @@ impl Client {
                     r.error = (error != 0).then_some(error);
                     return r;
                 }
-                proto::ReplyHeader::Chunk { flags, kind, cookie, length, .. } => {
+                proto::ReplyHeader::Chunk { flags, kind, cookie, offset, length } => {
                     if self.ext {
                         assert_eq!(be32(&h), proto::EXTENDED_REPLY_MAGIC, "compact chunk after extended headers");
                     } else {
@@ -311,21 +313,29 @@ impl Client {
                     let mut p = vec![0u8; length as usize];
                     self.s.read_exact(&mut p).await.expect("chunk payload");
                     r.kinds.push(kind);
+                    if self.ext {
+                        r.hdr_offsets.push(offset);
+                    }
                     match kind {
                         proto::REPLY_TYPE_NONE => assert_eq!(length, 0),
-                        proto::REPLY_TYPE_OFFSET_DATA => r.data.push((be64(&p), p[8..].to_vec())),
+                        proto::REPLY_TYPE_OFFSET_DATA => {
+                            // Spec: "length MUST be at least 9".
+                            assert!(p.len() >= 9, "OFFSET_DATA chunk with payload length {} (the spec says at least 9)", p.len());
+                            r.data.push((be64(&p), p[8..].to_vec()));
+                        }
                         proto::REPLY_TYPE_OFFSET_HOLE => {
                             assert_eq!(p.len(), 12);
+                            assert_ne!(be32(&p[8..]), 0, "OFFSET_HOLE of size 0");
                             r.holes.push((be64(&p), u64::from(be32(&p[8..]))));
                         }
                         proto::REPLY_TYPE_BLOCK_STATUS => {
-                            assert_eq!((p.len() - 4) % 8, 0);
+                            assert!(p.len() >= 12 && (p.len() - 4) % 8 == 0, "BLOCK_STATUS payload of {} bytes", p.len());
                             let d = p[4..].chunks(8).map(|c| (u64::from(be32(c)), u64::from(be32(&c[4..])))).collect();
                             r.status.push((be32(&p), d));
                         }
                         proto::REPLY_TYPE_BLOCK_STATUS_EXT => {
                             let count = be32(&p[4..]) as usize;
-                            assert_eq!(p.len(), 8 + 16 * count);
+                            assert!(count > 0 && p.len() == 8 + 16 * count, "BLOCK_STATUS_EXT: {count} descriptors in {} bytes", p.len());
                             let d = p[8..].chunks(16).map(|c| (be64(c), be64(&c[8..]))).collect();
                             r.status.push((be32(&p), d));
                         }
@@ -942,7 +952,9 @@ fn sparse_pattern(off: usize) -> u8 {
     (off / 4096 % 251) as u8 + 1
 }
 
-async fn structured_read_over_data_and_holes_is_sparse(mode: Mode) {
+/// A 4 MiB image with data at [0,128K) and [512K,576K) and holes elsewhere,
+/// exported writable as `img`. Returns what the first MiB must read as.
+async fn sparse_fixture() -> (tempfile::TempDir, PathBuf, Arc<Server>, Arc<block::Graph>, Vec<u8>) {
     use std::os::unix::fs::FileExt;
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("sparse.img");
@@ -964,7 +976,11 @@ async fn structured_read_over_data_and_holes_is_sparse(mode: Mode) {
     let server = Server::new(default_cfg());
     server.exports.add(Export::open(&graph, export_config("img", "f", true)).await.unwrap()).unwrap();
     tokio::spawn(server.clone().serve(Listener::Unix(tokio::net::UnixListener::bind(&path).unwrap())));
+    (dir, path, server, graph, expect)
+}
 
+async fn structured_read_over_data_and_holes_is_sparse(mode: Mode) {
+    let (_dir, path, _server, _graph, expect) = sparse_fixture().await;
     let (mut c, size, _) = Client::open(&path, mode, "img", false).await;
     assert_eq!(size, 4 << 20);
     let r = c.call(0, proto::CMD_READ, 0, 1 << 20, &[]).await;
@@ -996,11 +1012,83 @@ async fn structured_read_over_data_and_holes_is_sparse(mode: Mode) {
     let r = c.call(proto::CMD_FLAG_DF, proto::CMD_READ, 0, 1 << 20, &[]).await;
     assert_eq!(r.kinds, [proto::REPLY_TYPE_OFFSET_DATA]);
     assert!(r.data[0].1 == expect);
-    drop(c);
-    drop(server);
-    drop(graph);
 }
 both_modes!(sparse_read, structured_read_over_data_and_holes_is_sparse);
+
+// ================================================================ spec details
+
+/// Spec, "Command flags": NBD_CMD_FLAG_FUA "is valid for all commands,
+/// provided NBD_FLAG_SEND_FUA has been negotiated, in which case the server
+/// MUST accept all commands with this bit set (even by ignoring the bit)".
+async fn fua_is_accepted_on_every_command(mode: Mode) {
+    let fx = fixture(default_cfg()).await;
+    let (mut c, _, flags) = Client::open(&fx.path, mode, "disk", true).await;
+    assert_ne!(flags & proto::TFLAG_SEND_FUA, 0);
+    let fua = proto::CMD_FLAG_FUA;
+    let mut failed = Vec::new();
+    for (name, kind, len, payload) in [
+        ("READ", proto::CMD_READ, 4096, &[][..]),
+        ("WRITE", proto::CMD_WRITE, 4096, &[7u8; 4096][..]),
+        ("FLUSH", proto::CMD_FLUSH, 0, &[][..]),
+        ("TRIM", proto::CMD_TRIM, 4096, &[][..]),
+        ("CACHE", proto::CMD_CACHE, 4096, &[][..]),
+        ("WRITE_ZEROES", proto::CMD_WRITE_ZEROES, 4096, &[][..]),
+        ("BLOCK_STATUS", proto::CMD_BLOCK_STATUS, 4096, &[][..]),
+    ] {
+        let r = c.call(fua, kind, 0, len, payload).await;
+        if r.error.is_some() {
+            failed.push(format!("{name}+FUA -> errno {:?}", r.error));
+        }
+    }
+    assert!(failed.is_empty(), "commands refused with FUA set: {failed:?}");
+}
+both_modes!(fua_on_every_command, fua_is_accepted_on_every_command);
+
+/// A zero-length read is unspecified by the spec, but whatever the server
+/// answers must be valid: an OFFSET_DATA chunk "length MUST be at least 9",
+/// so no empty data chunk (an error or a NONE chunk are fine; qemu-nbd
+/// sends NONE).
+async fn zero_length_read_gets_a_valid_reply(mode: Mode) {
+    let fx = fixture(default_cfg()).await;
+    let (mut c, ..) = Client::open(&fx.path, mode, "disk", false).await;
+    // The reader asserts the OFFSET_DATA minimum length.
+    let r = c.call(0, proto::CMD_READ, 4096, 0, &[]).await;
+    assert!(r.data.iter().all(|(_, d)| !d.is_empty()), "{r:?}");
+    c.read_ok(0, 4096).await;
+}
+both_modes!(zero_length_read, zero_length_read_gets_a_valid_reply);
+
+/// Spec, extended reply chunk: "64 bits, offset (MUST match the request)",
+/// "even in reply types such as NBD_REPLY_TYPE_OFFSET_DATA where the payload
+/// itself contains a different offset". libnbd drops chunks whose header
+/// offset differs from the request's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extended_reply_headers_echo_the_request_offset() {
+    let (_dir, path, _server, _graph, _) = sparse_fixture().await;
+    let (mut c, size, _) = Client::open(&path, Mode::Extended, "img", true).await;
+    let mut wrong = Vec::new();
+    let mut check = |what: &str, off: u64, r: &Reply| {
+        assert!(!r.hdr_offsets.is_empty());
+        if r.hdr_offsets.iter().any(|&o| o != off) {
+            wrong.push(format!("{what} at {off}: chunk header offsets {:?} (types {:?})", r.hdr_offsets, r.kinds));
+        }
+    };
+    let off = 1 << 20;
+    check("WRITE", off, &c.call(0, proto::CMD_WRITE, off, 4096, &[1u8; 4096]).await);
+    check("WRITE_ZEROES", off, &c.call(0, proto::CMD_WRITE_ZEROES, off, 4096, &[]).await);
+    check("TRIM", off, &c.call(0, proto::CMD_TRIM, off, 4096, &[]).await);
+    check("FLUSH", 0, &c.call(0, proto::CMD_FLUSH, 0, 0, &[]).await);
+    check("READ 4K", off, &c.call(0, proto::CMD_READ, off, 4096, &[]).await);
+    check("BLOCK_STATUS", off, &c.call(0, proto::CMD_BLOCK_STATUS, off, 4096, &[]).await);
+    check("READ past the end (error)", size - 4096, &c.call(0, proto::CMD_READ, size - 4096, 8192, &[]).await);
+    check("WRITE past the end (error)", size - 4096, &c.call(0, proto::CMD_WRITE, size - 4096, 8192, &[0u8; 8192]).await);
+    check("unknown command (error)", off, &c.call(0, 42, off, 4096, &[]).await);
+    // Sparse read starting at 64 KiB: data, hole, data, hole chunks.
+    let r = c.call(0, proto::CMD_READ, 64 << 10, 1 << 20, &[]).await;
+    assert!(r.kinds.len() > 1, "expected several chunks: {:?}", r.kinds);
+    check("sparse READ", 64 << 10, &r);
+    assert!(wrong.is_empty(), "extended reply headers not echoing the request offset:\n  {}", wrong.join("\n  "));
+}
 
 // ================================================================ fuzzing
 
