@@ -1,1 +1,6 @@
-//! jobs: placeholder until its issue lands.
+//! baton's block jobs: QEMU's job state machine ([`job`]) and the mirror job ([`mirror`]).
+
+pub mod job;
+pub mod mirror;
+
+pub use job::{EventSink, Job, JobError, JobManager, JobOptions, Outcome, Status};

@@ -31,6 +31,9 @@ pub const WORKERS: usize = 32;
 const SPARSE_READ_MIN: u64 = 64 << 10;
 /// Most extents per context in one block-status reply.
 const MAX_EXTENTS: usize = 2048;
+/// Largest buffer kept for reuse; bigger requests allocate (rare: clients
+/// use 2 MiB or less), which bounds a connection's idle memory to ~80 MiB.
+const POOLED_MAX: usize = 2 << 20;
 /// Largest oversized write payload we read and discard to stay in sync.
 const MAX_SKIP: u64 = 256 << 20;
 
@@ -88,7 +91,7 @@ where
             structured: n.structured,
             extended: n.extended,
             contexts: n.contexts,
-            pool: BufPool::new(proto::MAX_PAYLOAD as usize, WORKERS * 2),
+            pool: BufPool::new(POOLED_MAX, WORKERS + 8),
             closed: AtomicBool::new(false),
             stop: Notify::new(),
         })
@@ -136,7 +139,7 @@ where
             };
             let res = match incoming {
                 Ok(Incoming::Request(req, payload)) => self.handle(req, payload, &mut scratch).await,
-                Ok(Incoming::Refused(req, errno, why)) => self.send_error(req.cookie, errno, why).await,
+                Ok(Incoming::Refused(req, errno, why)) => self.send_error(req.cookie, req.offset, errno, why).await,
                 Ok(Incoming::End) => {
                     self.close();
                     return;
@@ -193,7 +196,7 @@ where
             proto::CMD_WRITE => proto::CMD_FLAG_FUA | proto::CMD_FLAG_PAYLOAD_LEN,
             proto::CMD_WRITE_ZEROES => proto::CMD_FLAG_FUA | proto::CMD_FLAG_NO_HOLE | proto::CMD_FLAG_FAST_ZERO,
             proto::CMD_TRIM => proto::CMD_FLAG_FUA,
-            proto::CMD_BLOCK_STATUS => proto::CMD_FLAG_REQ_ONE,
+            proto::CMD_BLOCK_STATUS => proto::CMD_FLAG_REQ_ONE | proto::CMD_FLAG_FUA,
             proto::CMD_FLUSH | proto::CMD_CACHE => proto::CMD_FLAG_FUA,
             _ => return Err((proto::EINVAL, "unknown command")),
         };
@@ -233,7 +236,7 @@ where
             if let Some(b) = payload {
                 self.pool.put(b);
             }
-            return self.send_error(req.cookie, errno, why).await;
+            return self.send_error(req.cookie, req.offset, errno, why).await;
         }
         let be = &self.export.backend;
         let fua = req.flags & proto::CMD_FLAG_FUA != 0;
@@ -262,20 +265,27 @@ where
             }
             proto::CMD_CACHE => Ok(()),
             proto::CMD_BLOCK_STATUS => return self.block_status(req, s).await,
-            _ => return self.send_error(req.cookie, proto::EINVAL, "unknown command").await,
+            _ => return self.send_error(req.cookie, req.offset, proto::EINVAL, "unknown command").await,
         };
         match result {
-            Ok(()) => self.send_ok(req.cookie).await,
-            Err(e) => self.send_block_error(req.cookie, &e).await,
+            Ok(()) => self.send_ok(req.cookie, req.offset).await,
+            Err(e) => self.send_block_error(req.cookie, req.offset, &e).await,
         }
     }
 
     async fn read(&self, req: Request, s: &mut Scratch) -> R2 {
+        if req.length == 0 && self.structured {
+            let mut hdr = [0u8; 32];
+            let h = proto::chunk_header(self.extended, proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_NONE, req.cookie, req.offset, 0, &mut hdr);
+            let mut w = self.writer.lock().await;
+            w.write_all(&hdr[..h]).await?;
+            return w.flush().await;
+        }
         let be = &self.export.backend;
         let buf = self.pool.get(req.length as usize);
         let buf = match be.read(req.offset, buf).await {
             Ok(b) => b,
-            Err(e) => return self.send_block_error(req.cookie, &e).await,
+            Err(e) => return self.send_block_error(req.cookie, req.offset, &e).await,
         };
         let sparse = self.structured && req.flags & proto::CMD_FLAG_DF == 0 && req.length >= SPARSE_READ_MIN;
         let res = if sparse { self.send_sparse(req, &buf, s).await } else { self.send_data(req.cookie, req.offset, &buf).await };
@@ -325,12 +335,12 @@ where
                 let mut p = [0u8; 12];
                 p[0..8].copy_from_slice(&abs.to_be_bytes());
                 p[8..12].copy_from_slice(&((end - start) as u32).to_be_bytes());
-                let h = proto::chunk_header(self.extended, flags, proto::REPLY_TYPE_OFFSET_HOLE, req.cookie, abs, 12, &mut hdr);
+                let h = proto::chunk_header(self.extended, flags, proto::REPLY_TYPE_OFFSET_HOLE, req.cookie, req.offset, 12, &mut hdr);
                 write_all_parts(&mut *w, &mut [IoSlice::new(&hdr[..h]), IoSlice::new(&p)]).await?;
             } else {
                 let data = &buf[start as usize..end as usize];
                 let off = abs.to_be_bytes();
-                let h = proto::chunk_header(self.extended, flags, proto::REPLY_TYPE_OFFSET_DATA, req.cookie, abs, 8 + data.len() as u64, &mut hdr);
+                let h = proto::chunk_header(self.extended, flags, proto::REPLY_TYPE_OFFSET_DATA, req.cookie, req.offset, 8 + data.len() as u64, &mut hdr);
                 write_all_parts(&mut *w, &mut [IoSlice::new(&hdr[..h]), IoSlice::new(&off), IoSlice::new(data)]).await?;
             }
         }
@@ -339,10 +349,10 @@ where
 
     async fn block_status(&self, req: Request, s: &mut Scratch) -> R2 {
         if !self.structured || self.contexts.is_empty() {
-            return self.send_error(req.cookie, proto::EINVAL, "no metadata context negotiated").await;
+            return self.send_error(req.cookie, req.offset, proto::EINVAL, "no metadata context negotiated").await;
         }
         if req.length == 0 {
-            return self.send_error(req.cookie, proto::EINVAL, "zero-length block status").await;
+            return self.send_error(req.cookie, req.offset, proto::EINVAL, "zero-length block status").await;
         }
         let max = if req.flags & proto::CMD_FLAG_REQ_ONE != 0 { 1 } else { MAX_EXTENTS };
         // Non-extended descriptors carry 32-bit lengths.
@@ -366,7 +376,7 @@ where
                         let e = match self.export.backend.block_status(off, end - off).await {
                             Ok(e) if e.len > 0 => e,
                             Ok(_) => break,
-                            Err(err) => return self.send_block_error(req.cookie, &err).await,
+                            Err(err) => return self.send_block_error(req.cookie, req.offset, &err).await,
                         };
                         let flags = (if e.data { 0 } else { proto::STATE_HOLE }) | (if e.zero { proto::STATE_ZERO } else { 0 });
                         pending = match pending {
@@ -430,10 +440,10 @@ where
         w.flush().await
     }
 
-    async fn send_ok(&self, cookie: u64) -> R2 {
+    async fn send_ok(&self, cookie: u64, offset: u64) -> R2 {
         let mut hdr = [0u8; 32];
         let h = if self.extended {
-            proto::chunk_header(true, proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_NONE, cookie, 0, 0, &mut hdr)
+            proto::chunk_header(true, proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_NONE, cookie, offset, 0, &mut hdr)
         } else {
             proto::simple_reply(0, cookie, &mut hdr)
         };
@@ -442,18 +452,14 @@ where
         w.flush().await
     }
 
-    async fn send_block_error(&self, cookie: u64, e: &BlockError) -> R2 {
+    async fn send_block_error(&self, cookie: u64, offset: u64, e: &BlockError) -> R2 {
         let errno = proto::wire_errno(e.errno());
         tracing::debug!(export = self.export.name(), error = %e.chain(), "request failed");
         let msg = e.to_string();
-        self.send_error_msg(cookie, errno, &msg).await
+        self.send_error(cookie, offset, errno, &msg).await
     }
 
-    async fn send_error(&self, cookie: u64, errno: u32, why: &str) -> R2 {
-        self.send_error_msg(cookie, errno, why).await
-    }
-
-    async fn send_error_msg(&self, cookie: u64, errno: u32, msg: &str) -> R2 {
+    async fn send_error(&self, cookie: u64, offset: u64, errno: u32, msg: &str) -> R2 {
         let mut hdr = [0u8; 32];
         let mut w = self.writer.lock().await;
         if self.structured {
@@ -461,7 +467,7 @@ where
             let mut p = [0u8; 6];
             p[0..4].copy_from_slice(&errno.to_be_bytes());
             p[4..6].copy_from_slice(&(msg.len() as u16).to_be_bytes());
-            let h = proto::chunk_header(self.extended, proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_ERROR, cookie, 0, 6 + msg.len() as u64, &mut hdr);
+            let h = proto::chunk_header(self.extended, proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_ERROR, cookie, offset, 6 + msg.len() as u64, &mut hdr);
             write_all_parts(&mut *w, &mut [IoSlice::new(&hdr[..h]), IoSlice::new(&p), IoSlice::new(msg)]).await?;
         } else {
             let h = proto::simple_reply(errno, cookie, &mut hdr);
