@@ -45,6 +45,7 @@ struct NbdService {
 
 pub struct Daemon {
     pub graph: Arc<Graph>,
+    pub jobs: Arc<jobs::JobManager>,
     nbd: Mutex<Option<NbdService>>,
     events: broadcast::Sender<Value>,
     /// Serialises QMP commands.
@@ -69,8 +70,12 @@ impl Daemon {
     pub fn new() -> Arc<Self> {
         let graph = Arc::new(Graph::new());
         nbd_server::client::register(&graph);
-        let (events, _) = broadcast::channel(1024);
-        Arc::new(Daemon { graph, nbd: Mutex::new(None), events, bql: Mutex::new(()), quit: Notify::new(), quitting: AtomicBool::new(false) })
+        let (events, _) = broadcast::channel::<Value>(1024);
+        let tx = events.clone();
+        let jobs = jobs::JobManager::new(Arc::new(move |event: &str, data: Value| {
+            let _ = tx.send(json!({"event": event, "data": data, "timestamp": timestamp()}));
+        }));
+        Arc::new(Daemon { graph, jobs, nbd: Mutex::new(None), events, bql: Mutex::new(()), quit: Notify::new(), quitting: AtomicBool::new(false) })
     }
 
     /// Send an event to every monitor.
@@ -203,6 +208,7 @@ impl Daemon {
 
     /// Clean shutdown: stop serving, flush every node, release locks.
     pub async fn shutdown(&self) {
+        self.jobs.cancel_all().await;
         let _ = self.nbd_stop().await;
         for n in self.graph.nodes() {
             if n.is_active() {

@@ -93,8 +93,48 @@ static VERSION_RET: Ty = Ty::Obj(&VERSION_INFO);
 static SHA_RET: Ty = Ty::Obj(&SHA256);
 static SCHEMA_RET: Ty = Ty::Array(&Ty::Any);
 
+static JOB_ID: [Field; 1] = [req("id", Ty::Str)];
+static BLOCK_JOB_DEVICE: [Field; 1] = [req("device", Ty::Str)];
+static BLOCK_JOB_CANCEL: [Field; 2] = [req("device", Ty::Str), opt("force", Ty::Bool)];
+static BLOCK_JOB_SPEED: [Field; 2] = [req("device", Ty::Str), req("speed", Ty::Int)];
+static JOB_CHANGE: [Field; 3] = [req("id", Ty::Str), req("type", Ty::Enum(&["mirror"])), opt("copy-mode", Ty::Enum(&["background", "write-blocking"]))];
+const ON_ERROR: Ty = Ty::Enum(&["report", "ignore", "enospc", "stop", "auto"]);
+static MIRROR: [Field; 18] = [
+    opt("job-id", Ty::Str),
+    req("device", Ty::Str),
+    req("target", Ty::Str),
+    opt("replaces", Ty::Str),
+    req("sync", Ty::Enum(&["top", "full", "none", "incremental", "bitmap"])),
+    opt("speed", Ty::Int),
+    opt("granularity", Ty::Int),
+    opt("buf-size", Ty::Int),
+    opt("on-source-error", ON_ERROR),
+    opt("on-target-error", ON_ERROR),
+    opt("filter-node-name", Ty::Str),
+    opt("copy-mode", Ty::Enum(&["background", "write-blocking"])),
+    opt("auto-finalize", Ty::Bool),
+    opt("auto-dismiss", Ty::Bool),
+    opt("target-is-zero", Ty::Bool),
+    opt("x-baton-auto-converge", Ty::Bool),
+    opt("x-baton-converge-after-ms", Ty::Int),
+    opt("unmap", Ty::Bool),
+];
+static JOB_INFO_RET: Ty = Ty::Array(&Ty::Any);
+
 /// Events baton emits, with their data members.
-pub static EVENTS: &[(&str, &[Field])] = &[("BLOCK_EXPORT_DELETED", &[req("id", Ty::Str)])];
+pub static EVENTS: &[(&str, &[Field])] = &[
+    ("BLOCK_EXPORT_DELETED", &[req("id", Ty::Str)]),
+    ("JOB_STATUS_CHANGE", &[req("id", Ty::Str), req("status", Ty::Str)]),
+    ("BLOCK_JOB_READY", &[req("type", Ty::Str), req("device", Ty::Str), req("len", Ty::Int), req("offset", Ty::Int), req("speed", Ty::Int)]),
+    (
+        "BLOCK_JOB_COMPLETED",
+        &[req("type", Ty::Str), req("device", Ty::Str), req("len", Ty::Int), req("offset", Ty::Int), req("speed", Ty::Int), opt("error", Ty::Str)],
+    ),
+    ("BLOCK_JOB_CANCELLED", &[req("type", Ty::Str), req("device", Ty::Str), req("len", Ty::Int), req("offset", Ty::Int), req("speed", Ty::Int)]),
+    ("BLOCK_JOB_ERROR", &[req("device", Ty::Str), req("operation", Ty::Str), req("action", Ty::Str)]),
+    ("BLOCK_JOB_PENDING", &[req("type", Ty::Str), req("id", Ty::Str)]),
+    ("X_BATON_BLOCK_JOB_COPY_MODE_CHANGED", &[req("device", Ty::Str), req("copy-mode", Ty::Str), req("reason", Ty::Str)]),
+];
 
 /// Every command. `qmp_capabilities` is handled by the session but listed here too.
 pub static COMMANDS: &[Command] = &[
@@ -131,6 +171,24 @@ pub static COMMANDS: &[Command] = &[
         handler: handler!(transaction),
     },
     Command { name: "x-baton-blkdebug-set-rules", args: Args::Fields(&BLKDEBUG_RULES), ret: None, handler: handler!(blkdebug_set_rules) },
+    Command { name: "blockdev-mirror", args: Args::Fields(&MIRROR), ret: None, handler: handler!(blockdev_mirror) },
+    Command { name: "query-jobs", args: Args::Fields(&[]), ret: Some(&JOB_INFO_RET), handler: handler!(query_jobs) },
+    Command { name: "query-block-jobs", args: Args::Fields(&[]), ret: Some(&JOB_INFO_RET), handler: handler!(query_block_jobs) },
+    Command { name: "job-pause", args: Args::Fields(&JOB_ID), ret: None, handler: handler!(job_pause) },
+    Command { name: "job-resume", args: Args::Fields(&JOB_ID), ret: None, handler: handler!(job_resume) },
+    Command { name: "job-cancel", args: Args::Fields(&JOB_ID), ret: None, handler: handler!(job_cancel) },
+    Command { name: "job-complete", args: Args::Fields(&JOB_ID), ret: None, handler: handler!(job_complete) },
+    Command { name: "job-finalize", args: Args::Fields(&JOB_ID), ret: None, handler: handler!(job_finalize) },
+    Command { name: "job-dismiss", args: Args::Fields(&JOB_ID), ret: None, handler: handler!(job_dismiss) },
+    Command { name: "block-job-pause", args: Args::Fields(&BLOCK_JOB_DEVICE), ret: None, handler: handler!(block_job_pause) },
+    Command { name: "block-job-resume", args: Args::Fields(&BLOCK_JOB_DEVICE), ret: None, handler: handler!(block_job_resume) },
+    Command { name: "block-job-cancel", args: Args::Fields(&BLOCK_JOB_CANCEL), ret: None, handler: handler!(block_job_cancel) },
+    Command { name: "block-job-complete", args: Args::Fields(&BLOCK_JOB_DEVICE), ret: None, handler: handler!(block_job_complete) },
+    Command { name: "block-job-finalize", args: Args::Fields(&JOB_ID), ret: None, handler: handler!(job_finalize) },
+    Command { name: "block-job-dismiss", args: Args::Fields(&JOB_ID), ret: None, handler: handler!(job_dismiss) },
+    Command { name: "block-job-set-speed", args: Args::Fields(&BLOCK_JOB_SPEED), ret: None, handler: handler!(block_job_set_speed) },
+    Command { name: "block-job-change", args: Args::Fields(&JOB_CHANGE), ret: None, handler: handler!(job_change) },
+    Command { name: "job-change", args: Args::Fields(&JOB_CHANGE), ret: None, handler: handler!(job_change) },
 ];
 
 pub fn find(name: &str) -> Option<&'static Command> {
@@ -546,4 +604,134 @@ async fn transaction(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
 /// Classes for errors raised before dispatch.
 pub fn not_found(name: &str) -> QmpError {
     QmpError::new(ErrorClass::CommandNotFound, format!("The command {name} has not been found"))
+}
+
+// ---- jobs ----
+
+fn job_err(e: jobs::JobError) -> QmpError {
+    QmpError::generic(e.to_string())
+}
+
+fn on_error(a: &Map<String, Value>, k: &str) -> Result<jobs::mirror::OnError, QmpError> {
+    use jobs::mirror::OnError;
+    match a.get(k).and_then(Value::as_str).unwrap_or("report") {
+        "report" => Ok(OnError::Report),
+        "ignore" => Ok(OnError::Ignore),
+        "stop" => Ok(OnError::Stop),
+        // QEMU maps these for mirror: enospc/auto stop on ENOSPC else report; baton reports.
+        "enospc" | "auto" => Ok(OnError::Report),
+        other => Err(QmpError::generic(format!("Parameter '{k}' does not accept value '{other}'"))),
+    }
+}
+
+async fn blockdev_mirror(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
+    use jobs::mirror::{CopyMode, MirrorOptions, SyncMode};
+    let device = s(&a, "device");
+    let id = a.get("job-id").and_then(Value::as_str).map(String::from).unwrap_or_else(|| device.clone());
+    let sync = match s(&a, "sync").as_str() {
+        "full" => SyncMode::Full,
+        "top" => SyncMode::Top,
+        "none" => SyncMode::None,
+        other => return Err(QmpError::generic(format!("sync mode '{other}' is not supported for mirror"))),
+    };
+    if a.contains_key("replaces") || a.contains_key("filter-node-name") {
+        return Err(QmpError::generic("'replaces' and 'filter-node-name' are not supported yet"));
+    }
+    let mut m = MirrorOptions::new(&device, &s(&a, "target"));
+    m.sync = sync;
+    if let Some(g) = a.get("granularity").and_then(Value::as_u64) {
+        m.granularity = g;
+    }
+    if let Some(bs) = a.get("buf-size").and_then(Value::as_u64) {
+        m.buf_size = bs;
+    }
+    m.copy_mode = if a.get("copy-mode").and_then(Value::as_str) == Some("write-blocking") { CopyMode::WriteBlocking } else { CopyMode::Background };
+    m.on_source_error = on_error(&a, "on-source-error")?;
+    m.on_target_error = on_error(&a, "on-target-error")?;
+    m.auto_converge = b(&a, "x-baton-auto-converge").unwrap_or(false);
+    if let Some(ms) = a.get("x-baton-converge-after-ms").and_then(Value::as_u64) {
+        m.converge_after = std::time::Duration::from_millis(ms);
+    }
+    let speed = match a.get("speed") {
+        None => 0,
+        Some(v) => v.as_u64().ok_or_else(|| QmpError::generic("Parameter 'speed' expects a non-negative value"))?,
+    };
+    let job = jobs::JobOptions { id, speed, auto_finalize: b(&a, "auto-finalize").unwrap_or(true), auto_dismiss: b(&a, "auto-dismiss").unwrap_or(true) };
+    jobs::mirror::start(&d.graph, &d.jobs, job, m).map_err(|e| QmpError::generic(e.to_string()))?;
+    Ok(json!({}))
+}
+
+async fn query_jobs(d: Arc<Daemon>, _: Map<String, Value>) -> Reply {
+    Ok(d.jobs.query_jobs())
+}
+
+async fn query_block_jobs(d: Arc<Daemon>, _: Map<String, Value>) -> Reply {
+    Ok(d.jobs.query_block_jobs())
+}
+
+async fn job_pause(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
+    d.jobs.pause(&s(&a, "id")).map_err(job_err).map(|()| json!({}))
+}
+
+async fn job_resume(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
+    d.jobs.resume(&s(&a, "id")).map_err(job_err).map(|()| json!({}))
+}
+
+async fn job_cancel(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
+    // job-cancel is always a hard cancel (QEMU: force for mirror).
+    d.jobs.cancel(&s(&a, "id"), true).map_err(job_err).map(|()| json!({}))
+}
+
+async fn job_complete(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
+    d.jobs.complete(&s(&a, "id")).map_err(job_err).map(|()| json!({}))
+}
+
+async fn job_finalize(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
+    d.jobs.finalize(&s(&a, "id")).map_err(job_err).map(|()| json!({}))
+}
+
+async fn job_dismiss(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
+    d.jobs.dismiss(&s(&a, "id")).map_err(job_err).map(|()| json!({}))
+}
+
+fn block_job_not_found(device: &str) -> QmpError {
+    QmpError::generic(format!("Block job '{device}' not found"))
+}
+
+async fn block_job_pause(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
+    let id = s(&a, "device");
+    d.jobs.find(&id).map_err(|_| block_job_not_found(&id))?;
+    d.jobs.pause(&id).map_err(job_err).map(|()| json!({}))
+}
+
+async fn block_job_resume(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
+    let id = s(&a, "device");
+    d.jobs.find(&id).map_err(|_| block_job_not_found(&id))?;
+    d.jobs.resume(&id).map_err(job_err).map(|()| json!({}))
+}
+
+async fn block_job_cancel(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
+    let id = s(&a, "device");
+    d.jobs.find(&id).map_err(|_| block_job_not_found(&id))?;
+    d.jobs.cancel(&id, b(&a, "force").unwrap_or(false)).map_err(job_err).map(|()| json!({}))
+}
+
+async fn block_job_complete(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
+    let id = s(&a, "device");
+    let job = d.jobs.find(&id).map_err(|_| block_job_not_found(&id))?;
+    if job.status() != jobs::Status::Ready {
+        return Err(QmpError::generic(format!("The active block job '{id}' cannot be completed")));
+    }
+    d.jobs.complete(&id).map_err(job_err).map(|()| json!({}))
+}
+
+async fn block_job_set_speed(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
+    let id = s(&a, "device");
+    d.jobs.find(&id).map_err(|_| block_job_not_found(&id))?;
+    let speed = a.get("speed").and_then(Value::as_i64).unwrap_or(0);
+    d.jobs.set_speed(&id, speed).map_err(job_err).map(|()| json!({}))
+}
+
+async fn job_change(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
+    d.jobs.change(&s(&a, "id"), &a).map_err(job_err).map(|()| json!({}))
 }
