@@ -366,8 +366,21 @@ impl MirrorDriver {
             };
             let n = ext.len.clamp(1, end - pos);
             if ext.zero && !ext.data {
-                if let Err(e) = s.tgt.write_zeroes(pos, n, ZeroFlags { may_unmap: true, ..Default::default() }).await {
-                    return CopyResult::TargetError(e.chain());
+                // Zeroes on the target only where it does not already read as zeroes,
+                // so a sparse target stays sparse and nothing crosses the wire.
+                let mut tpos = pos;
+                while tpos < pos + n {
+                    let t = match s.tgt.block_status(tpos, pos + n - tpos).await {
+                        Ok(t) => t,
+                        Err(e) => return CopyResult::TargetError(e.chain()),
+                    };
+                    let tn = t.len.clamp(1, pos + n - tpos);
+                    if !t.zero {
+                        if let Err(e) = s.tgt.write_zeroes(tpos, tn, ZeroFlags { may_unmap: true, ..Default::default() }).await {
+                            return CopyResult::TargetError(e.chain());
+                        }
+                    }
+                    tpos += tn;
                 }
             } else {
                 let buf = match s.src.read(pos, IoBuf::zeroed(n as usize)).await {
