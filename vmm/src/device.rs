@@ -1,0 +1,194 @@
+//! The paravirtual block device ("baton-blk").
+//!
+//! The guest writes descriptors into a ring in its RAM (layout.rs: op,
+//! status, sector, count, buffer address), bumps the submit counter and
+//! writes the doorbell port. The device takes every descriptor between its
+//! own `consumed` counter and the guest's submit counter and runs each as a
+//! request through the block graph, concurrently; the data moves by DMA into
+//! or out of guest RAM, and the status is written back last. Every write the
+//! device makes to guest RAM goes through vm-memory, so it lands in the dirty
+//! log. `consumed` is the device's whole state (the ring is guest RAM).
+
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use block::{BlockBackend, IoBuf, WriteFlags};
+use tokio::sync::Notify;
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::layout::*;
+use crate::memory::Mem;
+
+/// A device error worth telling the operator about.
+pub type ErrorSink = Arc<dyn Fn(&str, &str, &str) + Send + Sync>;
+
+pub struct BlockDevice {
+    mem: Arc<Mem>,
+    backend: BlockBackend,
+    /// Descriptors taken from the ring so far (the device state).
+    consumed: Mutex<u32>,
+    /// Doorbells being handled plus requests in flight.
+    inflight: AtomicUsize,
+    drained: Notify,
+    rt: tokio::runtime::Handle,
+    pub completed: AtomicU64,
+    pub errors: AtomicU64,
+    last_error: Mutex<Option<String>>,
+    on_error: ErrorSink,
+    blocks: AtomicU32,
+}
+
+impl std::fmt::Debug for BlockDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockDevice").field("inflight", &self.inflight.load(Ordering::SeqCst)).finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Desc {
+    op: u32,
+    sector: u64,
+    count: u32,
+    buf: u32,
+}
+
+impl BlockDevice {
+    pub fn new(mem: Arc<Mem>, backend: BlockBackend, rt: tokio::runtime::Handle, on_error: ErrorSink) -> Arc<Self> {
+        let blocks = (backend.length() / BLOCK_SIZE).min(MAX_BLOCKS) as u32;
+        Arc::new(Self {
+            mem,
+            backend,
+            consumed: Mutex::new(0),
+            inflight: AtomicUsize::new(0),
+            drained: Notify::new(),
+            rt,
+            completed: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+            on_error,
+            blocks: AtomicU32::new(blocks),
+        })
+    }
+
+    /// Blocks of BLOCK_SIZE the guest may use.
+    pub fn blocks(&self) -> u32 {
+        self.blocks.load(Ordering::SeqCst)
+    }
+
+    pub fn backend(&self) -> &BlockBackend {
+        &self.backend
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|e| e.clone())
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.inflight.load(Ordering::SeqCst)
+    }
+
+    /// The device state to migrate.
+    pub fn save(&self) -> u32 {
+        self.consumed.lock().map(|c| *c).unwrap_or(0)
+    }
+
+    pub fn restore(&self, consumed: u32) {
+        if let Ok(mut c) = self.consumed.lock() {
+            *c = consumed;
+        }
+    }
+
+    fn done_one(&self) {
+        if self.inflight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.drained.notify_waiters();
+        }
+    }
+
+    /// The guest rang the doorbell (called on a vCPU thread).
+    pub fn doorbell(self: &Arc<Self>) {
+        self.inflight.fetch_add(1, Ordering::SeqCst);
+        let me = self.clone();
+        self.rt.spawn(async move {
+            me.take_descriptors();
+            me.done_one();
+        });
+    }
+
+    fn read_desc(&self, slot: u32) -> Option<Desc> {
+        let base = RING_DESCS + u64::from(slot % RING_SLOTS as u32) * DESC_SIZE;
+        let r32 = |off: u64| self.mem.read_obj::<u32>(GuestAddress(base + off)).ok();
+        Some(Desc {
+            op: r32(DESC_OP)?,
+            sector: self.mem.read_obj::<u64>(GuestAddress(base + DESC_SECTOR)).ok()?,
+            count: r32(DESC_COUNT)?,
+            buf: r32(DESC_BUF)?,
+        })
+    }
+
+    fn take_descriptors(self: &Arc<Self>) {
+        let Ok(mut consumed) = self.consumed.lock() else { return };
+        let Ok(submit) = self.mem.read_obj::<u32>(GuestAddress(RING_SUBMIT)) else { return };
+        // At most a ring's worth: a guest that claims more is ignored past that.
+        let mut n = 0;
+        while *consumed != submit && n < RING_SLOTS {
+            let slot = *consumed;
+            *consumed = consumed.wrapping_add(1);
+            n += 1;
+            let Some(d) = self.read_desc(slot) else { continue };
+            self.inflight.fetch_add(1, Ordering::SeqCst);
+            let me = self.clone();
+            self.rt.spawn(async move {
+                let status = me.run(d).await;
+                let addr = RING_DESCS + u64::from(slot % RING_SLOTS as u32) * DESC_SIZE + DESC_STATUS;
+                let _ = me.mem.write_obj::<u32>(status, GuestAddress(addr));
+                me.completed.fetch_add(1, Ordering::SeqCst);
+                me.done_one();
+            });
+        }
+    }
+
+    async fn run(&self, d: Desc) -> u32 {
+        let len = u64::from(d.count) * 512;
+        let off = d.sector.saturating_mul(512);
+        let res = match d.op as u64 {
+            OP_WRITE => {
+                let mut buf = IoBuf::zeroed(len as usize);
+                match self.mem.read_slice(&mut buf, GuestAddress(u64::from(d.buf))) {
+                    Ok(()) => self.backend.write(off, buf, WriteFlags::default()).await.map(|_| ()).map_err(|e| ("write", e.chain())),
+                    Err(e) => Err(("write", format!("bad guest buffer {:#x}: {e}", d.buf))),
+                }
+            }
+            OP_READ => match self.backend.read(off, IoBuf::zeroed(len as usize)).await {
+                Ok(buf) => self.mem.write_slice(&buf, GuestAddress(u64::from(d.buf))).map_err(|e| ("read", format!("bad guest buffer {:#x}: {e}", d.buf))),
+                Err(e) => Err(("read", e.chain())),
+            },
+            OP_FLUSH => self.backend.flush().await.map_err(|e| ("flush", e.chain())),
+            _ => Err(("request", format!("unknown operation {}", d.op))),
+        };
+        match res {
+            Ok(()) => STATUS_OK as u32,
+            Err((op, msg)) => {
+                self.errors.fetch_add(1, Ordering::SeqCst);
+                tracing::warn!(operation = op, error = %msg, "guest disk I/O error");
+                if let Ok(mut l) = self.last_error.lock() {
+                    *l = Some(msg.clone());
+                }
+                (self.on_error)(self.backend.node().name(), op, &msg);
+                STATUS_IOERR as u32
+            }
+        }
+    }
+
+    /// Wait until no request is in flight (the vCPUs are stopped, so none can start).
+    pub async fn drain(&self) {
+        loop {
+            let n = self.drained.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            if self.inflight.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            n.await;
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! Guest memory: one anonymous mapping registered with KVM with dirty-page
+//! logging on, plus vm-memory's own bitmap of the pages the VMM wrote (device
+//! DMA, completions). A dirty-log pass ORs the two, so a page changed by
+//! either side is reported.
+
+use std::sync::Arc;
+
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_ioctls::VmFd;
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::VmmError;
+
+/// Guest RAM with VMM-side write tracking.
+pub type Mem = GuestMemoryMmap<AtomicBitmap>;
+
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Allocate `size` bytes of guest RAM at guest-physical 0 and register it as slot 0.
+pub fn create(vm: &VmFd, size: u64) -> Result<Arc<Mem>, VmmError> {
+    let mem = Mem::from_ranges(&[(GuestAddress(0), size as usize)]).map_err(|e| VmmError::Memory(e.to_string()))?;
+    for (slot, region) in mem.iter().enumerate() {
+        let host = mem.get_host_address(region.start_addr()).map_err(|e| VmmError::Memory(e.to_string()))?;
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: KVM_MEM_LOG_DIRTY_PAGES,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the mapping [host, host+len) belongs to `mem`, which the
+        // VM keeps alive (Arc) for as long as the VM fd exists, and is not
+        // registered for any other slot.
+        unsafe { vm.set_user_memory_region(r) }.map_err(|e| VmmError::Kvm("KVM_SET_USER_MEMORY_REGION", e.errno()))?;
+    }
+    Ok(Arc::new(mem))
+}
+
+/// One pass of the dirty log: pages written by the guest (KVM's log) or by
+/// the VMM (vm-memory's bitmap) since the last pass, as a bitmap of u64
+/// words, page `i` in bit `i % 64` of word `i / 64`. Both sources are reset.
+pub fn take_dirty_log(vm: &VmFd, mem: &Mem) -> Result<Vec<u64>, VmmError> {
+    let mut out = Vec::new();
+    for (slot, region) in mem.iter().enumerate() {
+        let pages = (region.len() / PAGE_SIZE) as usize;
+        let mut words = vm.get_dirty_log(slot as u32, region.len() as usize).map_err(|e| VmmError::Kvm("KVM_GET_DIRTY_LOG", e.errno()))?;
+        words.resize(pages.div_ceil(64), 0);
+        // The region's whole AtomicBitmap (not the trait's slice view).
+        let bm: &AtomicBitmap = std::ops::Deref::deref(region).bitmap();
+        for (p, w) in (0..pages).map(|p| (p, p / 64)) {
+            if bm.is_bit_set(p) {
+                words[w] |= 1 << (p % 64);
+            }
+        }
+        bm.reset();
+        out.extend(words);
+    }
+    Ok(out)
+}
+
+/// Number of pages set in a dirty log.
+pub fn count(log: &[u64]) -> u64 {
+    log.iter().map(|w| u64::from(w.count_ones())).sum()
+}

@@ -1,0 +1,202 @@
+//! vCPU threads: each runs KVM_RUN in a loop and can be stopped promptly.
+//!
+//! Stopping sets `run = false`, then sends every vCPU thread a signal whose
+//! handler sets that thread's `kvm_run.immediate_exit`: a thread inside
+//! KVM_RUN returns with EINTR, one about to enter returns at once, one in
+//! user space sees the flag. `stop` returns only when every thread has left
+//! KVM_RUN (`in_run == 0`). No polling: threads park on a condition variable.
+//!
+//! ```text
+//!  parked ──cont──> in KVM_RUN ──exit──> handle (doorbell, hlt, error)
+//!    ^                  │                     │
+//!    └──── stop (signal + immediate_exit) ────┘
+//! ```
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+
+use kvm_bindings::kvm_run;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+
+/// The signal that kicks a vCPU out of KVM_RUN.
+pub const KICK_SIGNAL: Signal = Signal::SIGUSR2;
+
+thread_local! {
+    /// This thread's kvm_run mapping, for the kick handler (null on other threads).
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn on_kick(_: nix::libc::c_int) {
+    let p = KVM_RUN.with(|r| r.get());
+    if !p.is_null() {
+        // SAFETY: `p` is this thread's own kvm_run mapping, set by the vCPU
+        // thread before its first KVM_RUN and cleared before the VcpuFd (and
+        // so the mapping) is dropped; a byte write is async-signal-safe.
+        unsafe { std::ptr::addr_of_mut!((*p).immediate_exit).write_volatile(1) };
+    }
+}
+
+/// Install the kick handler once per process.
+pub fn install_kick_handler() -> Result<(), nix::Error> {
+    static DONE: OnceLock<Result<(), nix::Error>> = OnceLock::new();
+    *DONE.get_or_init(|| {
+        // No SA_RESTART: KVM_RUN must come back with EINTR.
+        let act = SigAction::new(SigHandler::Handler(on_kick), SaFlags::empty(), SigSet::empty());
+        // SAFETY: the handler only does a volatile byte store through a
+        // thread-local pointer, which is async-signal-safe.
+        unsafe { sigaction(KICK_SIGNAL, &act) }.map(|_| ())
+    })
+}
+
+/// What a vCPU thread reports back.
+pub trait ExitHandler: Send + Sync + 'static {
+    /// A write to an I/O port.
+    fn io_out(&self, port: u16, data: &[u8]);
+    /// The guest cannot go on (triple fault, failed entry, internal error).
+    fn fatal(&self, vcpu: u64, why: String);
+}
+
+#[derive(Debug, Default)]
+struct Ctl {
+    /// vCPUs may run.
+    run: bool,
+    /// Threads must end.
+    exit: bool,
+    /// Threads currently between "start running" and "stopped" (I2: zero while paused).
+    in_run: usize,
+}
+
+/// Shared control of every vCPU thread.
+#[derive(Debug, Default)]
+pub struct Vcpus {
+    ctl: Mutex<Ctl>,
+    cond: Condvar,
+    stop_flag: AtomicBool,
+    threads: Mutex<Vec<(nix::sys::pthread::Pthread, std::thread::JoinHandle<()>)>>,
+}
+
+impl Vcpus {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Ctl> {
+        self.ctl.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Start a thread for `vcpu` (parked until `resume`).
+    pub fn spawn(self: &Arc<Self>, id: u64, mut vcpu: VcpuFd, handler: Arc<dyn ExitHandler>) -> std::io::Result<()> {
+        let me = self.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let h = std::thread::Builder::new().name(format!("vcpu{id}")).spawn(move || {
+            let _ = tx.send(nix::sys::pthread::pthread_self());
+            let run_ptr: *mut kvm_run = vcpu.get_kvm_run();
+            KVM_RUN.with(|r| r.set(run_ptr));
+            me.thread_loop(id, &mut vcpu, &*handler);
+            KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
+        })?;
+        let tid = rx.recv().map_err(|e| std::io::Error::other(e.to_string()))?;
+        if let Ok(mut t) = self.threads.lock() {
+            t.push((tid, h));
+        }
+        Ok(())
+    }
+
+    fn thread_loop(&self, id: u64, vcpu: &mut VcpuFd, handler: &dyn ExitHandler) {
+        loop {
+            {
+                let mut c = self.lock();
+                while !c.run && !c.exit {
+                    c = self.cond.wait(c).unwrap_or_else(|p| p.into_inner());
+                }
+                if c.exit {
+                    return;
+                }
+                c.in_run += 1;
+            }
+            let mut halted = false;
+            while !self.stop_flag.load(Ordering::SeqCst) && !halted {
+                match vcpu.run() {
+                    Ok(VcpuExit::IoOut(port, data)) => handler.io_out(port, data),
+                    Ok(VcpuExit::IoIn(_, data)) => data.fill(0xff),
+                    Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
+                    Ok(VcpuExit::MmioWrite(..)) => {}
+                    // Without interrupts a halted vCPU has nothing to do until stopped.
+                    Ok(VcpuExit::Hlt) => halted = true,
+                    Ok(VcpuExit::Intr) => {}
+                    Ok(other) => {
+                        handler.fatal(id, format!("{other:?}"));
+                        halted = true;
+                    }
+                    Err(e) if e.errno() == nix::libc::EINTR || e.errno() == nix::libc::EAGAIN => {}
+                    Err(e) => {
+                        handler.fatal(id, format!("KVM_RUN failed: {e}"));
+                        halted = true;
+                    }
+                }
+            }
+            vcpu.set_kvm_immediate_exit(0);
+            let mut c = self.lock();
+            c.in_run -= 1;
+            if halted {
+                // Idle until the next stop (then cont) or exit.
+                self.cond.notify_all();
+                while c.run && !c.exit {
+                    c = self.cond.wait(c).unwrap_or_else(|p| p.into_inner());
+                }
+            }
+            self.cond.notify_all();
+        }
+    }
+
+    fn kick_all(&self) {
+        if let Ok(t) = self.threads.lock() {
+            for (tid, _) in t.iter() {
+                let _ = nix::sys::pthread::pthread_kill(*tid, KICK_SIGNAL);
+            }
+        }
+    }
+
+    /// Let every vCPU run.
+    pub fn resume(&self) {
+        let mut c = self.lock();
+        self.stop_flag.store(false, Ordering::SeqCst);
+        c.run = true;
+        self.cond.notify_all();
+    }
+
+    /// Stop every vCPU; returns once none is in KVM_RUN.
+    pub fn pause(&self) {
+        let mut c = self.lock();
+        c.run = false;
+        self.stop_flag.store(true, Ordering::SeqCst);
+        self.cond.notify_all();
+        while c.in_run > 0 {
+            drop(c);
+            self.kick_all();
+            c = self.lock();
+            if c.in_run == 0 {
+                break;
+            }
+            let (g, _) = self.cond.wait_timeout(c, std::time::Duration::from_millis(5)).unwrap_or_else(|p| p.into_inner());
+            c = g;
+        }
+    }
+
+    /// Whether any vCPU is between start and stop.
+    pub fn any_in_run(&self) -> bool {
+        self.lock().in_run > 0
+    }
+
+    /// End every thread (the VM is going away).
+    pub fn shutdown(&self) {
+        self.pause();
+        {
+            let mut c = self.lock();
+            c.exit = true;
+            self.cond.notify_all();
+        }
+        let threads = self.threads.lock().map(|mut t| std::mem::take(&mut *t)).unwrap_or_default();
+        for (_, h) in threads {
+            let _ = h.join();
+        }
+    }
+}

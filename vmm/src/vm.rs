@@ -1,0 +1,360 @@
+//! The VM: KVM setup, guest memory, vCPU threads, the block device, the
+//! guest workload, and the run states (QEMU's names).
+//!
+//! ```text
+//!  prelaunch ──cont──> running ──stop──> paused ──cont──> running
+//!  inmigrate ──(incoming done)──> paused/running
+//!  running ──(migration)──> finish-migrate ──> postmigrate
+//! ```
+//! I2: vCPUs run only while every node the VM uses is active; `cont` checks.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use block::BlockBackend;
+use kvm_ioctls::{Kvm, VmFd};
+use serde_json::{json, Value};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::device::{BlockDevice, ErrorSink};
+use crate::layout::*;
+use crate::memory::{self, Mem};
+use crate::vcpu::{ExitHandler, Vcpus};
+use crate::VmmError;
+
+/// QEMU's RunState names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    Prelaunch,
+    Running,
+    Paused,
+    InMigrate,
+    FinishMigrate,
+    PostMigrate,
+    InternalError,
+}
+
+impl RunState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Prelaunch => "prelaunch",
+            RunState::Running => "running",
+            RunState::Paused => "paused",
+            RunState::InMigrate => "inmigrate",
+            RunState::FinishMigrate => "finish-migrate",
+            RunState::PostMigrate => "postmigrate",
+            RunState::InternalError => "internal-error",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub memory: u64,
+    pub vcpus: u32,
+    /// Random seed of the workload.
+    pub seed: u32,
+    /// RAM pages the guest dirties per batch.
+    pub dirty_pages: u32,
+    /// Writes in flight per batch (1..=8).
+    pub batch: u32,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self { memory: 64 << 20, vcpus: 1, seed: 0x1234_5678, dirty_pages: 4, batch: 4 }
+    }
+}
+
+/// The guest's published counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GuestStats {
+    pub writes: u32,
+    pub checks: u32,
+    pub mismatches: u32,
+    pub io_errors: u32,
+    pub batches: u32,
+    pub last_bad_block: u32,
+}
+
+/// The result of a full verification pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VerifyResult {
+    pub checked: u32,
+    pub bad: u32,
+}
+
+/// Sink for VM events (STOP, RESUME, BLOCK_IO_ERROR).
+pub type VmEvents = Arc<dyn Fn(&str, Value) + Send + Sync>;
+
+struct Exits {
+    device: Arc<BlockDevice>,
+    fatal: Mutex<Option<String>>,
+}
+
+impl ExitHandler for Exits {
+    fn io_out(&self, port: u16, _data: &[u8]) {
+        if u64::from(port) == DOORBELL_PORT {
+            self.device.doorbell();
+        }
+    }
+    fn fatal(&self, vcpu: u64, why: String) {
+        tracing::error!(vcpu, "guest stopped: {why}");
+        if let Ok(mut f) = self.fatal.lock() {
+            f.get_or_insert(format!("vcpu {vcpu}: {why}"));
+        }
+    }
+}
+
+pub struct Vm {
+    _kvm: Kvm,
+    vm: VmFd,
+    mem: Arc<Mem>,
+    vcpus: Arc<Vcpus>,
+    device: Arc<BlockDevice>,
+    exits: Arc<Exits>,
+    state: Mutex<RunState>,
+    /// Serialises stop/cont/verify.
+    control: tokio::sync::Mutex<()>,
+    events: VmEvents,
+    config: VmConfig,
+    verify_seq: Mutex<u32>,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm").field("state", &self.state()).finish_non_exhaustive()
+    }
+}
+
+/// Where extra vCPUs idle: `hlt; jmp .-1`.
+const IDLE_CODE: u64 = CODE - 16;
+
+fn setup_vcpu(vm: &VmFd, id: u64, rip: u64) -> Result<kvm_ioctls::VcpuFd, VmmError> {
+    let vcpu = vm.create_vcpu(id).map_err(|e| VmmError::Kvm("KVM_CREATE_VCPU", e.errno()))?;
+    let mut sregs = vcpu.get_sregs().map_err(|e| VmmError::Kvm("KVM_GET_SREGS", e.errno()))?;
+    // 32-bit protected mode, flat 4 GiB segments, no paging.
+    let code = kvm_bindings::kvm_segment { base: 0, limit: 0xffff_ffff, selector: 0x8, type_: 0xb, present: 1, dpl: 0, db: 1, s: 1, l: 0, g: 1, avl: 0, unusable: 0, padding: 0 };
+    let data = kvm_bindings::kvm_segment { selector: 0x10, type_: 0x3, ..code };
+    sregs.cs = code;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.cr0 |= 0x1; // PE
+    sregs.cr0 &= !0x8000_0000; // no paging
+    vcpu.set_sregs(&sregs).map_err(|e| VmmError::Kvm("KVM_SET_SREGS", e.errno()))?;
+    let regs = kvm_bindings::kvm_regs { rip, rsp: STACK_TOP, rflags: 0x2, ..Default::default() };
+    vcpu.set_regs(&regs).map_err(|e| VmmError::Kvm("KVM_SET_REGS", e.errno()))?;
+    Ok(vcpu)
+}
+
+impl Vm {
+    /// Build the VM (vCPUs parked in `prelaunch`, or `inmigrate` if `incoming`).
+    pub fn new(config: VmConfig, disk: BlockBackend, rt: tokio::runtime::Handle, events: VmEvents, incoming: bool) -> Result<Arc<Vm>, VmmError> {
+        if !std::path::Path::new("/dev/kvm").exists() {
+            return Err(VmmError::NoKvm);
+        }
+        if config.vcpus == 0 || config.vcpus > 8 {
+            return Err(VmmError::Config("vcpus must be between 1 and 8".into()));
+        }
+        if config.memory < 8 << 20 || config.memory % memory::PAGE_SIZE != 0 {
+            return Err(VmmError::Config("memory must be at least 8 MiB and a multiple of 4 KiB".into()));
+        }
+        if !(1..=MAX_BATCH as u32).contains(&config.batch) {
+            return Err(VmmError::Config(format!("batch must be between 1 and {MAX_BATCH}")));
+        }
+        if WORKLOAD.is_empty() {
+            return Err(VmmError::Config("the guest workload was not built (GNU as/ld missing at build time)".into()));
+        }
+        crate::vcpu::install_kick_handler().map_err(|e| VmmError::Kvm("sigaction", e as i32))?;
+        let kvm = Kvm::new().map_err(|e| VmmError::Kvm("open /dev/kvm", e.errno()))?;
+        let vm = kvm.create_vm().map_err(|e| VmmError::Kvm("KVM_CREATE_VM", e.errno()))?;
+        vm.set_tss_address(0xfffb_d000).map_err(|e| VmmError::Kvm("KVM_SET_TSS_ADDR", e.errno()))?;
+        let mem = memory::create(&vm, config.memory)?;
+        let ev = events.clone();
+        let on_error: ErrorSink = Arc::new(move |node: &str, op: &str, msg: &str| {
+            ev("BLOCK_IO_ERROR", json!({"device": "disk0", "node-name": node, "operation": op, "action": "report", "nospace": msg.contains("space"), "reason": msg}));
+        });
+        let device = BlockDevice::new(mem.clone(), disk, rt, on_error);
+        if device.blocks() == 0 {
+            return Err(VmmError::Config("the disk is smaller than one 4 KiB block".into()));
+        }
+        let w = |addr: u64, v: u32| mem.write_obj(v, GuestAddress(addr)).map_err(|e| VmmError::Memory(e.to_string()));
+        mem.write_slice(WORKLOAD, GuestAddress(CODE)).map_err(|e| VmmError::Memory(e.to_string()))?;
+        mem.write_slice(&[0xf4, 0xeb, 0xfd], GuestAddress(IDLE_CODE)).map_err(|e| VmmError::Memory(e.to_string()))?;
+        w(CFG_NBLOCKS, device.blocks())?;
+        w(CFG_SEED, config.seed)?;
+        w(CFG_DIRTY_PAGES, config.dirty_pages)?;
+        w(CFG_BATCH, config.batch)?;
+        w(CFG_MAGIC, MAGIC as u32)?;
+        let exits = Arc::new(Exits { device: device.clone(), fatal: Mutex::new(None) });
+        let vcpus = Arc::new(Vcpus::default());
+        for id in 0..u64::from(config.vcpus) {
+            let vcpu = setup_vcpu(&vm, id, if id == 0 { CODE } else { IDLE_CODE })?;
+            vcpus.spawn(id, vcpu, exits.clone()).map_err(|e| VmmError::Config(format!("cannot start vcpu thread: {e}")))?;
+        }
+        let state = if incoming { RunState::InMigrate } else { RunState::Prelaunch };
+        Ok(Arc::new(Vm {
+            _kvm: kvm,
+            vm,
+            mem,
+            vcpus,
+            device,
+            exits,
+            state: Mutex::new(state),
+            control: tokio::sync::Mutex::new(()),
+            events,
+            config,
+            verify_seq: Mutex::new(0),
+        }))
+    }
+
+    pub fn state(&self) -> RunState {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_state(&self, s: RunState) {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = s;
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.state() == RunState::Running
+    }
+
+    pub fn device(&self) -> &Arc<BlockDevice> {
+        &self.device
+    }
+
+    pub fn memory(&self) -> &Arc<Mem> {
+        &self.mem
+    }
+
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// The guest stopped on its own (triple fault and the like).
+    pub fn fatal_error(&self) -> Option<String> {
+        self.exits.fatal.lock().ok().and_then(|f| f.clone())
+    }
+
+    /// I2: every node under the disk must be active before vCPUs run.
+    fn check_active(&self) -> Result<(), VmmError> {
+        let mut n = Some(self.device.backend().node());
+        while let Some(node) = n {
+            if !node.is_active() {
+                return Err(VmmError::InactiveDisk(node.name().to_string()));
+            }
+            n = node.child().cloned();
+        }
+        Ok(())
+    }
+
+    /// `cont`: run the vCPUs.
+    pub async fn cont(&self) -> Result<(), VmmError> {
+        let _c = self.control.lock().await;
+        match self.state() {
+            RunState::Running => return Ok(()),
+            RunState::InMigrate => return Err(VmmError::State("guest is waiting for an incoming migration".into())),
+            RunState::InternalError => return Err(VmmError::State(format!("guest stopped with an error: {}", self.fatal_error().unwrap_or_default()))),
+            _ => {}
+        }
+        self.check_active()?;
+        self.set_state(RunState::Running);
+        self.vcpus.resume();
+        (self.events)("RESUME", json!({}));
+        Ok(())
+    }
+
+    /// `stop`: returns once every vCPU has left KVM_RUN and the device is drained.
+    pub async fn stop(&self) -> Result<Duration, VmmError> {
+        let _c = self.control.lock().await;
+        self.stop_locked(RunState::Paused).await
+    }
+
+    /// Stop into a given state (migration uses finish-migrate).
+    pub async fn stop_locked(&self, to: RunState) -> Result<Duration, VmmError> {
+        let t = Instant::now();
+        let was_running = self.is_running();
+        self.vcpus.pause();
+        self.device.drain().await;
+        self.set_state(to);
+        if was_running {
+            (self.events)("STOP", json!({}));
+        }
+        Ok(t.elapsed())
+    }
+
+    /// The guest's counters.
+    pub fn stats(&self) -> GuestStats {
+        let r = |a: u64| self.mem.read_obj::<u32>(GuestAddress(a)).unwrap_or(0);
+        GuestStats {
+            writes: r(ST_WRITES),
+            checks: r(ST_CHECKS),
+            mismatches: r(ST_MISMATCHES),
+            io_errors: r(ST_IOERRORS),
+            batches: r(ST_BATCHES),
+            last_bad_block: r(ST_LAST_BAD),
+        }
+    }
+
+    /// Ask the guest for a full pass over every block it wrote; wait for its answer.
+    pub async fn verify(&self, timeout: Duration) -> Result<VerifyResult, VmmError> {
+        if !self.is_running() {
+            return Err(VmmError::State("the guest must be running to verify".into()));
+        }
+        let seq = {
+            let mut s = self.verify_seq.lock().unwrap_or_else(|p| p.into_inner());
+            *s = s.wrapping_add(1).max(1);
+            *s
+        };
+        self.mem.write_obj(seq, GuestAddress(VERIFY_REQ)).map_err(|e| VmmError::Memory(e.to_string()))?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let done = self.mem.read_obj::<u32>(GuestAddress(VERIFY_DONE)).unwrap_or(0);
+            if done == seq {
+                let r = |a: u64| self.mem.read_obj::<u32>(GuestAddress(a)).unwrap_or(0);
+                return Ok(VerifyResult { checked: r(VERIFY_CHECKED), bad: r(VERIFY_BAD) });
+            }
+            if let Some(f) = self.fatal_error() {
+                return Err(VmmError::State(format!("guest stopped: {f}")));
+            }
+            if Instant::now() > deadline {
+                return Err(VmmError::State(format!("the guest did not finish its verification pass in {timeout:?}")));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// One dirty-log pass (guest and VMM writes since the last pass).
+    pub fn take_dirty_log(&self) -> Result<Vec<u64>, VmmError> {
+        memory::take_dirty_log(&self.vm, &self.mem)
+    }
+
+    pub fn vcpus_in_run(&self) -> bool {
+        self.vcpus.any_in_run()
+    }
+
+    /// Stop and end the vCPU threads.
+    pub async fn shutdown(&self) {
+        let _c = self.control.lock().await;
+        let _ = self.stop_locked(RunState::Paused).await;
+        self.vcpus.shutdown();
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.vcpus.shutdown();
+    }
+}
+
+#[allow(unused)]
+fn _assert_send_sync() {
+    fn f<T: Send + Sync>() {}
+    f::<Vm>();
+    let _ = Ordering::SeqCst;
+}
