@@ -28,6 +28,8 @@ pub enum DaemonError {
     Export(String),
     #[error(transparent)]
     Block(#[from] block::BlockError),
+    #[error("{0}")]
+    Vm(String),
 }
 
 /// Where the NBD server listens.
@@ -46,6 +48,8 @@ struct NbdService {
 pub struct Daemon {
     pub graph: Arc<Graph>,
     pub jobs: Arc<jobs::JobManager>,
+    /// The guest, when started with `--vm`.
+    vm: std::sync::Mutex<Option<Arc<vmm::Vm>>>,
     nbd: Mutex<Option<NbdService>>,
     events: broadcast::Sender<Value>,
     /// Serialises QMP commands.
@@ -75,7 +79,26 @@ impl Daemon {
         let jobs = jobs::JobManager::new(Arc::new(move |event: &str, data: Value| {
             let _ = tx.send(json!({"event": event, "data": data, "timestamp": timestamp()}));
         }));
-        Arc::new(Daemon { graph, jobs, nbd: Mutex::new(None), events, bql: Mutex::new(()), quit: Notify::new(), quitting: AtomicBool::new(false) })
+        Arc::new(Daemon { graph, jobs, vm: std::sync::Mutex::new(None), nbd: Mutex::new(None), events, bql: Mutex::new(()), quit: Notify::new(), quitting: AtomicBool::new(false) })
+    }
+
+    /// The guest, if any.
+    pub fn vm(&self) -> Option<Arc<vmm::Vm>> {
+        self.vm.lock().ok().and_then(|v| v.clone())
+    }
+
+    /// Create the guest on `disk` (`--vm`); it stays in prelaunch (or inmigrate).
+    pub fn create_vm(&self, config: vmm::VmConfig, disk: &str, incoming: bool) -> Result<Arc<vmm::Vm>, DaemonError> {
+        let backend = self.graph.attach(disk, "guest disk", block::PermSet::GUEST_WRITER, true)?;
+        let tx = self.events.clone();
+        let events: vmm::vm::VmEvents = Arc::new(move |event: &str, data: Value| {
+            let _ = tx.send(json!({"event": event, "data": data, "timestamp": timestamp()}));
+        });
+        let vm = vmm::Vm::new(config, backend, tokio::runtime::Handle::current(), events, incoming).map_err(|e| DaemonError::Vm(e.to_string()))?;
+        if let Ok(mut v) = self.vm.lock() {
+            *v = Some(vm.clone());
+        }
+        Ok(vm)
     }
 
     /// Send an event to every monitor.
@@ -208,6 +231,12 @@ impl Daemon {
 
     /// Clean shutdown: stop serving, flush every node, release locks.
     pub async fn shutdown(&self) {
+        if let Some(vm) = self.vm() {
+            vm.shutdown().await;
+        }
+        if let Ok(mut v) = self.vm.lock() {
+            v.take();
+        }
         self.jobs.cancel_all().await;
         let _ = self.nbd_stop().await;
         for n in self.graph.nodes() {

@@ -39,6 +39,12 @@ pub struct Args {
     /// Go to the background once everything is set up.
     #[arg(long)]
     daemonize: bool,
+    /// Run a guest: memory=SIZE,vcpus=N,disk=NODE[,seed=N,dirty-pages=N,batch=N].
+    #[arg(long = "vm", value_name = "OPTIONS")]
+    vm: Option<String>,
+    /// Start the guest paused (as QEMU's -S); `cont` starts it.
+    #[arg(short = 'S')]
+    start_paused: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -145,6 +151,40 @@ pub async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
             }
         }
         run_command(&d, "--export", "block-export-add", o).await?;
+    }
+
+    if let Some(v) = &a.vm {
+        let mut o = parse_option(v, None).map_err(|e| opt_err("--vm", e))?;
+        let mut cfg = vmm::VmConfig::default();
+        let mut take_num = |k: &str| -> Result<Option<u64>, CliError> {
+            match o.remove(k) {
+                None => Ok(None),
+                Some(v) => v.as_str().and_then(block::options::parse_size).map(Some).ok_or_else(|| opt_err("--vm", format!("{k}: expected a number or size"))),
+            }
+        };
+        if let Some(m) = take_num("memory")? {
+            cfg.memory = m;
+        }
+        if let Some(n) = take_num("vcpus")? {
+            cfg.vcpus = n as u32;
+        }
+        if let Some(n) = take_num("seed")? {
+            cfg.seed = n as u32;
+        }
+        if let Some(n) = take_num("dirty-pages")? {
+            cfg.dirty_pages = n as u32;
+        }
+        if let Some(n) = take_num("batch")? {
+            cfg.batch = n as u32;
+        }
+        let disk = o.remove("disk").and_then(|v| v.as_str().map(String::from)).ok_or_else(|| opt_err("--vm", "disk=NODE is missing"))?;
+        if let Some(k) = o.keys().next() {
+            return Err(opt_err("--vm", format!("parameter '{k}' is unexpected")).into());
+        }
+        let vm = d.create_vm(cfg, &disk, false).map_err(|e| opt_err("--vm", e))?;
+        if !a.start_paused {
+            vm.cont().await.map_err(|e| opt_err("--vm", e))?;
+        }
     }
 
     let mut chardevs: HashMap<String, PathBuf> = HashMap::new();

@@ -120,6 +120,9 @@ static MIRROR: [Field; 18] = [
     opt("unmap", Ty::Bool),
 ];
 static JOB_INFO_RET: Ty = Ty::Array(&Ty::Any);
+static STATUS_INFO: [Field; 2] = [req("running", Ty::Bool), req("status", Ty::Str)];
+static STATUS_RET: Ty = Ty::Obj(&STATUS_INFO);
+static ANY_RET: Ty = Ty::Any;
 
 /// Events baton emits, with their data members.
 pub static EVENTS: &[(&str, &[Field])] = &[
@@ -133,6 +136,12 @@ pub static EVENTS: &[(&str, &[Field])] = &[
     ("BLOCK_JOB_CANCELLED", &[req("type", Ty::Str), req("device", Ty::Str), req("len", Ty::Int), req("offset", Ty::Int), req("speed", Ty::Int)]),
     ("BLOCK_JOB_ERROR", &[req("device", Ty::Str), req("operation", Ty::Str), req("action", Ty::Str)]),
     ("BLOCK_JOB_PENDING", &[req("type", Ty::Str), req("id", Ty::Str)]),
+    ("STOP", &[]),
+    ("RESUME", &[]),
+    (
+        "BLOCK_IO_ERROR",
+        &[req("device", Ty::Str), opt("node-name", Ty::Str), req("operation", Ty::Str), req("action", Ty::Str), opt("nospace", Ty::Bool), req("reason", Ty::Str)],
+    ),
     ("X_BATON_BLOCK_JOB_COPY_MODE_CHANGED", &[req("device", Ty::Str), req("copy-mode", Ty::Str), req("reason", Ty::Str)]),
 ];
 
@@ -189,6 +198,11 @@ pub static COMMANDS: &[Command] = &[
     Command { name: "block-job-set-speed", args: Args::Fields(&BLOCK_JOB_SPEED), ret: None, handler: handler!(block_job_set_speed) },
     Command { name: "block-job-change", args: Args::Fields(&JOB_CHANGE), ret: None, handler: handler!(job_change) },
     Command { name: "job-change", args: Args::Fields(&JOB_CHANGE), ret: None, handler: handler!(job_change) },
+    Command { name: "stop", args: Args::Fields(&[]), ret: None, handler: handler!(stop) },
+    Command { name: "cont", args: Args::Fields(&[]), ret: None, handler: handler!(cont) },
+    Command { name: "query-status", args: Args::Fields(&[]), ret: Some(&STATUS_RET), handler: handler!(query_status) },
+    Command { name: "x-baton-guest-stats", args: Args::Fields(&[]), ret: Some(&ANY_RET), handler: handler!(guest_stats) },
+    Command { name: "x-baton-guest-verify", args: Args::Fields(&[opt("timeout-ms", Ty::Int)]), ret: Some(&ANY_RET), handler: handler!(guest_verify) },
 ];
 
 pub fn find(name: &str) -> Option<&'static Command> {
@@ -734,4 +748,51 @@ async fn block_job_set_speed(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
 
 async fn job_change(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
     d.jobs.change(&s(&a, "id"), &a).map_err(job_err).map(|()| json!({}))
+}
+
+// ---- the guest ----
+
+fn the_vm(d: &Daemon) -> Result<Arc<vmm::Vm>, QmpError> {
+    d.vm().ok_or_else(|| QmpError::generic("there is no guest: start baton daemon with --vm"))
+}
+
+async fn stop(d: Arc<Daemon>, _: Map<String, Value>) -> Reply {
+    let vm = the_vm(&d)?;
+    if vm.state() == vmm::RunState::InMigrate {
+        return Err(QmpError::generic("the guest is waiting for an incoming migration"));
+    }
+    vm.stop().await.map_err(|e| QmpError::generic(e.to_string()))?;
+    Ok(json!({}))
+}
+
+async fn cont(d: Arc<Daemon>, _: Map<String, Value>) -> Reply {
+    let vm = the_vm(&d)?;
+    vm.cont().await.map_err(|e| QmpError::generic(e.to_string()))?;
+    Ok(json!({}))
+}
+
+async fn query_status(d: Arc<Daemon>, _: Map<String, Value>) -> Reply {
+    let vm = the_vm(&d)?;
+    let st = vm.state();
+    Ok(json!({"running": st == vmm::RunState::Running, "status": st.as_str()}))
+}
+
+async fn guest_stats(d: Arc<Daemon>, _: Map<String, Value>) -> Reply {
+    let vm = the_vm(&d)?;
+    let s = vm.stats();
+    let dev = vm.device();
+    Ok(json!({
+        "writes": s.writes, "checks": s.checks, "mismatches": s.mismatches, "io-errors": s.io_errors,
+        "batches": s.batches, "last-bad-block": s.last_bad_block, "blocks": dev.blocks(),
+        "device-completed": dev.completed.load(std::sync::atomic::Ordering::SeqCst),
+        "device-errors": dev.errors.load(std::sync::atomic::Ordering::SeqCst),
+        "device-last-error": dev.last_error(), "status": vm.state().as_str(),
+    }))
+}
+
+async fn guest_verify(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
+    let vm = the_vm(&d)?;
+    let ms = a.get("timeout-ms").and_then(Value::as_u64).unwrap_or(120_000);
+    let r = vm.verify(std::time::Duration::from_millis(ms)).await.map_err(|e| QmpError::generic(e.to_string()))?;
+    Ok(json!({"checked": r.checked, "mismatches": r.bad}))
 }

@@ -596,6 +596,12 @@ def compare_special(diffs, step, kind, q, b):
     return None
 
 
+def fmt_reply(r):
+    if "error" in r:
+        return f"error {r['error'].get('class')}: {r['error'].get('desc')}"
+    return f"return {short(r.get('return'), 50)}"
+
+
 def event_sig(e):
     return (e.get("event"), tuple(sorted((e.get("data") or {}).keys())), tuple(sorted(e.keys())))
 
@@ -627,7 +633,7 @@ def compare_all(diffs, gq, gb, rq, rb):
             kx = "return" if "return" in x else "error"
             ky = "return" if "return" in y else "error"
             if kx != ky:
-                diffs.add(step, "kind", "reply", short(x, 80), short(y, 80))
+                diffs.add(step, "kind", "reply", fmt_reply(x), fmt_reply(y))
             elif kx == "error":
                 ex, ey = x["error"], y["error"]
                 if ex.get("class") != ey.get("class"):
@@ -735,6 +741,9 @@ def main():
                 print(f"  - {a}")
         for r in bad:
             failures.append(f"{r[0]}: {r[1]} {r[2]}: QSD {r[3]} / baton {r[4]}")
+        if bad:
+            print(f"\n{len(bad)} mismatching comparisons at "
+                  f"{len({r[0] for r in bad})} steps; a step's own label says what it does")
     except Exception as e:  # noqa: BLE001
         failures.append(f"exception: {type(e).__name__}: {e}")
         import traceback
@@ -747,7 +756,7 @@ def main():
                 print(open(d.logpath, errors="replace").read()[-3000:])
         shutil.rmtree(tmp, ignore_errors=True)
     if failures:
-        print(f"\nconformance.py: {len(failures)} failure(s)")
+        print(f"\nconformance.py: FAILED ({len(failures)} failure(s))")
         return 1
     print("\nconformance.py: baton matches qemu-storage-daemon (modulo allowlist.json)")
     return 0
