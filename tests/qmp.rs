@@ -42,7 +42,10 @@ fn run_script(name: &str) {
         std::thread::sleep(Duration::from_millis(20));
     };
     let output = std::fs::read_to_string(&log_path).unwrap_or_default();
-    println!("{output}");
+    if status.is_some_and(|s| s.success()) {
+        // Shown with `cargo test -- --nocapture`; on failure the panic message carries it.
+        println!("{output}");
+    }
     match status {
         None => panic!("{name} did not finish within {LIMIT:?}; its output:\n{output}"),
         Some(s) => assert!(s.success(), "{name} failed ({s}) after {:.1?}; its output:\n{output}", started.elapsed()),

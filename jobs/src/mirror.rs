@@ -164,8 +164,7 @@ struct Shared {
     /// An error the write hook met, for the job task to act on.
     hook_error: Mutex<Option<String>>,
     /// Bytes written to the target (data, not zeroes), for tests and stats.
-    bytes_written: AtomicU64,
-    job: Mutex<Option<std::sync::Weak<Job>>>,
+    bytes_written: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -174,16 +173,17 @@ impl std::fmt::Debug for Shared {
     }
 }
 
-/// The mirror's handle, kept by whoever started it (for stats).
+/// The mirror's handle, kept by whoever started it (for stats). It holds
+/// nothing of the graph: the job's users go away when the job ends.
 #[derive(Debug)]
 pub struct Mirror {
-    shared: Arc<Shared>,
+    bytes_written: Arc<AtomicU64>,
 }
 
 impl Mirror {
     /// Data bytes written to the target so far (write-zeroes not counted).
     pub fn bytes_written(&self) -> u64 {
-        self.shared.bytes_written.load(Ordering::SeqCst)
+        self.bytes_written.load(Ordering::SeqCst)
     }
 }
 
@@ -250,8 +250,7 @@ pub fn start(graph: &Arc<Graph>, mgr: &Arc<JobManager>, job: JobOptions, opts: M
         write_blocking: AtomicBool::new(false),
         opts: opts.clone(),
         hook_error: Mutex::new(None),
-        bytes_written: AtomicU64::new(0),
-        job: Mutex::new(None),
+        bytes_written: Arc::new(AtomicU64::new(0)),
     });
     let driver = Arc::new(MirrorDriver { shared: shared.clone() });
     if opts.copy_mode == CopyMode::WriteBlocking {
@@ -264,10 +263,7 @@ pub fn start(graph: &Arc<Graph>, mgr: &Arc<JobManager>, job: JobOptions, opts: M
             return Err(e.into());
         }
     };
-    if let Ok(mut j) = shared.job.lock() {
-        *j = Some(Arc::downgrade(&job));
-    }
-    Ok((job, Mirror { shared }))
+    Ok((job, Mirror { bytes_written: shared.bytes_written.clone() }))
 }
 
 struct MirrorDriver {

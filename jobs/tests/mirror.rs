@@ -581,3 +581,20 @@ async fn soft_cancel_of_a_paused_ready_mirror_still_completes() {
     assert_eq!(fx.count("BLOCK_JOB_CANCELLED"), 0);
     assert_identical(&src, &tgt);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zz_probe_release() {
+    for round in 0..20 {
+        let fx = Fx::new();
+        file_pair(&fx, 8 * MIB, 2).await;
+        let (job, mirror) = fx.start("m0", 0, MirrorOptions::new("src", "tgt")).unwrap();
+        drop(mirror);
+        wait_status(&job, Status::Ready, secs(5)).await;
+        fx.mgr.cancel("m0", false).unwrap();
+        wait_finished(&job, secs(5)).await;
+        let now = users_of(&fx, "tgt");
+        tokio::time::sleep(ms(50)).await;
+        let later = users_of(&fx, "tgt");
+        eprintln!("round {round}: right after wait_finished {now:?}, 50ms later {later:?}");
+    }
+}

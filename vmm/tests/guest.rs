@@ -70,3 +70,95 @@ async fn guest_writes_and_checks_itself_and_stop_freezes_disk_and_counters() {
     let names: Vec<String> = events.lock().unwrap().iter().map(|(n, _)| n.clone()).collect();
     assert!(names.contains(&"STOP".to_string()) && names.contains(&"RESUME".to_string()), "{names:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_dma_into_guest_ram_shows_in_the_dirty_log() {
+    if !kvm_or_skip() {
+        return;
+    }
+    // No dirtying by the guest's own RAM loop: only its stack/counters and the device.
+    let cfg = VmConfig { dirty_pages: 0, ..VmConfig::default() };
+    let (_g, vm, _d, _p, _e) = vm_on_file(8, json!({}), cfg).await;
+    let _ = vm.take_dirty_log().unwrap();
+    // A DMA write by the device path (vm-memory) into a page the guest never touches.
+    let page = 3000u64;
+    use vm_memory::Bytes;
+    vm.memory().write_obj(0xdead_beef_u32, vm_memory::GuestAddress(page * 4096)).unwrap();
+    let log = vm.take_dirty_log().unwrap();
+    assert!(log[(page / 64) as usize] & (1 << (page % 64)) != 0, "the page the VMM wrote is dirty");
+    assert_eq!(vmm::memory::count(&log), 1, "nothing else ran, only that page");
+    let log = vm.take_dirty_log().unwrap();
+    assert_eq!(vmm::memory::count(&log), 0, "a pass resets the log");
+    // Now let the guest run: the device's read completions land in the buffers and the ring.
+    vm.cont().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    vm.stop().await.unwrap();
+    let log = vm.take_dirty_log().unwrap();
+    let dirty = |addr: u64| log[(addr / 4096 / 64) as usize] & (1 << ((addr / 4096) % 64)) != 0;
+    assert!(dirty(vmm::layout::RING), "completions written by the device mark the ring page");
+    assert!(dirty(vmm::layout::CHECK_BUF), "read DMA marks the guest's check buffer");
+    vm.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injected_write_error_reaches_the_guest_as_an_error_status() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let (g, vm, _d, _p, events) = vm_on_file(8, json!({}), VmConfig::default()).await;
+    vm.cont().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rules = serde_json::from_value(json!([{"event": "write_aio", "errno": 5}])).unwrap();
+    g.find("disk0").unwrap().blkdebug().unwrap().set_rules(rules, vec![]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    g.find("disk0").unwrap().blkdebug().unwrap().set_rules(vec![], vec![]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let s = vm.stats();
+    assert!(s.io_errors > 0, "the guest saw I/O errors: {s:?}");
+    assert_eq!(s.mismatches, 0, "failed writes never corrupt the guest's view: {s:?}");
+    assert!(vm.device().errors.load(std::sync::atomic::Ordering::SeqCst) > 0);
+    assert!(vm.device().last_error().unwrap().contains("blkdebug"), "{:?}", vm.device().last_error());
+    assert!(events.lock().unwrap().iter().any(|(n, d)| n == "BLOCK_IO_ERROR" && d["operation"] == "write"), "reported as an event");
+    let v = vm.verify(Duration::from_secs(60)).await.unwrap();
+    assert_eq!(v.bad, 0, "{v:?}");
+    assert_eq!(vm.state(), RunState::Running, "the guest keeps running");
+    vm.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_io_marks_bitmaps_and_a_mirror_copies_the_running_guests_disk() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let (g, vm, dir, src, _events) = vm_on_file(16, json!({}), VmConfig::default()).await;
+    let bm = g.bitmap_add("disk0", "b0", None, false).unwrap();
+    let tgt = dir.path().join("target.img");
+    std::fs::File::create(&tgt).unwrap().set_len(16 << 20).unwrap();
+    g.blockdev_add(&json!({"driver": "file", "node-name": "tgt", "filename": tgt})).await.unwrap();
+    vm.cont().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(bm.count_bytes() > 0, "the guest's writes mark the node's bitmap");
+
+    let mgr = jobs::JobManager::new(Arc::new(|_: &str, _| {}));
+    let (job, _m) = jobs::mirror::start(
+        &g,
+        &mgr,
+        jobs::JobOptions { id: "m0".into(), speed: 0, auto_finalize: true, auto_dismiss: true },
+        jobs::mirror::MirrorOptions::new("disk0", "tgt"),
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while job.status() != jobs::Status::Ready {
+        assert!(std::time::Instant::now() < deadline, "mirror never became ready: {:?}", job.status());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Keep the guest writing while READY, then stop it and cancel: a point-in-time copy.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    vm.stop().await.unwrap();
+    mgr.cancel("m0", false).unwrap();
+    job.wait_finished().await;
+    // -U: the guest still holds its disk (paused), as a QEMU guest would.
+    let out = std::process::Command::new("qemu-img").args(["compare", "-U", "-f", "raw", "-F", "raw"]).arg(&src).arg(&tgt).output().unwrap();
+    assert!(out.status.success(), "{} {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    vm.shutdown().await;
+}

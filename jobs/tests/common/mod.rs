@@ -56,6 +56,8 @@ pub struct Fx {
     pub graph: Arc<Graph>,
     pub mgr: Arc<JobManager>,
     pub events: Events,
+    /// For each BLOCK_JOB_{COMPLETED,CANCELLED}: every node's users at the moment it was emitted.
+    pub users_at_end: Arc<Mutex<Vec<(String, Vec<(String, Vec<String>)>)>>>,
 }
 
 impl Fx {
@@ -64,9 +66,20 @@ impl Fx {
         nbd_server::client::register(&graph);
         let events: Events = Arc::new(Mutex::new(Vec::new()));
         let e2 = events.clone();
-        let sink: jobs::EventSink = Arc::new(move |name: &str, data| e2.lock().unwrap().push((name.to_string(), data)));
+        let users_at_end: Arc<Mutex<Vec<(String, Vec<(String, Vec<String>)>)>>> = Arc::new(Mutex::new(Vec::new()));
+        let u2 = users_at_end.clone();
+        let g = Arc::downgrade(&graph);
+        let sink: jobs::EventSink = Arc::new(move |name: &str, data| {
+            if name == "BLOCK_JOB_COMPLETED" || name == "BLOCK_JOB_CANCELLED" {
+                if let Some(g) = g.upgrade() {
+                    let users = g.nodes().iter().map(|n| (n.name().to_string(), n.users().into_iter().map(|u| u.name).collect())).collect();
+                    u2.lock().unwrap().push((name.to_string(), users));
+                }
+            }
+            e2.lock().unwrap().push((name.to_string(), data));
+        });
         let mgr = JobManager::new(sink);
-        Fx { dir: tempfile::tempdir().unwrap(), graph, mgr, events }
+        Fx { dir: tempfile::tempdir().unwrap(), graph, mgr, events, users_at_end }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -112,6 +125,21 @@ impl Fx {
     /// `(id, status)` of every job.
     pub fn job_list(&self) -> Vec<(String, Status)> {
         self.mgr.jobs().iter().map(|j| (j.id.clone(), j.status())).collect()
+    }
+
+    /// Users named like a job's ("job 'ID'") on any node.
+    pub fn job_users(&self) -> Vec<(String, String)> {
+        self.graph
+            .nodes()
+            .iter()
+            .flat_map(|n| n.users().into_iter().filter(|u| u.name.starts_with("job ")).map(|u| (n.name().to_string(), u.name)).collect::<Vec<_>>())
+            .collect()
+    }
+
+    /// Drop the mirror's stats handle and wait (bounded) until no node has a job user left.
+    pub async fn release(&self, mirror: Mirror) {
+        drop(mirror);
+        wait_until("the ended job to detach from its nodes", secs(2), || self.job_users().is_empty()).await;
     }
 
     pub fn snapshot(&self) -> Vec<NodeSnap> {
