@@ -21,7 +21,7 @@ SIZE=$((1 << 30))
 [ "$(stat -c %s "$IMG" 2>/dev/null || echo 0)" = $SIZE ] || head -c $SIZE /dev/urandom > "$IMG"
 [ "$(stat -c %s "$SRC" 2>/dev/null || echo 0)" = $SIZE ] || head -c $SIZE /dev/urandom > "$SRC"
 cargo build --release -q --bin baton
-BATON=$PWD/target/release/baton
+BATON=${CARGO_TARGET_DIR:-$PWD/target}/release/baton
 : > "$CSV"
 
 server_cmd() { # server transport

@@ -535,8 +535,17 @@ impl MirrorDriver {
 
             let dirty = s.bitmap.count_bytes();
             job.total.store(job.progress.load(Ordering::SeqCst) + dirty, Ordering::SeqCst);
-            if tasks.is_empty() && dirty == 0 && s.inflight.is_empty() {
-                job.set_ready();
+            if tasks.is_empty() && dirty == 0 && s.inflight.is_empty() && job.status() == crate::job::Status::Running {
+                // In sync: make it durable on the target before saying so, as QEMU does.
+                if let Err(e) = s.tgt.flush().await {
+                    if let Some(o) = self.on_error(job, "write", s.opts.on_target_error, e.chain(), 0, 0) {
+                        return self.wind_down(tasks, o).await;
+                    }
+                    continue;
+                }
+                if s.bitmap.count_bytes() == 0 && s.inflight.is_empty() {
+                    job.set_ready();
+                }
             }
 
             // Auto-converge: once a second, compare how the dirty backlog moves.

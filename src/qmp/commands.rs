@@ -502,7 +502,8 @@ async fn query_block_exports(d: Arc<Daemon>, _: Map<String, Value>) -> Reply {
         d.exports()
             .await
             .iter()
-            .map(|e| json!({"node-name": e.config.node, "shutting-down": e.is_closing(), "type": "nbd", "id": e.config.id}))
+            // The node the export uses now (a mirror's pivot may have moved it).
+            .map(|e| json!({"node-name": e.backend.node().name(), "shutting-down": e.is_closing(), "type": "nbd", "id": e.config.id}))
             .collect(),
     ))
 }
@@ -709,7 +710,7 @@ async fn job_dismiss(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
 }
 
 fn block_job_not_found(device: &str) -> QmpError {
-    QmpError::generic(format!("Block job '{device}' not found"))
+    QmpError::new(ErrorClass::DeviceNotActive, format!("Block job '{device}' not found"))
 }
 
 async fn block_job_pause(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {

@@ -4,12 +4,13 @@ use block::BlockError;
 use serde_json::{json, Value};
 
 /// QEMU's error classes (qapi/error.json) that baton raises. QEMU also
-/// has DeviceNotActive, DeviceNotFound and KVMMissingCap; they join when a
-/// command needs them.
+/// has DeviceNotFound and KVMMissingCap; they join when a command needs them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorClass {
     GenericError,
     CommandNotFound,
+    /// A block job looked up by `device` does not exist.
+    DeviceNotActive,
 }
 
 impl ErrorClass {
@@ -17,6 +18,7 @@ impl ErrorClass {
         match self {
             ErrorClass::GenericError => "GenericError",
             ErrorClass::CommandNotFound => "CommandNotFound",
+            ErrorClass::DeviceNotActive => "DeviceNotActive",
         }
     }
 }

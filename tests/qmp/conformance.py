@@ -46,16 +46,19 @@ MIB = 1 << 20
 
 # ---------------------------------------------------------------- scenario
 
-def S(label, cmd, args=None, *, compare=True, async_events=False, digest=None, special=None, exact_desc=False):
+def S(label, cmd, args=None, *, compare=True, async_events=False, digest=None, special=None, exact_desc=False,
+      expect=None):
     """A QMP step. compare=False: a cleanup step whose reply and events are
     not compared (used after a known divergence so that it does not
     cascade). async_events: the events this step causes may arrive after
     its reply; they are compared together with the next @wait step.
     exact_desc: the desc tells which check fired first, so a different desc
     is reported as "desc-exact" (the allowlist's general "desc" entry does
-    not cover it)."""
+    not cover it).
+    expect: reply -> problem text or None, checked on both daemons (a
+    problem on QSD means the scenario, not baton, is wrong)."""
     return dict(op="qmp", label=label, cmd=cmd, args=args, compare=compare, async_events=async_events,
-                digest=digest, special=special, exact_desc=exact_desc)
+                digest=digest, special=special, exact_desc=exact_desc, expect=expect)
 
 
 def OP(op, label, **kw):
@@ -64,6 +67,7 @@ def OP(op, label, **kw):
 
 IMG = "{D}/img.raw"
 IMG2 = "{D}/img2.raw"
+IMG3 = "{D}/img3.raw"
 NBD = "{D}/nbd.sock"
 
 
@@ -76,6 +80,16 @@ def tx(*actions, **props):
     if props:
         a["properties"] = props
     return a
+
+
+def bitmaps_are(want):
+    """expect: {node: {bitmap: recording}} exactly (nodes not named have no bitmaps)."""
+    def check(reply):
+        got = {n["node-name"]: {b["name"]: b["recording"] for b in n.get("dirty-bitmaps", [])}
+               for n in reply.get("return", [])}
+        got = {k: v for k, v in got.items() if v}
+        return None if got == want else f"bitmaps {got}, expected {want}"
+    return check
 
 
 SCENARIO = [
@@ -150,18 +164,21 @@ SCENARIO = [
     S("transaction ok (add t1, clear b0, enable b1)", "transaction",
       tx(("block-dirty-bitmap-add", bm("r", "t1")), ("block-dirty-bitmap-clear", bm("r", "b0")),
          ("block-dirty-bitmap-enable", bm("r", "b1")))),
-    S("query-named-block-nodes (after transaction)", "query-named-block-nodes", digest="nodes"),
+    S("query-named-block-nodes (after transaction)", "query-named-block-nodes", digest="nodes",
+      expect=bitmaps_are({"r": {"b0": True, "b1": True, "t1": True}, "f": {"b0": True}})),
     S("transaction fails at bad granularity (rolls back)", "transaction",
       tx(("block-dirty-bitmap-add", bm("r", "t2")), ("block-dirty-bitmap-disable", bm("r", "b1")),
          ("block-dirty-bitmap-remove", bm("r", "t1")), ("block-dirty-bitmap-add", bm("f", "t3")),
          ("block-dirty-bitmap-add", bm("r", "t4", granularity=1000)))),
-    S("query-named-block-nodes (nothing left by the rollback)", "query-named-block-nodes", digest="nodes"),
+    S("query-named-block-nodes (nothing left by the rollback)", "query-named-block-nodes", digest="nodes",
+      expect=bitmaps_are({"r": {"b0": True, "b1": True, "t1": True}, "f": {"b0": True}})),
     S("transaction fails at unknown node (rolls back)", "transaction",
       tx(("block-dirty-bitmap-merge", {"node": "r", "target": "t1", "bitmaps": ["b1"]}),
          ("block-dirty-bitmap-add", bm("r", "t5")), ("block-dirty-bitmap-add", bm("nosuch", "t6")))),
     S("transaction fails at unknown bitmap", "transaction",
       tx(("block-dirty-bitmap-add", bm("r", "t7")), ("block-dirty-bitmap-clear", bm("r", "nosuch")))),
-    S("query-named-block-nodes (still nothing left)", "query-named-block-nodes", digest="nodes"),
+    S("query-named-block-nodes (still nothing left)", "query-named-block-nodes", digest="nodes",
+      expect=bitmaps_are({"r": {"b0": True, "b1": True, "t1": True}, "f": {"b0": True}})),
     S("transaction empty", "transaction", {"actions": []}),
     S("bitmap remove r/t1", "block-dirty-bitmap-remove", bm("r", "t1")),
     S("bitmap remove f/b0", "block-dirty-bitmap-remove", bm("f", "b0")),
@@ -247,6 +264,83 @@ SCENARIO = [
     S("query-block-exports (after stop)", "query-block-exports", digest="exports"),
     S("nbd-server-start again", "nbd-server-start", {"addr": {"type": "unix", "data": {"path": NBD}}}),
     S("nbd-server-stop (no exports)", "nbd-server-stop"),
+
+    # block jobs: blockdev-mirror and the job-* / block-job-* commands
+    S("add mirror target file tf", "blockdev-add", {"driver": "file", "node-name": "tf", "filename": IMG3}),
+    S("add mirror target raw t", "blockdev-add", {"driver": "raw", "node-name": "t", "file": "tf"}),
+    S("query-jobs (none)", "query-jobs", digest="jobs"),
+    S("query-block-jobs (none)", "query-block-jobs", digest="block-jobs"),
+    S("mirror unknown device", "blockdev-mirror", {"job-id": "m", "device": "nosuch", "target": "t", "sync": "full"}),
+    S("mirror unknown target", "blockdev-mirror", {"job-id": "m", "device": "r", "target": "nosuch", "sync": "full"}),
+    S("mirror bad sync", "blockdev-mirror", {"job-id": "m", "device": "r", "target": "t", "sync": "bogus"}),
+    S("mirror missing sync", "blockdev-mirror", {"job-id": "m", "device": "r", "target": "t"}),
+    S("mirror onto itself", "blockdev-mirror", {"job-id": "m", "device": "r", "target": "r", "sync": "full"}),
+    S("job-pause unknown", "job-pause", {"id": "nosuch"}),
+    S("job-complete unknown", "job-complete", {"id": "nosuch"}),
+    S("block-job-set-speed unknown", "block-job-set-speed", {"device": "nosuch", "speed": 0}),
+    S("block-job-cancel unknown", "block-job-cancel", {"device": "nosuch"}),
+    S("block-job-pause unknown", "block-job-pause", {"device": "nosuch"}),
+    S("block-job-complete unknown", "block-job-complete", {"device": "nosuch"}),
+    S("block-job-finalize unknown", "block-job-finalize", {"id": "nosuch"}),
+    S("job-cancel unknown", "job-cancel", {"id": "nosuch"}),
+    S("job-dismiss unknown", "job-dismiss", {"id": "nosuch"}),
+    S("mirror r -> t (manual finalize/dismiss)", "blockdev-mirror",
+      {"job-id": "m", "device": "r", "target": "t", "sync": "full", "auto-finalize": False, "auto-dismiss": False},
+      async_events=True),
+    OP("wait-event", "mirror m gets ready", event="BLOCK_JOB_READY", data={"device": "m"}),
+    S("mirror with a duplicate job-id", "blockdev-mirror", {"job-id": "m", "device": "r", "target": "t", "sync": "full"}),
+    S("query-jobs (m ready)", "query-jobs", digest="jobs"),
+    S("query-block-jobs (m ready)", "query-block-jobs", digest="block-jobs"),
+    S("block-job-set-speed m", "block-job-set-speed", {"device": "m", "speed": 1048576}),
+    S("job-pause m", "job-pause", {"id": "m"}, async_events=True),
+    OP("wait-event", "m goes to standby", event="JOB_STATUS_CHANGE", data={"id": "m", "status": "standby"}),
+    S("query-jobs (m standby)", "query-jobs", digest="jobs"),
+    S("job-resume m", "job-resume", {"id": "m"}, async_events=True),
+    OP("wait-event", "m is ready again", event="JOB_STATUS_CHANGE", data={"id": "m", "status": "ready"}),
+    S("block-job-change m copy-mode", "block-job-change", {"id": "m", "type": "mirror", "copy-mode": "write-blocking"}),
+    S("job-finalize m before it is pending", "job-finalize", {"id": "m"}),
+    S("job-dismiss m before it is concluded", "job-dismiss", {"id": "m"}),
+    S("job-complete m", "job-complete", {"id": "m"}, async_events=True),
+    OP("wait-event", "m becomes pending", event="BLOCK_JOB_PENDING", data={"id": "m"}),
+    S("query-jobs (m pending)", "query-jobs", digest="jobs"),
+    S("job-finalize m", "job-finalize", {"id": "m"}, async_events=True),
+    OP("wait-event", "m concludes", event="JOB_STATUS_CHANGE", data={"id": "m", "status": "concluded"}),
+    S("query-jobs (m concluded)", "query-jobs", digest="jobs"),
+    S("job-dismiss m", "job-dismiss", {"id": "m"}),
+    S("query-jobs (empty again)", "query-jobs", digest="jobs"),
+    S("mirror r -> t again (defaults)", "blockdev-mirror", {"job-id": "m2", "device": "r", "target": "t", "sync": "full"},
+      async_events=True),
+    OP("wait-event", "mirror m2 gets ready", event="BLOCK_JOB_READY", data={"device": "m2"}),
+    S("block-job-cancel m2 (ready: completes without pivot)", "block-job-cancel", {"device": "m2"}, async_events=True),
+    OP("wait-event", "m2 goes away", event="JOB_STATUS_CHANGE", data={"id": "m2", "status": "null"}),
+    S("mirror r -> t (m3, manual finalize/dismiss, block-job-* commands)", "blockdev-mirror",
+      {"job-id": "m3", "device": "r", "target": "t", "sync": "full", "auto-finalize": False, "auto-dismiss": False},
+      async_events=True),
+    OP("wait-event", "mirror m3 gets ready", event="BLOCK_JOB_READY", data={"device": "m3"}),
+    S("block-job-pause m3", "block-job-pause", {"device": "m3"}, async_events=True),
+    OP("wait-event", "m3 goes to standby", event="JOB_STATUS_CHANGE", data={"id": "m3", "status": "standby"}),
+    S("query-block-jobs (m3 paused)", "query-block-jobs", digest="block-jobs"),
+    S("block-job-resume m3", "block-job-resume", {"device": "m3"}, async_events=True),
+    OP("wait-event", "m3 is ready again", event="JOB_STATUS_CHANGE", data={"id": "m3", "status": "ready"}),
+    S("block-job-complete m3", "block-job-complete", {"device": "m3"}, async_events=True),
+    OP("wait-event", "m3 becomes pending", event="BLOCK_JOB_PENDING", data={"id": "m3"}),
+    S("block-job-finalize m3", "block-job-finalize", {"id": "m3"}, async_events=True),
+    OP("wait-event", "m3 concludes", event="JOB_STATUS_CHANGE", data={"id": "m3", "status": "concluded"}),
+    S("block-job-dismiss m3", "block-job-dismiss", {"id": "m3"}),
+    S("mirror r -> t (m4) then job-cancel", "blockdev-mirror",
+      {"job-id": "m4", "device": "r", "target": "t", "sync": "full"}, async_events=True),
+    OP("wait-event", "mirror m4 gets ready", event="BLOCK_JOB_READY", data={"device": "m4"}),
+    S("job-cancel m4", "job-cancel", {"id": "m4"}, async_events=True),
+    OP("wait-event", "m4 goes away", event="JOB_STATUS_CHANGE", data={"id": "m4", "status": "null"}),
+    S("mirror r -> t (m5) then block-job-cancel force", "blockdev-mirror",
+      {"job-id": "m5", "device": "r", "target": "t", "sync": "full"}, async_events=True),
+    OP("wait-event", "mirror m5 gets ready", event="BLOCK_JOB_READY", data={"device": "m5"}),
+    S("block-job-cancel m5 force", "block-job-cancel", {"device": "m5", "force": True}, async_events=True),
+    OP("wait-event", "m5 goes away", event="JOB_STATUS_CHANGE", data={"id": "m5", "status": "null"}),
+    S("query-block-jobs (empty again)", "query-block-jobs", digest="block-jobs"),
+    S("del t", "blockdev-del", {"node-name": "t"}),
+    S("del tf", "blockdev-del", {"node-name": "tf"}),
+
     S("del r", "blockdev-del", {"node-name": "r"}),
     S("del f", "blockdev-del", {"node-name": "f"}),
     S("query-named-block-nodes (empty)", "query-named-block-nodes", digest="nodes"),
@@ -272,7 +366,7 @@ class Daemon:
         self.tag = tag
         self.dir = os.path.join(tmp, tag)
         os.makedirs(self.dir)
-        for name in ("img.raw", "img2.raw"):
+        for name in ("img.raw", "img2.raw", "img3.raw"):
             with open(os.path.join(self.dir, name), "wb") as f:
                 f.truncate(64 * MIB)
         self.qmp = os.path.join(self.dir, "qmp.sock")
@@ -320,11 +414,15 @@ class Daemon:
             else:
                 return m, events
 
-    def wait_event(self, name, timeout=5):
+    def wait_event(self, name, data=None, timeout=5):
         events = self.pending_events
         self.pending_events = []
         deadline = time.monotonic() + timeout
-        while not any(e.get("event") == name for e in events):
+
+        def match(e):
+            return e.get("event") == name and all((e.get("data") or {}).get(k) == v for k, v in (data or {}).items())
+
+        while not any(match(e) for e in events):
             left = deadline - time.monotonic()
             if left <= 0:
                 break
@@ -333,6 +431,13 @@ class Daemon:
             except TimeoutError:
                 break
             events.append(m)
+        # a short grace period so that events of the same transition that
+        # follow the awaited one are attributed to this step too
+        while True:
+            try:
+                events.append(self.line(0.1))
+            except TimeoutError:
+                break
         return events
 
     def nbd_uri(self, export):
@@ -369,14 +474,15 @@ def run_scenario(d):
                 else:
                     r["events"] = events
             elif op == "wait-event":
-                r["events"] = d.wait_event(st["event"])
+                r["events"] = d.wait_event(st["event"], st.get("data"))
             elif op == "qemu-io":
                 cmd = ["qemu-io", "-f", "raw"]
                 for c in st["cmds"]:
                     cmd += ["-c", c]
                 p = subprocess.run(cmd + [d.nbd_uri(st["export"])], capture_output=True, text=True, timeout=TIMEOUT)
                 outp = (p.stdout + p.stderr)
-                r["note"] = {"rc": p.returncode, "out": re.sub(r"\d+(\.\d+)? (KiB|MiB|GiB)/sec and [\d.]+ ops/sec|\d\d:\d\d:\d\d\.\d+", "", outp).strip().splitlines()[:4]}
+                # drop the timing lines ("512 bytes, 1 ops; 00.00 sec (...)")
+                r["note"] = {"rc": p.returncode, "out": [x for x in outp.strip().splitlines() if " ops; " not in x][:4]}
             elif op == "client-start":
                 d.client = subprocess.Popen(["qemu-io", "-f", "raw", d.nbd_uri(st["export"])], stdin=subprocess.PIPE,
                                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -510,6 +616,12 @@ def compare_digest(diffs, step, kind, q, b):
     elif kind == "exports":
         key = lambda e: [e.get(k) for k in ("id", "node-name", "type", "shutting-down")]  # noqa: E731
         compare_values(diffs, step, "exports", [key(e) for e in q], [key(e) for e in b])
+    elif kind == "jobs":
+        key = lambda j: [j.get(k) for k in ("id", "type", "status")]  # noqa: E731
+        compare_values(diffs, step, "jobs", [key(j) for j in q], [key(j) for j in b])
+    elif kind == "block-jobs":
+        key = lambda j: [j.get(k) for k in ("device", "type", "ready", "status", "paused", "io-status")]  # noqa: E731
+        compare_values(diffs, step, "block-jobs", [key(j) for j in q], [key(j) for j in b])
     elif kind == "nodes":
         dq, db = node_digest(q), node_digest(b)
         compare_values(diffs, step, "nodes.order", [n["node-name"] for n in dq], [n["node-name"] for n in db])
@@ -564,7 +676,7 @@ def compare_special(diffs, step, kind, q, b):
         bi = {e["name"]: e for e in b if isinstance(e, dict) and "name" in e}
         for name, e in bi.items():
             mt = e.get("meta-type")
-            if mt not in ("command", "event") or name.startswith("x-baton-"):
+            if mt not in ("command", "event") or name.lower().replace("_", "-").startswith("x-baton-"):
                 continue
             qe = qi.get(name)
             if qe is None:
@@ -603,7 +715,11 @@ def fmt_reply(r):
 
 
 def event_sig(e):
-    return (e.get("event"), tuple(sorted((e.get("data") or {}).keys())), tuple(sorted(e.keys())))
+    """Name, data keys and envelope keys; for job events also the id and status
+    (the job state machine must match, not just the shape)."""
+    data = e.get("data") or {}
+    vals = tuple((k, data[k]) for k in ("id", "device", "status", "type") if k in data and e.get("event", "").startswith(("JOB_", "BLOCK_JOB_")))
+    return (e.get("event"), tuple(sorted(data.keys())), tuple(sorted(e.keys())), vals)
 
 
 def compare_all(diffs, gq, gb, rq, rb):
@@ -622,6 +738,13 @@ def compare_all(diffs, gq, gb, rq, rb):
             covered.append(st["cmd"])
         if not st["compare"]:
             continue
+        if st["op"] == "qmp" and st["expect"]:
+            for tag, res in (("QSD", a), ("baton", b)):
+                rep = res["reply"] or {}
+                prob = st["expect"](rep) if "__exception__" not in rep else "not run"
+                if prob:
+                    diffs.add(step, "expect", f"{tag} reply", "as expected" if tag == "baton" else prob,
+                              prob if tag == "baton" else "-")
         if st["op"] != "qmp":
             if a["note"] != b["note"]:
                 diffs.add(step, "value", "outcome", short(a["note"], 80), short(b["note"], 80))
@@ -656,7 +779,13 @@ def compare_all(diffs, gq, gb, rq, rb):
         sx = [event_sig(e) for e in a["events"]]
         sy = [event_sig(e) for e in b["events"]]
         if sx != sy:
-            diffs.add(step, "event", "events", short([s[0] for s in sx] or "none"), short([s[0] for s in sy] or "none"))
+            def ev_str(sig):
+                out = []
+                for name, keys, env, vals in sig:
+                    v = ",".join(str(x[1]) for x in vals if x[0] == "status")
+                    out.append(f"{name}{'(' + v + ')' if v else ''}{{{','.join(keys)}}}")
+                return " ".join(out) or "none"
+            diffs.add(step, "event", "events", ev_str(sx), ev_str(sy))
     return covered, baton_cmds
 
 
@@ -696,8 +825,9 @@ def main():
 
         cov = sorted(set(covered))
         print(f"commands covered ({len(cov)}): {', '.join(cov)}")
+        qsd_cmds = {c.get("name") for c in rq[SCENARIO.index(next(x for x in SCENARIO if x.get("special") == "commands"))]["reply"].get("return", [])}
         not_cov = [c for c in baton_cmds if c not in cov]
-        print(f"baton commands not covered (not in QSD): {', '.join(not_cov) or 'none'}")
+        print(f"baton commands not covered: {', '.join(c + ('' if c in qsd_cmds else ' (not in QSD)') for c in not_cov) or 'none'}")
         steps = sum(1 for s in SCENARIO if s["compare"])
         print(f"steps compared: {steps} (+ greeting)")
 
@@ -712,7 +842,7 @@ def main():
             groups = {}
             for r in rows:
                 groups.setdefault((r[1], r[2], r[3], r[4], r[5]), []).append(r[0])
-            rows = [(steps[0] + (f" (+{len(steps) - 1} more)" if len(steps) > 1 else ""),) + k
+            rows = [(steps[0] + (f" (+{len(steps) - 1} more)" if len(steps) > 1 else ""),) + k + (steps,)
                     for k, steps in groups.items()]
             hdr = ("step", "what", "path", "QSD", "baton")
             cols = [[str(r[i]) for r in rows] + [hdr[i]] for i in range(5)]
@@ -724,6 +854,13 @@ def main():
                 print("  " + fmt(r))
                 if with_reason:
                     print(f"  {'':{w[0]}}  allowed: {r[5]}")
+            long_rows = [r for r in rows if any(len(str(r[i])) > w[i] for i in (2, 3, 4)) or len(r[6]) > 1]
+            if long_rows:
+                print("\n  in full:")
+                for r in long_rows:
+                    print(f"  * {r[0]} / {r[1]} {r[2]}\n      QSD:   {r[3]}\n      baton: {r[4]}")
+                    if len(r[6]) > 1:
+                        print(f"      at steps: {'; '.join(r[6])}")
 
         print(f"\nallowed differences (allowlist.json): {len(ok)}")
         by_reason = {}

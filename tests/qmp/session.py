@@ -24,7 +24,11 @@ import sys
 import tempfile
 import time
 
-from qemu.qmp import ExecuteError, QMPClient
+try:
+    from qemu.qmp import ExecuteError, QMPClient
+except ImportError:
+    print("FAIL: the Python qemu.qmp library is missing: python3 -m pip install qemu.qmp")
+    sys.exit(1)
 
 BATON = os.environ.get("BATON")
 GRAN = 64 * 1024
@@ -45,7 +49,9 @@ def check(cond, msg):
 
 def run(cmd, timeout=TIMEOUT):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    return r.returncode, r.stdout + r.stderr
+    # drop qemu-io's timing lines ("512 bytes, 1 ops; 00.00 sec (...)")
+    out = "\n".join(x for x in (r.stdout + r.stderr).splitlines() if " ops; " not in x)
+    return r.returncode, out
 
 
 def wait_for(path, proc, what):
@@ -204,6 +210,13 @@ async def session(tmp, proc, qmp_sock, img):
         check(False, "baton exits after quit")
     check(not os.path.exists(qmp_sock), "the QMP socket file is removed on exit")
     check(not os.path.exists(nbd_sock), "the NBD socket file is removed on exit")
+    # what went through the export is on disk (the last write put 0x11 over the first 512 bytes)
+    with open(img, "rb") as f:
+        for off, ln in writes:
+            f.seek(off)
+            data = f.read(ln)
+            want = b"\x11" * 512 + b"\x5a" * (ln - 512) if off == 0 else b"\x5a" * ln
+            check(data == want, f"the image holds the data written at {off} (+{ln})")
 
 
 def main():
