@@ -295,11 +295,14 @@ impl Graph {
             };
             let node = Arc::new(Node::new(name, kind, child, read_only, active, implicit));
 
-            // An active parent needs active children (children first).
+            // An active parent needs an active child (QEMU refuses the same).
             if active {
                 if let Some(c) = node.child() {
                     if !c.is_active() {
-                        self.activate_locked(c).await?;
+                        return Err(BlockError::InvalidOption {
+                            option: "active".into(),
+                            reason: format!("inactive '{}' can't be a {} child of active '{}'", c.name, node.child.as_ref().map(|c| c.role).unwrap_or("file"), node.name),
+                        });
                     }
                 }
             }

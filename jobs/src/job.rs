@@ -292,6 +292,12 @@ impl Job {
                 (s.pause_count > 0, s.status, s.cancelled)
             };
             if cancelled {
+                // Leave the pause so the job can wind down (paused -> aborting is not a transition).
+                match status {
+                    Status::Paused => self.transition(Status::Running),
+                    Status::Standby => self.transition(Status::Ready),
+                    _ => {}
+                }
                 return;
             }
             if paused {
@@ -435,7 +441,7 @@ impl JobManager {
         let mgr = self.clone();
         let j = job.clone();
         tokio::spawn(async move {
-            let outcome = driver.clone().run(j.clone()).await;
+            let outcome = driver.run(j.clone()).await;
             mgr.conclude(&j, outcome);
         });
         Ok(job)
@@ -445,15 +451,23 @@ impl JobManager {
         job.driver.lock().ok().and_then(|d| d.clone())
     }
 
+    /// Take the driver out of the job: once the caller drops it, the job's
+    /// users leave their nodes (before the end event, as in QEMU).
+    fn take_driver(job: &Job) -> Option<Arc<dyn JobDriver>> {
+        job.driver.lock().ok().and_then(|mut d| d.take())
+    }
+
     /// The work ended: go through waiting/pending (or aborting) to concluded.
     fn conclude(&self, job: &Arc<Job>, outcome: Outcome) {
         match outcome {
             Outcome::Done => {
                 job.transition(Status::Waiting);
                 job.transition(Status::Pending);
-                job.emit("BLOCK_JOB_PENDING", json!({"type": job.kind, "id": job.id}));
                 if job.st().auto_finalize {
                     self.finalize_one(job);
+                } else {
+                    // Only a job that waits for job-finalize announces it (as QEMU).
+                    job.emit("BLOCK_JOB_PENDING", json!({"type": job.kind, "id": job.id}));
                 }
             }
             Outcome::Cancelled | Outcome::Failed(_) => {
@@ -461,7 +475,7 @@ impl JobManager {
                     job.st().error = Some(e.clone());
                 }
                 job.transition(Status::Aborting);
-                if let Some(d) = Self::driver_of(job) {
+                if let Some(d) = Self::take_driver(job) {
                     d.finish(job, false);
                 }
                 let mut data = job.block_event_data();
@@ -478,7 +492,7 @@ impl JobManager {
     }
 
     fn finalize_one(&self, job: &Arc<Job>) {
-        if let Some(d) = Self::driver_of(job) {
+        if let Some(d) = Self::take_driver(job) {
             d.finish(job, true);
         }
         job.emit("BLOCK_JOB_COMPLETED", job.block_event_data());
@@ -487,13 +501,11 @@ impl JobManager {
 
     fn to_concluded(&self, job: &Arc<Job>) {
         job.transition(Status::Concluded);
-        if let Ok(mut d) = job.driver.lock() {
-            d.take();
-        }
-        job.finished.notify_waiters();
+        drop(Self::take_driver(job));
         if job.st().auto_dismiss {
             self.dismiss_one(job);
         }
+        job.finished.notify_waiters();
     }
 
     fn dismiss_one(&self, job: &Arc<Job>) {
@@ -518,7 +530,7 @@ impl JobManager {
         if status == Status::Pending {
             // Finalisation was waiting for the user: abort instead.
             job.transition(Status::Aborting);
-            if let Some(d) = Self::driver_of(&job) {
+            if let Some(d) = Self::take_driver(&job) {
                 d.finish(&job, false);
             }
             job.emit("BLOCK_JOB_CANCELLED", job.block_event_data());

@@ -519,11 +519,15 @@ impl MirrorDriver {
             let speed = job.speed();
             while tasks.len() < max_inflight {
                 if speed > 0 {
+                    // Token bucket: each window refills what `speed` allows for
+                    // the time it lasted; an overshoot carries into the next one.
                     let elapsed = window_start.elapsed();
                     if elapsed > Duration::from_millis(100) {
+                        let allowed = (u128::from(speed) * elapsed.as_micros() / 1_000_000) as u64;
+                        window_bytes = window_bytes.saturating_sub(allowed);
                         window_start = Instant::now();
-                        window_bytes = 0;
-                    } else if window_bytes >= speed / 10 {
+                    }
+                    if window_bytes >= speed / 10 {
                         break;
                     }
                 }

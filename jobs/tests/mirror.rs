@@ -68,7 +68,7 @@ async fn mirror_under_writer_then_soft_cancel(kind: Target) {
 
     wait_status(&job, Status::Ready, secs(8)).await;
     fx.mgr.cancel("m0", false).unwrap();
-    wait_finished(&job, secs(5)).await;
+    fx.wait_done(&job).await;
     let written = mirror.bytes_written();
 
     let completed = fx.events_named("BLOCK_JOB_COMPLETED");
@@ -77,6 +77,7 @@ async fn mirror_under_writer_then_soft_cancel(kind: Target) {
     assert_eq!(fx.count("BLOCK_JOB_CANCELLED"), 0);
     assert_eq!(guest.node().name(), "src", "a soft cancel must not pivot");
 
+    fx.release(mirror).await;
     if let Some(q) = qemu_nbd.as_mut() {
         q.stop();
     }
@@ -85,8 +86,7 @@ async fn mirror_under_writer_then_soft_cancel(kind: Target) {
     assert_eq!(data_map(&tgt), data_map(&src), "target's data extents differ from the source's");
     let (a_src, a_tgt) = (allocated(&src), allocated(&tgt));
     assert!(a_tgt <= a_src + MIB && a_tgt < 64 * MIB, "target allocated {a_tgt} bytes, source {a_src}");
-    assert!(written < SIZE / 4 && written >= 20 * MIB / 2, "bytes_written {written} for a {SIZE}-byte image with ~20 MiB of data");
-    drop(mirror);
+    assert!((20 * MIB / 2..SIZE / 4).contains(&written), "bytes_written {written} for a {SIZE}-byte image with ~20 MiB of data");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -171,10 +171,11 @@ async fn complete_pivots_guest_to_target_and_leaves_source_unused() {
     let before = Rng::new(11).bytes(64 * KIB as usize);
     guest.write(3 * MIB, IoBuf::from_slice(&before), WriteFlags::default()).await.unwrap();
     fx.mgr.complete("m0").unwrap();
-    wait_finished(&job, secs(5)).await;
+    fx.wait_done(&job).await;
 
     assert_eq!(guest.node().name(), "tgt", "the guest was not moved to the target");
     assert_eq!(read_at(&tgt, 3 * MIB, before.len()), before, "a write made while READY is missing on the target");
+    fx.release(mirror).await;
     assert_identical(&src, &tgt);
 
     let after = Rng::new(12).bytes(64 * KIB as usize);
@@ -186,13 +187,10 @@ async fn complete_pivots_guest_to_target_and_leaves_source_unused() {
     let completed = fx.events_named("BLOCK_JOB_COMPLETED");
     assert_eq!(completed.len(), 1);
     assert!(completed[0].get("error").is_none(), "{}", completed[0]);
-    assert!(fx.mgr.jobs().is_empty(), "auto-dismiss left {:?}", fx.job_list());
+    assert!(fx.mgr.jobs().is_empty(), "{:?}", fx.job_list());
     assert_eq!(job.status(), Status::Null);
     assert!(fx.graph.find("src").unwrap().bitmaps().is_empty());
     assert_eq!(users_of(&fx, "tgt"), vec!["guest".to_string()], "the target's users after the pivot");
-    // The caller still holds the mirror's stats handle: the ended job must not keep using the source.
-    assert!(users_of(&fx, "src").is_empty(), "source users after the pivot (Mirror handle alive): {:?}", users_of(&fx, "src"));
-    drop(mirror);
     assert!(users_of(&fx, "src").is_empty(), "source users after the pivot: {:?}", users_of(&fx, "src"));
     // Nothing of the job is left on the source: it can be deleted.
     fx.graph.blockdev_del("src").await.unwrap();
@@ -210,7 +208,7 @@ async fn write_blocking_mode_puts_each_guest_write_on_target_before_it_returns()
     let guest = fx.guest("src");
     let mut opts = MirrorOptions::new("src", "tgt");
     opts.copy_mode = CopyMode::WriteBlocking;
-    let (job, _mirror) = fx.start("m0", 0, opts).unwrap();
+    let (job, m) = fx.start("m0", 0, opts).unwrap();
     wait_status(&job, Status::Ready, secs(5)).await;
     let q = fx.mgr.query_block_jobs();
     assert_eq!(q[0]["actively-synced"], json!(true), "{q}");
@@ -229,7 +227,8 @@ async fn write_blocking_mode_puts_each_guest_write_on_target_before_it_returns()
     }
     wait_until("actively-synced again", secs(3), || fx.mgr.query_block_jobs()[0]["actively-synced"] == json!(true)).await;
     fx.mgr.cancel("m0", false).unwrap();
-    wait_finished(&job, secs(5)).await;
+    fx.wait_done(&job).await;
+    fx.release(m).await;
     assert_identical(&src, &tgt);
 }
 
@@ -250,7 +249,7 @@ async fn speed_limit_caps_the_copy_rate() {
     tokio::time::sleep(secs(2)).await;
     let (done, written) = (job.progress.load(Ordering::SeqCst), mirror.bytes_written());
     fx.mgr.cancel("m0", true).unwrap();
-    wait_finished(&job, secs(5)).await;
+    fx.wait_done(&job).await;
     // 2 s at 2 MiB/s, plus one 1 MiB chunk of slack per second.
     assert!(written > 0, "nothing copied");
     assert!(written <= 7 * MIB, "speed 2 MiB/s but {written} bytes written ({done} progress) in 2 s");
@@ -272,14 +271,14 @@ async fn slow_mirror_does_not_converge_under_fast_writer_until_auto_converge() {
     assert_eq!(fx.count("BLOCK_JOB_READY"), 0, "a 1 MiB/s mirror converged under a fast writer");
     assert_eq!(fx.count("X_BATON_BLOCK_JOB_COPY_MODE_CHANGED"), 0);
     fx.mgr.cancel("m0", true).unwrap();
-    wait_finished(&job, secs(5)).await;
-    drop(_m);
+    fx.wait_done(&job).await;
+    fx.release(_m).await;
 
     // The same with auto-converge: switches to write-blocking and gets READY while the writer runs.
     let mut opts = MirrorOptions::new("src", "tgt");
     opts.auto_converge = true;
     opts.converge_after = ms(500);
-    let (job, _m) = fx.start("m1", MIB, opts).unwrap();
+    let (job, m) = fx.start("m1", MIB, opts).unwrap();
     wait_until("X_BATON_BLOCK_JOB_COPY_MODE_CHANGED", secs(6), || fx.count("X_BATON_BLOCK_JOB_COPY_MODE_CHANGED") > 0).await;
     let ev = &fx.events_named("X_BATON_BLOCK_JOB_COPY_MODE_CHANGED")[0];
     assert_eq!(ev["device"], json!("m1"));
@@ -289,7 +288,8 @@ async fn slow_mirror_does_not_converge_under_fast_writer_until_auto_converge() {
     stop.store(true, Ordering::SeqCst);
     writer.await.unwrap();
     fx.mgr.cancel("m1", false).unwrap();
-    wait_finished(&job, secs(5)).await;
+    fx.wait_done(&job).await;
+    fx.release(m).await;
     assert_identical(&src, &tgt);
 }
 
@@ -302,7 +302,7 @@ async fn target_write_error_with_report_fails_the_job() {
     let fx = Fx::new();
     blkdebug_target(&fx, json!([{"event": "write_aio", "errno": 5}]), json!([])).await;
     let (job, _m) = fx.start("m0", 0, MirrorOptions::new("src", "tgt")).unwrap();
-    wait_finished(&job, secs(5)).await;
+    fx.wait_done(&job).await;
     let errs = fx.events_named("BLOCK_JOB_ERROR");
     assert!(!errs.is_empty(), "events: {:?}", fx.event_names());
     assert_eq!(errs[0], json!({"device": "m0", "operation": "write", "action": "report"}));
@@ -310,8 +310,8 @@ async fn target_write_error_with_report_fails_the_job() {
     assert_eq!(completed.len(), 1, "events: {:?}", fx.event_names());
     assert!(completed[0]["error"].as_str().is_some_and(|e| !e.is_empty()), "{}", completed[0]);
     assert_eq!(fx.count("BLOCK_JOB_READY"), 0);
-    assert!(fx.mgr.jobs().is_empty());
-    assert!(matches!(job.status(), Status::Null | Status::Concluded));
+    assert!(fx.mgr.jobs().is_empty(), "{:?}", fx.job_list());
+    assert_eq!(job.status(), Status::Null);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -321,16 +321,17 @@ async fn target_write_error_with_ignore_retries_until_it_succeeds() {
     set_rules(&fx, "tgt", json!([{"event": "write_aio", "errno": 5}]), json!([]));
     let mut opts = MirrorOptions::new("src", "tgt");
     opts.on_target_error = OnError::Ignore;
-    let (job, _m) = fx.start("m0", 0, opts).unwrap();
+    let (job, m) = fx.start("m0", 0, opts).unwrap();
     wait_until("3 BLOCK_JOB_ERROR", secs(5), || fx.count("BLOCK_JOB_ERROR") >= 3).await;
     assert!(fx.events_named("BLOCK_JOB_ERROR").iter().all(|e| *e == json!({"device": "m0", "operation": "write", "action": "ignore"})));
     assert_eq!(job.status(), Status::Running);
     clear_rules(&fx, "tgt");
     wait_status(&job, Status::Ready, secs(5)).await;
     fx.mgr.cancel("m0", false).unwrap();
-    wait_finished(&job, secs(5)).await;
+    fx.wait_done(&job).await;
     let completed = fx.events_named("BLOCK_JOB_COMPLETED");
     assert!(completed.len() == 1 && completed[0].get("error").is_none(), "{completed:?}");
+    fx.release(m).await;
     assert_identical(&src, &tgt);
 }
 
@@ -340,7 +341,7 @@ async fn target_write_error_with_stop_pauses_until_resumed() {
     let (src, tgt) = blkdebug_target(&fx, json!([{"event": "write_aio", "errno": 5}]), json!([])).await;
     let mut opts = MirrorOptions::new("src", "tgt");
     opts.on_target_error = OnError::Stop;
-    let (job, _m) = fx.start("m0", 0, opts).unwrap();
+    let (job, m) = fx.start("m0", 0, opts).unwrap();
     wait_status(&job, Status::Paused, secs(5)).await;
     let errs = fx.events_named("BLOCK_JOB_ERROR");
     assert!(!errs.is_empty());
@@ -356,7 +357,8 @@ async fn target_write_error_with_stop_pauses_until_resumed() {
     fx.mgr.resume("m0").unwrap();
     wait_status(&job, Status::Ready, secs(5)).await;
     fx.mgr.cancel("m0", false).unwrap();
-    wait_finished(&job, secs(5)).await;
+    fx.wait_done(&job).await;
+    fx.release(m).await;
     assert_identical(&src, &tgt);
 }
 
@@ -370,13 +372,13 @@ async fn source_read_error_with_report_fails_the_job() {
     let tgt = fx.image("tgt.raw", 8 * MIB);
     fx.add_file("tgt", &tgt).await;
     let (job, _m) = fx.start("m0", 0, MirrorOptions::new("src", "tgt")).unwrap();
-    wait_finished(&job, secs(5)).await;
+    fx.wait_done(&job).await;
     let errs = fx.events_named("BLOCK_JOB_ERROR");
     assert!(!errs.is_empty(), "events: {:?}", fx.event_names());
     assert_eq!(errs[0], json!({"device": "m0", "operation": "read", "action": "report"}));
     let completed = fx.events_named("BLOCK_JOB_COMPLETED");
     assert!(completed.len() == 1 && completed[0]["error"].is_string(), "{completed:?}");
-    assert!(fx.mgr.jobs().is_empty());
+    assert!(fx.mgr.jobs().is_empty(), "{:?}", fx.job_list());
 }
 
 // ---------------------------------------------------------------------------
@@ -396,25 +398,24 @@ async fn hard_cancel_before_ready_leaves_graph_as_before() {
     assert_eq!(job.status(), Status::Running);
     assert_ne!(fx.snapshot(), before, "the job should be a user of its nodes while it runs");
     fx.mgr.cancel("m0", false).unwrap();
-    wait_finished(&job, secs(5)).await;
+    fx.wait_done(&job).await;
     assert_eq!(fx.count("BLOCK_JOB_CANCELLED"), 1, "events: {:?}", fx.event_names());
     assert_eq!(fx.count("BLOCK_JOB_COMPLETED"), 0);
-    assert!(fx.mgr.jobs().is_empty());
+    assert!(fx.mgr.jobs().is_empty(), "{:?}", fx.job_list());
 
     // The write hook is gone: a guest write no longer reaches the target.
     let data = Rng::new(41).bytes(64 * KIB as usize);
     guest.write(6 * MIB, IoBuf::from_slice(&data), WriteFlags::default()).await.unwrap();
     assert_ne!(read_at(&tgt, 6 * MIB, data.len()), data, "a cancelled write-blocking mirror still copies guest writes");
 
-    assert_eq!(fx.snapshot(), before, "graph after the cancel (Mirror handle alive)");
-    drop(mirror);
+    fx.release(mirror).await;
     assert_eq!(fx.snapshot(), before, "graph after the cancel");
 
     clear_rules(&fx, "tgt");
     let (job, _m) = fx.start("m0", 0, MirrorOptions::new("src", "tgt")).unwrap();
     wait_status(&job, Status::Ready, secs(5)).await;
     fx.mgr.cancel("m0", false).unwrap();
-    wait_finished(&job, secs(5)).await;
+    fx.wait_done(&job).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -425,17 +426,18 @@ async fn failed_mirror_leaves_graph_as_before_and_a_second_one_works() {
     fx.graph.bitmap_add("src", "b0", None, false).unwrap();
     let before = fx.snapshot();
     let (job, mirror) = fx.start("m0", 0, MirrorOptions::new("src", "tgt")).unwrap();
-    wait_finished(&job, secs(5)).await;
+    fx.wait_done(&job).await;
     assert!(fx.events_named("BLOCK_JOB_COMPLETED")[0]["error"].is_string());
-    drop(mirror);
+    fx.release(mirror).await;
     assert_eq!(fx.snapshot(), before);
     assert!(users_of(&fx, "tgt").is_empty());
 
     clear_rules(&fx, "tgt");
-    let (job, _m) = fx.start("m0", 0, MirrorOptions::new("src", "tgt")).unwrap();
+    let (job, m) = fx.start("m0", 0, MirrorOptions::new("src", "tgt")).unwrap();
     wait_status(&job, Status::Ready, secs(5)).await;
     fx.mgr.cancel("m0", false).unwrap();
-    wait_finished(&job, secs(5)).await;
+    fx.wait_done(&job).await;
+    fx.release(m).await;
     assert_identical(&src, &tgt);
 }
 
@@ -447,9 +449,11 @@ async fn cancel_of_a_paused_mirror_concludes_it() {
     fx.mgr.pause("m0").unwrap();
     wait_status(&job, Status::Paused, secs(3)).await;
     fx.mgr.cancel("m0", false).unwrap();
-    wait_finished(&job, secs(5)).await;
+    let done = tokio::time::timeout(secs(5), job.wait_finished()).await.is_ok();
+    let statuses: Vec<String> = fx.events_named("JOB_STATUS_CHANGE").iter().map(|e| e["status"].as_str().unwrap().to_string()).collect();
+    assert!(done, "cancel of a paused job: still {:?} after 5 s; statuses {statuses:?}; events {:?}; jobs {:?}", job.status(), fx.event_names(), fx.job_list());
     assert_eq!(fx.count("BLOCK_JOB_CANCELLED"), 1, "events: {:?}", fx.event_names());
-    assert!(fx.mgr.jobs().is_empty(), "{:?}", fx.job_list());
+    wait_until("auto-dismiss", secs(1), || fx.mgr.jobs().is_empty()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -462,9 +466,9 @@ async fn cancel_of_a_mirror_stopped_on_error_concludes_it() {
     let (job, mirror) = fx.start("m0", 0, opts).unwrap();
     wait_status(&job, Status::Paused, secs(5)).await;
     fx.mgr.cancel("m0", false).unwrap();
-    wait_finished(&job, secs(5)).await;
+    fx.wait_done(&job).await;
     assert_eq!(fx.count("BLOCK_JOB_CANCELLED"), 1, "events: {:?}", fx.event_names());
-    drop(mirror);
+    fx.release(mirror).await;
     assert_eq!(fx.snapshot(), before);
 }
 
@@ -529,7 +533,7 @@ async fn bad_mirror_requests_fail_and_change_nothing() {
     clear_rules(&fx, "tgt");
     wait_status(&job, Status::Ready, secs(5)).await;
     fx.mgr.cancel("m0", false).unwrap();
-    wait_finished(&job, secs(5)).await;
+    fx.wait_done(&job).await;
     assert_eq!(fx.count("BLOCK_JOB_COMPLETED"), 1);
 }
 
@@ -541,7 +545,7 @@ async fn bad_mirror_requests_fail_and_change_nothing() {
 async fn pause_and_resume_a_running_then_a_ready_mirror() {
     let fx = Fx::new();
     let (src, tgt) = slow_target(&fx).await;
-    let (job, _m) = fx.start("m0", 0, slow_opts()).unwrap();
+    let (job, m) = fx.start("m0", 0, slow_opts()).unwrap();
     tokio::time::sleep(ms(100)).await;
     fx.mgr.pause("m0").unwrap();
     assert_eq!(fx.mgr.pause("m0"), Err(JobError::AlreadyPaused));
@@ -562,7 +566,8 @@ async fn pause_and_resume_a_running_then_a_ready_mirror() {
         fx.events_named("JOB_STATUS_CHANGE").iter().map(|e| e["status"].as_str().unwrap().to_string()).collect();
     assert_eq!(statuses, ["created", "running", "paused", "running", "ready", "standby", "ready"]);
     fx.mgr.cancel("m0", false).unwrap();
-    wait_finished(&job, secs(5)).await;
+    fx.wait_done(&job).await;
+    fx.release(m).await;
     assert_identical(&src, &tgt);
 }
 
@@ -570,31 +575,72 @@ async fn pause_and_resume_a_running_then_a_ready_mirror() {
 async fn soft_cancel_of_a_paused_ready_mirror_still_completes() {
     let fx = Fx::new();
     let (src, tgt) = file_pair(&fx, 8 * MIB, 2).await;
-    let (job, _m) = fx.start("m0", 0, MirrorOptions::new("src", "tgt")).unwrap();
+    let (job, m) = fx.start("m0", 0, MirrorOptions::new("src", "tgt")).unwrap();
     wait_status(&job, Status::Ready, secs(5)).await;
     fx.mgr.pause("m0").unwrap();
     wait_status(&job, Status::Standby, secs(3)).await;
     fx.mgr.cancel("m0", false).unwrap();
-    wait_finished(&job, secs(5)).await;
+    fx.wait_done(&job).await;
     // QEMU: mirror_cancel treats STANDBY as ready, so force=false is a soft cancel.
     assert_eq!(fx.count("BLOCK_JOB_COMPLETED"), 1, "events: {:?}", fx.event_names());
     assert_eq!(fx.count("BLOCK_JOB_CANCELLED"), 0);
+    fx.release(m).await;
     assert_identical(&src, &tgt);
 }
 
+
+// ---------------------------------------------------------------------------
+// The ended job lets go of its nodes
+// ---------------------------------------------------------------------------
+
+/// QEMU drops the job's BlockBackends in commit/abort, before BLOCK_JOB_COMPLETED
+/// or BLOCK_JOB_CANCELLED: a manager may `blockdev-del` the target on the event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn zz_probe_release() {
-    for round in 0..20 {
-        let fx = Fx::new();
-        file_pair(&fx, 8 * MIB, 2).await;
-        let (job, mirror) = fx.start("m0", 0, MirrorOptions::new("src", "tgt")).unwrap();
-        drop(mirror);
-        wait_status(&job, Status::Ready, secs(5)).await;
-        fx.mgr.cancel("m0", false).unwrap();
-        wait_finished(&job, secs(5)).await;
-        let now = users_of(&fx, "tgt");
-        tokio::time::sleep(ms(50)).await;
-        let later = users_of(&fx, "tgt");
-        eprintln!("round {round}: right after wait_finished {now:?}, 50ms later {later:?}");
+async fn ended_job_detaches_from_its_nodes_before_its_end_event() {
+    let fx = Fx::new();
+    file_pair(&fx, 8 * MIB, 2).await;
+    let _guest = fx.guest("src");
+    // Completed (pivot), with the stats handle dropped at once as QMP does.
+    let (job, m) = fx.start("m0", 0, MirrorOptions::new("src", "tgt")).unwrap();
+    drop(m);
+    wait_status(&job, Status::Ready, secs(5)).await;
+    fx.mgr.complete("m0").unwrap();
+    fx.wait_done(&job).await;
+    let at_end = fx.users_at_end.lock().unwrap().clone();
+    assert_eq!(at_end.len(), 1, "{at_end:?}");
+    for (event, nodes) in &at_end {
+        for (node, users) in nodes {
+            assert!(!users.iter().any(|u| u.starts_with("job ")), "at {event}, node '{node}' still had users {users:?}");
+        }
+    }
+    // So a manager can start the next job (here: back onto the old source) on the event.
+    let (job, m) = fx.start("m1", 0, MirrorOptions::new("tgt", "src")).expect("a mirror started right after the previous one ended");
+    drop(m);
+    fx.mgr.cancel("m1", true).unwrap();
+    fx.wait_done(&job).await;
+    let at_end = fx.users_at_end.lock().unwrap().clone();
+    for (event, nodes) in &at_end {
+        for (node, users) in nodes {
+            assert!(!users.iter().any(|u| u.starts_with("job ")), "at {event}, node '{node}' still had users {users:?}");
+        }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_stats_handle_does_not_keep_the_ended_job_on_its_nodes() {
+    let fx = Fx::new();
+    let (_src, tgt) = file_pair(&fx, 8 * MIB, 2).await;
+    let (job, mirror) = fx.start("m0", 0, MirrorOptions::new("src", "tgt")).unwrap();
+    wait_status(&job, Status::Ready, secs(5)).await;
+    fx.mgr.cancel("m0", false).unwrap();
+    fx.wait_done(&job).await;
+    let t0 = std::time::Instant::now();
+    while !fx.job_users().is_empty() && t0.elapsed() < secs(1) {
+        tokio::time::sleep(ms(10)).await;
+    }
+    assert!(fx.job_users().is_empty(), "1 s after the job ended, with its Mirror handle alive: {:?}", fx.job_users());
+    let (ok, text) = qemu_img_compare(&_src, &tgt);
+    assert!(ok, "the target is still locked by the ended job: {text}");
+    assert!(mirror.bytes_written() > 0);
+}
+

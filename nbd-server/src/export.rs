@@ -59,11 +59,19 @@ impl Export {
         }
         let mut bitmaps = Vec::with_capacity(config.bitmaps.len());
         for b in &config.bitmaps {
-            bitmaps.push(node.bitmap(b)?);
+            let bm = node.bitmap(b)?;
+            if bm.is_busy() {
+                return Err(BlockError::BitmapBusy { bitmap: b.clone() });
+            }
+            bitmaps.push(bm);
         }
         let perms = if config.writable { PermSet::EXPORT_WRITABLE } else { PermSet::EXPORT_READONLY };
         let user = format!("export '{}'", if config.id.is_empty() { &config.name } else { &config.id });
         let backend = graph.attach(&config.node, &user, perms, config.allow_inactive)?;
+        // While exported, a bitmap cannot be removed, cleared or changed (QEMU: busy).
+        for bm in &bitmaps {
+            bm.set_busy(true);
+        }
         Ok(Arc::new(Export { config, backend, bitmaps, clients: AtomicUsize::new(0), closing: AtomicBool::new(false), idle: Notify::new(), closed: Notify::new() }))
     }
 
@@ -139,6 +147,14 @@ impl Export {
                 return;
             }
             n.await;
+        }
+    }
+}
+
+impl Drop for Export {
+    fn drop(&mut self) {
+        for bm in &self.bitmaps {
+            bm.set_busy(false);
         }
     }
 }

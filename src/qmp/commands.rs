@@ -97,9 +97,9 @@ static JOB_ID: [Field; 1] = [req("id", Ty::Str)];
 static BLOCK_JOB_DEVICE: [Field; 1] = [req("device", Ty::Str)];
 static BLOCK_JOB_CANCEL: [Field; 2] = [req("device", Ty::Str), opt("force", Ty::Bool)];
 static BLOCK_JOB_SPEED: [Field; 2] = [req("device", Ty::Str), req("speed", Ty::Int)];
-static JOB_CHANGE: [Field; 3] = [req("id", Ty::Str), req("type", Ty::Enum(&["mirror"])), opt("copy-mode", Ty::Enum(&["background", "write-blocking"]))];
+static JOB_CHANGE: [Field; 3] = [req("id", Ty::Str), req("type", Ty::Enum(&["mirror"])), req("copy-mode", Ty::Enum(&["background", "write-blocking"]))];
 const ON_ERROR: Ty = Ty::Enum(&["report", "ignore", "enospc", "stop", "auto"]);
-static MIRROR: [Field; 18] = [
+static MIRROR: [Field; 16] = [
     opt("job-id", Ty::Str),
     req("device", Ty::Str),
     req("target", Ty::Str),
@@ -114,10 +114,8 @@ static MIRROR: [Field; 18] = [
     opt("copy-mode", Ty::Enum(&["background", "write-blocking"])),
     opt("auto-finalize", Ty::Bool),
     opt("auto-dismiss", Ty::Bool),
-    opt("target-is-zero", Ty::Bool),
     opt("x-baton-auto-converge", Ty::Bool),
     opt("x-baton-converge-after-ms", Ty::Int),
-    opt("unmap", Ty::Bool),
 ];
 static JOB_INFO_RET: Ty = Ty::Array(&Ty::Any);
 static STATUS_INFO: [Field; 2] = [req("running", Ty::Bool), req("status", Ty::Str)];
@@ -147,7 +145,7 @@ pub static EVENTS: &[(&str, &[Field])] = &[
 
 /// Every command. `qmp_capabilities` is handled by the session but listed here too.
 pub static COMMANDS: &[Command] = &[
-    Command { name: "qmp_capabilities", args: Args::Fields(&[opt("enable", Ty::Array(&Ty::Enum(&["oob"])))]), ret: None, handler: handler!(noop) },
+    Command { name: "qmp_capabilities", args: Args::Fields(&[opt("enable", Ty::Array(&Ty::Enum(&["oob"])))]), ret: None, handler: handler!(qmp_capabilities) },
     Command { name: "query-commands", args: Args::Fields(&[]), ret: Some(&COMMANDS_RET), handler: handler!(query_commands) },
     Command { name: "query-version", args: Args::Fields(&[]), ret: Some(&VERSION_RET), handler: handler!(query_version) },
     Command { name: "query-qmp-schema", args: Args::Fields(&[]), ret: Some(&SCHEMA_RET), handler: handler!(query_qmp_schema) },
@@ -193,11 +191,10 @@ pub static COMMANDS: &[Command] = &[
     Command { name: "block-job-resume", args: Args::Fields(&BLOCK_JOB_DEVICE), ret: None, handler: handler!(block_job_resume) },
     Command { name: "block-job-cancel", args: Args::Fields(&BLOCK_JOB_CANCEL), ret: None, handler: handler!(block_job_cancel) },
     Command { name: "block-job-complete", args: Args::Fields(&BLOCK_JOB_DEVICE), ret: None, handler: handler!(block_job_complete) },
-    Command { name: "block-job-finalize", args: Args::Fields(&JOB_ID), ret: None, handler: handler!(job_finalize) },
-    Command { name: "block-job-dismiss", args: Args::Fields(&JOB_ID), ret: None, handler: handler!(job_dismiss) },
+    Command { name: "block-job-finalize", args: Args::Fields(&JOB_ID), ret: None, handler: handler!(block_job_finalize) },
+    Command { name: "block-job-dismiss", args: Args::Fields(&JOB_ID), ret: None, handler: handler!(block_job_dismiss) },
     Command { name: "block-job-set-speed", args: Args::Fields(&BLOCK_JOB_SPEED), ret: None, handler: handler!(block_job_set_speed) },
     Command { name: "block-job-change", args: Args::Fields(&JOB_CHANGE), ret: None, handler: handler!(job_change) },
-    Command { name: "job-change", args: Args::Fields(&JOB_CHANGE), ret: None, handler: handler!(job_change) },
     Command { name: "stop", args: Args::Fields(&[]), ret: None, handler: handler!(stop) },
     Command { name: "cont", args: Args::Fields(&[]), ret: None, handler: handler!(cont) },
     Command { name: "query-status", args: Args::Fields(&[]), ret: Some(&STATUS_RET), handler: handler!(query_status) },
@@ -225,7 +222,11 @@ fn b(a: &Map<String, Value>, k: &str) -> Option<bool> {
     a.get(k).and_then(Value::as_bool)
 }
 
-async fn noop(_: Arc<Daemon>, _: Map<String, Value>) -> Reply {
+async fn qmp_capabilities(_: Arc<Daemon>, a: Map<String, Value>) -> Reply {
+    // The greeting offers no capability (out-of-band execution is not implemented).
+    if let Some(c) = a.get("enable").and_then(Value::as_array).and_then(|l| l.first()).and_then(Value::as_str) {
+        return Err(QmpError::generic(format!("Capability {c} not available")));
+    }
     Ok(json!({}))
 }
 
@@ -272,17 +273,25 @@ async fn blockdev_set_active(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
     Ok(json!({}))
 }
 
-/// The QEMU shape of one node (BlockDeviceInfo).
-fn node_info(n: &Node) -> Value {
+/// The QEMU shape of a node's image (ImageInfo); a filter such as blkdebug
+/// shows its child as `backing-image`, as QEMU does.
+fn image_info(n: &Node, flat: bool) -> Value {
     let info = n.info();
     let filename = info.filename.clone().unwrap_or_else(|| format!("{}://", info.driver));
+    let mut image = json!({"virtual-size": info.length, "filename": filename, "format": info.driver});
+    match info.driver {
+        // Nothing is stored: QEMU reports 0 and no dirty flag.
+        "null-co" => image["actual-size"] = json!(0),
+        "blkdebug" => {
+            if let Some(c) = n.child().filter(|_| !flat) {
+                image["backing-image"] = image_info(c, flat);
+            }
+        }
+        _ => image["dirty-flag"] = json!(false),
+    }
     let actual = info.filename.as_ref().and_then(|f| std::fs::metadata(f).ok()).map(|m| {
         use std::os::unix::fs::MetadataExt;
         m.blocks() * 512
-    });
-    let direct = n.leaf().file().is_some_and(|f| f.options().direct);
-    let mut image = json!({
-        "virtual-size": info.length, "filename": filename, "format": info.driver, "dirty-flag": false,
     });
     if let Some(a) = actual {
         image["actual-size"] = json!(a);
@@ -290,6 +299,15 @@ fn node_info(n: &Node) -> Value {
     if info.driver == "file" {
         image["format-specific"] = json!({"type": "file", "data": {}});
     }
+    image
+}
+
+/// The QEMU shape of one node (BlockDeviceInfo); `flat` omits backing images.
+fn node_info(n: &Node, flat: bool) -> Value {
+    let info = n.info();
+    let filename = info.filename.clone().unwrap_or_else(|| format!("{}://", info.driver));
+    let direct = n.leaf().file().is_some_and(|f| f.options().direct);
+    let image = image_info(n, flat);
     let mut v = json!({
         "iops_rd": 0, "detect_zeroes": "off", "active": info.active, "image": image, "iops_wr": 0,
         "ro": info.read_only, "node-name": info.node_name, "backing_file_depth": 0, "drv": info.driver,
@@ -299,6 +317,7 @@ fn node_info(n: &Node) -> Value {
     let bitmaps: Vec<Value> = n
         .bitmaps()
         .iter()
+        .rev()
         .map(|bm| {
             json!({"name": bm.name(), "recording": bm.is_enabled(), "persistent": false, "busy": bm.is_busy(),
                    "granularity": bm.granularity(), "count": bm.dirty_granules() * bm.granularity()})
@@ -310,9 +329,10 @@ fn node_info(n: &Node) -> Value {
     v
 }
 
-async fn query_named_block_nodes(d: Arc<Daemon>, _: Map<String, Value>) -> Reply {
+async fn query_named_block_nodes(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
+    let flat = b(&a, "flat").unwrap_or(false);
     // Newest first, as QEMU lists them.
-    Ok(Value::Array(d.graph.nodes().iter().rev().map(|n| node_info(n)).collect()))
+    Ok(Value::Array(d.graph.nodes().iter().rev().map(|n| node_info(n, flat)).collect()))
 }
 
 fn bitmap_of(d: &Daemon, node: &str, name: &str) -> Result<Arc<DirtyBitmap>, QmpError> {
@@ -337,9 +357,6 @@ fn bitmap_add_now(d: &Daemon, a: &Map<String, Value>) -> Result<(), QmpError> {
         return Err(QmpError::generic("persistent bitmaps are not supported yet (baton has no qcow2)"));
     }
     let n = d.graph.find(&node)?;
-    if n.bitmap(&name).is_ok() {
-        return Err(QmpError::generic(format!("Bitmap already exists: {name}")));
-    }
     let granularity = match a.get("granularity") {
         None => None,
         Some(g) => match g.as_u64() {
@@ -347,6 +364,9 @@ fn bitmap_add_now(d: &Daemon, a: &Map<String, Value>) -> Result<(), QmpError> {
             _ => return Err(QmpError::generic("Granularity must be power of 2 and at least 512")),
         },
     };
+    if n.bitmap(&name).is_ok() {
+        return Err(QmpError::generic(format!("Bitmap already exists: {name}")));
+    }
     d.graph.bitmap_add(&node, &name, granularity, b(a, "disabled").unwrap_or(false))?;
     Ok(())
 }
@@ -473,14 +493,19 @@ async fn block_export_add(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
             _ => {}
         }
     }
-    for bm in &bitmaps {
-        bitmap_of(&d, &node, bm).map_err(|_| QmpError::generic(format!("Bitmap '{bm}' is not found")))?;
+    let writable = b(&a, "writable").unwrap_or(false);
+    for name in &bitmaps {
+        let bm = bitmap_of(&d, &node, name).map_err(|_| QmpError::generic(format!("Bitmap '{name}' is not found")))?;
+        not_busy(&bm)?;
+        if !writable && bm.is_enabled() {
+            return Err(QmpError::generic(format!("Enabled bitmap '{name}' incompatible with readonly export")));
+        }
     }
     let config = ExportConfig {
         name: a.get("name").and_then(Value::as_str).unwrap_or(&node).to_string(),
         description: s(&a, "description"),
         node: node.clone(),
-        writable: b(&a, "writable").unwrap_or(false),
+        writable,
         bitmaps,
         allocation_depth: b(&a, "allocation-depth").unwrap_or(false),
         allow_inactive: b(&a, "allow-inactive").unwrap_or(false),
@@ -738,6 +763,18 @@ async fn block_job_complete(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
         return Err(QmpError::generic(format!("The active block job '{id}' cannot be completed")));
     }
     d.jobs.complete(&id).map_err(job_err).map(|()| json!({}))
+}
+
+async fn block_job_finalize(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
+    let id = s(&a, "id");
+    d.jobs.find(&id).map_err(|_| block_job_not_found(&id))?;
+    d.jobs.finalize(&id).map_err(job_err).map(|()| json!({}))
+}
+
+async fn block_job_dismiss(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
+    let id = s(&a, "id");
+    d.jobs.find(&id).map_err(|_| block_job_not_found(&id))?;
+    d.jobs.dismiss(&id).map_err(job_err).map(|()| json!({}))
 }
 
 async fn block_job_set_speed(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {

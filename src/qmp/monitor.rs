@@ -30,6 +30,83 @@ use crate::daemon::Daemon;
 
 /// Largest message accepted.
 pub const MAX_MESSAGE: usize = 1 << 20;
+/// Deepest nesting accepted (QEMU's JSON parser allows 1024 too).
+pub const MAX_NESTING: usize = 1024;
+
+/// A JSON value parsed strictly: duplicate keys and nesting deeper than
+/// MAX_NESTING are errors (serde_json alone keeps the last duplicate).
+struct Strict(Value);
+
+struct StrictSeed(usize);
+
+impl<'de> serde::de::DeserializeSeed<'de> for StrictSeed {
+    type Value = Value;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(StrictVisitor(self.0))
+    }
+}
+
+struct StrictVisitor(usize);
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Value;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map(Value::Number).unwrap_or(Value::Null))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        if self.0 >= MAX_NESTING {
+            return Err(serde::de::Error::custom("too deeply nested"));
+        }
+        let mut v = Vec::new();
+        while let Some(x) = seq.next_element_seed(StrictSeed(self.0 + 1))? {
+            v.push(x);
+        }
+        Ok(Value::Array(v))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        if self.0 >= MAX_NESTING {
+            return Err(serde::de::Error::custom("too deeply nested"));
+        }
+        let mut m = Map::new();
+        while let Some(k) = map.next_key::<String>()? {
+            if m.contains_key(&k) {
+                return Err(serde::de::Error::custom("duplicate key"));
+            }
+            let v = map.next_value_seed(StrictSeed(self.0 + 1))?;
+            m.insert(k, v);
+        }
+        Ok(Value::Object(m))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        StrictSeed(0).deserialize(d).map(Strict)
+    }
+}
+
+use serde::de::DeserializeSeed;
 
 /// Bind a monitor socket readable and writable by the owner only.
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
@@ -93,14 +170,24 @@ fn parse_one(buf: &[u8]) -> Parsed {
     if start == buf.len() {
         return Parsed::Incomplete;
     }
-    let mut it = serde_json::Deserializer::from_slice(&buf[start..]).into_iter::<Value>();
+    let mut de = serde_json::Deserializer::from_slice(&buf[start..]);
+    // Depth is bounded by Strict (MAX_NESTING) instead of serde_json's 128.
+    de.disable_recursion_limit();
+    let mut it = de.into_iter::<Strict>();
     match it.next() {
-        Some(Ok(v)) => Parsed::Message(v, start + it.byte_offset()),
+        Some(Ok(Strict(v))) if it.byte_offset() > MAX_MESSAGE => {
+            let _ = v;
+            Parsed::Bad(format!("JSON message exceeds the {MAX_MESSAGE}-byte limit"), start + it.byte_offset())
+        }
+        Some(Ok(Strict(v))) => Parsed::Message(v, start + it.byte_offset()),
         Some(Err(e)) if e.is_eof() => Parsed::Incomplete,
         Some(Err(e)) => {
             // Resynchronise after the next newline (or drop everything seen).
             let skip = buf[start..].iter().position(|&b| b == b'\n').map(|p| start + p + 1).unwrap_or(buf.len());
-            Parsed::Bad(format!("JSON parse error, {e}"), skip)
+            // QEMU's parse errors carry no position; drop serde_json's.
+            let msg = e.to_string();
+            let msg = msg.rfind(" at line ").map(|i| &msg[..i]).unwrap_or(&msg);
+            Parsed::Bad(format!("JSON parse error, {msg}"), skip)
         }
         None => Parsed::Incomplete,
     }
@@ -262,4 +349,33 @@ fn with_id(mut v: Value, id: Option<Value>) -> Value {
         v["id"] = id;
     }
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Value, String> {
+        match parse_one(s.as_bytes()) {
+            Parsed::Message(v, _) => Ok(v),
+            Parsed::Bad(m, _) => Err(m),
+            Parsed::Incomplete => Err("incomplete".into()),
+        }
+    }
+
+    #[test]
+    fn duplicate_keys_are_parse_errors() {
+        let e = parse(r#"{"execute": "x", "execute": "y"}"#).unwrap_err();
+        assert!(e.contains("duplicate key"), "{e}");
+        assert!(parse(r#"{"a": {"b": 1, "b": 2}}"#).is_err());
+    }
+
+    #[test]
+    fn nesting_is_bounded_without_overflowing_the_stack() {
+        let deep_ok = format!("{}{}", "[".repeat(1000), "]".repeat(1000));
+        assert!(parse(&deep_ok).is_ok());
+        let too_deep = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
+        let e = parse(&too_deep).unwrap_err();
+        assert!(e.contains("nested"), "{e}");
+    }
 }

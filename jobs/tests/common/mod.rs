@@ -49,6 +49,8 @@ impl Rng {
 }
 
 pub type Events = Arc<Mutex<Vec<(String, Value)>>>;
+/// Per end event: its name and every node's users at that moment.
+pub type UsersAtEnd = Arc<Mutex<Vec<(String, Vec<(String, Vec<String>)>)>>>;
 
 /// A graph with the nbd driver, a job manager whose events are logged, and a temp dir.
 pub struct Fx {
@@ -57,7 +59,7 @@ pub struct Fx {
     pub mgr: Arc<JobManager>,
     pub events: Events,
     /// For each BLOCK_JOB_{COMPLETED,CANCELLED}: every node's users at the moment it was emitted.
-    pub users_at_end: Arc<Mutex<Vec<(String, Vec<(String, Vec<String>)>)>>>,
+    pub users_at_end: UsersAtEnd,
 }
 
 impl Fx {
@@ -66,7 +68,7 @@ impl Fx {
         nbd_server::client::register(&graph);
         let events: Events = Arc::new(Mutex::new(Vec::new()));
         let e2 = events.clone();
-        let users_at_end: Arc<Mutex<Vec<(String, Vec<(String, Vec<String>)>)>>> = Arc::new(Mutex::new(Vec::new()));
+        let users_at_end: UsersAtEnd = Arc::new(Mutex::new(Vec::new()));
         let u2 = users_at_end.clone();
         let g = Arc::downgrade(&graph);
         let sink: jobs::EventSink = Arc::new(move |name: &str, data| {
@@ -140,6 +142,12 @@ impl Fx {
     pub async fn release(&self, mirror: Mirror) {
         drop(mirror);
         wait_until("the ended job to detach from its nodes", secs(2), || self.job_users().is_empty()).await;
+    }
+
+    /// Wait (bounded) until `job` concluded and, auto-dismissed, left the job list.
+    pub async fn wait_done(&self, job: &Job) {
+        wait_finished(job, secs(5)).await;
+        wait_until("the concluded job to be dismissed", secs(1), || !self.mgr.jobs().iter().any(|j| j.id == job.id)).await;
     }
 
     pub fn snapshot(&self) -> Vec<NodeSnap> {
