@@ -162,3 +162,29 @@ async fn guest_io_marks_bitmaps_and_a_mirror_copies_the_running_guests_disk() {
     assert!(out.status.success(), "{} {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     vm.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_to_an_inactivated_disk_complete_with_an_error_status_not_a_panic() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let (g, vm, _d, path, _events) = vm_on_file(8, json!({}), VmConfig::default()).await;
+    vm.cont().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The guest disk allows inactivation (as a QEMU device does); its writes then fail with EPERM.
+    g.inactivate_all().await.unwrap();
+    let before = std::fs::read(&path).unwrap();
+    let errors_before = vm.stats().io_errors;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(vm.stats().io_errors > errors_before, "the guest saw error statuses");
+    assert!(std::fs::read(&path).unwrap() == before, "nothing reached the inactive disk");
+    assert!(vm.device().last_error().unwrap().contains("inactive"), "{:?}", vm.device().last_error());
+    g.activate_all().await.unwrap();
+    let v = vm.verify(Duration::from_secs(60)).await.unwrap();
+    assert_eq!(v.bad, 0, "{v:?}");
+    vm.shutdown().await;
+    // I2: a stopped guest cannot be continued on an inactive disk.
+    g.inactivate_all().await.unwrap();
+    let e = vm.cont().await.unwrap_err();
+    assert!(e.to_string().contains("inactive"), "{e}");
+}
