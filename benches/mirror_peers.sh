@@ -13,11 +13,9 @@
 #   REPS=1 WRITER_IOPS=2000 READY_TIMEOUT=30 benches/mirror_peers.sh
 #   CONVERT_FLAGS="-W -m 16" benches/mirror_peers.sh   # out-of-order convert: ~2x faster here
 #
-# Note on fairness: QEMU's mirror flushes the target before it reports READY;
-# baton's flushes only when the job completes or is cancelled. So the
-# "+flush" row (blockdev-mirror -> BLOCK_JOB_COMPLETED after the cancel) is
-# the like-for-like comparison of the two daemons, and the one to hold
-# against qemu-img convert, which also ends with a flush.
+# Both mirrors flush the target before they report READY; the "+flush" row
+# (blockdev-mirror -> BLOCK_JOB_COMPLETED after the cancel) also counts the
+# cancel, and is the one to hold against qemu-img convert, which ends with a flush.
 #
 # Uses unix sockets under $DATA only. The daemons run with their default
 # options (baton: aio=io_uring; QSD: aio=threads), both page-cache backed.
@@ -48,6 +46,7 @@ Prints one CSV tail: seconds to READY, ready (0/1), job len at READY, writer IOP
 seconds from blockdev-mirror to BLOCK_JOB_COMPLETED after the cancel (which flushes the target)."""
 import json, os, signal, socket, subprocess, sys, time
 
+import atexit
 qmp_path, tgt_sock, exp_sock, writer_iops, ready_timeout, fio_out = sys.argv[1:7]
 writer_iops, ready_timeout = int(writer_iops), float(ready_timeout)
 
@@ -120,6 +119,8 @@ if writer_iops > 0:
          "--bs=4k", "--iodepth=4", f"--rate_iops={writer_iops}", "--time_based", "--runtime=3600",
          "--output-format=json", f"--output={fio_out}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Never leave the writer behind, whatever happens below.
+    atexit.register(lambda w=writer: w.poll() is None and (w.kill(), w.wait()))
     time.sleep(1.0)  # the writer is connected and writing before the job starts
     if writer.poll() is not None:
         raise RuntimeError("the fio writer exited early")
