@@ -215,7 +215,10 @@ impl Daemon {
     }
 
     async fn finish_export_delete(&self, e: Arc<Export>) {
-        e.wait_idle().await;
+        // Connections were aborted (sockets shut down); never wait forever anyway.
+        if tokio::time::timeout(std::time::Duration::from_secs(10), e.wait_idle()).await.is_err() {
+            tracing::warn!(export = %e.config.id, "clients still attached 10 s after the export was closed");
+        }
         let id = e.config.id.clone();
         drop(e);
         self.emit("BLOCK_EXPORT_DELETED", json!({"id": id}));

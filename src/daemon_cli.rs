@@ -165,17 +165,18 @@ pub async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         if let Some(m) = take_num("memory")? {
             cfg.memory = m;
         }
+        let small = |k: &str, n: u64| u32::try_from(n).map_err(|_| opt_err("--vm", format!("{k}: {n} is too large")));
         if let Some(n) = take_num("vcpus")? {
-            cfg.vcpus = n as u32;
+            cfg.vcpus = small("vcpus", n)?;
         }
         if let Some(n) = take_num("seed")? {
-            cfg.seed = n as u32;
+            cfg.seed = small("seed", n)?;
         }
         if let Some(n) = take_num("dirty-pages")? {
-            cfg.dirty_pages = n as u32;
+            cfg.dirty_pages = small("dirty-pages", n)?;
         }
         if let Some(n) = take_num("batch")? {
-            cfg.batch = n as u32;
+            cfg.batch = small("batch", n)?;
         }
         let disk = o.remove("disk").and_then(|v| v.as_str().map(String::from)).ok_or_else(|| opt_err("--vm", "disk=NODE is missing"))?;
         if let Some(k) = o.keys().next() {

@@ -256,11 +256,11 @@ impl Graph {
                 "blkdebug" => {
                     let errors = match o.take("inject-error") {
                         None => Vec::new(),
-                        Some(v) => serde_json::from_value(v).map_err(|e| BlockError::InvalidOption { option: "inject-error".into(), reason: e.to_string() })?,
+                        Some(v) => serde_json::from_value(keyval_scalars(v)).map_err(|e| BlockError::InvalidOption { option: "inject-error".into(), reason: e.to_string() })?,
                     };
                     let delays = match o.take("x-baton-inject-delay") {
                         None => Vec::new(),
-                        Some(v) => serde_json::from_value(v).map_err(|e| BlockError::InvalidOption { option: "x-baton-inject-delay".into(), reason: e.to_string() })?,
+                        Some(v) => serde_json::from_value(keyval_scalars(v)).map_err(|e| BlockError::InvalidOption { option: "x-baton-inject-delay".into(), reason: e.to_string() })?,
                     };
                     let _align = o.u64("align")?;
                     Spec::Blkdebug { errors, delays }
@@ -548,6 +548,21 @@ impl Graph {
             list.retain(|b| !Arc::ptr_eq(b, &bm));
         }
         Ok(bm)
+    }
+}
+
+/// Turn keyval's strings ("5", "on") into numbers and booleans inside rule
+/// lists, so `--blockdev ...,inject-error.0.errno=5` works as in QEMU.
+fn keyval_scalars(v: Value) -> Value {
+    match v {
+        Value::Array(a) => Value::Array(a.into_iter().map(keyval_scalars).collect()),
+        Value::Object(m) => Value::Object(m.into_iter().map(|(k, v)| (k, keyval_scalars(v))).collect()),
+        Value::String(s) => match s.as_str() {
+            "on" | "true" | "yes" => Value::Bool(true),
+            "off" | "false" | "no" => Value::Bool(false),
+            _ => s.parse::<i64>().map(Value::from).unwrap_or(Value::String(s)),
+        },
+        other => other,
     }
 }
 

@@ -20,6 +20,8 @@ const MAX_DEPTH: usize = 8;
 struct Path<'a> {
     levels: [Option<(&'a Node, u64)>; MAX_DEPTH],
     depth: usize,
+    /// What each level's write hook claimed in `before_write`.
+    claimed: [bool; MAX_DEPTH],
 }
 
 impl<'a> Path<'a> {
@@ -38,7 +40,7 @@ impl<'a> Path<'a> {
     fn entered(node: &'a Node, offset: u64) -> Path<'a> {
         let mut levels = [None; MAX_DEPTH];
         levels[0] = Some((node, offset));
-        Path { levels, depth: 1 }
+        Path { levels, depth: 1, claimed: [false; MAX_DEPTH] }
     }
 
     fn push(&mut self, node: &'a Node, offset: u64) -> Result<()> {
@@ -57,11 +59,24 @@ impl<'a> Path<'a> {
         }
     }
 
-    /// Run the write hooks of the levels that have one.
-    async fn run_hooks(&self, len: u64, what: Written<'_>) {
-        for (node, offset) in self.levels.iter().take(self.depth).flatten() {
-            if let Some(h) = node.write_hook() {
-                h.after_write(*offset, len, what).await;
+    /// Run `before_write` of the levels that have a hook.
+    async fn hooks_before(&mut self, len: u64) {
+        for i in 0..self.depth {
+            if let Some((node, offset)) = self.levels[i] {
+                if let Some(h) = node.write_hook() {
+                    self.claimed[i] = h.before_write(offset, len).await;
+                }
+            }
+        }
+    }
+
+    /// Run `after_write` of the levels that have a hook (`what` None: the write failed).
+    async fn hooks_after(&self, len: u64, what: Option<Written<'_>>) {
+        for i in 0..self.depth {
+            if let Some((node, offset)) = self.levels[i] {
+                if let Some(h) = node.write_hook() {
+                    h.after_write(offset, len, what, self.claimed[i]).await;
+                }
             }
         }
     }
@@ -148,6 +163,7 @@ impl Node {
         let (leaf, off) = self.descend(&mut path, Op::Write, offset, len).await?;
         let native_fua = leaf.caps().fua;
         let leaf_flags = WriteFlags { fua: flags.fua && native_fua };
+        path.hooks_before(len).await;
         let res = match &leaf.kind {
             Kind::File(d) => d.write(off, buf, leaf_flags).await,
             Kind::Null(d) => d.write(off, buf, leaf_flags).await,
@@ -155,11 +171,20 @@ impl Node {
             Kind::Raw(_) | Kind::Blkdebug(_) => Err(not_leaf(leaf)),
         };
         path.mark_dirty(len);
-        let buf = res?;
+        let buf = match res {
+            Ok(b) => b,
+            Err(e) => {
+                path.hooks_after(len, None).await;
+                return Err(e);
+            }
+        };
         if flags.fua && !native_fua {
-            leaf_flush(leaf).await?;
+            if let Err(e) = leaf_flush(leaf).await {
+                path.hooks_after(len, None).await;
+                return Err(e);
+            }
         }
-        path.run_hooks(len, Written::Data(&buf)).await;
+        path.hooks_after(len, Some(Written::Data(&buf))).await;
         Ok(buf)
     }
 
@@ -171,6 +196,7 @@ impl Node {
             return Ok(());
         }
         let (leaf, off) = self.descend(&mut path, Op::WriteZeroes, offset, len).await?;
+        path.hooks_before(len).await;
         let res = match &leaf.kind {
             Kind::File(d) => d.write_zeroes(off, len, flags).await,
             Kind::Null(d) => d.write_zeroes(off, len, flags).await,
@@ -181,9 +207,8 @@ impl Node {
         if !matches!(res, Err(BlockError::Unsupported { .. })) {
             path.mark_dirty(len);
         }
-        if res.is_ok() {
-            path.run_hooks(len, Written::Zeroes { may_unmap: flags.may_unmap }).await;
-        }
+        let what = res.is_ok().then_some(Written::Zeroes { may_unmap: flags.may_unmap });
+        path.hooks_after(len, what).await;
         res
     }
 
@@ -195,6 +220,7 @@ impl Node {
             return Ok(());
         }
         let (leaf, off) = self.descend(&mut path, Op::Discard, offset, len).await?;
+        path.hooks_before(len).await;
         let res = match &leaf.kind {
             Kind::File(d) => d.discard(off, len).await,
             Kind::Null(d) => d.discard(off, len).await,
@@ -202,9 +228,7 @@ impl Node {
             Kind::Raw(_) | Kind::Blkdebug(_) => Err(not_leaf(leaf)),
         };
         path.mark_dirty(len);
-        if res.is_ok() {
-            path.run_hooks(len, Written::Discard).await;
-        }
+        path.hooks_after(len, res.is_ok().then_some(Written::Discard)).await;
         res
     }
 

@@ -82,12 +82,16 @@ pub enum Written<'a> {
     Discard,
 }
 
-/// Runs after every modification through a node completes, before the
-/// request is answered (a mirror's write-blocking mode copies the write to
-/// its target here). The hook handles its own errors: the request's result
-/// is the node's.
+/// Brackets every modification through a node (a mirror's write-blocking
+/// mode): `before_write` runs before the request reaches the driver (the
+/// mirror claims the range, so overlapping writes reach its target in the
+/// order they reached the source) and says whether it took anything;
+/// `after_write` runs once the driver answered, before the request is
+/// answered, with `what` = None if the modification failed. The hook handles
+/// its own errors: the request's result is the node's.
 pub trait WriteHook: Send + Sync + std::fmt::Debug {
-    fn after_write<'a>(&'a self, offset: u64, len: u64, what: Written<'a>) -> crate::driver::BoxFuture<'a, ()>;
+    fn before_write(&self, offset: u64, len: u64) -> crate::driver::BoxFuture<'_, bool>;
+    fn after_write<'a>(&'a self, offset: u64, len: u64, what: Option<Written<'a>>, claimed: bool) -> crate::driver::BoxFuture<'a, ()>;
 }
 
 /// A node of the block graph.
@@ -280,6 +284,11 @@ impl Node {
         if let Ok(mut l) = self.internal_bitmaps.write() {
             l.push(bm);
         }
+    }
+
+    /// Whether a job's own bitmap is attached (the node is in a job).
+    pub fn has_internal_bitmaps(&self) -> bool {
+        self.internal_bitmaps.read().map(|l| !l.is_empty()).unwrap_or(false)
     }
 
     pub fn remove_internal_bitmap(&self, bm: &Arc<DirtyBitmap>) {

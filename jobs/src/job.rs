@@ -162,6 +162,10 @@ pub trait JobDriver: Send + Sync + 'static {
     fn extra_info(&self, _job: &Job) -> Value {
         json!({})
     }
+    /// The work is committed (a mirror pivoted): cancelling in PENDING cannot undo it.
+    fn committed(&self) -> bool {
+        false
+    }
     /// `job-change` / `block-job-change` options.
     fn change(&self, _job: &Job, _opts: &serde_json::Map<String, Value>) -> Result<(), JobError> {
         Err(JobError::Invalid("this job has nothing to change".into()))
@@ -519,6 +523,9 @@ impl JobManager {
         let job = self.find(id)?;
         job.check_verb(Verb::Cancel)?;
         let status = job.status();
+        if status == Status::Pending && Self::driver_of(&job).is_some_and(|d| d.committed()) {
+            return Err(JobError::Invalid(format!("Job '{id}' has already switched to its target and cannot be cancelled; finalize it")));
+        }
         {
             let mut s = job.st();
             s.cancelled = true;

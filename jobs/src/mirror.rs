@@ -170,6 +170,8 @@ struct Shared {
     bytes_written: Arc<AtomicU64>,
     /// Copy buffers, reused: a fresh 1 MiB buffer per copy costs page faults and zeroing.
     pool: block::BufPool,
+    /// Every user of the source was moved to the target.
+    pivoted: AtomicBool,
 }
 
 impl std::fmt::Debug for Shared {
@@ -200,6 +202,8 @@ pub enum MirrorError {
     SizeMismatch { source_len: u64, target_len: u64 },
     #[error("Node '{0}' is inactive")]
     Inactive(String),
+    #[error("Node '{0}' is busy: block device is in use by block job: mirror")]
+    Busy(String),
     #[error("granularity must be a power of 2 between 512 and 64 MiB")]
     Granularity,
     #[error("buf-size must be at least the granularity")]
@@ -233,6 +237,9 @@ pub fn start(graph: &Arc<Graph>, mgr: &Arc<JobManager>, job: JobOptions, opts: M
     if opts.buf_size < g {
         return Err(MirrorError::BufSize);
     }
+    if source.has_internal_bitmaps() {
+        return Err(MirrorError::Busy(source.name().to_string()));
+    }
     let user = format!("job '{}'", job.id);
     let src = graph.attach(&opts.source, &user, PermSet::new(Perm::CONSISTENT_READ, Perm::ALL), false)?;
     // The target's content is not the source's until the job is done: take write, share only unchanged writes.
@@ -257,6 +264,7 @@ pub fn start(graph: &Arc<Graph>, mgr: &Arc<JobManager>, job: JobOptions, opts: M
         hook_error: Mutex::new(None),
         bytes_written: Arc::new(AtomicU64::new(0)),
         pool: block::BufPool::new((1 << 20).max(g as usize), 64),
+        pivoted: AtomicBool::new(false),
     });
     let driver = Arc::new(MirrorDriver { shared: shared.clone() });
     if opts.copy_mode == CopyMode::WriteBlocking {
@@ -281,24 +289,39 @@ struct MirrorDriver {
 struct Hook(Arc<Shared>);
 
 impl WriteHook for Hook {
-    fn after_write<'a>(&'a self, offset: u64, len: u64, what: Written<'a>) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+    fn before_write(&self, offset: u64, len: u64) -> Pin<Box<dyn Future<Output = bool> + Send + '_>> {
         Box::pin(async move {
             let s = &self.0;
             if !s.write_blocking.load(Ordering::SeqCst) || len == 0 {
+                return false;
+            }
+            // Claim first: an overlapping write or copy waits, so the target
+            // sees writes in the order the source did.
+            let g = s.granularity;
+            s.inflight.claim(offset / g, (offset + len - 1) / g).await;
+            true
+        })
+    }
+
+    fn after_write<'a>(&'a self, offset: u64, len: u64, what: Option<Written<'a>>, claimed: bool) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+        Box::pin(async move {
+            if !claimed {
                 return;
             }
+            let s = &self.0;
             let g = s.granularity;
             let (first, last) = (offset / g, (offset + len - 1) / g);
-            s.inflight.claim(first, last).await;
             let res = match what {
-                Written::Data(d) => s.tgt.write(offset, IoBuf::from_slice(d), WriteFlags::default()).await.map(|_| {
+                // The source write failed: nothing to copy; the range stays dirty.
+                None => Ok(()),
+                Some(Written::Data(d)) => s.tgt.write(offset, IoBuf::from_slice(d), WriteFlags::default()).await.map(|_| {
                     s.bytes_written.fetch_add(len, Ordering::SeqCst);
                 }),
-                Written::Zeroes { may_unmap } => s.tgt.write_zeroes(offset, len, ZeroFlags { may_unmap, ..Default::default() }).await,
-                Written::Discard => s.tgt.write_zeroes(offset, len, ZeroFlags { may_unmap: true, ..Default::default() }).await,
+                Some(Written::Zeroes { may_unmap }) => s.tgt.write_zeroes(offset, len, ZeroFlags { may_unmap, ..Default::default() }).await,
+                Some(Written::Discard) => s.tgt.write_zeroes(offset, len, ZeroFlags { may_unmap: true, ..Default::default() }).await,
             };
             match res {
-                Ok(()) => {
+                Ok(()) if what.is_some() => {
                     // The whole granules this write covered are now in sync.
                     let start = offset.div_ceil(g) * g;
                     let end = (offset + len) / g * g;
@@ -306,6 +329,7 @@ impl WriteHook for Hook {
                         s.bitmap.reset(start, end - start);
                     }
                 }
+                Ok(()) => {}
                 Err(e) => {
                     // Leave the range dirty; the job applies its error policy.
                     if let Ok(mut h) = s.hook_error.lock() {
@@ -457,6 +481,10 @@ impl JobDriver for MirrorDriver {
         self.teardown();
     }
 
+    fn committed(&self) -> bool {
+        self.shared.pivoted.load(Ordering::SeqCst)
+    }
+
     fn extra_info(&self, job: &Job) -> Value {
         let s = &self.shared;
         let synced = self.copy_mode() == CopyMode::WriteBlocking
@@ -503,6 +531,10 @@ impl MirrorDriver {
         let mut sample_copied = 0u64;
         let mut outrun_since: Option<Instant> = None;
         loop {
+            // Registered before any check, so a verb arriving meanwhile is not missed.
+            let kicked = job.kick.notified();
+            tokio::pin!(kicked);
+            kicked.as_mut().enable();
             // Pause: let the copies in flight finish first, as QEMU does.
             if job.is_paused_requested() {
                 while let Some(r) = tasks.join_next().await {
@@ -584,7 +616,6 @@ impl MirrorDriver {
 
             // Wait for a copy to finish, a kick, or a short tick (new dirty data, rate window).
             let tick = tokio::time::sleep(Duration::from_millis(if tasks.is_empty() { 20 } else { 100 }));
-            let kicked = job.kick.notified();
             tokio::select! {
                 r = tasks.join_next(), if !tasks.is_empty() => {
                     if let Some(r) = r {
@@ -620,11 +651,32 @@ impl MirrorDriver {
     }
 
     /// Let the copies in flight finish, then end with `o`.
+    /// Let the copies in flight finish, then end with `o`. A copy that
+    /// failed re-dirties its range (its bits were cleared when it started);
+    /// with `o == Done` any failure turns the outcome into a failure, so a
+    /// pivot never lands on an incomplete target.
     async fn wind_down(&self, mut tasks: tokio::task::JoinSet<(u64, u64, CopyResult)>, o: Outcome) -> Outcome {
         let g = self.shared.granularity;
+        let mut o = o;
         while let Some(r) = tasks.join_next().await {
-            if let Ok((off, len, _)) = r {
-                self.shared.inflight.release(off / g, (off + len - 1) / g);
+            match r {
+                Ok((off, len, res)) => {
+                    self.shared.inflight.release(off / g, (off + len - 1) / g);
+                    match res {
+                        CopyResult::Ok(_) => {}
+                        CopyResult::SourceError(m) | CopyResult::TargetError(m) => {
+                            self.shared.bitmap.mark_force(off, len);
+                            if o == Outcome::Done {
+                                o = Outcome::Failed(m);
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    if o == Outcome::Done {
+                        o = Outcome::Failed(format!("copy task failed: {e}"));
+                    }
+                }
             }
         }
         o
@@ -665,6 +717,7 @@ impl MirrorDriver {
                 let _ = s.tgt.set_perms(old, false);
                 return Outcome::Failed(format!("pivot failed: {}", e.chain()));
             }
+            s.pivoted.store(true, Ordering::SeqCst);
         }
         drop(held);
         Outcome::Done

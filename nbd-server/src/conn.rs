@@ -57,6 +57,8 @@ pub(crate) struct Conn<R, W> {
     closed: AtomicBool,
     /// Wakes a worker blocked reading when the connection must stop.
     stop: Notify,
+    /// The socket, for `abort`. Valid while `self` lives: the two halves above own it.
+    fd: std::os::fd::RawFd,
 }
 
 /// What reading the next request produced.
@@ -83,7 +85,7 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    pub(crate) fn new(r: R, w: W, n: Negotiated) -> Arc<Self> {
+    pub(crate) fn new(r: R, w: W, fd: std::os::fd::RawFd, n: Negotiated) -> Arc<Self> {
         Arc::new(Conn {
             reader: Mutex::new(ReadSide { r: BufReader::with_capacity(READ_BUFFER, r), hdr: [0; 32] }),
             writer: Mutex::new(w),
@@ -94,7 +96,18 @@ where
             pool: BufPool::new(POOLED_MAX, WORKERS + 8),
             closed: AtomicBool::new(false),
             stop: Notify::new(),
+            fd,
         })
+    }
+
+    /// Hard stop (server stop, export deleted with mode=hard): also shut the
+    /// socket down, so a worker blocked writing to a client that stopped
+    /// reading returns at once instead of holding the connection forever.
+    pub(crate) fn abort(&self) {
+        self.close();
+        // `fd` stays open while `self` lives (the halves own it); shutdown(2)
+        // neither closes nor invalidates it.
+        let _ = nix::sys::socket::shutdown(self.fd, nix::sys::socket::Shutdown::Both);
     }
 
     /// Stop reading requests; requests in flight still complete.
@@ -134,7 +147,10 @@ where
                 tokio::select! {
                     r = self.read_request(&mut rs) => r,
                     _ = stop => Ok(Incoming::End),
-                    _ = export_closed => Ok(Incoming::End),
+                    _ = export_closed => {
+                        self.abort();
+                        Ok(Incoming::End)
+                    }
                 }
             };
             let res = match incoming {

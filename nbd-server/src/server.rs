@@ -105,7 +105,7 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     fn close(&self) {
-        Conn::close(self)
+        Conn::abort(self)
     }
 }
 
@@ -166,12 +166,14 @@ impl Server {
                         match conn {
                             Accepted::Tcp(t) => {
                                 let _ = t.set_nodelay(true);
+                                let fd = std::os::fd::AsRawFd::as_raw_fd(&t);
                                 let (r, w) = t.into_split();
-                                s.connection(r, w).await
+                                s.connection(r, w, fd).await
                             }
                             Accepted::Unix(u) => {
+                                let fd = std::os::fd::AsRawFd::as_raw_fd(&u);
                                 let (r, w) = u.into_split();
-                                s.connection(r, w).await
+                                s.connection(r, w, fd).await
                             }
                         }
                     });
@@ -184,7 +186,7 @@ impl Server {
         }
     }
 
-    async fn connection<R, W>(&self, mut r: R, mut w: W)
+    async fn connection<R, W>(&self, mut r: R, mut w: W, fd: std::os::fd::RawFd)
     where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
@@ -202,7 +204,7 @@ impl Server {
             }
         };
         let _client = n.export.client_enter();
-        let conn = Conn::new(r, w, n);
+        let conn = Conn::new(r, w, fd, n);
         if let Ok(mut live) = self.live.lock() {
             live.retain(|c| c.strong_count() > 0);
             let c: Arc<dyn Closable> = conn.clone();

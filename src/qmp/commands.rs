@@ -469,7 +469,10 @@ async fn nbd_server_start(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
         Some(other) => return Err(QmpError::generic(format!("address type '{other}' is not supported"))),
         None => return Err(QmpError::generic("Parameter 'addr.type' is missing")),
     };
-    let max = a.get("max-connections").and_then(Value::as_u64).unwrap_or(0) as usize;
+    let max = match a.get("max-connections") {
+        None => 0,
+        Some(v) => v.as_u64().filter(|&n| n <= u64::from(u32::MAX)).ok_or_else(|| QmpError::generic("Parameter 'max-connections' expects uint32"))? as usize,
+    };
     d.nbd_start(addr, max).await?;
     Ok(json!({}))
 }
@@ -570,6 +573,12 @@ fn apply_action(d: &Daemon, kind: &str, a: &Map<String, Value>) -> Result<Undo, 
             let target = bitmap_of(d, &node, &s(a, "target"))?;
             not_busy(&target)?;
             let sources = merge_sources(d, &node, a.get("bitmaps").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default())?;
+            // Check every source before changing anything.
+            for src in &sources {
+                if src.size() != target.size() {
+                    return Err(QmpError::generic(format!("Bitmap '{}' is of a different size than '{}'", src.name(), target.name())));
+                }
+            }
             let copy = copy_of(&target)?;
             for src in &sources {
                 target.merge_from(src).map_err(|e| QmpError::generic(e.to_string()))?;
@@ -609,8 +618,9 @@ fn undo(d: &Daemon, u: Undo) {
         Undo::Reinsert { node, bitmap } => {
             let _ = d.graph.bitmap_insert(&node, bitmap);
         }
+        // OR the saved bits back rather than clear first: writes made since the
+        // action must stay recorded (a bit too many is safe, one too few is not).
         Undo::Restore { bitmap, copy } => {
-            bitmap.clear();
             let _ = bitmap.merge_from(&copy);
         }
         Undo::Enabled { bitmap, was } => bitmap.set_enabled(was),

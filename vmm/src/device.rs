@@ -19,6 +19,9 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::layout::*;
 use crate::memory::Mem;
 
+/// Largest request the device accepts (the guest's own use 4 KiB).
+const MAX_REQUEST: u64 = 1 << 20;
+
 /// A device error worth telling the operator about.
 pub type ErrorSink = Arc<dyn Fn(&str, &str, &str) + Send + Sync>;
 
@@ -36,6 +39,8 @@ pub struct BlockDevice {
     last_error: Mutex<Option<String>>,
     on_error: ErrorSink,
     blocks: AtomicU32,
+    /// Bytes of guest RAM (buffers must lie inside).
+    mem_size: u64,
 }
 
 impl std::fmt::Debug for BlockDevice {
@@ -56,7 +61,7 @@ impl BlockDevice {
     pub fn new(mem: Arc<Mem>, backend: BlockBackend, rt: tokio::runtime::Handle, on_error: ErrorSink) -> Arc<Self> {
         let blocks = (backend.length() / BLOCK_SIZE).min(MAX_BLOCKS) as u32;
         Arc::new(Self {
-            mem,
+            mem: mem.clone(),
             backend,
             consumed: Mutex::new(0),
             inflight: AtomicUsize::new(0),
@@ -67,6 +72,7 @@ impl BlockDevice {
             last_error: Mutex::new(None),
             on_error,
             blocks: AtomicU32::new(blocks),
+            mem_size: vm_memory::GuestMemoryBackend::last_addr(&*mem).0 + 1,
         })
     }
 
@@ -130,7 +136,8 @@ impl BlockDevice {
         let Ok(submit) = self.mem.read_obj::<u32>(GuestAddress(RING_SUBMIT)) else { return };
         // At most a ring's worth: a guest that claims more is ignored past that.
         let mut n = 0;
-        while *consumed != submit && n < RING_SLOTS {
+        // Never more than a ring's worth in flight, however often the guest rings.
+        while *consumed != submit && n < RING_SLOTS && self.inflight.load(Ordering::SeqCst) <= RING_SLOTS as usize {
             let slot = *consumed;
             *consumed = consumed.wrapping_add(1);
             n += 1;
@@ -142,12 +149,36 @@ impl BlockDevice {
                 let addr = RING_DESCS + u64::from(slot % RING_SLOTS as u32) * DESC_SIZE + DESC_STATUS;
                 let _ = me.mem.write_obj::<u32>(status, GuestAddress(addr));
                 me.completed.fetch_add(1, Ordering::SeqCst);
+                // Descriptors left behind by the in-flight cap are taken now.
+                me.take_descriptors();
                 me.done_one();
             });
         }
     }
 
+    /// Check a descriptor the guest wrote before anything is allocated for it.
+    fn validate(&self, d: &Desc) -> Result<(), String> {
+        if d.op as u64 == OP_FLUSH {
+            return Ok(());
+        }
+        let len = u64::from(d.count) * 512;
+        if d.count == 0 || len > MAX_REQUEST {
+            return Err(format!("request of {} sectors (at most {} allowed)", d.count, MAX_REQUEST / 512));
+        }
+        let end = d.sector.checked_mul(512).and_then(|o| o.checked_add(len));
+        if end.is_none_or(|e| e > self.backend.length()) {
+            return Err(format!("request at sector {} of {} sectors is past the end of the disk", d.sector, d.count));
+        }
+        if u64::from(d.buf).checked_add(len).is_none_or(|e| e > self.mem_size) {
+            return Err(format!("buffer {:#x} of {len} bytes is outside guest memory", d.buf));
+        }
+        Ok(())
+    }
+
     async fn run(&self, d: Desc) -> u32 {
+        if let Err(msg) = self.validate(&d) {
+            return self.fail("request", msg);
+        }
         let len = u64::from(d.count) * 512;
         let off = d.sector.saturating_mul(512);
         let res = match d.op as u64 {
@@ -167,16 +198,18 @@ impl BlockDevice {
         };
         match res {
             Ok(()) => STATUS_OK as u32,
-            Err((op, msg)) => {
-                self.errors.fetch_add(1, Ordering::SeqCst);
-                tracing::warn!(operation = op, error = %msg, "guest disk I/O error");
-                if let Ok(mut l) = self.last_error.lock() {
-                    *l = Some(msg.clone());
-                }
-                (self.on_error)(self.backend.node().name(), op, &msg);
-                STATUS_IOERR as u32
-            }
+            Err((op, msg)) => self.fail(op, msg),
         }
+    }
+
+    fn fail(&self, op: &str, msg: String) -> u32 {
+        self.errors.fetch_add(1, Ordering::SeqCst);
+        tracing::warn!(operation = op, error = %msg, "guest disk I/O error");
+        (self.on_error)(self.backend.node().name(), op, &msg);
+        if let Ok(mut l) = self.last_error.lock() {
+            *l = Some(msg);
+        }
+        STATUS_IOERR as u32
     }
 
     /// Wait until no request is in flight (the vCPUs are stopped, so none can start).

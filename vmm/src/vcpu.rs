@@ -113,6 +113,8 @@ impl Vcpus {
                 c.in_run += 1;
             }
             let mut halted = false;
+            // A kick that arrived while parked must not end this session at once.
+            vcpu.set_kvm_immediate_exit(0);
             while !self.stop_flag.load(Ordering::SeqCst) && !halted {
                 match vcpu.run() {
                     Ok(VcpuExit::IoOut(port, data)) => handler.io_out(port, data),
@@ -126,7 +128,9 @@ impl Vcpus {
                         handler.fatal(id, format!("{other:?}"));
                         halted = true;
                     }
-                    Err(e) if e.errno() == nix::libc::EINTR || e.errno() == nix::libc::EAGAIN => {}
+                    // A kick: KVM leaves immediate_exit set, so clear it or every
+                    // later KVM_RUN returns at once; then the loop re-checks the flag.
+                    Err(e) if e.errno() == nix::libc::EINTR || e.errno() == nix::libc::EAGAIN => vcpu.set_kvm_immediate_exit(0),
                     Err(e) => {
                         handler.fatal(id, format!("KVM_RUN failed: {e}"));
                         halted = true;

@@ -213,6 +213,9 @@ impl Vm {
     }
 
     pub fn state(&self) -> RunState {
+        if self.fatal_error().is_some() {
+            return RunState::InternalError;
+        }
         *self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -279,7 +282,9 @@ impl Vm {
     pub async fn stop_locked(&self, to: RunState) -> Result<Duration, VmmError> {
         let t = Instant::now();
         let was_running = self.is_running();
-        self.vcpus.pause();
+        // pause() waits on a condition variable: keep it off the async workers.
+        let vcpus = self.vcpus.clone();
+        let _ = tokio::task::spawn_blocking(move || vcpus.pause()).await;
         self.device.drain().await;
         self.set_state(to);
         if was_running {
