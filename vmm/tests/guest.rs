@@ -188,3 +188,58 @@ async fn writes_to_an_inactivated_disk_complete_with_an_error_status_not_a_panic
     let e = vm.cont().await.unwrap_err();
     assert!(e.to_string().contains("inactive"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_vcpus_keep_running_across_repeated_stop_and_cont() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let cfg = VmConfig { vcpus: 2, ..VmConfig::default() };
+    let (_g, vm, _d, _p, _e) = vm_on_file(8, json!({}), cfg).await;
+    for round in 0..5 {
+        let before = vm.stats().writes;
+        vm.cont().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(vm.stats().writes > before, "round {round}: the guest runs after cont (no vCPU stuck on a stale kick)");
+        vm.stop().await.unwrap();
+        assert!(!vm.vcpus_in_run());
+    }
+    assert_eq!(vm.stats().mismatches, 0);
+    vm.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_descriptors_get_an_error_status_and_nothing_else() {
+    if !kvm_or_skip() {
+        return;
+    }
+    use vm_memory::{Bytes, GuestAddress};
+    use vmm::layout::*;
+    let (_g, vm, _d, path, _e) = vm_on_file(8, json!({}), VmConfig::default()).await;
+    vm.cont().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    vm.stop().await.unwrap();
+    let disk = std::fs::read(&path).unwrap();
+    let mem = vm.memory();
+    // (op, sector, count, buffer): a 2 TiB request, zero sectors, past the end, a buffer outside RAM.
+    let bad: [(u32, u64, u32, u32); 4] = [(2, 0, u32::MAX, BUFFERS as u32), (2, 0, 0, BUFFERS as u32), (1, u64::MAX / 512, 8, BUFFERS as u32), (2, 0, 8, 0xffff_f000)];
+    let submit = mem.read_obj::<u32>(GuestAddress(RING_SUBMIT)).unwrap();
+    for (i, (op, sector, count, buf)) in bad.iter().enumerate() {
+        let d = RING_DESCS + u64::from((submit + i as u32) % RING_SLOTS as u32) * DESC_SIZE;
+        mem.write_obj(*op, GuestAddress(d + DESC_OP)).unwrap();
+        mem.write_obj(STATUS_PENDING as u32, GuestAddress(d + DESC_STATUS)).unwrap();
+        mem.write_obj(*sector, GuestAddress(d + DESC_SECTOR)).unwrap();
+        mem.write_obj(*count, GuestAddress(d + DESC_COUNT)).unwrap();
+        mem.write_obj(*buf, GuestAddress(d + DESC_BUF)).unwrap();
+    }
+    mem.write_obj(submit + bad.len() as u32, GuestAddress(RING_SUBMIT)).unwrap();
+    vm.device().doorbell();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    vm.device().drain().await;
+    for i in 0..bad.len() as u32 {
+        let d = RING_DESCS + u64::from((submit + i) % RING_SLOTS as u32) * DESC_SIZE;
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(d + DESC_STATUS)).unwrap(), STATUS_IOERR as u32, "descriptor {i}");
+    }
+    assert!(std::fs::read(&path).unwrap() == disk, "nothing reached the disk");
+    vm.shutdown().await;
+}
