@@ -109,7 +109,19 @@ impl Graph {
         if let Some(b) = node.blkdebug() {
             b.take_error(&node.name, Event::Activate, 0, 0)?;
         }
+        let old_len = node.length();
         node.refresh()?;
+        let new_len = node.length();
+        if new_len != old_len {
+            // Another host may have resized the image: bitmaps follow, and a
+            // grown tail is dirty (nothing is known about what it holds).
+            for bm in node.bitmaps().iter().chain(node.internal_bitmaps.read().map(|l| l.clone()).unwrap_or_default().iter()) {
+                bm.resize(new_len);
+                if new_len > old_len {
+                    bm.mark_force(old_len, new_len - old_len);
+                }
+            }
+        }
         let st = self.lock_state();
         // Take the locks as if active first; only then admit writes.
         self.refresh_perms_as(&st, &|n: &Node| n.is_active() || std::ptr::eq(n, node.as_ref()))?;

@@ -292,3 +292,17 @@ async fn misaligned_requests_on_direct_io_are_rejected() {
     assert!(matches!(e, BlockError::Misaligned { .. }), "{e}");
     be.write(0, pattern(3, 4096), WriteFlags::default()).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activation_rereads_the_size_and_bitmaps_follow_a_grown_image() {
+    let d = disks(1).await;
+    let g = &d.graph;
+    let bm = g.bitmap_add("file0", "b", None, false).unwrap();
+    g.inactivate_all().await.unwrap();
+    // Another host grew the image while we were inactive.
+    std::fs::OpenOptions::new().write(true).open(&d.paths[0]).unwrap().set_len(SIZE * 2).unwrap();
+    g.activate_all().await.unwrap();
+    assert_eq!(g.find("file0").unwrap().length(), SIZE * 2, "activation re-reads the size");
+    assert_eq!(bm.size(), SIZE * 2);
+    assert!(bm.is_dirty(SIZE) && !bm.is_dirty(0), "the unknown tail is dirty, the rest untouched");
+}

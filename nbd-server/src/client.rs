@@ -615,8 +615,10 @@ struct Slot {
     /// READ: the destination; this request's data goes to `buf[base..base + len]`.
     buf: Option<IoBuf>,
     base: usize,
-    /// Bytes of a structured READ reply received so far (data and holes; chunks never overlap).
+    /// Bytes of a structured READ reply received so far (data and holes).
     covered: u64,
+    /// The ranges those chunks covered: a server may not send one twice.
+    ranges: Vec<(u64, u64)>,
     /// The first error the server reported (errno, message).
     error: Option<(u32, String)>,
     /// BLOCK_STATUS: the first extent (length, flags).
@@ -732,7 +734,7 @@ impl Shared {
             if let Some(why) = &g.dead {
                 return Err(Failure::Dead(why.clone()));
             }
-            g.slots.insert(cookie, Slot { cmd, offset, len, buf, base, covered: 0, error: None, extent: None, done: tx });
+            g.slots.insert(cookie, Slot { cmd, offset, len, buf, base, covered: 0, ranges: Vec::new(), error: None, extent: None, done: tx });
         }
         let mut guard = SendGuard { shared: self, cookie, stage: Stage::Queued };
         let mut w = self.writer.lock().await;
@@ -919,6 +921,19 @@ async fn read_payload(r: &mut ReadHalf, length: u64) -> io::Result<Vec<u8>> {
     Ok(v)
 }
 
+/// Record that a read chunk covered `[off, off + n)`; overlapping chunks are a
+/// protocol violation (otherwise a repeated chunk could stand in for a missing
+/// one and stale buffer bytes would pass for data).
+fn cover(slot: &mut Slot, off: u64, n: u64) -> io::Result<()> {
+    let end = off.saturating_add(n);
+    if slot.ranges.iter().any(|&(a, b)| off < b && a < end) {
+        return Err(protocol(format!("read chunk at {off} of {n} bytes overlaps an earlier chunk")));
+    }
+    slot.ranges.push((off, end));
+    slot.covered += n;
+    Ok(())
+}
+
 /// Consume one structured or extended chunk's payload into `slot`.
 async fn read_chunk(r: &mut ReadHalf, slot: &mut Slot, kind: u16, length: u64, info: &ExportInfo) -> io::Result<()> {
     let for_read = slot.cmd == proto::CMD_READ;
@@ -937,7 +952,7 @@ async fn read_chunk(r: &mut ReadHalf, slot: &mut Slot, kind: u16, length: u64, i
             let at = chunk_range(slot, off, n)?;
             let dest = slot.buf.as_mut().and_then(|b| b.get_mut(at..at + n as usize)).ok_or_else(|| protocol("read buffer missing"))?;
             r.read_exact(dest).await?;
-            slot.covered += n;
+            cover(slot, off, n)?;
         }
         proto::REPLY_TYPE_OFFSET_HOLE if for_read => {
             let p = read_payload(r, length).await?;
@@ -957,7 +972,7 @@ async fn read_chunk(r: &mut ReadHalf, slot: &mut Slot, kind: u16, length: u64, i
             let at = chunk_range(slot, off, n)?;
             let dest = slot.buf.as_mut().and_then(|b| b.get_mut(at..at + n as usize)).ok_or_else(|| protocol("read buffer missing"))?;
             dest.fill(0);
-            slot.covered += n;
+            cover(slot, off, n)?;
         }
         proto::REPLY_TYPE_BLOCK_STATUS | proto::REPLY_TYPE_BLOCK_STATUS_EXT if slot.cmd == proto::CMD_BLOCK_STATUS => {
             let p = read_payload(r, length).await?;
