@@ -281,21 +281,26 @@ type WriteHalf = BufWriter<Box<dyn AsyncWrite + Send + Unpin>>;
 const READ_BUFFER: usize = 128 << 10;
 const WRITE_BUFFER: usize = 128 << 10;
 
-async fn open_stream(server: &NbdServer) -> io::Result<(ReadHalf, WriteHalf)> {
-    let (r, w): (Box<dyn AsyncRead + Send + Unpin>, Box<dyn AsyncWrite + Send + Unpin>) = match server {
+/// Connect; also returns the socket's fd, so that a dead connection can be
+/// shut down under a sender blocked in a write.
+async fn open_stream(server: &NbdServer) -> io::Result<(ReadHalf, WriteHalf, std::os::fd::RawFd)> {
+    use std::os::fd::AsRawFd;
+    let (r, w, fd): (Box<dyn AsyncRead + Send + Unpin>, Box<dyn AsyncWrite + Send + Unpin>, _) = match server {
         NbdServer::Inet { host, port } => {
             let s = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
             s.set_nodelay(true)?;
+            let fd = s.as_raw_fd();
             let (r, w) = s.into_split();
-            (Box::new(r), Box::new(w))
+            (Box::new(r), Box::new(w), fd)
         }
         NbdServer::Unix { path } => {
             let s = tokio::net::UnixStream::connect(path).await?;
+            let fd = s.as_raw_fd();
             let (r, w) = s.into_split();
-            (Box::new(r), Box::new(w))
+            (Box::new(r), Box::new(w), fd)
         }
     };
-    Ok((BufReader::with_capacity(READ_BUFFER, r), BufWriter::with_capacity(WRITE_BUFFER, w)))
+    Ok((BufReader::with_capacity(READ_BUFFER, r), BufWriter::with_capacity(WRITE_BUFFER, w), fd))
 }
 
 fn protocol(msg: impl Into<String>) -> io::Error {
@@ -663,6 +668,8 @@ struct Shared {
     writer: tokio::sync::Mutex<WriteHalf>,
     inflight: Mutex<Inflight>,
     next_cookie: AtomicU64,
+    /// The socket; open while `writer` (which owns one half) lives, i.e. while `self` does.
+    fd: std::os::fd::RawFd,
 }
 
 /// A protocol violation or I/O error that ends the reader.
@@ -694,6 +701,8 @@ impl Shared {
         for (_, s) in slots {
             let _ = s.done.send(Err(Failure::Dead(why.clone())));
         }
+        // Unblock a sender stuck writing to a server that stopped reading.
+        let _ = nix::sys::socket::shutdown(self.fd, nix::sys::socket::Shutdown::Both);
         true
     }
 
@@ -1042,11 +1051,11 @@ impl NbdClient {
     pub async fn connect(opts: &NbdClientOptions) -> Result<Arc<NbdClient>> {
         let uri = opts.uri();
         let open = async {
-            let (mut r, mut w) = open_stream(&opts.server).await?;
+            let (mut r, mut w, fd) = open_stream(&opts.server).await?;
             let info = Haggle { r: &mut r, w: &mut w, export: &opts.export }.run().await?;
-            io::Result::Ok((r, w, info))
+            io::Result::Ok((r, w, fd, info))
         };
-        let (r, w, info) = match tokio::time::timeout(opts.handshake_timeout, open).await {
+        let (r, w, fd, info) = match tokio::time::timeout(opts.handshake_timeout, open).await {
             Ok(Ok(v)) => v,
             Ok(Err(source)) => return Err(BlockError::Open { path: uri, source }),
             Err(_) => {
@@ -1068,6 +1077,7 @@ impl NbdClient {
             writer: tokio::sync::Mutex::new(w),
             inflight: Mutex::new(Inflight::default()),
             next_cookie: AtomicU64::new(1),
+            fd,
         });
         let reader = tokio::spawn(reader_task(shared.clone(), r));
         Ok(Arc::new(NbdClient { shared, reader: Mutex::new(Some(reader)) }))

@@ -220,6 +220,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Nego<'_, R, W> {
             reply_err(self.w, opt, proto::REP_ERR_UNKNOWN, &format!("export '{name}' not present")).await?;
             return Ok(None);
         };
+        // An export that needs aligned requests (O_DIRECT) only serves clients
+        // that asked for the block sizes, so no client meets EINVAL unawares.
+        let align = export.backend.node().alignment();
+        if opt == proto::OPT_GO && align > 1 && !reqs.contains(&proto::INFO_BLOCK_SIZE) {
+            let msg = format!("export '{name}' requires {align}-byte aligned requests: ask for NBD_INFO_BLOCK_SIZE");
+            reply_err(self.w, opt, proto::REP_ERR_BLOCK_SIZE_REQD, &msg).await?;
+            return Ok(None);
+        }
         let mut d = Vec::with_capacity(16);
         d.extend_from_slice(&proto::INFO_EXPORT.to_be_bytes());
         d.extend_from_slice(&export.size().to_be_bytes());
