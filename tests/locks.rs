@@ -38,16 +38,19 @@ fn image(dir: &Path, name: &str) -> std::path::PathBuf {
     p
 }
 
-/// Wait until `path` has locks (the peer finished opening), at most 10 s.
+/// Wait until `path` has locks and they stopped changing (a process takes
+/// them one byte at a time), at most 10 s.
 fn wait_locked(path: &Path) -> BTreeSet<u64> {
+    let mut last = BTreeSet::new();
     for _ in 0..200 {
         let b = locked_bytes(path);
-        if !b.is_empty() {
+        if !b.is_empty() && b == last {
             return b;
         }
+        last = b;
         std::thread::sleep(Duration::from_millis(50));
     }
-    panic!("no lock appeared on {}", path.display());
+    panic!("no stable lock set appeared on {}: last {last:?}", path.display());
 }
 
 struct Peer(Child);
@@ -205,13 +208,15 @@ fn locks_vanish_when_baton_exits() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
+    // The bytes are taken one fcntl at a time: wait for the whole set.
+    let want = BTreeSet::from([100, 101, 201]);
     for _ in 0..200 {
-        if b.exists() && !locked_bytes(&b).is_empty() {
+        if b.exists() && locked_bytes(&b) == want {
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(locked_bytes(&b), BTreeSet::from([100, 101, 201]));
+    assert_eq!(locked_bytes(&b), want);
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(locked_bytes(&b).is_empty());
