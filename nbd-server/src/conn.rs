@@ -34,6 +34,10 @@ const MAX_EXTENTS: usize = 2048;
 /// Largest buffer kept for reuse; bigger requests allocate (rare: clients
 /// use 2 MiB or less), which bounds a connection's idle memory to ~80 MiB.
 const POOLED_MAX: usize = 2 << 20;
+/// Data buffers one connection may hold at once (a 32-worker connection of
+/// 32 MiB requests would otherwise hold 1 GiB); counted in 4 KiB units.
+const BUFFER_BUDGET: usize = 128 << 20;
+const BUDGET_UNIT: usize = 4096;
 /// Largest oversized write payload we read and discard to stay in sync.
 const MAX_SKIP: u64 = 256 << 20;
 
@@ -53,6 +57,8 @@ pub(crate) struct Conn<R, W> {
     extended: bool,
     contexts: Vec<(u32, Context)>,
     pool: BufPool,
+    /// Bounds the bytes of data buffers in use (BUFFER_BUDGET).
+    budget: tokio::sync::Semaphore,
     /// No more requests are read once set (DISC, EOF, desync, shutdown).
     closed: AtomicBool,
     /// Wakes a worker blocked reading when the connection must stop.
@@ -62,8 +68,9 @@ pub(crate) struct Conn<R, W> {
 }
 
 /// What reading the next request produced.
-enum Incoming {
-    Request(Request, Option<IoBuf>),
+enum Incoming<'a> {
+    /// A request, its payload, and the buffer budget the payload holds.
+    Request(Request, Option<IoBuf>, Option<tokio::sync::SemaphorePermit<'a>>),
     /// A request that fails before it runs (its payload, if any, was skipped).
     Refused(Request, u32, &'static str),
     /// DISC, EOF, or the connection is closing.
@@ -94,6 +101,7 @@ where
             extended: n.extended,
             contexts: n.contexts,
             pool: BufPool::new(POOLED_MAX, WORKERS + 8),
+            budget: tokio::sync::Semaphore::new(BUFFER_BUDGET / BUDGET_UNIT),
             closed: AtomicBool::new(false),
             stop: Notify::new(),
             fd,
@@ -154,7 +162,7 @@ where
                 }
             };
             let res = match incoming {
-                Ok(Incoming::Request(req, payload)) => self.handle(req, payload, &mut scratch).await,
+                Ok(Incoming::Request(req, payload, _budget)) => self.handle(req, payload, &mut scratch).await,
                 Ok(Incoming::Refused(req, errno, why)) => self.send_error(req.cookie, req.offset, errno, why).await,
                 Ok(Incoming::End) => {
                     self.close();
@@ -174,7 +182,13 @@ where
         }
     }
 
-    async fn read_request(&self, rs: &mut ReadSide<R>) -> std::io::Result<Incoming> {
+    /// Buffer budget for a `len`-byte data buffer (None if the budget is closed).
+    async fn budget_for(&self, len: u64) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        let units = (len as usize).div_ceil(BUDGET_UNIT).clamp(1, BUFFER_BUDGET / BUDGET_UNIT);
+        self.budget.acquire_many(units as u32).await.ok()
+    }
+
+    async fn read_request(&self, rs: &mut ReadSide<R>) -> std::io::Result<Incoming<'_>> {
         let n = proto::request_len(self.extended);
         let ReadSide { r, hdr } = rs;
         match r.read_exact(&mut hdr[..n]).await {
@@ -189,7 +203,7 @@ where
         // Does a payload follow? Writes always; other commands only with PAYLOAD_LEN (extended).
         let has_payload = req.kind == proto::CMD_WRITE || (self.extended && req.flags & proto::CMD_FLAG_PAYLOAD_LEN != 0);
         if !has_payload {
-            return Ok(Incoming::Request(req, None));
+            return Ok(Incoming::Request(req, None, None));
         }
         if req.kind != proto::CMD_WRITE || req.length > u64::from(proto::MAX_PAYLOAD) {
             if req.length > MAX_SKIP {
@@ -200,9 +214,12 @@ where
             let why = if req.kind == proto::CMD_WRITE { "write payload larger than the maximum block size" } else { "unexpected payload" };
             return Ok(Incoming::Refused(req, errno, why));
         }
+        // Wait for buffer budget before reading the payload (back-pressure on the client).
+        let permit = self.budget_for(req.length).await;
         let mut buf = self.pool.get(req.length as usize);
         r.read_exact(&mut buf).await?;
-        Ok(Incoming::Request(req, Some(buf)))
+        // The permit travels with the request: released once it is answered.
+        Ok(Incoming::Request(req, Some(buf), permit))
     }
 
     /// Bounds and flag checks common to every command; returns the errno to refuse with.
@@ -298,6 +315,7 @@ where
             return w.flush().await;
         }
         let be = &self.export.backend;
+        let _budget = self.budget_for(req.length).await;
         let buf = self.pool.get(req.length as usize);
         let buf = match be.read(req.offset, buf).await {
             Ok(b) => b,
