@@ -58,6 +58,26 @@ pub trait ExitHandler: Send + Sync + 'static {
     fn fatal(&self, vcpu: u64, why: String);
 }
 
+/// A vCPU's architectural state: what migration carries.
+#[derive(Clone, Copy)]
+pub struct VcpuState {
+    pub regs: kvm_bindings::kvm_regs,
+    pub sregs: kvm_bindings::kvm_sregs,
+}
+
+impl std::fmt::Debug for VcpuState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuState").field("rip", &self.regs.rip).field("rsp", &self.regs.rsp).finish_non_exhaustive()
+    }
+}
+
+/// A request to a parked vCPU thread (KVM's vCPU ioctls run on its own thread).
+#[derive(Debug)]
+enum StateOp {
+    Save,
+    Restore(Box<VcpuState>),
+}
+
 #[derive(Debug, Default)]
 struct Ctl {
     /// vCPUs may run.
@@ -66,6 +86,10 @@ struct Ctl {
     exit: bool,
     /// Threads currently between "start running" and "stopped" (I2: zero while paused).
     in_run: usize,
+    /// Pending state requests, by vCPU id.
+    requests: Vec<(u64, StateOp)>,
+    /// Answers to them.
+    answers: Vec<(u64, Result<Box<VcpuState>, String>)>,
 }
 
 /// Shared control of every vCPU thread.
@@ -105,6 +129,13 @@ impl Vcpus {
             {
                 let mut c = self.lock();
                 while !c.run && !c.exit {
+                    if let Some(i) = c.requests.iter().position(|(who, _)| *who == id) {
+                        let (_, op) = c.requests.swap_remove(i);
+                        let answer = Self::state_op(vcpu, op);
+                        c.answers.push((id, answer));
+                        self.cond.notify_all();
+                        continue;
+                    }
                     c = self.cond.wait(c).unwrap_or_else(|p| p.into_inner());
                 }
                 if c.exit {
@@ -149,6 +180,51 @@ impl Vcpus {
             }
             self.cond.notify_all();
         }
+    }
+
+    fn state_op(vcpu: &VcpuFd, op: StateOp) -> Result<Box<VcpuState>, String> {
+        match op {
+            StateOp::Save => {
+                let regs = vcpu.get_regs().map_err(|e| format!("KVM_GET_REGS: {e}"))?;
+                let sregs = vcpu.get_sregs().map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
+                Ok(Box::new(VcpuState { regs, sregs }))
+            }
+            StateOp::Restore(st) => {
+                vcpu.set_sregs(&st.sregs).map_err(|e| format!("KVM_SET_SREGS: {e}"))?;
+                vcpu.set_regs(&st.regs).map_err(|e| format!("KVM_SET_REGS: {e}"))?;
+                Ok(st)
+            }
+        }
+    }
+
+    /// Run a state request on vCPU `id`'s own thread; the vCPUs must be paused.
+    fn request(&self, id: u64, op: StateOp) -> Result<Box<VcpuState>, String> {
+        let mut c = self.lock();
+        if c.run || c.in_run > 0 {
+            return Err("the vCPUs must be stopped".into());
+        }
+        let threads = self.threads.lock().map(|t| t.len()).unwrap_or(0) as u64;
+        if id >= threads {
+            return Err(format!("no vCPU {id}"));
+        }
+        c.requests.push((id, op));
+        self.cond.notify_all();
+        loop {
+            if let Some(i) = c.answers.iter().position(|(who, _)| *who == id) {
+                return c.answers.swap_remove(i).1;
+            }
+            c = self.cond.wait(c).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// The state of vCPU `id` (stopped).
+    pub fn save(&self, id: u64) -> Result<VcpuState, String> {
+        self.request(id, StateOp::Save).map(|b| *b)
+    }
+
+    /// Load a state into vCPU `id` (stopped).
+    pub fn restore(&self, id: u64, st: VcpuState) -> Result<(), String> {
+        self.request(id, StateOp::Restore(Box::new(st))).map(|_| ())
     }
 
     fn kick_all(&self) {

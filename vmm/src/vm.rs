@@ -85,6 +85,19 @@ pub struct VerifyResult {
     pub bad: u32,
 }
 
+/// Everything a stopped guest is made of, but its disk (which the block
+/// layer hands over): what a migration carries, and what `restore` loads
+/// into a VM built with the same configuration.
+#[derive(Debug, Clone)]
+pub struct VmState {
+    pub memory: u64,
+    /// Guest RAM, page by page from address 0.
+    pub ram: Vec<u8>,
+    pub vcpus: Vec<crate::vcpu::VcpuState>,
+    /// The block device's consumed counter.
+    pub device: u32,
+}
+
 /// Sink for VM events (STOP, RESUME, BLOCK_IO_ERROR).
 pub type VmEvents = Arc<dyn Fn(&str, Value) + Send + Sync>;
 
@@ -332,6 +345,43 @@ impl Vm {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// Capture a stopped guest (RAM, vCPUs, device). Not while running: the
+    /// caller stops it first, which also drains the device.
+    pub async fn save(&self) -> Result<VmState, VmmError> {
+        let _c = self.control.lock().await;
+        if self.is_running() || self.vcpus.any_in_run() {
+            return Err(VmmError::State("stop the guest before saving its state".into()));
+        }
+        let mut ram = vec![0u8; self.config.memory as usize];
+        self.mem.read_slice(&mut ram, GuestAddress(0)).map_err(|e| VmmError::Memory(e.to_string()))?;
+        let mut vcpus = Vec::new();
+        for id in 0..u64::from(self.config.vcpus) {
+            vcpus.push(self.vcpus.save(id).map_err(VmmError::State)?);
+        }
+        Ok(VmState { memory: self.config.memory, ram, vcpus, device: self.device.save() })
+    }
+
+    /// Load a saved guest into this VM (prelaunch or inmigrate; same
+    /// configuration). A state that does not fit is refused whole (I9).
+    pub async fn restore(&self, st: &VmState) -> Result<(), VmmError> {
+        let _c = self.control.lock().await;
+        if !matches!(self.state(), RunState::Prelaunch | RunState::InMigrate | RunState::Paused) {
+            return Err(VmmError::State(format!("cannot load a guest into a VM that is {}", self.state().as_str())));
+        }
+        if st.memory != self.config.memory || st.ram.len() as u64 != st.memory {
+            return Err(VmmError::State(format!("saved RAM is {} bytes, this VM has {}", st.ram.len(), self.config.memory)));
+        }
+        if st.vcpus.len() != self.config.vcpus as usize {
+            return Err(VmmError::State(format!("saved state has {} vCPUs, this VM has {}", st.vcpus.len(), self.config.vcpus)));
+        }
+        self.mem.write_slice(&st.ram, GuestAddress(0)).map_err(|e| VmmError::Memory(e.to_string()))?;
+        for (id, v) in st.vcpus.iter().enumerate() {
+            self.vcpus.restore(id as u64, *v).map_err(VmmError::State)?;
+        }
+        self.device.restore(st.device);
+        Ok(())
     }
 
     /// One dirty-log pass (guest and VMM writes since the last pass).

@@ -243,3 +243,69 @@ async fn hostile_descriptors_get_an_error_status_and_nothing_else() {
     assert!(std::fs::read(&path).unwrap() == disk, "nothing reached the disk");
     vm.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saved_guest_continues_in_a_new_vm_on_a_copy_of_its_disk() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let cfg = VmConfig { vcpus: 2, ..VmConfig::default() };
+    let (_g, vm, dir, path, _e) = vm_on_file(8, json!({}), cfg.clone()).await;
+    vm.cont().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(vm.save().await.is_err(), "a running guest cannot be saved");
+    vm.stop().await.unwrap();
+    let before = vm.stats();
+    let state = vm.save().await.unwrap();
+    vm.shutdown().await;
+
+    // The disk's handover, here a plain copy; then a new VM loads the guest.
+    let copy = dir.path().join("copy.img");
+    std::fs::copy(&path, &copy).unwrap();
+    let g2 = Arc::new(Graph::new());
+    g2.blockdev_add(&json!({"driver": "file", "node-name": "d", "filename": copy})).await.unwrap();
+    let be = g2.attach("d", "guest disk", PermSet::GUEST_WRITER, true).unwrap();
+    let vm2 = Vm::new(cfg, be, tokio::runtime::Handle::current(), Arc::new(|_: &str, _| {}), true).unwrap();
+    assert_eq!(vm2.state(), RunState::InMigrate);
+    let mut bad = state.clone();
+    bad.ram.truncate(4096);
+    assert!(vm2.restore(&bad).await.is_err(), "a state that does not fit is refused");
+    vm2.restore(&state).await.unwrap();
+    vm2.set_state(RunState::Paused);
+    assert_eq!(vm2.stats(), before, "the counters came along in RAM");
+    vm2.cont().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let after = vm2.stats();
+    assert!(after.writes > before.writes, "the guest goes on where it stopped: {before:?} -> {after:?}");
+    assert_eq!(after.mismatches, 0);
+    let v = vm2.verify(Duration::from_secs(60)).await.unwrap();
+    assert!(v.checked > 0 && v.bad == 0, "every block written before and after the move checks out: {v:?}");
+    vm2.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handover_that_loses_writes_is_caught_by_the_guest() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let (_g, vm, dir, path, _e) = vm_on_file(8, json!({}), VmConfig::default()).await;
+    vm.cont().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A stale copy of the disk: the writes after this point are "lost".
+    let stale = dir.path().join("stale.img");
+    std::fs::copy(&path, &stale).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    vm.stop().await.unwrap();
+    let state = vm.save().await.unwrap();
+    vm.shutdown().await;
+    let g2 = Arc::new(Graph::new());
+    g2.blockdev_add(&json!({"driver": "file", "node-name": "d", "filename": stale})).await.unwrap();
+    let be = g2.attach("d", "guest disk", PermSet::GUEST_WRITER, true).unwrap();
+    let vm2 = Vm::new(VmConfig::default(), be, tokio::runtime::Handle::current(), Arc::new(|_: &str, _| {}), true).unwrap();
+    vm2.restore(&state).await.unwrap();
+    vm2.set_state(RunState::Paused);
+    vm2.cont().await.unwrap();
+    let v = vm2.verify(Duration::from_secs(60)).await.unwrap();
+    assert!(v.bad > 0, "lost writes show up as mismatches: {v:?}");
+    vm2.shutdown().await;
+}
