@@ -162,6 +162,10 @@ pub trait JobDriver: Send + Sync + 'static {
     fn extra_info(&self, _job: &Job) -> Value {
         json!({})
     }
+    /// Nothing is left to copy right now (a mirror: bitmap empty, nothing in flight).
+    fn in_sync(&self) -> bool {
+        false
+    }
     /// The work is committed (a mirror pivoted): cancelling in PENDING cannot undo it.
     fn committed(&self) -> bool {
         false
@@ -668,6 +672,11 @@ impl JobManager {
                 })
                 .collect(),
         )
+    }
+
+    /// Whether job `id` is READY and has nothing left to copy.
+    pub fn in_sync(&self, id: &str) -> bool {
+        self.find(id).ok().is_some_and(|j| j.status() == Status::Ready && Self::driver_of(&j).is_some_and(|d| d.in_sync()))
     }
 
     /// Cancel every job and wait for them (daemon shutdown).

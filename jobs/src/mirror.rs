@@ -242,8 +242,11 @@ pub fn start(graph: &Arc<Graph>, mgr: &Arc<JobManager>, job: JobOptions, opts: M
     }
     let user = format!("job '{}'", job.id);
     let src = graph.attach(&opts.source, &user, PermSet::new(Perm::CONSISTENT_READ, Perm::ALL), false)?;
-    // The target's content is not the source's until the job is done: take write, share only unchanged writes.
-    let tgt = graph.attach(&opts.target, &user, PermSet::new(Perm::WRITE, Perm::WRITE_UNCHANGED), false)?;
+    // The target's content is not the source's until the job is done: take
+    // write, share only unchanged writes. The target may be inactivated under
+    // the job (QEMU's force_allow_inactivate): a migration's switchover does
+    // that once the job is in sync and the guest stopped.
+    let tgt = graph.attach(&opts.target, &user, PermSet::new(Perm::WRITE, Perm::WRITE_UNCHANGED), true)?;
     let bitmap = Arc::new(DirtyBitmap::new(&format!("#mirror-{}", job.id), source.length(), g).map_err(|e| BlockError::Bitmap { node: source.name().to_string(), source: e })?);
     bitmap.set_busy(true);
     if opts.sync != SyncMode::None {
@@ -483,6 +486,11 @@ impl JobDriver for MirrorDriver {
 
     fn committed(&self) -> bool {
         self.shared.pivoted.load(Ordering::SeqCst)
+    }
+
+    fn in_sync(&self) -> bool {
+        let s = &self.shared;
+        s.bitmap.dirty_granules() == 0 && s.inflight.is_empty()
     }
 
     fn extra_info(&self, job: &Job) -> Value {

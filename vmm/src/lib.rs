@@ -7,6 +7,7 @@
 pub mod device;
 pub mod layout;
 pub mod memory;
+pub mod switchover;
 pub mod vcpu;
 pub mod vm;
 

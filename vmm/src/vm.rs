@@ -291,7 +291,13 @@ impl Vm {
         self.stop_locked(RunState::Paused).await
     }
 
-    /// Stop into a given state (migration uses finish-migrate).
+    /// Stop into a given state (a migration stops into finish-migrate).
+    pub async fn stop_into(&self, to: RunState) -> Result<Duration, VmmError> {
+        let _c = self.control.lock().await;
+        self.stop_locked(to).await
+    }
+
+    /// Stop into a given state, with the control lock held.
     pub async fn stop_locked(&self, to: RunState) -> Result<Duration, VmmError> {
         let t = Instant::now();
         let was_running = self.is_running();
@@ -367,7 +373,7 @@ impl Vm {
     /// configuration). A state that does not fit is refused whole (I9).
     pub async fn restore(&self, st: &VmState) -> Result<(), VmmError> {
         let _c = self.control.lock().await;
-        if !matches!(self.state(), RunState::Prelaunch | RunState::InMigrate | RunState::Paused) {
+        if !matches!(self.state(), RunState::Prelaunch | RunState::InMigrate | RunState::Paused | RunState::FinishMigrate) {
             return Err(VmmError::State(format!("cannot load a guest into a VM that is {}", self.state().as_str())));
         }
         if st.memory != self.config.memory || st.ram.len() as u64 != st.memory {
