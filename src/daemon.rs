@@ -39,6 +39,23 @@ pub enum NbdAddr {
     Unix { path: PathBuf },
 }
 
+/// Where an incoming migration is accepted.
+enum Incoming {
+    Unix(tokio::net::UnixListener),
+    Tcp(tokio::net::TcpListener),
+}
+
+/// `unix:PATH` or `tcp:HOST:PORT`.
+fn parse_uri(uri: &str) -> Result<NbdAddr, DaemonError> {
+    if let Some(p) = uri.strip_prefix("unix:") {
+        return Ok(NbdAddr::Unix { path: p.into() });
+    }
+    if let Some((host, port)) = uri.strip_prefix("tcp:").and_then(|r| r.rsplit_once(':')) {
+        return Ok(NbdAddr::Inet { host: host.trim_matches(['[', ']']).to_string(), port: port.to_string() });
+    }
+    Err(DaemonError::Vm(format!("migration URI '{uri}' is not unix:PATH or tcp:HOST:PORT")))
+}
+
 struct NbdService {
     server: Arc<Server>,
     task: tokio::task::JoinHandle<()>,
@@ -50,6 +67,8 @@ pub struct Daemon {
     pub jobs: Arc<jobs::JobManager>,
     /// The guest, when started with `--vm`.
     vm: std::sync::Mutex<Option<Arc<vmm::Vm>>>,
+    /// The outgoing migration's progress (query-migrate).
+    pub migration: std::sync::Mutex<Arc<vmm::migration::Progress>>,
     nbd: Mutex<Option<NbdService>>,
     events: broadcast::Sender<Value>,
     /// Serialises QMP commands.
@@ -79,7 +98,7 @@ impl Daemon {
         let jobs = jobs::JobManager::new(Arc::new(move |event: &str, data: Value| {
             let _ = tx.send(json!({"event": event, "data": data, "timestamp": timestamp()}));
         }));
-        Arc::new(Daemon { graph, jobs, vm: std::sync::Mutex::new(None), nbd: Mutex::new(None), events, bql: Mutex::new(()), quit: Notify::new(), quitting: AtomicBool::new(false) })
+        Arc::new(Daemon { graph, jobs, vm: std::sync::Mutex::new(None), migration: std::sync::Mutex::new(Arc::default()), nbd: Mutex::new(None), events, bql: Mutex::new(()), quit: Notify::new(), quitting: AtomicBool::new(false) })
     }
 
     /// The guest, if any.
@@ -87,9 +106,11 @@ impl Daemon {
         self.vm.lock().ok().and_then(|v| v.clone())
     }
 
-    /// Create the guest on `disk` (`--vm`); it stays in prelaunch (or inmigrate).
+    /// Create the guest on `disk` (`--vm`); it stays in prelaunch (or
+    /// inmigrate, holding no permission on its disk until it first runs).
     pub fn create_vm(&self, config: vmm::VmConfig, disk: &str, incoming: bool) -> Result<Arc<vmm::Vm>, DaemonError> {
-        let backend = self.graph.attach(disk, "guest disk", block::PermSet::GUEST_WRITER, true)?;
+        let perms = if incoming { block::PermSet::new(block::Perm::NONE, block::Perm::ALL) } else { block::PermSet::GUEST_WRITER };
+        let backend = self.graph.attach(disk, "guest disk", perms, true)?;
         let tx = self.events.clone();
         let events: vmm::vm::VmEvents = Arc::new(move |event: &str, data: Value| {
             let _ = tx.send(json!({"event": event, "data": data, "timestamp": timestamp()}));
@@ -99,6 +120,100 @@ impl Daemon {
             *v = Some(vm.clone());
         }
         Ok(vm)
+    }
+
+    /// Start an outgoing migration to `uri` (unix:PATH or tcp:HOST:PORT).
+    pub fn migrate(self: &Arc<Self>, uri: &str) -> Result<(), DaemonError> {
+        let vm = self.vm().ok_or_else(|| DaemonError::Vm("there is no guest to migrate".into()))?;
+        let current = self.migration.lock().map(|m| m.clone()).unwrap_or_default();
+        if matches!(current.status(), vmm::migration::Status::Setup | vmm::migration::Status::Active | vmm::migration::Status::Device) {
+            return Err(DaemonError::Vm("a migration is already in progress".into()));
+        }
+        if !matches!(vm.state(), vmm::RunState::Running | vmm::RunState::Paused) {
+            return Err(DaemonError::Vm(format!("cannot migrate a guest that is {}", vm.state().as_str())));
+        }
+        let target = parse_uri(uri)?;
+        let p: Arc<vmm::migration::Progress> = Arc::default();
+        if let Ok(mut m) = self.migration.lock() {
+            *m = p.clone();
+        }
+        p.set(vmm::migration::Status::Setup);
+        self.emit("MIGRATION", json!({"status": "setup"}));
+        let d = self.clone();
+        tokio::spawn(async move {
+            // Not under the command lock: query-migrate and migrate-cancel must work meanwhile.
+            let res = async {
+                match target {
+                    NbdAddr::Unix { path } => {
+                        let s = tokio::net::UnixStream::connect(&path).await.map_err(|e| vmm::migration::MigrationError::Invalid(format!("cannot connect to {}: {e}", path.display())))?;
+                        vmm::migration::migrate_out(&d.graph, &d.jobs, &vm, s, &p).await
+                    }
+                    NbdAddr::Inet { host, port } => {
+                        let s = tokio::net::TcpStream::connect(format!("{host}:{port}")).await.map_err(|e| vmm::migration::MigrationError::Invalid(format!("cannot connect to {host}:{port}: {e}")))?;
+                        vmm::migration::migrate_out(&d.graph, &d.jobs, &vm, s, &p).await
+                    }
+                }
+            }
+            .await;
+            let status = match &res {
+                Ok(()) => vmm::migration::Status::Completed,
+                Err(vmm::migration::MigrationError::Cancelled) => vmm::migration::Status::Cancelled,
+                Err(e) => {
+                    p.fail(crate::error_chain(e));
+                    vmm::migration::Status::Failed
+                }
+            };
+            p.set(status);
+            d.emit("MIGRATION", json!({"status": status.as_str()}));
+        });
+        Ok(())
+    }
+
+    /// Wait for incoming migrations on `uri` (`--incoming`); the guest resumes
+    /// after the first that succeeds unless `paused`.
+    pub async fn listen_incoming(self: &Arc<Self>, uri: &str, paused: bool) -> Result<(), DaemonError> {
+        let vm = self.vm().ok_or_else(|| DaemonError::Vm("--incoming needs --vm".into()))?;
+        let listener = match parse_uri(uri)? {
+            NbdAddr::Unix { path } => {
+                let _ = std::fs::remove_file(&path);
+                crate::daemon::Incoming::Unix(tokio::net::UnixListener::bind(&path).map_err(|source| DaemonError::Listen { addr: uri.into(), source })?)
+            }
+            NbdAddr::Inet { host, port } => {
+                let a = format!("{host}:{port}");
+                crate::daemon::Incoming::Tcp(tokio::net::TcpListener::bind(&a).await.map_err(|source| DaemonError::Listen { addr: a, source })?)
+            }
+        };
+        let d = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let res = match &listener {
+                    Incoming::Unix(l) => match l.accept().await {
+                        Ok((s, _)) => vmm::migration::migrate_in(&d.graph, &vm, s).await,
+                        Err(_) => continue,
+                    },
+                    Incoming::Tcp(l) => match l.accept().await {
+                        Ok((s, _)) => vmm::migration::migrate_in(&d.graph, &vm, s).await,
+                        Err(_) => continue,
+                    },
+                };
+                match res {
+                    Ok(()) => {
+                        d.emit("MIGRATION", json!({"status": "completed"}));
+                        if !paused {
+                            if let Err(e) = vm.cont().await {
+                                tracing::warn!(error = %e, "incoming migration done, but the guest cannot resume; fix and `cont`");
+                            }
+                        }
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %crate::error_chain(&e), "incoming migration failed; waiting for another attempt");
+                        d.emit("MIGRATION", json!({"status": "failed"}));
+                    }
+                }
+            }
+        });
+        Ok(())
     }
 
     /// Send an event to every monitor.

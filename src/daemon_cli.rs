@@ -45,6 +45,9 @@ pub struct Args {
     /// Start the guest paused (as QEMU's -S); `cont` starts it.
     #[arg(short = 'S')]
     start_paused: bool,
+    /// Wait for the guest to arrive by migration on unix:PATH or tcp:HOST:PORT.
+    #[arg(long = "incoming", value_name = "URI")]
+    incoming: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -182,10 +185,14 @@ pub async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         if let Some(k) = o.keys().next() {
             return Err(opt_err("--vm", format!("parameter '{k}' is unexpected")).into());
         }
-        let vm = d.create_vm(cfg, &disk, false).map_err(|e| opt_err("--vm", e))?;
-        if !a.start_paused {
-            vm.cont().await.map_err(|e| opt_err("--vm", e))?;
+        let vm = d.create_vm(cfg, &disk, a.incoming.is_some()).map_err(|e| opt_err("--vm", e))?;
+        match &a.incoming {
+            Some(uri) => d.listen_incoming(uri, a.start_paused).await.map_err(|e| opt_err("--incoming", e))?,
+            None if !a.start_paused => vm.cont().await.map_err(|e| opt_err("--vm", e))?,
+            None => {}
         }
+    } else if a.incoming.is_some() {
+        return Err(opt_err("--incoming", "needs --vm").into());
     }
 
     let mut chardevs: HashMap<String, PathBuf> = HashMap::new();

@@ -18,8 +18,12 @@ use serde_json::json;
 
 /// The bytes locked on `path`'s inode, by anyone, from /proc/locks.
 fn locked_bytes(path: &Path) -> BTreeSet<u64> {
-    let ino = std::fs::metadata(path).unwrap().ino();
-    let needle = format!(":{ino} ");
+    // /proc/locks names a file MAJ:MIN:INODE (major, minor in hex): match all
+    // three, or a file with the same inode number on another device counts too.
+    let m = std::fs::metadata(path).unwrap();
+    let dev = m.dev();
+    let (major, minor) = ((dev >> 8) & 0xfff, (dev & 0xff) | ((dev >> 12) & 0xfff00));
+    let needle = format!(" {major:02x}:{minor:02x}:{} ", m.ino());
     let mut bytes = BTreeSet::new();
     for line in std::fs::read_to_string("/proc/locks").unwrap().lines() {
         if line.contains("->") || !line.contains(&needle) {

@@ -134,6 +134,7 @@ pub static EVENTS: &[(&str, &[Field])] = &[
     ("BLOCK_JOB_CANCELLED", &[req("type", Ty::Str), req("device", Ty::Str), req("len", Ty::Int), req("offset", Ty::Int), req("speed", Ty::Int)]),
     ("BLOCK_JOB_ERROR", &[req("device", Ty::Str), req("operation", Ty::Str), req("action", Ty::Str)]),
     ("BLOCK_JOB_PENDING", &[req("type", Ty::Str), req("id", Ty::Str)]),
+    ("MIGRATION", &[req("status", Ty::Str)]),
     ("STOP", &[]),
     ("RESUME", &[]),
     (
@@ -195,6 +196,9 @@ pub static COMMANDS: &[Command] = &[
     Command { name: "block-job-dismiss", args: Args::Fields(&JOB_ID), ret: None, handler: handler!(block_job_dismiss) },
     Command { name: "block-job-set-speed", args: Args::Fields(&BLOCK_JOB_SPEED), ret: None, handler: handler!(block_job_set_speed) },
     Command { name: "block-job-change", args: Args::Fields(&JOB_CHANGE), ret: None, handler: handler!(job_change) },
+    Command { name: "migrate", args: Args::Fields(&[req("uri", Ty::Str), opt("detach", Ty::Bool), opt("resume", Ty::Bool)]), ret: None, handler: handler!(migrate) },
+    Command { name: "migrate-cancel", args: Args::Fields(&[]), ret: None, handler: handler!(migrate_cancel) },
+    Command { name: "query-migrate", args: Args::Fields(&[]), ret: Some(&ANY_RET), handler: handler!(query_migrate) },
     Command { name: "stop", args: Args::Fields(&[]), ret: None, handler: handler!(stop) },
     Command { name: "cont", args: Args::Fields(&[]), ret: None, handler: handler!(cont) },
     Command { name: "query-status", args: Args::Fields(&[]), ret: Some(&STATUS_RET), handler: handler!(query_status) },
@@ -843,4 +847,41 @@ async fn guest_verify(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
     let ms = a.get("timeout-ms").and_then(Value::as_u64).unwrap_or(120_000);
     let r = vm.verify(std::time::Duration::from_millis(ms)).await.map_err(|e| QmpError::generic(e.to_string()))?;
     Ok(json!({"checked": r.checked, "mismatches": r.bad}))
+}
+
+// ---- migration ----
+
+async fn migrate(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
+    if b(&a, "resume") == Some(true) {
+        return Err(QmpError::generic("resuming a postcopy migration is not supported"));
+    }
+    d.migrate(&s(&a, "uri"))?;
+    Ok(json!({}))
+}
+
+async fn migrate_cancel(d: Arc<Daemon>, _: Map<String, Value>) -> Reply {
+    if let Ok(p) = d.migration.lock() {
+        p.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+    Ok(json!({}))
+}
+
+async fn query_migrate(d: Arc<Daemon>, _: Map<String, Value>) -> Reply {
+    let p = d.migration.lock().map(|p| p.clone()).unwrap_or_default();
+    let status = p.status();
+    if status == vmm::migration::Status::None {
+        return Ok(json!({}));
+    }
+    let sent = p.pages_sent.load(std::sync::atomic::Ordering::SeqCst);
+    let total = d.vm().map(|v| v.config().memory).unwrap_or(0);
+    let mut v = json!({
+        "status": status.as_str(),
+        "ram": {"transferred": sent * 4096, "total": total, "normal": sent, "normal-bytes": sent * 4096,
+                "dirty-sync-count": p.passes.load(std::sync::atomic::Ordering::SeqCst),
+                "remaining": p.dirty_pages.load(std::sync::atomic::Ordering::SeqCst) * 4096},
+    });
+    if let Some(e) = p.error() {
+        v["error-desc"] = json!(e);
+    }
+    Ok(v)
 }

@@ -7,6 +7,8 @@
 pub mod device;
 pub mod layout;
 pub mod memory;
+pub mod migration;
+pub mod stream;
 pub mod switchover;
 pub mod vcpu;
 pub mod vm;
@@ -28,4 +30,16 @@ pub enum VmmError {
     State(String),
     #[error("node '{0}' is inactive: the guest cannot run on it")]
     InactiveDisk(String),
+}
+
+/// An error and its sources, `: `-separated.
+pub(crate) fn error_text(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }

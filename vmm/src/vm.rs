@@ -279,6 +279,12 @@ impl Vm {
             _ => {}
         }
         self.check_active()?;
+        // A guest that arrived by migration held no permission while it waited
+        // (the disk was the mirror's target): take the exclusive writer now.
+        let be = self.device.backend();
+        if be.perms() != block::PermSet::GUEST_WRITER {
+            be.set_perms(block::PermSet::GUEST_WRITER, true).map_err(|e| VmmError::State(format!("the guest cannot take its disk: {}", e.chain())))?;
+        }
         self.set_state(RunState::Running);
         self.vcpus.resume();
         (self.events)("RESUME", json!({}));
@@ -387,6 +393,20 @@ impl Vm {
             self.vcpus.restore(id as u64, *v).map_err(VmmError::State)?;
         }
         self.device.restore(st.device);
+        Ok(())
+    }
+
+    /// Load vCPU registers and the device counter (an incoming migration;
+    /// RAM arrived separately).
+    pub async fn load_cpu_state(&self, vcpus: &[crate::vcpu::VcpuState], device: u32) -> Result<(), VmmError> {
+        let _c = self.control.lock().await;
+        if vcpus.len() != self.config.vcpus as usize {
+            return Err(VmmError::State(format!("{} vCPU states for {} vCPUs", vcpus.len(), self.config.vcpus)));
+        }
+        for (id, v) in vcpus.iter().enumerate() {
+            self.vcpus.restore(id as u64, *v).map_err(VmmError::State)?;
+        }
+        self.device.restore(device);
         Ok(())
     }
 

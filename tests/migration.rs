@@ -1,0 +1,159 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! Live migration between two `baton daemon` processes that do not share
+//! storage: the disk moves through a mirror into the destination's NBD
+//! export, RAM by pre-copy, the rest at the switchover; the guest's own
+//! check proves no write was lost. A refused migration leaves the source
+//! running as before (a second attempt after a refusal is covered in vmm/tests/switchover.rs).
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::Qmp;
+use serde_json::{json, Value};
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn daemon(args: &[String]) -> Proc {
+    Proc(Command::new(env!("CARGO_BIN_EXE_baton")).arg("daemon").args(args).stdout(Stdio::null()).spawn().unwrap())
+}
+
+fn image(p: &Path) {
+    std::fs::File::create(p).unwrap().set_len(16 << 20).unwrap();
+}
+
+fn wait_for(q: &mut Qmp, cmd: &str, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = q.execute(cmd, json!({}));
+        if f(&r["return"]) {
+            return r["return"].clone();
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}: last {r}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn ok(q: &mut Qmp, cmd: &str, args: Value) -> Value {
+    let r = q.execute(cmd, args.clone());
+    assert!(r.get("return").is_some(), "{cmd} {args}: {r}");
+    r["return"].clone()
+}
+
+struct Pair {
+    dir: tempfile::TempDir,
+    _src: Proc,
+    _dst: Proc,
+    sq: Qmp,
+    dq: Qmp,
+}
+
+/// Source guest running on src.img; destination waiting (-S) with an empty
+/// dst.img exported for the mirror; the mirror READY.
+fn pair(dst_memory: &str) -> Pair {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n).display().to_string();
+    image(&dir.path().join("src.img"));
+    image(&dir.path().join("dst.img"));
+    let dst = daemon(&[
+        "--blockdev".into(),
+        format!("driver=file,node-name=disk,filename={}", d("dst.img")),
+        "--nbd-server".into(),
+        format!("addr.type=unix,addr.path={}", d("nbd.sock")),
+        "--export".into(),
+        "type=nbd,id=e,node-name=disk,writable=on".into(),
+        "--vm".into(),
+        format!("memory={dst_memory},disk=disk"),
+        "-S".into(),
+        "--incoming".into(),
+        format!("unix:{}", d("mig.sock")),
+        "--qmp".into(),
+        format!("unix:{}", d("dq.sock")),
+    ]);
+    let src = daemon(&[
+        "--blockdev".into(),
+        format!("driver=file,node-name=disk,filename={}", d("src.img")),
+        "--vm".into(),
+        "memory=64M,disk=disk".into(),
+        "--qmp".into(),
+        format!("unix:{}", d("sq.sock")),
+    ]);
+    let mut sq = Qmp::connect(&dir.path().join("sq.sock"));
+    let dq = Qmp::connect(&dir.path().join("dq.sock"));
+    ok(&mut sq, "blockdev-add", json!({"driver": "nbd", "node-name": "tgt", "server": {"type": "unix", "path": d("nbd.sock")}, "export": "disk"}));
+    ok(&mut sq, "blockdev-mirror", json!({"job-id": "m0", "device": "disk", "target": "tgt", "sync": "full"}));
+    wait_for(&mut sq, "query-block-jobs", "READY", |v| v[0]["ready"] == true);
+    std::thread::sleep(Duration::from_millis(500));
+    Pair { dir, _src: src, _dst: dst, sq, dq }
+}
+
+#[test]
+fn a_running_guest_and_its_disk_move_to_another_daemon() {
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("skipped: /dev/kvm is missing on this machine");
+        return;
+    }
+    let mut p = pair("64M");
+    let before = ok(&mut p.sq, "x-baton-guest-stats", json!({}));
+    ok(&mut p.sq, "migrate", json!({"uri": format!("unix:{}", p.dir.path().join("mig.sock").display())}));
+    let m = wait_for(&mut p.sq, "query-migrate", "the end of the migration", |v| matches!(v["status"].as_str(), Some("completed" | "failed")));
+    assert_eq!(m["status"], "completed", "{m}");
+    // I8: the source is stopped for good, its disk inactive; the destination waits (-S).
+    assert_eq!(ok(&mut p.sq, "query-status", json!({}))["status"], "postmigrate");
+    let nodes = ok(&mut p.sq, "query-named-block-nodes", json!({}));
+    assert!(nodes.as_array().unwrap().iter().all(|n| n["active"] == false), "{nodes}");
+    wait_for(&mut p.dq, "query-status", "the destination to be paused", |v| v["status"] == "paused");
+    // The destination's export was the mirror's target: it goes before the guest takes the disk.
+    let r = p.dq.execute("cont", json!({}));
+    assert!(r.get("error").is_some(), "the guest cannot take a disk still exported for writing: {r}");
+    // As libvirt does: the source ends its mirror and lets go of the export, then the destination removes it.
+    ok(&mut p.sq, "block-job-cancel", json!({"device": "m0"}));
+    wait_for(&mut p.sq, "query-block-jobs", "the mirror to end", |v| v.as_array().is_some_and(|a| a.is_empty()));
+    ok(&mut p.sq, "blockdev-del", json!({"node-name": "tgt"}));
+    wait_for(&mut p.dq, "query-block-exports", "the export", |v| v.as_array().is_some_and(|a| a.len() == 1));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = p.dq.execute("block-export-del", json!({"id": "e"}));
+        if r.get("return").is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{r}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ok(&mut p.dq, "cont", json!({}));
+    std::thread::sleep(Duration::from_millis(800));
+    let after = ok(&mut p.dq, "x-baton-guest-stats", json!({}));
+    assert!(after["writes"].as_u64().unwrap() > before["writes"].as_u64().unwrap(), "the guest goes on: {before} -> {after}");
+    // I6: every write the guest made before the switchover is there.
+    let v = ok(&mut p.dq, "x-baton-guest-verify", json!({}));
+    assert!(v["checked"].as_u64().unwrap() > 0 && v["mismatches"] == 0, "{v}");
+}
+
+#[test]
+fn a_refused_migration_leaves_the_source_running_as_before() {
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("skipped: /dev/kvm is missing on this machine");
+        return;
+    }
+    // The destination's guest has less RAM: it refuses at the first section.
+    let mut p = pair("32M");
+    ok(&mut p.sq, "migrate", json!({"uri": format!("unix:{}", p.dir.path().join("mig.sock").display())}));
+    let m = wait_for(&mut p.sq, "query-migrate", "the end of the migration", |v| matches!(v["status"].as_str(), Some("completed" | "failed")));
+    assert_eq!(m["status"], "failed", "{m}");
+    assert!(m["error-desc"].as_str().unwrap_or("").contains("32"), "the error says why: {m}");
+    // I7: same run state, same nodes (active), same job (ready).
+    assert_eq!(ok(&mut p.sq, "query-status", json!({}))["status"], "running");
+    let nodes = ok(&mut p.sq, "query-named-block-nodes", json!({}));
+    assert!(nodes.as_array().unwrap().iter().all(|n| n["active"] == true), "{nodes}");
+    assert_eq!(ok(&mut p.sq, "query-block-jobs", json!({}))[0]["ready"], true);
+    let v = ok(&mut p.sq, "x-baton-guest-verify", json!({}));
+    assert_eq!(v["mismatches"], 0, "{v}");
+}
