@@ -69,6 +69,8 @@ pub struct Daemon {
     vm: std::sync::Mutex<Option<Arc<vmm::Vm>>>,
     /// The outgoing migration's progress (query-migrate).
     pub migration: std::sync::Mutex<Arc<vmm::migration::Progress>>,
+    /// Migration capability pause-before-switchover.
+    pub pause_before_switchover: AtomicBool,
     nbd: Mutex<Option<NbdService>>,
     events: broadcast::Sender<Value>,
     /// Serialises QMP commands.
@@ -98,7 +100,7 @@ impl Daemon {
         let jobs = jobs::JobManager::new(Arc::new(move |event: &str, data: Value| {
             let _ = tx.send(json!({"event": event, "data": data, "timestamp": timestamp()}));
         }));
-        Arc::new(Daemon { graph, jobs, vm: std::sync::Mutex::new(None), migration: std::sync::Mutex::new(Arc::default()), nbd: Mutex::new(None), events, bql: Mutex::new(()), quit: Notify::new(), quitting: AtomicBool::new(false) })
+        Arc::new(Daemon { graph, jobs, vm: std::sync::Mutex::new(None), migration: std::sync::Mutex::new(Arc::default()), pause_before_switchover: AtomicBool::new(false), nbd: Mutex::new(None), events, bql: Mutex::new(()), quit: Notify::new(), quitting: AtomicBool::new(false) })
     }
 
     /// The guest, if any.
@@ -134,11 +136,17 @@ impl Daemon {
         }
         let target = parse_uri(uri)?;
         let p: Arc<vmm::migration::Progress> = Arc::default();
+        p.pause_before_switchover.store(self.pause_before_switchover.load(std::sync::atomic::Ordering::SeqCst), std::sync::atomic::Ordering::SeqCst);
+        let tx = self.events.clone();
+        if let Ok(mut f) = p.on_status.lock() {
+            *f = Some(Arc::new(move |st: vmm::migration::Status| {
+                let _ = tx.send(json!({"event": "MIGRATION", "data": {"status": st.as_str()}, "timestamp": timestamp()}));
+            }));
+        }
         if let Ok(mut m) = self.migration.lock() {
             *m = p.clone();
         }
         p.set(vmm::migration::Status::Setup);
-        self.emit("MIGRATION", json!({"status": "setup"}));
         let d = self.clone();
         tokio::spawn(async move {
             // Not under the command lock: query-migrate and migrate-cancel must work meanwhile.
@@ -164,7 +172,6 @@ impl Daemon {
                 }
             };
             p.set(status);
-            d.emit("MIGRATION", json!({"status": status.as_str()}));
         });
         Ok(())
     }

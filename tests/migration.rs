@@ -157,3 +157,28 @@ fn a_refused_migration_leaves_the_source_running_as_before() {
     let v = ok(&mut p.sq, "x-baton-guest-verify", json!({}));
     assert_eq!(v["mismatches"], 0, "{v}");
 }
+
+#[test]
+fn pause_before_switchover_waits_for_continue_and_a_cancel_there_resumes_the_source() {
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("skipped: /dev/kvm is missing on this machine");
+        return;
+    }
+    let mut p = pair("64M");
+    let uri = format!("unix:{}", p.dir.path().join("mig.sock").display());
+    ok(&mut p.sq, "migrate-set-capabilities", json!({"capabilities": [{"capability": "pause-before-switchover", "state": true}]}));
+    // First attempt: cancelled while waiting before the switchover.
+    ok(&mut p.sq, "migrate", json!({"uri": uri}));
+    wait_for(&mut p.sq, "query-migrate", "pre-switchover", |v| v["status"] == "pre-switchover");
+    assert_eq!(ok(&mut p.sq, "query-status", json!({}))["status"], "paused", "the guest is stopped before the switchover");
+    ok(&mut p.sq, "migrate-cancel", json!({}));
+    wait_for(&mut p.sq, "query-migrate", "cancelled", |v| v["status"] == "cancelled");
+    assert_eq!(ok(&mut p.sq, "query-status", json!({}))["status"], "running", "a cancel resumes the guest");
+    // Second attempt: continue, and it completes.
+    ok(&mut p.sq, "migrate", json!({"uri": uri}));
+    wait_for(&mut p.sq, "query-migrate", "pre-switchover", |v| v["status"] == "pre-switchover");
+    ok(&mut p.sq, "migrate-continue", json!({"state": "pre-switchover"}));
+    let m = wait_for(&mut p.sq, "query-migrate", "the end", |v| matches!(v["status"].as_str(), Some("completed" | "failed")));
+    assert_eq!(m["status"], "completed", "{m}");
+    assert_eq!(ok(&mut p.sq, "query-status", json!({}))["status"], "postmigrate");
+}

@@ -118,6 +118,7 @@ static MIRROR: [Field; 16] = [
     opt("x-baton-converge-after-ms", Ty::Int),
 ];
 static JOB_INFO_RET: Ty = Ty::Array(&Ty::Any);
+static MIG_CAP: [Field; 2] = [req("capability", Ty::Str), req("state", Ty::Bool)];
 static STATUS_INFO: [Field; 2] = [req("running", Ty::Bool), req("status", Ty::Str)];
 static STATUS_RET: Ty = Ty::Obj(&STATUS_INFO);
 static ANY_RET: Ty = Ty::Any;
@@ -198,6 +199,8 @@ pub static COMMANDS: &[Command] = &[
     Command { name: "block-job-change", args: Args::Fields(&JOB_CHANGE), ret: None, handler: handler!(job_change) },
     Command { name: "migrate", args: Args::Fields(&[req("uri", Ty::Str), opt("detach", Ty::Bool), opt("resume", Ty::Bool)]), ret: None, handler: handler!(migrate) },
     Command { name: "migrate-cancel", args: Args::Fields(&[]), ret: None, handler: handler!(migrate_cancel) },
+    Command { name: "migrate-continue", args: Args::Fields(&[req("state", Ty::Enum(&["pre-switchover"]))]), ret: None, handler: handler!(migrate_continue) },
+    Command { name: "migrate-set-capabilities", args: Args::Fields(&[req("capabilities", Ty::Array(&Ty::Obj(&MIG_CAP)))]), ret: None, handler: handler!(migrate_set_capabilities) },
     Command { name: "query-migrate", args: Args::Fields(&[]), ret: Some(&ANY_RET), handler: handler!(query_migrate) },
     Command { name: "stop", args: Args::Fields(&[]), ret: None, handler: handler!(stop) },
     Command { name: "cont", args: Args::Fields(&[]), ret: None, handler: handler!(cont) },
@@ -862,6 +865,36 @@ async fn migrate(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
 async fn migrate_cancel(d: Arc<Daemon>, _: Map<String, Value>) -> Reply {
     if let Ok(p) = d.migration.lock() {
         p.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+        p.wake.notify_waiters();
+    }
+    Ok(json!({}))
+}
+
+async fn migrate_continue(d: Arc<Daemon>, _: Map<String, Value>) -> Reply {
+    let p = d.migration.lock().map(|p| p.clone()).unwrap_or_default();
+    if p.status() != vmm::migration::Status::PreSwitchover {
+        return Err(QmpError::generic(format!("Migration not in expected state: {}", p.status().as_str())));
+    }
+    p.proceed.store(true, std::sync::atomic::Ordering::SeqCst);
+    p.wake.notify_waiters();
+    Ok(json!({}))
+}
+
+async fn migrate_set_capabilities(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
+    let caps = a.get("capabilities").and_then(Value::as_array).cloned().unwrap_or_default();
+    let mut pause = None;
+    for c in &caps {
+        match c.get("capability").and_then(Value::as_str).unwrap_or_default() {
+            "pause-before-switchover" => pause = c.get("state").and_then(Value::as_bool),
+            other => return Err(QmpError::generic(format!("migration capability '{other}' is not supported"))),
+        }
+    }
+    let p = d.migration.lock().map(|p| p.clone()).unwrap_or_default();
+    if matches!(p.status(), vmm::migration::Status::Setup | vmm::migration::Status::Active | vmm::migration::Status::PreSwitchover | vmm::migration::Status::Device) {
+        return Err(QmpError::generic("There's a migration process in progress"));
+    }
+    if let Some(v) = pause {
+        d.pause_before_switchover.store(v, std::sync::atomic::Ordering::SeqCst);
     }
     Ok(json!({}))
 }

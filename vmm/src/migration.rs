@@ -20,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite, BufReader, BufWriter};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::stream::{self, Section, StreamError, PAGE};
-use crate::switchover::{switchover, SwitchoverError};
+use crate::switchover::{switchover_resuming, SwitchoverError};
 use crate::vm::{RunState, Vm};
 use crate::VmmError;
 
@@ -35,6 +35,8 @@ pub enum Status {
     None,
     Setup,
     Active,
+    /// Stopped before the switchover, waiting for migrate-continue (capability pause-before-switchover).
+    PreSwitchover,
     Device,
     Completed,
     Failed,
@@ -47,6 +49,7 @@ impl Status {
             Status::None => "none",
             Status::Setup => "setup",
             Status::Active => "active",
+            Status::PreSwitchover => "pre-switchover",
             Status::Device => "device",
             Status::Completed => "completed",
             Status::Failed => "failed",
@@ -56,7 +59,7 @@ impl Status {
 }
 
 /// What `query-migrate` shows.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Progress {
     status: Mutex<Option<Status>>,
     pub pages_sent: AtomicU64,
@@ -64,6 +67,20 @@ pub struct Progress {
     pub dirty_pages: AtomicU64,
     error: Mutex<Option<String>>,
     pub cancel: AtomicBool,
+    /// Capability pause-before-switchover.
+    pub pause_before_switchover: AtomicBool,
+    /// Set by migrate-continue.
+    pub proceed: AtomicBool,
+    /// Wakes a migration waiting in pre-switchover (continue or cancel).
+    pub wake: tokio::sync::Notify,
+    /// Status changes, for the MIGRATION event.
+    pub on_status: Mutex<Option<Arc<dyn Fn(Status) + Send + Sync>>>,
+}
+
+impl std::fmt::Debug for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Progress").field("status", &self.status()).finish_non_exhaustive()
+    }
 }
 
 impl Progress {
@@ -73,6 +90,9 @@ impl Progress {
     pub fn set(&self, s: Status) {
         if let Ok(mut st) = self.status.lock() {
             *st = Some(s);
+        }
+        if let Some(f) = self.on_status.lock().ok().and_then(|f| f.clone()) {
+            f(s);
         }
     }
     pub fn error(&self) -> Option<String> {
@@ -144,7 +164,6 @@ pub async fn migrate_out<S>(graph: &Arc<Graph>, jobs: &Arc<JobManager>, vm: &Arc
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    p.set(Status::Setup);
     let (r, w) = tokio::io::split(conn);
     let mut w = BufWriter::with_capacity(1 << 20, w);
     let mut r = BufReader::new(r);
@@ -171,11 +190,32 @@ where
     if p.cancel.load(Ordering::SeqCst) {
         return Err(MigrationError::Cancelled);
     }
+    let was_running = vm.is_running();
+    if p.pause_before_switchover.load(Ordering::SeqCst) {
+        // Stop first and let the operator decide (migrate-continue or cancel).
+        vm.stop().await?;
+        p.set(Status::PreSwitchover);
+        loop {
+            let woken = p.wake.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            if p.cancel.load(Ordering::SeqCst) {
+                if was_running {
+                    vm.cont().await?;
+                }
+                return Err(MigrationError::Cancelled);
+            }
+            if p.proceed.load(Ordering::SeqCst) {
+                break;
+            }
+            woken.await;
+        }
+    }
     p.set(Status::Device);
     let mirrors: Vec<String> = jobs.jobs().iter().filter(|j| j.kind() == "mirror").map(|j| j.id.clone()).collect();
     let vm2 = vm.clone();
     let (wr, rr) = (&mut w, &mut r);
-    switchover(graph, jobs, vm, &mirrors, |st| async move {
+    switchover_resuming(graph, jobs, vm, &mirrors, was_running, |st| async move {
         // The guest is stopped: the last dirty pages, the vCPUs, the device, the end.
         let log = vm2.take_dirty_log()?;
         send_pages(wr, &vm2, &log, p).await?;

@@ -63,6 +63,17 @@ where
     Fut: Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>>,
 {
     let was_running = vm.is_running();
+    switchover_resuming(graph, jobs, vm, mirrors, was_running, handover).await
+}
+
+/// As `switchover`, when the guest was already stopped for it (the
+/// pause-before-switchover capability): `was_running` says whether a
+/// rollback resumes it.
+pub async fn switchover_resuming<F, Fut>(graph: &Arc<Graph>, jobs: &Arc<JobManager>, vm: &Arc<Vm>, mirrors: &[String], was_running: bool, handover: F) -> Result<(), SwitchoverError>
+where
+    F: FnOnce(VmState) -> Fut,
+    Fut: Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>>,
+{
     let res = steps(graph, jobs, vm, mirrors, handover).await;
     match res {
         Ok(()) => {
