@@ -58,6 +58,9 @@ impl Status {
     }
 }
 
+/// Called on every status change (the daemon sends MIGRATION events).
+pub type StatusSink = Arc<dyn Fn(Status) + Send + Sync>;
+
 /// What `query-migrate` shows.
 #[derive(Default)]
 pub struct Progress {
@@ -74,7 +77,7 @@ pub struct Progress {
     /// Wakes a migration waiting in pre-switchover (continue or cancel).
     pub wake: tokio::sync::Notify,
     /// Status changes, for the MIGRATION event.
-    pub on_status: Mutex<Option<Arc<dyn Fn(Status) + Send + Sync>>>,
+    pub on_status: Mutex<Option<StatusSink>>,
 }
 
 impl std::fmt::Debug for Progress {
