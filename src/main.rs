@@ -2,6 +2,7 @@
 
 mod daemon;
 mod daemon_cli;
+mod demo;
 mod exercise;
 mod keyval;
 mod qmp;
@@ -28,6 +29,9 @@ enum Command {
     Serve(serve::Args),
     /// The storage daemon with a QMP control socket (qemu-storage-daemon's command line).
     Daemon(daemon_cli::Args),
+    /// The mission in one command: a running guest and its disk move between two
+    /// daemons that share no storage, and the guest finds every write it made.
+    Demo(demo::Args),
 }
 
 fn main() -> ExitCode {
@@ -70,6 +74,7 @@ fn main() -> ExitCode {
             Command::Exercise(a) => exercise::run(a).await.map_err(|e| Box::new(e) as Box<dyn std::error::Error>),
             Command::Serve(a) => serve::run(a).await.map_err(|e| Box::new(e) as Box<dyn std::error::Error>),
             Command::Daemon(a) => daemon_cli::run(a).await,
+            Command::Demo(a) => demo::run(a).await.map_err(|e| Box::new(e) as Box<dyn std::error::Error>),
         }
     });
     match res {

@@ -1,0 +1,18 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! `baton demo` runs the whole handover and checks the invariants itself.
+
+use std::process::Command;
+
+#[test]
+fn the_one_command_demo_moves_the_guest_and_loses_nothing() {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        eprintln!("skipped: /dev/kvm is missing on this machine");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_baton")).args(["demo", "--seconds", "1", "--workdir"]).arg(dir.path()).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("every node inactive: true"), "{stdout}");
+    assert!(stdout.contains("0 mismatches\ndone"), "{stdout}");
+}
