@@ -51,7 +51,7 @@ fn ok(q: &mut Qmp, cmd: &str, args: Value) -> Value {
 struct Pair {
     dir: tempfile::TempDir,
     _src: Proc,
-    _dst: Proc,
+    dst: Proc,
     sq: Qmp,
     dq: Qmp,
 }
@@ -59,6 +59,11 @@ struct Pair {
 /// Source guest running on src.img; destination waiting (-S) with an empty
 /// dst.img exported for the mirror; the mirror READY.
 fn pair(dst_memory: &str) -> Pair {
+    pair_on(dst_memory, None)
+}
+
+/// As `pair`, with the destination listening on `incoming` (default: a unix socket).
+fn pair_on(dst_memory: &str, incoming: Option<String>) -> Pair {
     let dir = tempfile::tempdir().unwrap();
     let d = |n: &str| dir.path().join(n).display().to_string();
     image(&dir.path().join("src.img"));
@@ -74,7 +79,7 @@ fn pair(dst_memory: &str) -> Pair {
         format!("memory={dst_memory},disk=disk"),
         "-S".into(),
         "--incoming".into(),
-        format!("unix:{}", d("mig.sock")),
+        incoming.unwrap_or_else(|| format!("unix:{}", d("mig.sock"))),
         "--qmp".into(),
         format!("unix:{}", d("dq.sock")),
     ]);
@@ -92,7 +97,7 @@ fn pair(dst_memory: &str) -> Pair {
     ok(&mut sq, "blockdev-mirror", json!({"job-id": "m0", "device": "disk", "target": "tgt", "sync": "full"}));
     wait_for(&mut sq, "query-block-jobs", "READY", |v| v[0]["ready"] == true);
     std::thread::sleep(Duration::from_millis(500));
-    Pair { dir, _src: src, _dst: dst, sq, dq }
+    Pair { dir, _src: src, dst, sq, dq }
 }
 
 #[test]
@@ -181,4 +186,44 @@ fn pause_before_switchover_waits_for_continue_and_a_cancel_there_resumes_the_sou
     let m = wait_for(&mut p.sq, "query-migrate", "the end", |v| matches!(v["status"].as_str(), Some("completed" | "failed")));
     assert_eq!(m["status"], "completed", "{m}");
     assert_eq!(ok(&mut p.sq, "query-status", json!({}))["status"], "postmigrate");
+}
+
+#[test]
+fn migration_over_tcp_on_loopback_completes() {
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("skipped: /dev/kvm is missing on this machine");
+        return;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut p = pair_on("64M", Some(format!("tcp:127.0.0.1:{port}")));
+    ok(&mut p.sq, "migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
+    let m = wait_for(&mut p.sq, "query-migrate", "the end", |v| matches!(v["status"].as_str(), Some("completed" | "failed")));
+    assert_eq!(m["status"], "completed", "{m}");
+    wait_for(&mut p.dq, "query-status", "the destination to be paused", |v| v["status"] == "paused");
+}
+
+#[test]
+fn a_destination_that_dies_at_the_switchover_leaves_the_source_running() {
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("skipped: /dev/kvm is missing on this machine");
+        return;
+    }
+    let mut p = pair("64M");
+    ok(&mut p.sq, "migrate-set-capabilities", json!({"capabilities": [{"capability": "pause-before-switchover", "state": true}]}));
+    ok(&mut p.sq, "migrate", json!({"uri": format!("unix:{}", p.dir.path().join("mig.sock").display())}));
+    wait_for(&mut p.sq, "query-migrate", "pre-switchover", |v| v["status"] == "pre-switchover");
+    // The destination host goes away with the mirror's export and the migration stream.
+    p.dst.0.kill().unwrap();
+    p.dst.0.wait().unwrap();
+    ok(&mut p.sq, "migrate-continue", json!({"state": "pre-switchover"}));
+    let m = wait_for(&mut p.sq, "query-migrate", "the end", |v| matches!(v["status"].as_str(), Some("completed" | "failed")));
+    assert_eq!(m["status"], "failed", "{m}");
+    // I7/I8: the source runs again on active nodes; nothing ran twice.
+    assert_eq!(ok(&mut p.sq, "query-status", json!({}))["status"], "running", "{m}");
+    let nodes = ok(&mut p.sq, "query-named-block-nodes", json!({}));
+    let disk = nodes.as_array().unwrap().iter().find(|n| n["node-name"] == "disk").unwrap().clone();
+    assert_eq!(disk["active"], true, "{nodes}");
+    std::thread::sleep(Duration::from_millis(300));
+    let v = ok(&mut p.sq, "x-baton-guest-verify", json!({}));
+    assert_eq!(v["mismatches"], 0, "{v}");
 }
