@@ -86,25 +86,9 @@ pub fn is_daemonize_request(a: &Args) -> bool {
 
 /// `--daemonize`: start the same command line in a new session and return once it is set up.
 pub fn daemonize_and_wait() -> Result<(), CliError> {
-    use std::io::BufRead;
-    use std::os::unix::process::CommandExt;
-    let exe = std::env::current_exe().map_err(|e| opt_err("--daemonize", e))?;
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--daemonize").collect();
-    let mut child = std::process::Command::new(exe)
-        .args(args)
-        .env(DAEMON_CHILD, "1")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .process_group(0)
-        .spawn()
-        .map_err(|e| opt_err("--daemonize", e))?;
-    let mut line = String::new();
-    if let Some(out) = child.stdout.take() {
-        let _ = std::io::BufReader::new(out).read_line(&mut line);
-    }
+    let line = crate::run_detached(DAEMON_CHILD, "--daemonize").map_err(|e| opt_err("--daemonize", e))?;
     if line.trim() != "ready" {
-        let status = child.wait().map_err(|e| opt_err("--daemonize", e))?;
-        return Err(opt_err("--daemonize", format!("the daemon exited during setup ({status})")));
+        return Err(opt_err("--daemonize", format!("unexpected output from the daemon: {line}")));
     }
     Ok(())
 }

@@ -88,14 +88,34 @@ fn main() -> ExitCode {
 
 /// An error and its sources, `: `-separated.
 pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
+    block::error::chain(e)
+}
+
+/// `--fork` / `--daemonize`: run this same command line again in a new
+/// session, marked by `marker` in its environment and without `flag`, and
+/// return the first line it prints once it is ready (it then detaches stdout).
+pub(crate) fn run_detached(marker: &str, flag: &str) -> Result<String, String> {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find own executable: {e}"))?;
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != flag).collect();
+    let mut child = std::process::Command::new(exe)
+        .args(args)
+        .env(marker, "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("cannot start the background process: {e}"))?;
+    let mut line = String::new();
+    if let Some(out) = child.stdout.take() {
+        let _ = std::io::BufReader::new(out).read_line(&mut line);
     }
-    s
+    if line.is_empty() {
+        let status = child.wait().map_err(|e| e.to_string())?;
+        return Err(format!("the background process exited during setup ({status})"));
+    }
+    Ok(line)
 }
 
 /// Point stdout at /dev/null (a daemonized child whose parent has exited).

@@ -99,26 +99,7 @@ fn uri(a: &Args) -> String {
 
 /// `--fork`: run the same command in a new session without --fork, wait until it listens, print its URI.
 pub fn fork_and_wait() -> Result<(), ServeError> {
-    use std::io::BufRead;
-    use std::os::unix::process::CommandExt;
-    let exe = std::env::current_exe().map_err(|e| ServeError::Setup(format!("cannot find own executable: {e}")))?;
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--fork").collect();
-    let mut child = std::process::Command::new(exe)
-        .args(args)
-        .env(FORK_CHILD, "1")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .process_group(0)
-        .spawn()
-        .map_err(|e| ServeError::Setup(format!("cannot start the server process: {e}")))?;
-    let mut line = String::new();
-    if let Some(out) = child.stdout.take() {
-        let _ = std::io::BufReader::new(out).read_line(&mut line);
-    }
-    if line.is_empty() {
-        let status = child.wait().map_err(|e| ServeError::Setup(e.to_string()))?;
-        return Err(ServeError::Setup(format!("the server process exited before listening ({status})")));
-    }
+    let line = crate::run_detached(FORK_CHILD, "--fork").map_err(ServeError::Setup)?;
     print!("{line}");
     Ok(())
 }

@@ -34,12 +34,5 @@ pub enum VmmError {
 
 /// An error and its sources, `: `-separated.
 pub(crate) fn error_text(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
+    block::error::chain(e)
 }
