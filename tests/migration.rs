@@ -115,6 +115,8 @@ fn a_running_guest_and_its_disk_move_to_another_daemon() {
     assert_eq!(ok(&mut p.sq, "query-status", json!({}))["status"], "postmigrate");
     let nodes = ok(&mut p.sq, "query-named-block-nodes", json!({}));
     assert!(nodes.as_array().unwrap().iter().all(|n| n["active"] == false), "{nodes}");
+    let r = p.sq.execute("cont", json!({}));
+    assert!(r.get("error").is_some(), "the source never runs the guest again: {r}");
     wait_for(&mut p.dq, "query-status", "the destination to be paused", |v| v["status"] == "paused");
     // The destination's export was the mirror's target: it goes before the guest takes the disk.
     let r = p.dq.execute("cont", json!({}));

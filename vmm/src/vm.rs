@@ -275,6 +275,8 @@ impl Vm {
         match self.state() {
             RunState::Running => return Ok(()),
             RunState::InMigrate => return Err(VmmError::State("guest is waiting for an incoming migration".into())),
+            // I8: the guest now runs on the destination; running it here too is never allowed.
+            RunState::PostMigrate => return Err(VmmError::State("the guest was migrated away and runs on the destination".into())),
             RunState::InternalError => return Err(VmmError::State(format!("guest stopped with an error: {}", self.fatal_error().unwrap_or_default()))),
             _ => {}
         }
