@@ -357,6 +357,9 @@ impl Graph {
         if node.read_only && perms.perm.intersects(Perm::WRITE | Perm::WRITE_UNCHANGED | Perm::RESIZE) {
             return Err(BlockError::ReadOnly { node: node_name.to_string(), op: crate::error::Op::Write });
         }
+        if node.users_frozen.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(BlockError::InUse { node: node_name.to_string(), users: "a job switching its users to another node".into() });
+        }
         st.next_user += 1;
         let id = UserId(st.next_user);
         let backend = BlockBackend::new(self.clone(), node.clone(), id, user_name.to_string(), perms);
@@ -380,15 +383,20 @@ impl Graph {
 
     /// Hold and drain the requests of every user of `node` but `except`
     /// (a mirror's own users), e.g. before moving them to another node.
-    pub async fn quiesce_users(&self, node: &Node, except: &[UserId]) -> UsersQuiesced {
-        let held: Vec<_> = node.users().into_iter().filter(|u| !except.contains(&u.id)).filter_map(|u| u.backend.upgrade()).collect();
+    pub async fn quiesce_users(&self, node: &Arc<Node>, except: &[UserId]) -> UsersQuiesced {
+        // No new user may arrive while these are held (it would be neither drained nor moved).
+        let held: Vec<_> = {
+            let _st = self.lock_state();
+            node.users_frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+            node.users().into_iter().filter(|u| !except.contains(&u.id)).filter_map(|u| u.backend.upgrade()).collect()
+        };
         for b in &held {
             b.io.begin_quiesce();
         }
         for b in &held {
             b.io.wait_drained().await;
         }
-        UsersQuiesced(held)
+        UsersQuiesced(held, node.clone())
     }
 
     /// Move every user of `from` but `except` to `to` (QEMU's
@@ -576,12 +584,14 @@ fn release_node(node: &Node) {
     }
 }
 
-/// Users whose requests are held at their entry; released on drop.
+/// Users whose requests are held at their entry (and a node that takes no
+/// new user meanwhile); released on drop.
 #[derive(Debug)]
-pub struct UsersQuiesced(Vec<Arc<crate::backend::BackendInner>>);
+pub struct UsersQuiesced(Vec<Arc<crate::backend::BackendInner>>, Arc<Node>);
 
 impl Drop for UsersQuiesced {
     fn drop(&mut self) {
+        self.1.users_frozen.store(false, std::sync::atomic::Ordering::SeqCst);
         for b in &self.0 {
             b.io.end_quiesce();
         }

@@ -118,6 +118,8 @@ pub struct Node {
     pub(crate) write_hook: RwLock<Option<Arc<dyn WriteHook>>>,
     /// True iff `write_hook` is set; lets writes skip the lock.
     pub(crate) has_hook: AtomicBool,
+    /// Set while a job holds this node's users quiesced: no new user may attach.
+    pub(crate) users_frozen: AtomicBool,
 }
 
 /// A snapshot of a node for query commands.
@@ -151,6 +153,7 @@ impl Node {
             internal_bitmaps: RwLock::new(Vec::new()),
             write_hook: RwLock::new(None),
             has_hook: AtomicBool::new(false),
+            users_frozen: AtomicBool::new(false),
         }
     }
 
