@@ -151,7 +151,9 @@ pub async fn run(a: Args) -> Result<(), DemoError> {
 
     let _b = spawn(&[
         "--blockdev".into(),
-        format!("driver=file,node-name=disk,filename={}", p("host-b.img")),
+        format!("driver=file,node-name=disk-file,filename={}", p("host-b.img")),
+        "--blockdev".into(),
+        "driver=blkdebug,node-name=disk,image=disk-file".into(),
         "--nbd-server".into(),
         format!("addr.type=unix,addr.path={}", p("b-nbd.sock")),
         "--export".into(),
@@ -186,15 +188,33 @@ pub async fn run(a: Args) -> Result<(), DemoError> {
     qa.until("query-block-jobs", "the mirror to be ready", 120, |v| v[0]["ready"] == true).await?;
     println!("host A: disk mirrored to host B while the guest writes: READY in {:.2}s", t.elapsed().as_secs_f64());
 
+    // Attempt 1: host B's disk cannot make writes durable. The switchover must
+    // fail as a whole and leave host A exactly as it was.
+    let uri = format!("unix:{}", p("b-migrate.sock"));
+    qb.cmd("x-baton-blkdebug-set-rules", json!({"node-name": "disk", "inject-error": [{"event": "flush_to_disk", "errno": 5}]})).await?;
+    qa.cmd("migrate", json!({"uri": uri})).await?;
+    let m = qa.until("query-migrate", "the first attempt", 120, |v| matches!(v["status"].as_str(), Some("completed" | "failed" | "cancelled"))).await?;
+    let st = qa.cmd("query-status", json!({})).await?;
+    let nodes = qa.cmd("query-named-block-nodes", json!({})).await?;
+    let active = nodes.as_array().is_some_and(|l| l.iter().all(|n| n["active"] == true));
+    let job = qa.cmd("query-block-jobs", json!({})).await?;
+    println!("attempt 1 (host B's disk fails to flush): {}: {}", m["status"], m["error-desc"].as_str().unwrap_or(""));
+    println!("  host A after the rollback: guest {}, every node active: {active}, mirror ready: {}", st["status"], job[0]["ready"]);
+    if m["status"] != "failed" || st["status"] != "running" || !active || job[0]["ready"] != true {
+        return Err(step("I3/I7: a failed switchover must leave the source as it was"));
+    }
+    qb.cmd("x-baton-blkdebug-set-rules", json!({"node-name": "disk"})).await?;
+
+    // Attempt 2: the fault is gone.
     let t = Instant::now();
-    qa.cmd("migrate", json!({"uri": format!("unix:{}", p("b-migrate.sock"))})).await?;
+    qa.cmd("migrate", json!({"uri": uri})).await?;
     let m = qa.until("query-migrate", "the migration", 120, |v| matches!(v["status"].as_str(), Some("completed" | "failed" | "cancelled"))).await?;
     if m["status"] != "completed" {
         return Err(step(format!("migration {}: {}", m["status"], m["error-desc"])));
     }
     let sent = m["ram"]["transferred"].as_u64().unwrap_or(0);
     println!(
-        "migrated in {:.2}s: {} MiB of RAM in {} pre-copy passes; stop, mirror in sync, every node inactivated, handover, acknowledged",
+        "attempt 2: migrated in {:.2}s: {} MiB of RAM in {} pre-copy passes; stop, mirror in sync, every node inactivated, handover, acknowledged",
         t.elapsed().as_secs_f64(),
         sent >> 20,
         m["ram"]["dirty-sync-count"]
