@@ -24,9 +24,10 @@ use crate::node::{Child, Kind, Node, User, UserId};
 use crate::options::Opts;
 use crate::perm::{Perm, PermSet};
 
-/// Builds a driver registered from another crate from its remaining options.
+/// Builds a driver registered from another crate from the node's name (for
+/// its messages) and its remaining options.
 pub type DriverCtor =
-    Arc<dyn Fn(Map<String, Value>) -> Pin<Box<dyn Future<Output = Result<Arc<dyn DynDriver>>> + Send>> + Send + Sync>;
+    Arc<dyn Fn(String, Map<String, Value>) -> Pin<Box<dyn Future<Output = Result<Arc<dyn DynDriver>>> + Send>> + Send + Sync>;
 
 #[derive(Debug, Default)]
 pub(crate) struct GraphState {
@@ -291,7 +292,7 @@ impl Graph {
                     Kind::Raw(RawFilter::new(&name, offset, size, child_len)?)
                 }
                 Spec::Blkdebug { errors, delays } => Kind::Blkdebug(Blkdebug::new(errors, delays)),
-                Spec::Dyn(ctor, rest) => Kind::Dyn(ctor(rest).await?),
+                Spec::Dyn(ctor, rest) => Kind::Dyn(ctor(name.clone(), rest).await?),
             };
             let node = Arc::new(Node::new(name, kind, child, read_only, active, implicit));
 

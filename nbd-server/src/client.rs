@@ -121,6 +121,8 @@ pub struct NbdClientOptions {
     pub export: String,
     /// Bound on connecting plus the handshake.
     pub handshake_timeout: Duration,
+    /// The graph node this client is, named in I/O errors (default: the URI).
+    pub node_name: Option<String>,
 }
 
 fn invalid(option: &str, reason: impl Into<String>) -> BlockError {
@@ -129,7 +131,7 @@ fn invalid(option: &str, reason: impl Into<String>) -> BlockError {
 
 impl NbdClientOptions {
     pub fn new(server: NbdServer, export: impl Into<String>) -> Self {
-        Self { server, export: export.into(), handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT }
+        Self { server, export: export.into(), handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT, node_name: None }
     }
 
     /// Parse the options `blockdev-add` leaves for the driver (everything but
@@ -205,9 +207,10 @@ fn parse_server(mut s: Opts) -> Result<NbdServer> {
 
 /// Register driver `nbd` with `graph`, so `blockdev-add` can open NBD exports.
 pub fn register(graph: &block::Graph) {
-    let ctor: DriverCtor = Arc::new(|map: Map<String, Value>| {
+    let ctor: DriverCtor = Arc::new(|node: String, map: Map<String, Value>| {
         Box::pin(async move {
-            let opts = NbdClientOptions::from_blockdev_options(map)?;
+            let mut opts = NbdClientOptions::from_blockdev_options(map)?;
+            opts.node_name = Some(node);
             let client: Arc<dyn DynDriver> = NbdClient::connect(&opts).await?;
             Ok(client)
         })
@@ -664,6 +667,8 @@ struct Inflight {
 struct Shared {
     /// The export's URI, for messages.
     uri: String,
+    /// The node name I/O errors carry (the URI when the client is not a graph node).
+    node: String,
     info: ExportInfo,
     writer: tokio::sync::Mutex<WriteHalf>,
     inflight: Mutex<Inflight>,
@@ -1072,6 +1077,7 @@ impl NbdClient {
             "nbd client connected"
         );
         let shared = Arc::new(Shared {
+            node: opts.node_name.clone().unwrap_or_else(|| uri.clone()),
             uri,
             info,
             writer: tokio::sync::Mutex::new(w),
@@ -1143,12 +1149,12 @@ impl NbdClient {
             Failure::Local(msg) => io::Error::other(msg),
             Failure::Dead(why) => io::Error::new(io::ErrorKind::ConnectionAborted, why.to_string()),
         };
-        BlockError::Io { node: self.shared.uri.clone(), op, source }
+        BlockError::Io { node: self.shared.node.clone(), op, source }
     }
 
     fn check_writable(&self, op: Op) -> Result<()> {
         if self.shared.info.has(proto::TFLAG_READ_ONLY) {
-            return Err(BlockError::Io { node: self.shared.uri.clone(), op, source: io::Error::from_raw_os_error(proto::EPERM as i32) });
+            return Err(BlockError::Io { node: self.shared.node.clone(), op, source: io::Error::from_raw_os_error(proto::EPERM as i32) });
         }
         Ok(())
     }
@@ -1286,7 +1292,7 @@ impl WriteZeroes for NbdClient {
             return Ok(());
         }
         let caps = LeafInfo::caps(self);
-        let unsupported_fast = || BlockError::Unsupported { node: self.shared.uri.clone(), what: "fast write-zeroes" };
+        let unsupported_fast = || BlockError::Unsupported { node: self.shared.node.clone(), what: "fast write-zeroes" };
         if flags.fast && !caps.fast_zero {
             return Err(unsupported_fast());
         }
@@ -1337,7 +1343,7 @@ impl BlockStatus for NbdClient {
 
 impl Resize for NbdClient {
     async fn truncate(&self, _len: u64) -> Result<()> {
-        Err(BlockError::Unsupported { node: self.shared.uri.clone(), what: "resize" })
+        Err(BlockError::Unsupported { node: self.shared.node.clone(), what: "resize" })
     }
 }
 
