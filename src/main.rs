@@ -40,6 +40,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // With failpoints compiled in, FAILPOINTS=name=action;... configures them (the fault tests).
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     if let Command::Daemon(a) = &cli.command {
         if daemon_cli::is_daemonize_request(a) {
             return match daemon_cli::daemonize_and_wait() {

@@ -23,7 +23,16 @@ impl Drop for Proc {
 }
 
 fn daemon(args: &[String]) -> Proc {
-    Proc(Command::new(env!("CARGO_BIN_EXE_baton")).arg("daemon").args(args).stdout(Stdio::null()).spawn().unwrap())
+    daemon_env(args, &[])
+}
+
+fn daemon_env(args: &[String], env: &[(&str, &str)]) -> Proc {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_baton"));
+    c.arg("daemon").args(args).stdout(Stdio::null());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    Proc(c.spawn().unwrap())
 }
 
 fn image(p: &Path) {
@@ -64,11 +73,16 @@ fn pair(dst_memory: &str) -> Pair {
 
 /// As `pair`, with the destination listening on `incoming` (default: a unix socket).
 fn pair_on(dst_memory: &str, incoming: Option<String>) -> Pair {
+    pair_with(dst_memory, incoming, &[])
+}
+
+/// As `pair_on`, with extra environment for the destination (failpoints).
+fn pair_with(dst_memory: &str, incoming: Option<String>, dst_env: &[(&str, &str)]) -> Pair {
     let dir = tempfile::tempdir().unwrap();
     let d = |n: &str| dir.path().join(n).display().to_string();
     image(&dir.path().join("src.img"));
     image(&dir.path().join("dst.img"));
-    let dst = daemon(&[
+    let dst = daemon_env(&[
         "--blockdev".into(),
         format!("driver=file,node-name=disk,filename={}", d("dst.img")),
         "--nbd-server".into(),
@@ -82,7 +96,7 @@ fn pair_on(dst_memory: &str, incoming: Option<String>) -> Pair {
         incoming.unwrap_or_else(|| format!("unix:{}", d("mig.sock"))),
         "--qmp".into(),
         format!("unix:{}", d("dq.sock")),
-    ]);
+    ], dst_env);
     let src = daemon(&[
         "--blockdev".into(),
         format!("driver=file,node-name=disk,filename={}", d("src.img")),
@@ -226,6 +240,25 @@ fn a_destination_that_dies_at_the_switchover_leaves_the_source_running() {
     let disk = nodes.as_array().unwrap().iter().find(|n| n["node-name"] == "disk").unwrap().clone();
     assert_eq!(disk["active"], true, "{nodes}");
     std::thread::sleep(Duration::from_millis(300));
+    let v = ok(&mut p.sq, "x-baton-guest-verify", json!({}));
+    assert_eq!(v["mismatches"], 0, "{v}");
+}
+
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_destination_failing_after_activation_leaves_the_source_running_and_neither_runs_twice() {
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("skipped: /dev/kvm is missing on this machine");
+        return;
+    }
+    let mut p = pair_with("64M", None, &[("FAILPOINTS", "migration::incoming-before-ack=return")]);
+    ok(&mut p.sq, "migrate", json!({"uri": format!("unix:{}", p.dir.path().join("mig.sock").display())}));
+    let m = wait_for(&mut p.sq, "query-migrate", "the end", |v| matches!(v["status"].as_str(), Some("completed" | "failed")));
+    assert_eq!(m["status"], "failed", "{m}");
+    assert!(m["error-desc"].as_str().unwrap_or("").contains("incoming-before-ack"), "the destination's reason reaches the source: {m}");
+    // I7: the source runs again; I8: the destination never ran.
+    assert_eq!(ok(&mut p.sq, "query-status", json!({}))["status"], "running");
+    assert_eq!(ok(&mut p.dq, "query-status", json!({}))["status"], "inmigrate");
     let v = ok(&mut p.sq, "x-baton-guest-verify", json!({}));
     assert_eq!(v["mismatches"], 0, "{v}");
 }

@@ -300,6 +300,7 @@ async fn receive<R: AsyncRead + Unpin>(graph: &Arc<Graph>, vm: &Arc<Vm>, r: &mut
     };
     // Everything arrived and fits: take over the disks, then load the guest.
     graph.activate_all().await.map_err(|e| MigrationError::Invalid(format!("activating the disks failed: {}", e.chain())))?;
+    fail::fail_point!("migration::incoming-before-ack", |_| Err(MigrationError::Invalid("failpoint migration::incoming-before-ack".into())));
     vm.load_cpu_state(&vcpus, device).await?;
     vm.set_state(RunState::Paused);
     Ok(())
