@@ -117,6 +117,11 @@ pub trait LeafInfo {
     }
     /// The node is being deleted: release connections and other resources now.
     fn close(&self) {}
+    /// The name of the remote export this leaf reads and writes (an NBD
+    /// client), so that a migration can tell which destination disk it feeds.
+    fn remote_export(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A complete leaf driver.
@@ -150,6 +155,8 @@ pub trait DynDriver: Send + Sync + 'static {
     fn truncate(&self, len: u64) -> BoxFuture<'_, Result<()>>;
     /// Called when the node is deleted (close connections, release resources).
     fn close(&self) {}
+    /// See [`LeafInfo::remote_export`].
+    fn remote_export(&self) -> Option<String>;
 }
 
 impl<T: LeafDriver> DynDriver for T {
@@ -191,5 +198,8 @@ impl<T: LeafDriver> DynDriver for T {
     }
     fn close(&self) {
         LeafInfo::close(self)
+    }
+    fn remote_export(&self) -> Option<String> {
+        LeafInfo::remote_export(self)
     }
 }

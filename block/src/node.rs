@@ -315,6 +315,15 @@ impl Node {
         self.write_hook.read().ok().and_then(|h| h.clone())
     }
 
+    /// The remote export under this node's chain of filters, if its leaf is
+    /// a network client (`nbd`): what a migration matches destination disks by.
+    pub fn remote_export(&self) -> Option<String> {
+        match &self.leaf().kind {
+            Kind::Dyn(d) => d.remote_export(),
+            _ => None,
+        }
+    }
+
     pub fn info(&self) -> NodeInfo {
         NodeInfo {
             node_name: self.name.clone(),

@@ -669,6 +669,8 @@ struct Shared {
     uri: String,
     /// The node name I/O errors carry (the URI when the client is not a graph node).
     node: String,
+    /// The export's name on the server.
+    export: String,
     info: ExportInfo,
     writer: tokio::sync::Mutex<WriteHalf>,
     inflight: Mutex<Inflight>,
@@ -1079,6 +1081,7 @@ impl NbdClient {
         let shared = Arc::new(Shared {
             node: opts.node_name.clone().unwrap_or_else(|| uri.clone()),
             uri,
+            export: opts.export.clone(),
             info,
             writer: tokio::sync::Mutex::new(w),
             inflight: Mutex::new(Inflight::default()),
@@ -1235,6 +1238,10 @@ impl LeafInfo for NbdClient {
 
     fn close(&self) {
         self.shutdown();
+    }
+
+    fn remote_export(&self) -> Option<String> {
+        Some(self.shared.export.clone())
     }
 }
 
