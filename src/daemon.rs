@@ -67,10 +67,9 @@ pub struct Daemon {
     pub jobs: Arc<jobs::JobManager>,
     /// The guest, when started with `--vm`.
     vm: std::sync::Mutex<Option<Arc<vmm::Vm>>>,
-    /// The outgoing migration's progress (query-migrate).
-    pub migration: std::sync::Mutex<Arc<vmm::migration::Progress>>,
-    /// Migration capability pause-before-switchover.
-    pub pause_before_switchover: AtomicBool,
+    /// The migration state of this side (source or destination): the one
+    /// owner every migration command goes through.
+    pub migration: Arc<vmm::migration::Migration>,
     nbd: Mutex<Option<NbdService>>,
     events: broadcast::Sender<Value>,
     /// Serialises QMP commands.
@@ -96,11 +95,14 @@ impl Daemon {
         let graph = Arc::new(Graph::new());
         nbd_server::client::register(&graph);
         let (events, _) = broadcast::channel::<Value>(1024);
-        let tx = events.clone();
-        let jobs = jobs::JobManager::new(Arc::new(move |event: &str, data: Value| {
-            let _ = tx.send(json!({"event": event, "data": data, "timestamp": timestamp()}));
-        }));
-        Arc::new(Daemon { graph, jobs, vm: std::sync::Mutex::new(None), migration: std::sync::Mutex::new(Arc::default()), pause_before_switchover: AtomicBool::new(false), nbd: Mutex::new(None), events, bql: Mutex::new(()), quit: Notify::new(), quitting: AtomicBool::new(false) })
+        let sink = |tx: broadcast::Sender<Value>| {
+            move |event: &str, data: Value| {
+                let _ = tx.send(json!({"event": event, "data": data, "timestamp": timestamp()}));
+            }
+        };
+        let jobs = jobs::JobManager::new(Arc::new(sink(events.clone())));
+        let migration = vmm::migration::Migration::new(Some(Arc::new(sink(events.clone()))));
+        Arc::new(Daemon { graph, jobs, vm: std::sync::Mutex::new(None), migration, nbd: Mutex::new(None), events, bql: Mutex::new(()), quit: Notify::new(), quitting: AtomicBool::new(false) })
     }
 
     /// The guest, if any.
@@ -125,102 +127,114 @@ impl Daemon {
     }
 
     /// Start an outgoing migration to `uri` (unix:PATH or tcp:HOST:PORT).
+    /// Refused, with no state change, while another attempt is not final.
     pub fn migrate(self: &Arc<Self>, uri: &str) -> Result<(), DaemonError> {
         let vm = self.vm().ok_or_else(|| DaemonError::Vm("there is no guest to migrate".into()))?;
-        let current = self.migration.lock().map(|m| m.clone()).unwrap_or_default();
-        if matches!(current.status(), vmm::migration::Status::Setup | vmm::migration::Status::Active | vmm::migration::Status::Device) {
-            return Err(DaemonError::Vm("a migration is already in progress".into()));
+        let target = parse_uri(uri)?;
+        if !self.migration.status().is_final() {
+            return Err(DaemonError::Vm(vmm::migration::VerbError::InProgress.to_string()));
         }
         if !matches!(vm.state(), vmm::RunState::Running | vmm::RunState::Paused) {
             return Err(DaemonError::Vm(format!("cannot migrate a guest that is {}", vm.state().as_str())));
         }
-        let target = parse_uri(uri)?;
-        let p: Arc<vmm::migration::Progress> = Arc::default();
-        p.pause_before_switchover.store(self.pause_before_switchover.load(std::sync::atomic::Ordering::SeqCst), std::sync::atomic::Ordering::SeqCst);
-        let tx = self.events.clone();
-        if let Ok(mut f) = p.on_status.lock() {
-            *f = Some(Arc::new(move |st: vmm::migration::Status| {
-                let _ = tx.send(json!({"event": "MIGRATION", "data": {"status": st.as_str()}, "timestamp": timestamp()}));
-            }));
-        }
-        if let Ok(mut m) = self.migration.lock() {
-            *m = p.clone();
-        }
-        p.set(vmm::migration::Status::Setup);
+        self.migration.begin(vmm::migration::Role::Source).map_err(|e| DaemonError::Vm(e.to_string()))?;
         let d = self.clone();
+        // Not under the command lock: query-migrate and migrate_cancel work meanwhile.
         tokio::spawn(async move {
-            // Not under the command lock: query-migrate and migrate-cancel must work meanwhile.
-            let res = async {
-                match target {
-                    NbdAddr::Unix { path } => {
-                        let s = tokio::net::UnixStream::connect(&path).await.map_err(|e| vmm::migration::MigrationError::Invalid(format!("cannot connect to {}: {e}", path.display())))?;
-                        vmm::migration::migrate_out(&d.graph, &d.jobs, &vm, s, &p).await
-                    }
-                    NbdAddr::Inet { host, port } => {
-                        let s = tokio::net::TcpStream::connect(format!("{host}:{port}")).await.map_err(|e| vmm::migration::MigrationError::Invalid(format!("cannot connect to {host}:{port}: {e}")))?;
-                        vmm::migration::migrate_out(&d.graph, &d.jobs, &vm, s, &p).await
-                    }
-                }
+            let (m, g, j) = (&d.migration, &d.graph, &d.jobs);
+            match target {
+                NbdAddr::Unix { path } => vmm::migration::migrate_out(m, g, j, &vm, tokio::net::UnixStream::connect(path)).await,
+                NbdAddr::Inet { host, port } => vmm::migration::migrate_out(m, g, j, &vm, tokio::net::TcpStream::connect(format!("{host}:{port}"))).await,
             }
-            .await;
-            let status = match &res {
-                Ok(()) => vmm::migration::Status::Completed,
-                Err(vmm::migration::MigrationError::Cancelled) => vmm::migration::Status::Cancelled,
-                Err(e) => {
-                    p.fail(crate::error_chain(e));
-                    vmm::migration::Status::Failed
-                }
-            };
-            p.set(status);
         });
         Ok(())
     }
 
-    /// Wait for incoming migrations on `uri` (`--incoming`); the guest resumes
-    /// after the first that succeeds unless `paused`.
+    /// This side's disks that are incoming mirror targets: writable exports
+    /// of the guest's disk (or of a node in its chain).
+    async fn mirror_targets(&self, vm: &vmm::Vm) -> Vec<vmm::stream::Target> {
+        let disk = vm.device().backend().node();
+        let chain: Vec<Arc<block::Node>> = std::iter::successors(Some(disk), |n| n.child().cloned()).collect();
+        let mut out = Vec::new();
+        for e in self.exports().await {
+            let node = e.backend.node();
+            if e.config.writable && !e.is_closing() && chain.iter().any(|n| Arc::ptr_eq(n, &node)) {
+                out.push(vmm::stream::Target { node: node.name().to_string(), export: e.config.name.clone(), size: e.size() });
+            }
+        }
+        out
+    }
+
+    /// At COMMIT: drop the exports that fed the guest's disks (hard: the
+    /// source's mirror is done with them), so the guest can take its disk.
+    async fn drop_target_exports(&self, vm: &vmm::Vm) {
+        let targets = self.mirror_targets(vm).await;
+        for e in self.exports().await {
+            if e.config.writable && targets.iter().any(|t| t.export == e.config.name) {
+                if let Err(err) = self.export_del(&e.config.id, true).await {
+                    tracing::warn!(export = %e.config.id, error = %err, "cannot drop the incoming mirror's export");
+                }
+                if tokio::time::timeout(std::time::Duration::from_secs(10), e.wait_idle()).await.is_err() {
+                    tracing::warn!(export = %e.config.id, "the incoming mirror's export still has clients");
+                }
+            }
+        }
+    }
+
+    /// Wait for incoming migrations on `uri` (`--incoming`): one attempt at a
+    /// time (others are refused, and a silent one frees the slot after the
+    /// HELLO bound); after COMMIT the guest runs unless `paused`.
     pub async fn listen_incoming(self: &Arc<Self>, uri: &str, paused: bool) -> Result<(), DaemonError> {
-        let vm = self.vm().ok_or_else(|| DaemonError::Vm("--incoming needs --vm".into()))?;
         let listener = match parse_uri(uri)? {
             NbdAddr::Unix { path } => {
                 let _ = std::fs::remove_file(&path);
-                crate::daemon::Incoming::Unix(tokio::net::UnixListener::bind(&path).map_err(|source| DaemonError::Listen { addr: uri.into(), source })?)
+                Incoming::Unix(tokio::net::UnixListener::bind(&path).map_err(|source| DaemonError::Listen { addr: uri.into(), source })?)
             }
             NbdAddr::Inet { host, port } => {
                 let a = format!("{host}:{port}");
-                crate::daemon::Incoming::Tcp(tokio::net::TcpListener::bind(&a).await.map_err(|source| DaemonError::Listen { addr: a, source })?)
+                Incoming::Tcp(tokio::net::TcpListener::bind(&a).await.map_err(|source| DaemonError::Listen { addr: a, source })?)
             }
         };
         let d = self.clone();
         tokio::spawn(async move {
             loop {
-                let res = match &listener {
+                let landed = match &listener {
                     Incoming::Unix(l) => match l.accept().await {
-                        Ok((s, _)) => vmm::migration::migrate_in(&d.graph, &vm, s).await,
+                        Ok((s, _)) => d.clone().incoming_attempt(s, paused),
                         Err(_) => continue,
                     },
                     Incoming::Tcp(l) => match l.accept().await {
-                        Ok((s, _)) => vmm::migration::migrate_in(&d.graph, &vm, s).await,
+                        Ok((s, _)) => d.clone().incoming_attempt(s, paused),
                         Err(_) => continue,
                     },
                 };
-                match res {
-                    Ok(()) => {
-                        d.emit("MIGRATION", json!({"status": "completed"}));
-                        if !paused {
-                            if let Err(e) = vm.cont().await {
-                                tracing::warn!(error = %e, "incoming migration done, but the guest cannot resume; fix and `cont`");
-                            }
-                        }
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %crate::error_chain(&e), "incoming migration failed; waiting for another attempt");
-                        d.emit("MIGRATION", json!({"status": "failed"}));
-                    }
-                }
+                drop(landed);
             }
         });
         Ok(())
+    }
+
+    /// One incoming connection, in a task of its own.
+    fn incoming_attempt<S>(self: Arc<Self>, conn: S, paused: bool) -> tokio::task::JoinHandle<()>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        tokio::spawn(async move {
+            let Some(vm) = self.vm() else { return };
+            if !self.migration.status().is_final() || matches!(self.migration.handover(), vmm::migration::Handover::Prepared | vmm::migration::Handover::DecisionUnknown) {
+                vmm::migration::refuse_busy(conn, "another incoming migration holds this destination").await;
+                return;
+            }
+            let targets = self.mirror_targets(&vm).await;
+            if vmm::migration::migrate_in(&self.migration, &self.graph, &vm, targets, conn).await == vmm::migration::Landing::Committed {
+                self.drop_target_exports(&vm).await;
+                if !paused {
+                    if let Err(e) = vm.cont().await {
+                        tracing::warn!(error = %e, "the guest arrived, but cannot run; fix and `cont`");
+                    }
+                }
+            }
+        })
     }
 
     /// Send an event to every monitor.

@@ -170,6 +170,11 @@ pub trait JobDriver: Send + Sync + 'static {
     fn committed(&self) -> bool {
         false
     }
+    /// The node the job reads and the node it writes (a mirror: source and
+    /// target), for a migration that needs to know which job carries a disk.
+    fn nodes(&self) -> Option<(Arc<block::Node>, Arc<block::Node>)> {
+        None
+    }
     /// `job-change` / `block-job-change` options.
     fn change(&self, _job: &Job, _opts: &serde_json::Map<String, Value>) -> Result<(), JobError> {
         Err(JobError::Invalid("this job has nothing to change".into()))
@@ -209,6 +214,8 @@ pub struct Job {
     events: EventSink,
     driver: Mutex<Option<Arc<dyn JobDriver>>>,
     kind: &'static str,
+    /// Set once, when the job's work ends.
+    ended: Mutex<Option<Ended>>,
 }
 
 impl std::fmt::Debug for Job {
@@ -253,6 +260,21 @@ impl Job {
 
     pub fn error(&self) -> Option<String> {
         self.st().error.clone()
+    }
+
+    /// How the job's work ended, once it has.
+    pub fn ended(&self) -> Option<Ended> {
+        self.ended.lock().ok().and_then(|e| e.clone())
+    }
+
+    /// The nodes the job reads and writes, while it runs.
+    pub fn nodes(&self) -> Option<(Arc<block::Node>, Arc<block::Node>)> {
+        JobManager::driver_of(self).and_then(|d| d.nodes())
+    }
+
+    /// READY with nothing left to copy (this job, not whichever holds its id now).
+    pub fn in_sync(&self) -> bool {
+        self.status() == Status::Ready && JobManager::driver_of(self).is_some_and(|d| d.in_sync())
     }
 
     fn transition(&self, to: Status) {
@@ -368,6 +390,17 @@ impl Job {
     }
 }
 
+/// How and when a job's work ended: what a migration checks when a mirror
+/// that carried a disk ended before the switchover (libvirt cancels its
+/// mirrors at `pre-switchover`).
+#[derive(Debug, Clone)]
+pub struct Ended {
+    pub outcome: Outcome,
+    pub at: std::time::Instant,
+    /// The job switched the source's users to its target (a mirror's pivot).
+    pub committed: bool,
+}
+
 /// Options common to every job.
 #[derive(Debug, Clone)]
 pub struct JobOptions {
@@ -442,6 +475,7 @@ impl JobManager {
             events: self.events.clone(),
             driver: Mutex::new(Some(driver.clone())),
             kind: driver.kind(),
+            ended: Mutex::new(None),
         });
         self.list_lock().push(job.clone());
         job.transition(Status::Created);
@@ -467,6 +501,10 @@ impl JobManager {
 
     /// The work ended: go through waiting/pending (or aborting) to concluded.
     fn conclude(&self, job: &Arc<Job>, outcome: Outcome) {
+        let committed = Self::driver_of(job).is_some_and(|d| d.committed());
+        if let Ok(mut e) = job.ended.lock() {
+            *e = Some(Ended { outcome: outcome.clone(), at: std::time::Instant::now(), committed });
+        }
         match outcome {
             Outcome::Done => {
                 job.transition(Status::Waiting);
@@ -676,7 +714,7 @@ impl JobManager {
 
     /// Whether job `id` is READY and has nothing left to copy.
     pub fn in_sync(&self, id: &str) -> bool {
-        self.find(id).ok().is_some_and(|j| j.status() == Status::Ready && Self::driver_of(&j).is_some_and(|d| d.in_sync()))
+        self.find(id).ok().is_some_and(|j| j.in_sync())
     }
 
     /// Cancel every job and wait for them (daemon shutdown).

@@ -488,6 +488,10 @@ impl JobDriver for MirrorDriver {
         self.shared.pivoted.load(Ordering::SeqCst)
     }
 
+    fn nodes(&self) -> Option<(Arc<Node>, Arc<Node>)> {
+        Some((self.shared.source.clone(), self.shared.target.clone()))
+    }
+
     fn in_sync(&self) -> bool {
         let s = &self.shared;
         s.bitmap.dirty_granules() == 0 && s.inflight.is_empty()

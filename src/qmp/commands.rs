@@ -119,7 +119,13 @@ static MIRROR: [Field; 16] = [
 ];
 static JOB_INFO_RET: Ty = Ty::Array(&Ty::Any);
 static MIG_CAP: [Field; 2] = [req("capability", Ty::Str), req("state", Ty::Bool)];
-static STATUS_INFO: [Field; 2] = [req("running", Ty::Bool), req("status", Ty::Str)];
+static STATUS_INFO: [Field; 4] = [req("running", Ty::Bool), req("status", Ty::Str), opt("x-baton-handover", Ty::Str), opt("x-baton-waiting", Ty::Str)];
+static MIG_PARAMS: [Field; 7] = {
+    const N: [&str; 7] = vmm::migration::params::NAMES;
+    [opt(N[0], Ty::Int), opt(N[1], Ty::Int), opt(N[2], Ty::Int), opt(N[3], Ty::Int), opt(N[4], Ty::Int), opt(N[5], Ty::Int), opt(N[6], Ty::Int)]
+};
+static MIG_DECIDE: [Field; 1] = [req("decision", Ty::Enum(&["commit", "abort"]))];
+static FAILPOINT: [Field; 2] = [req("name", Ty::Str), req("actions", Ty::Str)];
 static STATUS_RET: Ty = Ty::Obj(&STATUS_INFO);
 static ANY_RET: Ty = Ty::Any;
 
@@ -198,10 +204,17 @@ pub static COMMANDS: &[Command] = &[
     Command { name: "block-job-set-speed", args: Args::Fields(&BLOCK_JOB_SPEED), ret: None, handler: handler!(block_job_set_speed) },
     Command { name: "block-job-change", args: Args::Fields(&JOB_CHANGE), ret: None, handler: handler!(job_change) },
     Command { name: "migrate", args: Args::Fields(&[req("uri", Ty::Str), opt("detach", Ty::Bool), opt("resume", Ty::Bool)]), ret: None, handler: handler!(migrate) },
+    Command { name: "migrate_cancel", args: Args::Fields(&[]), ret: None, handler: handler!(migrate_cancel) },
+    // baton's first releases spelled it with a dash; kept as an alias.
     Command { name: "migrate-cancel", args: Args::Fields(&[]), ret: None, handler: handler!(migrate_cancel) },
     Command { name: "migrate-continue", args: Args::Fields(&[req("state", Ty::Enum(&["pre-switchover"]))]), ret: None, handler: handler!(migrate_continue) },
     Command { name: "migrate-set-capabilities", args: Args::Fields(&[req("capabilities", Ty::Array(&Ty::Obj(&MIG_CAP)))]), ret: None, handler: handler!(migrate_set_capabilities) },
     Command { name: "query-migrate", args: Args::Fields(&[]), ret: Some(&ANY_RET), handler: handler!(query_migrate) },
+    Command { name: "query-migrate-capabilities", args: Args::Fields(&[]), ret: Some(&ANY_RET), handler: handler!(query_migrate_capabilities) },
+    Command { name: "migrate-set-parameters", args: Args::Open(&MIG_PARAMS), ret: None, handler: handler!(migrate_set_parameters) },
+    Command { name: "query-migrate-parameters", args: Args::Fields(&[]), ret: Some(&ANY_RET), handler: handler!(query_migrate_parameters) },
+    Command { name: "x-baton-migrate-decide", args: Args::Fields(&MIG_DECIDE), ret: None, handler: handler!(migrate_decide) },
+    Command { name: "x-baton-failpoint", args: Args::Fields(&FAILPOINT), ret: None, handler: handler!(failpoint) },
     Command { name: "stop", args: Args::Fields(&[]), ret: None, handler: handler!(stop) },
     Command { name: "cont", args: Args::Fields(&[]), ret: None, handler: handler!(cont) },
     Command { name: "query-status", args: Args::Fields(&[]), ret: Some(&STATUS_RET), handler: handler!(query_status) },
@@ -822,6 +835,10 @@ async fn stop(d: Arc<Daemon>, _: Map<String, Value>) -> Reply {
 
 async fn cont(d: Arc<Daemon>, _: Map<String, Value>) -> Reply {
     let vm = the_vm(&d)?;
+    // I8: a prepared destination cannot know whether the source committed.
+    if matches!(d.migration.handover(), vmm::migration::Handover::Prepared | vmm::migration::Handover::DecisionUnknown) && d.migration.role() == Some(vmm::migration::Role::Destination) {
+        return Err(QmpError::generic(format!("cannot run the guest: {}", vmm::migration::VerbError::PreparedWaiting)));
+    }
     vm.cont().await.map_err(|e| QmpError::generic(e.to_string()))?;
     Ok(json!({}))
 }
@@ -829,7 +846,11 @@ async fn cont(d: Arc<Daemon>, _: Map<String, Value>) -> Reply {
 async fn query_status(d: Arc<Daemon>, _: Map<String, Value>) -> Reply {
     let vm = the_vm(&d)?;
     let st = vm.state();
-    Ok(json!({"running": st == vmm::RunState::Running, "status": st.as_str()}))
+    let mut v = json!({"running": st == vmm::RunState::Running, "status": st.as_str()});
+    if let (Some(Value::Object(extra)), Some(o)) = (d.migration.status_extra(), v.as_object_mut()) {
+        o.extend(extra);
+    }
+    Ok(v)
 }
 
 async fn guest_stats(d: Arc<Daemon>, _: Map<String, Value>) -> Reply {
@@ -862,59 +883,70 @@ async fn migrate(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
     Ok(json!({}))
 }
 
+fn mig_err(e: vmm::migration::VerbError) -> QmpError {
+    QmpError::generic(e.to_string())
+}
+
 async fn migrate_cancel(d: Arc<Daemon>, _: Map<String, Value>) -> Reply {
-    if let Ok(p) = d.migration.lock() {
-        p.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
-        p.wake.notify_waiters();
-    }
+    d.migration.cancel().map_err(mig_err)?;
     Ok(json!({}))
 }
 
 async fn migrate_continue(d: Arc<Daemon>, _: Map<String, Value>) -> Reply {
-    let p = d.migration.lock().map(|p| p.clone()).unwrap_or_default();
-    if p.status() != vmm::migration::Status::PreSwitchover {
-        return Err(QmpError::generic(format!("Migration not in expected state: {}", p.status().as_str())));
-    }
-    p.proceed.store(true, std::sync::atomic::Ordering::SeqCst);
-    p.wake.notify_waiters();
+    d.migration.proceed().map_err(mig_err)?;
     Ok(json!({}))
 }
 
 async fn migrate_set_capabilities(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
-    let caps = a.get("capabilities").and_then(Value::as_array).cloned().unwrap_or_default();
-    let mut pause = None;
-    for c in &caps {
-        match c.get("capability").and_then(Value::as_str).unwrap_or_default() {
-            "pause-before-switchover" => pause = c.get("state").and_then(Value::as_bool),
-            other => return Err(QmpError::generic(format!("migration capability '{other}' is not supported"))),
-        }
-    }
-    let p = d.migration.lock().map(|p| p.clone()).unwrap_or_default();
-    if matches!(p.status(), vmm::migration::Status::Setup | vmm::migration::Status::Active | vmm::migration::Status::PreSwitchover | vmm::migration::Status::Device) {
-        return Err(QmpError::generic("There's a migration process in progress"));
-    }
-    if let Some(v) = pause {
-        d.pause_before_switchover.store(v, std::sync::atomic::Ordering::SeqCst);
-    }
+    let caps: Vec<(String, bool)> = a
+        .get("capabilities")
+        .and_then(Value::as_array)
+        .map(|l| l.iter().map(|c| (c.get("capability").and_then(Value::as_str).unwrap_or_default().to_string(), c.get("state").and_then(Value::as_bool).unwrap_or(false))).collect())
+        .unwrap_or_default();
+    d.migration.set_capabilities(&caps).map_err(mig_err)?;
     Ok(json!({}))
 }
 
+async fn query_migrate_capabilities(d: Arc<Daemon>, _: Map<String, Value>) -> Reply {
+    Ok(d.migration.query_capabilities())
+}
+
+async fn migrate_set_parameters(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
+    d.migration.set_parameters(&a).map_err(mig_err)?;
+    Ok(json!({}))
+}
+
+async fn query_migrate_parameters(d: Arc<Daemon>, _: Map<String, Value>) -> Reply {
+    Ok(Value::Object(d.migration.params().to_json()))
+}
+
 async fn query_migrate(d: Arc<Daemon>, _: Map<String, Value>) -> Reply {
-    let p = d.migration.lock().map(|p| p.clone()).unwrap_or_default();
-    let status = p.status();
-    if status == vmm::migration::Status::None {
+    let total = d.vm().map(|v| v.config().memory).unwrap_or(0);
+    Ok(d.migration.query(total))
+}
+
+/// `x-baton-migrate-decide`: the operator resolves a prepared destination
+/// whose source's decision was lost (commit when the source is postmigrate).
+async fn migrate_decide(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
+    let decision = match s(&a, "decision").as_str() {
+        "commit" => vmm::migration::Decision::Commit,
+        _ => vmm::migration::Decision::Abort,
+    };
+    d.migration.decide(decision).map_err(mig_err)?;
+    Ok(json!({}))
+}
+
+/// `x-baton-failpoint`: configure (or, with actions "off", remove) a
+/// failpoint at run time; only in builds with the `failpoints` feature.
+async fn failpoint(_d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
+    let (name, actions) = (s(&a, "name"), s(&a, "actions"));
+    if !fail::has_failpoints() {
+        return Err(QmpError::generic("this build has no failpoints (feature failpoints)"));
+    }
+    if actions == "off" {
+        fail::remove(&name);
         return Ok(json!({}));
     }
-    let sent = p.pages_sent.load(std::sync::atomic::Ordering::SeqCst);
-    let total = d.vm().map(|v| v.config().memory).unwrap_or(0);
-    let mut v = json!({
-        "status": status.as_str(),
-        "ram": {"transferred": sent * 4096, "total": total, "normal": sent, "normal-bytes": sent * 4096,
-                "dirty-sync-count": p.passes.load(std::sync::atomic::Ordering::SeqCst),
-                "remaining": p.dirty_pages.load(std::sync::atomic::Ordering::SeqCst) * 4096},
-    });
-    if let Some(e) = p.error() {
-        v["error-desc"] = json!(e);
-    }
-    Ok(v)
+    fail::cfg(name, &actions).map_err(QmpError::generic)?;
+    Ok(json!({}))
 }

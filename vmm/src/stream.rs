@@ -1,15 +1,25 @@
-//! The migration stream: a header, then typed, length-prefixed sections,
-//! then an end marker; the destination answers with one acknowledgement.
+//! The migration stream: a header, then typed, length-prefixed sections
+//! from the source; short replies from the destination on the same
+//! connection (its return path). Format 2 is the two-phase handover.
 //!
 //! ```text
-//!  "BATONMIG" version:u32
+//!  source -> destination
+//!  "BATONMIG" format:u32
 //!  section: tag:u8 len:u64 payload[len]
-//!    1 CONFIG  memory:u64 vcpus:u32
+//!    1 HELLO   memory:u64 vcpus:u32 disk_size:u64   (first, exactly once)
 //!    2 RAM     first_page:u64 count:u32 pages[count * 4096]
 //!    3 VCPU    id:u32 kvm_regs kvm_sregs        (this build's layouts)
 //!    4 DEVICE  consumed:u32
 //!    255 END   (empty)
-//!  ack: 0 | 1 len:u32 message[len]
+//!    7 COMMIT  (empty)                          (after PREPARED: the decision)
+//!    8 ABORT   reason (utf-8)                   (any time before COMMIT)
+//!
+//!  destination -> source (the return path)
+//!  reply: tag:u8 len:u32 payload[len]
+//!    1 WELCOME   JSON {"targets": [{"node", "export", "size"}]}  (answer to HELLO:
+//!                the destination's disks that are incoming mirror targets)
+//!    2 REFUSED   reason (utf-8)                  (the attempt is over; why)
+//!    3 PREPARED  (empty)                         (everything arrived and is loaded)
 //! ```
 //!
 //! I9: anything unknown, truncated or inconsistent fails the incoming side
@@ -20,14 +30,24 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::vcpu::VcpuState;
 
 pub const MAGIC: &[u8; 8] = b"BATONMIG";
-pub const VERSION: u32 = 1;
+/// The stream format this build speaks. Two builds that speak the same
+/// format migrate freely in both directions.
+pub const VERSION: u32 = 2;
 pub const PAGE: usize = 4096;
 
-pub const CONFIG: u8 = 1;
+pub const HELLO: u8 = 1;
 pub const RAM: u8 = 2;
 pub const VCPU: u8 = 3;
 pub const DEVICE: u8 = 4;
 pub const END: u8 = 255;
+pub const COMMIT: u8 = 7;
+pub const ABORT: u8 = 8;
+
+pub const REPLY_WELCOME: u8 = 1;
+pub const REPLY_REFUSED: u8 = 2;
+pub const REPLY_PREPARED: u8 = 3;
+/// Largest reply accepted.
+pub const MAX_REPLY: u32 = 64 << 10;
 
 /// Largest section accepted (a RAM run of 16 MiB plus its header).
 pub const MAX_SECTION: u64 = (16 << 20) + 12;
@@ -44,16 +64,62 @@ pub enum StreamError {
     UnknownSection(u8),
     #[error("section {tag} of {len} bytes: {why}")]
     BadSection { tag: u8, len: u64, why: String },
+    #[error("bad reply from the destination: {0}")]
+    BadReply(String),
 }
 
 /// One decoded section.
 #[derive(Debug)]
 pub enum Section {
-    Config { memory: u64, vcpus: u32 },
+    Hello(Hello),
     Ram { first_page: u64, data: Vec<u8> },
     Vcpu { id: u32, state: Box<VcpuState> },
     Device { consumed: u32 },
     End,
+    Commit,
+    Abort(String),
+}
+
+impl Section {
+    /// The section's name, for messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Section::Hello(_) => "HELLO",
+            Section::Ram { .. } => "RAM",
+            Section::Vcpu { .. } => "VCPU",
+            Section::Device { .. } => "DEVICE",
+            Section::End => "END",
+            Section::Commit => "COMMIT",
+            Section::Abort(_) => "ABORT",
+        }
+    }
+}
+
+/// What the source says of the guest before any RAM moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hello {
+    pub memory: u64,
+    pub vcpus: u32,
+    pub disk_size: u64,
+}
+
+/// A reply on the return path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// HELLO accepted; the destination's incoming mirror targets.
+    Welcome(Vec<Target>),
+    Refused(String),
+    Prepared,
+}
+
+/// A destination disk exported writable for the source's mirror.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// The destination's node (for messages).
+    pub node: String,
+    /// The NBD export name the source's `nbd` node must connect to.
+    pub export: String,
+    pub size: u64,
 }
 
 const REGS: usize = std::mem::size_of::<kvm_bindings::kvm_regs>();
@@ -98,8 +164,20 @@ async fn section<W: AsyncWrite + Unpin>(w: &mut W, tag: u8, parts: &[&[u8]]) -> 
     Ok(())
 }
 
-pub async fn write_config<W: AsyncWrite + Unpin>(w: &mut W, memory: u64, vcpus: u32) -> std::io::Result<()> {
-    section(w, CONFIG, &[&memory.to_be_bytes(), &vcpus.to_be_bytes()]).await
+pub async fn write_hello<W: AsyncWrite + Unpin>(w: &mut W, h: &Hello) -> std::io::Result<()> {
+    section(w, HELLO, &[&h.memory.to_be_bytes(), &h.vcpus.to_be_bytes(), &h.disk_size.to_be_bytes()]).await?;
+    w.flush().await
+}
+
+pub async fn write_commit<W: AsyncWrite + Unpin>(w: &mut W) -> std::io::Result<()> {
+    section(w, COMMIT, &[]).await?;
+    w.flush().await
+}
+
+pub async fn write_abort<W: AsyncWrite + Unpin>(w: &mut W, reason: &str) -> std::io::Result<()> {
+    let r = reason.as_bytes();
+    section(w, ABORT, &[&r[..r.len().min(MAX_REPLY as usize)]]).await?;
+    w.flush().await
 }
 
 pub async fn write_ram<W: AsyncWrite + Unpin>(w: &mut W, first_page: u64, pages: &[u8]) -> std::io::Result<()> {
@@ -137,7 +215,7 @@ pub async fn read_section<R: AsyncRead + Unpin>(r: &mut R) -> Result<Section, St
     let tag = r.read_u8().await?;
     let len = r.read_u64().await?;
     let bad = |why: &str| StreamError::BadSection { tag, len, why: why.to_string() };
-    if !matches!(tag, CONFIG | RAM | VCPU | DEVICE | END) {
+    if !matches!(tag, HELLO | RAM | VCPU | DEVICE | END | COMMIT | ABORT) {
         return Err(StreamError::UnknownSection(tag));
     }
     if len > MAX_SECTION {
@@ -154,7 +232,11 @@ pub async fn read_section<R: AsyncRead + Unpin>(r: &mut R) -> Result<Section, St
         })
     };
     match tag {
-        CONFIG if len == 12 => Ok(Section::Config { memory: u64_at(0).ok_or_else(|| bad("short"))?, vcpus: u32_at(8).ok_or_else(|| bad("short"))? }),
+        HELLO if len == 20 => Ok(Section::Hello(Hello {
+            memory: u64_at(0).ok_or_else(|| bad("short"))?,
+            vcpus: u32_at(8).ok_or_else(|| bad("short"))?,
+            disk_size: u64_at(12).ok_or_else(|| bad("short"))?,
+        })),
         RAM => {
             let first_page = u64_at(0).ok_or_else(|| bad("short header"))?;
             let count = u32_at(8).ok_or_else(|| bad("short header"))? as usize;
@@ -170,32 +252,60 @@ pub async fn read_section<R: AsyncRead + Unpin>(r: &mut R) -> Result<Section, St
         }
         DEVICE if len == 4 => Ok(Section::Device { consumed: u32_at(0).ok_or_else(|| bad("short"))? }),
         END if len == 0 => Ok(Section::End),
+        COMMIT if len == 0 => Ok(Section::Commit),
+        ABORT if len <= u64::from(MAX_REPLY) => Ok(Section::Abort(String::from_utf8_lossy(&p).into_owned())),
         _ => Err(bad("wrong length")),
     }
 }
 
-pub async fn write_ack<W: AsyncWrite + Unpin>(w: &mut W, result: Result<(), &str>) -> std::io::Result<()> {
-    match result {
-        Ok(()) => w.write_u8(0).await?,
-        Err(msg) => {
-            w.write_u8(1).await?;
-            w.write_u32(msg.len() as u32).await?;
-            w.write_all(msg.as_bytes()).await?;
+pub async fn write_reply<W: AsyncWrite + Unpin>(w: &mut W, reply: &Reply) -> std::io::Result<()> {
+    let (tag, payload) = match reply {
+        Reply::Welcome(targets) => {
+            let t: Vec<serde_json::Value> = targets.iter().map(|t| serde_json::json!({"node": t.node, "export": t.export, "size": t.size})).collect();
+            (REPLY_WELCOME, serde_json::json!({"targets": t}).to_string().into_bytes())
         }
-    }
+        Reply::Refused(why) => {
+            let mut b = why.as_bytes().to_vec();
+            b.truncate(MAX_REPLY as usize);
+            (REPLY_REFUSED, b)
+        }
+        Reply::Prepared => (REPLY_PREPARED, Vec::new()),
+    };
+    w.write_u8(tag).await?;
+    w.write_u32(payload.len() as u32).await?;
+    w.write_all(&payload).await?;
     w.flush().await
 }
 
-pub async fn read_ack<R: AsyncRead + Unpin>(r: &mut R) -> Result<Result<(), String>, StreamError> {
-    match r.read_u8().await? {
-        0 => Ok(Ok(())),
-        1 => {
-            let n = r.read_u32().await?.min(64 << 10) as usize;
-            let mut m = vec![0u8; n];
-            r.read_exact(&mut m).await?;
-            Ok(Err(String::from_utf8_lossy(&m).into_owned()))
-        }
-        other => Err(StreamError::BadSection { tag: other, len: 0, why: "bad acknowledgement".into() }),
+fn parse_targets(p: &[u8]) -> Result<Vec<Target>, StreamError> {
+    let bad = |why: &str| StreamError::BadReply(format!("WELCOME: {why}"));
+    let v: serde_json::Value = serde_json::from_slice(p).map_err(|e| bad(&e.to_string()))?;
+    let obj = v.as_object().filter(|o| o.len() == 1).ok_or_else(|| bad("not an object with exactly 'targets'"))?;
+    let list = obj.get("targets").and_then(|t| t.as_array()).ok_or_else(|| bad("'targets' is not an array"))?;
+    let mut out = Vec::with_capacity(list.len());
+    for t in list {
+        let o = t.as_object().filter(|o| o.len() == 3).ok_or_else(|| bad("a target is not {node, export, size}"))?;
+        let s = |k: &str| o.get(k).and_then(|v| v.as_str()).map(str::to_string).ok_or_else(|| bad(&format!("target '{k}' missing or not a string")));
+        let size = o.get("size").and_then(|v| v.as_u64()).ok_or_else(|| bad("target 'size' missing or not a number"))?;
+        out.push(Target { node: s("node")?, export: s("export")?, size });
+    }
+    Ok(out)
+}
+
+/// Read one reply from the return path.
+pub async fn read_reply<R: AsyncRead + Unpin>(r: &mut R) -> Result<Reply, StreamError> {
+    let tag = r.read_u8().await?;
+    let len = r.read_u32().await?;
+    if len > MAX_REPLY {
+        return Err(StreamError::BadReply(format!("reply {tag} of {len} bytes is too large")));
+    }
+    let mut p = vec![0u8; len as usize];
+    r.read_exact(&mut p).await?;
+    match tag {
+        REPLY_WELCOME => Ok(Reply::Welcome(parse_targets(&p)?)),
+        REPLY_REFUSED => Ok(Reply::Refused(String::from_utf8_lossy(&p).into_owned())),
+        REPLY_PREPARED if len == 0 => Ok(Reply::Prepared),
+        other => Err(StreamError::BadReply(format!("unknown reply {other} of {len} bytes"))),
     }
 }
 
@@ -226,7 +336,7 @@ mod tests {
         rt().block_on(async {
             let mut w = Vec::new();
             write_header(&mut w).await.unwrap();
-            write_config(&mut w, 64 << 20, 1).await.unwrap();
+            write_hello(&mut w, &Hello { memory: 64 << 20, vcpus: 1, disk_size: 1 << 20 }).await.unwrap();
             write_ram(&mut w, 3, &[7u8; 2 * PAGE]).await.unwrap();
             write_device(&mut w, 42).await.unwrap();
             write_end(&mut w).await.unwrap();
@@ -242,6 +352,28 @@ mod tests {
         });
     }
 
+    #[test]
+    fn replies_round_trip_and_bad_ones_are_named() {
+        rt().block_on(async {
+            let targets = vec![Target { node: "disk".into(), export: "e".into(), size: 4096 }];
+            for reply in [Reply::Welcome(targets.clone()), Reply::Refused("no".into()), Reply::Prepared, Reply::Welcome(vec![])] {
+                let mut w = Vec::new();
+                write_reply(&mut w, &reply).await.unwrap();
+                assert_eq!(read_reply(&mut &w[..]).await.unwrap(), reply);
+                for cut in 0..w.len() {
+                    assert!(read_reply(&mut &w[..cut]).await.is_err());
+                }
+            }
+            let mut w = vec![REPLY_WELCOME];
+            let body = br#"{"targets": [{"node": "d", "export": "e"}]}"#;
+            w.extend_from_slice(&(body.len() as u32).to_be_bytes());
+            w.extend_from_slice(body);
+            assert!(matches!(read_reply(&mut &w[..]).await, Err(StreamError::BadReply(m)) if m.contains("target")));
+            let w = [9u8, 0, 0, 0, 0];
+            assert!(matches!(read_reply(&mut &w[..]).await, Err(StreamError::BadReply(m)) if m.contains("unknown reply 9")));
+        });
+    }
+
     proptest::proptest! {
         #[test]
         fn hostile_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
@@ -250,6 +382,7 @@ mod tests {
             v.extend_from_slice(&bytes);
             let _ = rt().block_on(parse_all(&v));
             let _ = rt().block_on(parse_all(&bytes));
+            let _ = rt().block_on(read_reply(&mut &bytes[..]));
         }
     }
 }

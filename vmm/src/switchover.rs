@@ -2,11 +2,12 @@
 //! and its disks change hosts, all or nothing (DESIGN.md, I3 and I6–I8).
 //!
 //! ```text
-//!  stop vCPUs, drain the device ──> every mirror job READY and in sync
+//!  stop vCPUs, drain the device (bounded) ──> every disk's carrier in sync (bounded)
 //!     ──> inactivate every node (quiesce, flush, flip)
-//!     ──> hand the guest state to the destination ──> its acknowledgement
+//!     ──> hand the guest state over; the handover returns once the
+//!         destination is PREPARED and the commit point is passed
 //!     ──> postmigrate
-//!  any failure before the acknowledgement:
+//!  any failure or cancel before the commit point:
 //!     reactivate every node ──> resume the guest if it was running
 //!     (if reactivation fails the guest stays paused and the error says so)
 //! ```
@@ -14,7 +15,7 @@
 //! Jobs are neither cancelled nor completed here: a mirror that was READY
 //! is READY again after a rollback (I7), and after a success its cancel is
 //! the management's (as libvirt does). Every step has a failpoint named
-//! after it, so the tests can fail each one on purpose.
+//! after it (`migration::points`), so the tests can fail or hold each one.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use std::time::{Duration, Instant};
 use block::Graph;
 use jobs::JobManager;
 
+use crate::migration::points::point;
 use crate::vm::{RunState, Vm, VmState};
 
 #[derive(Debug, thiserror::Error)]
@@ -42,40 +44,77 @@ pub enum SwitchoverError {
     },
 }
 
+impl SwitchoverError {
+    /// The failure that started the rollback.
+    pub fn cause(&self) -> String {
+        match self {
+            SwitchoverError::RolledBack { cause, .. } => crate::error_text(cause.as_ref()),
+            SwitchoverError::Stuck { cause, .. } => cause.clone(),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct StepError(String);
 
-#[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
-fn injected(step: &str) -> Box<dyn std::error::Error + Send + Sync> {
-    Box::new(StepError(format!("failpoint at {step}")))
+/// The bounded waits of the switchover.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    /// The device's requests in flight once the vCPUs stopped.
+    pub drain: Duration,
+    /// The carriers catching up with the stopped guest.
+    pub sync: Duration,
 }
 
-/// How long mirror jobs get to catch up once the guest is stopped.
-pub const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
+impl Default for Bounds {
+    fn default() -> Self {
+        let p = crate::migration::Parameters::default();
+        Bounds { drain: p.drain_timeout, sync: p.mirror_sync_timeout }
+    }
+}
 
-/// Run the switchover. `mirrors` are the jobs carrying the disks; `handover`
-/// delivers the guest state to the destination and resolves once the
-/// destination acknowledged it (it has activated its nodes).
+/// Run the switchover with the mirror jobs `mirrors` (by id) carrying the
+/// disks and default bounds; `handover` delivers the guest state and
+/// resolves once the destination has it (one process, two graphs: tests).
 pub async fn switchover<F, Fut>(graph: &Arc<Graph>, jobs: &Arc<JobManager>, vm: &Arc<Vm>, mirrors: &[String], handover: F) -> Result<(), SwitchoverError>
 where
     F: FnOnce(VmState) -> Fut,
     Fut: Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>>,
 {
     let was_running = vm.is_running();
-    switchover_resuming(graph, jobs, vm, mirrors, was_running, handover).await
+    let in_sync = || -> Result<bool, String> {
+        let mut all = true;
+        for id in mirrors {
+            let job = jobs.find(id).map_err(|e| e.to_string())?;
+            if job.status() != jobs::Status::Ready {
+                return Err(format!("mirror job '{id}' is {}, not ready", job.status().as_str()));
+            }
+            all &= job.in_sync();
+        }
+        Ok(all)
+    };
+    run(graph, vm, was_running, Bounds::default(), in_sync, &|| false, handover).await
 }
 
-/// As `switchover`, when the guest was already stopped for it (the
-/// pause-before-switchover capability): `was_running` says whether a
-/// rollback resumes it.
-pub async fn switchover_resuming<F, Fut>(graph: &Arc<Graph>, jobs: &Arc<JobManager>, vm: &Arc<Vm>, mirrors: &[String], was_running: bool, handover: F) -> Result<(), SwitchoverError>
+/// The switchover. `in_sync` says whether the disks' carriers are in sync
+/// (an error when one can no longer be); `cancelled` is polled in the waits;
+/// `was_running` says whether a rollback resumes the guest.
+pub async fn run<C, F, Fut>(
+    graph: &Arc<Graph>,
+    vm: &Arc<Vm>,
+    was_running: bool,
+    bounds: Bounds,
+    in_sync: C,
+    cancelled: &(dyn Fn() -> bool + Sync),
+    handover: F,
+) -> Result<(), SwitchoverError>
 where
+    C: FnMut() -> Result<bool, String>,
     F: FnOnce(VmState) -> Fut,
     Fut: Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>>,
 {
-    let res = steps(graph, jobs, vm, mirrors, handover).await;
-    match res {
+    match steps(graph, vm, bounds, in_sync, cancelled, handover).await {
         Ok(()) => {
             vm.set_state(RunState::PostMigrate);
             Ok(())
@@ -86,53 +125,62 @@ where
 
 type Step = (&'static str, Box<dyn std::error::Error + Send + Sync>);
 
-async fn steps<F, Fut>(graph: &Arc<Graph>, jobs: &Arc<JobManager>, vm: &Arc<Vm>, mirrors: &[String], handover: F) -> Result<(), Step>
+fn step_err(step: &'static str, e: impl std::error::Error + Send + Sync + 'static) -> Step {
+    (step, Box::new(e))
+}
+
+async fn steps<C, F, Fut>(graph: &Arc<Graph>, vm: &Arc<Vm>, bounds: Bounds, mut in_sync: C, cancelled: &(dyn Fn() -> bool + Sync), handover: F) -> Result<(), Step>
 where
+    C: FnMut() -> Result<bool, String>,
     F: FnOnce(VmState) -> Fut,
     Fut: Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>>,
 {
     // 1. Stop the vCPUs and drain the device: no guest write is in flight after this.
-    vm.stop_into(RunState::FinishMigrate).await.map_err(|e| ("stop", Box::new(e) as _))?;
-    fail::fail_point!("switchover::after-stop", |_| Err(("stop", injected("after-stop"))));
+    vm.stop_bounded(RunState::FinishMigrate, bounds.drain).await.map_err(|e| step_err("stop", e))?;
+    point("switchover::after-stop").await.map_err(|e| step_err("stop", e))?;
 
-    // 2. Every mirror READY and with nothing left to copy.
-    let deadline = Instant::now() + SYNC_TIMEOUT;
-    for id in mirrors {
-        let job = jobs.find(id).map_err(|e| ("jobs", Box::new(e) as _))?;
-        if job.status() != jobs::Status::Ready {
-            return Err(("jobs", Box::new(StepError(format!("mirror job '{id}' is {}, not ready", job.status().as_str())))));
-        }
-        while !jobs.in_sync(id) {
-            if Instant::now() > deadline {
-                return Err(("jobs", Box::new(StepError(format!("mirror job '{id}' did not get in sync within {SYNC_TIMEOUT:?}")))));
+    // 2. Every disk's carrier in sync.
+    let deadline = Instant::now() + bounds.sync;
+    loop {
+        match in_sync() {
+            Ok(true) => break,
+            Ok(false) if Instant::now() > deadline => {
+                return Err(("jobs", Box::new(StepError(format!("the mirrors did not get in sync within {:?}", bounds.sync)))));
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            Ok(false) => {}
+            Err(e) => return Err(("jobs", Box::new(StepError(e)))),
         }
+        if cancelled() {
+            return Err(("jobs", Box::new(StepError("migration cancelled".into()))));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    fail::fail_point!("switchover::after-jobs", |_| Err(("jobs", injected("after-jobs"))));
+    point("switchover::after-jobs").await.map_err(|e| step_err("jobs", e))?;
 
     // 3. Inactivate every node, all or nothing (flushes the mirror targets too).
-    graph.inactivate_all().await.map_err(|e| ("inactivate", Box::new(e) as _))?;
-    fail::fail_point!("switchover::after-inactivate", |_| Err(("inactivate", injected("after-inactivate"))));
+    //    Never interrupted: a cancel takes effect at the next step.
+    graph.inactivate_all().await.map_err(|e| step_err("inactivate", e))?;
+    point("switchover::after-inactivate").await.map_err(|e| step_err("inactivate", e))?;
 
-    // 4. Hand the guest over; done only once the destination acknowledged.
-    let state = vm.save().await.map_err(|e| ("save", Box::new(e) as _))?;
-    fail::fail_point!("switchover::before-handover", |_| Err(("handover", injected("before-handover"))));
+    // 4. Hand the guest over; done once the destination is prepared and the
+    //    commit point is passed.
+    let state = vm.save().await.map_err(|e| step_err("save", e))?;
+    point("switchover::before-handover").await.map_err(|e| step_err("handover", e))?;
     handover(state).await.map_err(|e| ("handover", e))?;
     Ok(())
 }
 
 async fn rollback(graph: &Arc<Graph>, vm: &Arc<Vm>, was_running: bool, step: &'static str, cause: Box<dyn std::error::Error + Send + Sync>) -> Result<(), SwitchoverError> {
-    tracing::warn!(step, error = %cause, "switchover failed: rolling back");
+    tracing::warn!(step, error = %crate::error_text(cause.as_ref()), "switchover failed: rolling back");
     if let Err(reactivate) = graph.activate_all().await {
         // I3/I8: never run on an inactive node; stay paused and say so.
         vm.set_state(RunState::Paused);
-        return Err(SwitchoverError::Stuck { step, cause: cause.to_string(), reactivate });
+        return Err(SwitchoverError::Stuck { step, cause: crate::error_text(cause.as_ref()), reactivate });
     }
     vm.set_state(RunState::Paused);
     if was_running {
         if let Err(e) = vm.cont().await {
-            return Err(SwitchoverError::RolledBack { step, cause: format!("{cause}; and resuming failed: {e}").into() });
+            return Err(SwitchoverError::RolledBack { step, cause: format!("{}; and resuming failed: {e}", crate::error_text(cause.as_ref())).into() });
         }
     }
     Err(SwitchoverError::RolledBack { step, cause })

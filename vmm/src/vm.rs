@@ -132,7 +132,15 @@ pub struct Vm {
     control: tokio::sync::Mutex<()>,
     events: VmEvents,
     config: VmConfig,
-    verify_seq: Mutex<u32>,
+    /// Source of verification nonces: unique per process and per request, so
+    /// an answer found in RAM that came from another host (or an earlier
+    /// request) never matches.
+    verify_nonce: Mutex<u64>,
+    /// Times the vCPUs were resumed, and when they last stopped: a mirror
+    /// that ended after the last stop, with no resume since, saw the guest's
+    /// last write (a migration checks this when libvirt cancelled the mirrors).
+    runs: std::sync::atomic::AtomicU64,
+    last_stop: Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -221,7 +229,9 @@ impl Vm {
             control: tokio::sync::Mutex::new(()),
             events,
             config,
-            verify_seq: Mutex::new(0),
+            verify_nonce: Mutex::new(initial_nonce()),
+            runs: std::sync::atomic::AtomicU64::new(0),
+            last_stop: Mutex::new(Some(Instant::now())),
         }))
     }
 
@@ -288,9 +298,21 @@ impl Vm {
             be.set_perms(block::PermSet::GUEST_WRITER, true).map_err(|e| VmmError::State(format!("the guest cannot take its disk: {}", e.chain())))?;
         }
         self.set_state(RunState::Running);
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        if let Ok(mut l) = self.last_stop.lock() {
+            *l = None;
+        }
         self.vcpus.resume();
         (self.events)("RESUME", json!({}));
         Ok(())
+    }
+
+    /// When the vCPUs stopped, if they are stopped now.
+    pub fn stopped_since(&self) -> Option<Instant> {
+        if self.is_running() {
+            return None;
+        }
+        self.last_stop.lock().ok().and_then(|l| *l)
     }
 
     /// `stop`: returns once every vCPU has left KVM_RUN and the device is drained.
@@ -307,15 +329,38 @@ impl Vm {
 
     /// Stop into a given state, with the control lock held.
     pub async fn stop_locked(&self, to: RunState) -> Result<Duration, VmmError> {
+        self.stop_bounded_locked(to, None).await
+    }
+
+    /// Stop into `to`, waiting at most `drain` for the device's requests in
+    /// flight. The run state says `to` as soon as the vCPUs are out of
+    /// KVM_RUN (never `running` while they are stopped); a drain that times
+    /// out is an error and leaves the vCPUs stopped.
+    pub async fn stop_bounded(&self, to: RunState, drain: Duration) -> Result<Duration, VmmError> {
+        let _c = self.control.lock().await;
+        self.stop_bounded_locked(to, Some(drain)).await
+    }
+
+    async fn stop_bounded_locked(&self, to: RunState, drain: Option<Duration>) -> Result<Duration, VmmError> {
         let t = Instant::now();
         let was_running = self.is_running();
         // pause() waits on a condition variable: keep it off the async workers.
         let vcpus = self.vcpus.clone();
         let _ = tokio::task::spawn_blocking(move || vcpus.pause()).await;
-        self.device.drain().await;
         self.set_state(to);
+        if let Ok(mut l) = self.last_stop.lock() {
+            l.get_or_insert_with(Instant::now);
+        }
         if was_running {
             (self.events)("STOP", json!({}));
+        }
+        match drain {
+            None => self.device.drain().await,
+            Some(limit) => {
+                if tokio::time::timeout(limit, self.device.drain()).await.is_err() {
+                    return Err(VmmError::State(format!("the disk's requests in flight did not complete within {limit:?}")));
+                }
+            }
         }
         Ok(t.elapsed())
     }
@@ -338,10 +383,17 @@ impl Vm {
         if !self.is_running() {
             return Err(VmmError::State("the guest must be running to verify".into()));
         }
+        let done_before = self.mem.read_obj::<u32>(GuestAddress(VERIFY_DONE)).unwrap_or(0);
+        let req_before = self.mem.read_obj::<u32>(GuestAddress(VERIFY_REQ)).unwrap_or(0);
         let seq = {
-            let mut s = self.verify_seq.lock().unwrap_or_else(|p| p.into_inner());
-            *s = s.wrapping_add(1).max(1);
-            *s
+            let mut s = self.verify_nonce.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                *s = next_nonce(*s);
+                let n = (*s >> 32) as u32;
+                if n != 0 && n != done_before && n != req_before {
+                    break n;
+                }
+            }
         };
         self.mem.write_obj(seq, GuestAddress(VERIFY_REQ)).map_err(|e| VmmError::Memory(e.to_string()))?;
         let deadline = Instant::now() + timeout;
@@ -433,6 +485,20 @@ impl Drop for Vm {
     fn drop(&mut self) {
         self.vcpus.shutdown();
     }
+}
+
+/// A per-process random start for verification nonces.
+fn initial_nonce() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+/// The next nonce (a 64-bit LCG; its high half is the nonce).
+fn next_nonce(x: u64) -> u64 {
+    x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407)
 }
 
 #[allow(unused)]

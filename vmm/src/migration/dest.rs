@@ -1,0 +1,251 @@
+//! The destination side of the handover: strict about what it accepts,
+//! never runs the guest before it knows the source committed, and rolls its
+//! own side back on a refusal, an ABORT or a link lost before PREPARED.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use block::Graph;
+use tokio::io::{AsyncRead, AsyncWrite, BufReader};
+use vm_memory::{Bytes, GuestAddress};
+
+use super::params::Parameters;
+use super::points::point;
+use super::state::{Decision, Handover, Migration, Role, Status};
+use super::MigrationError;
+use crate::stream::{self, Reply, Section, StreamError, Target, PAGE};
+use crate::vm::{RunState, Vm};
+use crate::VmmError;
+
+/// How an incoming attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Landing {
+    /// COMMIT (or the operator's commit): the guest is loaded, paused, on
+    /// active nodes; the caller drops the exports that fed its disks and
+    /// runs it unless started with -S.
+    Committed,
+    /// Refused, aborted or failed: this side is as before the attempt.
+    RolledBack,
+}
+
+/// Refuse a connection while another attempt holds the slot.
+pub async fn refuse_busy<S: AsyncRead + AsyncWrite + Unpin>(conn: S, why: &str) {
+    let (_r, mut w) = tokio::io::split(conn);
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream::write_reply(&mut w, &Reply::Refused(why.to_string()))).await;
+}
+
+/// One incoming attempt on `conn`. `targets` are this side's disks exported
+/// writable for the source's mirror. Opens and ends the attempt in `mig`.
+pub async fn migrate_in<S>(mig: &Arc<Migration>, graph: &Arc<Graph>, vm: &Arc<Vm>, targets: Vec<Target>, conn: S) -> Landing
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    if vm.state() != RunState::InMigrate {
+        refuse_busy(conn, &format!("the guest here is {}, not waiting for a migration", vm.state().as_str())).await;
+        return Landing::RolledBack;
+    }
+    if let Err(e) = mig.begin(Role::Destination) {
+        refuse_busy(conn, &e.to_string()).await;
+        return Landing::RolledBack;
+    }
+    let p = mig.params();
+    let (r, mut w) = tokio::io::split(conn);
+    let mut r = BufReader::with_capacity(1 << 20, r);
+    let mut activated = Vec::new();
+    let res = receive(mig, graph, vm, &targets, &p, &mut r, &mut w, &mut activated).await;
+    let failure = match res {
+        Ok(()) => match decide(mig, &p, &mut r).await {
+            Decision::Commit => {
+                mig.set_handover(Handover::Committed);
+                vm.set_state(RunState::Paused);
+                mig.transition(Status::Completed);
+                return Landing::Committed;
+            }
+            Decision::Abort => MigrationError::Invalid(mig.error().unwrap_or_else(|| "the migration was aborted by the operator".into())),
+        },
+        Err(e) => {
+            // Tell the source why (best effort): its error says what we refused.
+            let why = crate::error_text(&e);
+            let _ = tokio::time::timeout(Duration::from_secs(1), stream::write_reply(&mut w, &Reply::Refused(why))).await;
+            e
+        }
+    };
+    let text = crate::error_text(&failure);
+    tracing::warn!(error = %text, "incoming migration failed; waiting for another attempt");
+    roll_back(graph, vm, &activated).await;
+    mig.set_handover(Handover::RolledBack);
+    mig.fail(text, false);
+    Landing::RolledBack
+}
+
+/// Inactivate what this attempt activated and drop the loaded state: back
+/// to `inmigrate`, ready for the next attempt.
+async fn roll_back(graph: &Arc<Graph>, vm: &Arc<Vm>, activated: &[String]) {
+    for name in activated.iter().rev() {
+        if let Err(e) = graph.set_active(Some(name), false).await {
+            tracing::error!(node = %name, error = %e.chain(), "rolling back an incoming migration: cannot inactivate");
+        }
+    }
+    vm.set_state(RunState::InMigrate);
+}
+
+/// Read a section within `bound`.
+async fn section<R: AsyncRead + Unpin>(r: &mut R, bound: Duration, what: &'static str) -> Result<Section, MigrationError> {
+    match tokio::time::timeout(bound, stream::read_section(r)).await {
+        Err(_) => Err(MigrationError::Timeout(what, bound)),
+        Ok(Err(StreamError::Io(e))) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(MigrationError::LinkLost(format!("the stream ended early while waiting for {what}"))),
+        Ok(r) => Ok(r?),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn receive<R, W>(mig: &Migration, graph: &Arc<Graph>, vm: &Arc<Vm>, targets: &[Target], p: &Parameters, r: &mut R, w: &mut W, activated: &mut Vec<String>) -> Result<(), MigrationError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    if vm.state() != RunState::InMigrate {
+        return Err(MigrationError::Invalid(format!("the guest here is {}, not waiting for a migration", vm.state().as_str())));
+    }
+    // Setup: the header and HELLO within the HELLO bound (a silent peer frees the slot).
+    let hello = tokio::time::timeout(p.hello_timeout, async {
+        stream::read_header(r).await?;
+        stream::read_section(r).await
+    })
+    .await
+    .map_err(|_| MigrationError::Timeout("HELLO from the source", p.hello_timeout))??;
+    let Section::Hello(h) = hello else {
+        return Err(MigrationError::Invalid("the stream does not start with HELLO".into()));
+    };
+    let cfg = vm.config();
+    let disk = vm.device().backend().node().length();
+    if h.memory != cfg.memory || h.vcpus != cfg.vcpus {
+        return Err(MigrationError::Invalid(format!(
+            "the source's guest has {} bytes of RAM and {} vCPUs, this one {} and {}",
+            h.memory, h.vcpus, cfg.memory, cfg.vcpus
+        )));
+    }
+    if h.disk_size != disk {
+        return Err(MigrationError::Invalid(format!("the source's guest disk has {} bytes, this one {disk}", h.disk_size)));
+    }
+    point("migration::incoming-hello").await?;
+    tokio::time::timeout(p.io_timeout, stream::write_reply(w, &Reply::Welcome(targets.to_vec())))
+        .await
+        .map_err(|_| MigrationError::Timeout("the WELCOME write", p.io_timeout))?
+        .map_err(StreamError::Io)?;
+    mig.transition(Status::Active);
+
+    // Active: sections until END; every page must arrive at least once.
+    let mem = vm.memory().clone();
+    let pages = cfg.memory / PAGE as u64;
+    let mut arrived = vec![0u64; pages.div_ceil(64) as usize];
+    let mut vcpus = vec![None; cfg.vcpus as usize];
+    let mut device = None;
+    loop {
+        match section(r, p.io_timeout, "the next section").await? {
+            Section::Hello(_) => return Err(MigrationError::Invalid("a second HELLO".into())),
+            Section::Ram { first_page, data } => {
+                let n = (data.len() / PAGE) as u64;
+                if first_page.checked_add(n).is_none_or(|end| end > pages) {
+                    return Err(MigrationError::Invalid(format!("RAM pages {first_page}+{n} are outside the guest's {pages} pages")));
+                }
+                mem.write_slice(&data, GuestAddress(first_page * PAGE as u64)).map_err(|e| VmmError::Memory(e.to_string()))?;
+                for pg in first_page..first_page + n {
+                    if let Some(word) = arrived.get_mut((pg / 64) as usize) {
+                        *word |= 1 << (pg % 64);
+                    }
+                }
+                mig.counters.pages_received.fetch_add(n, Ordering::SeqCst);
+            }
+            Section::Vcpu { id, state } => match vcpus.get_mut(id as usize) {
+                Some(slot @ None) => *slot = Some(*state),
+                Some(Some(_)) => return Err(MigrationError::Invalid(format!("vCPU {id}'s state arrived twice"))),
+                None => return Err(MigrationError::Invalid(format!("state for vCPU {id}, which this guest lacks"))),
+            },
+            Section::Device { consumed } => {
+                if device.replace(consumed).is_some() {
+                    return Err(MigrationError::Invalid("the device's state arrived twice".into()));
+                }
+            }
+            Section::Abort(why) => return Err(MigrationError::SourceAborted(why)),
+            Section::Commit => return Err(MigrationError::Invalid("COMMIT before the end of the stream".into())),
+            Section::End => break,
+        }
+    }
+    let missing = pages - crate::memory::count(&arrived).min(pages);
+    if missing > 0 {
+        let first = (0..pages).find(|pg| arrived.get((pg / 64) as usize).is_some_and(|w| w & (1 << (pg % 64)) == 0)).unwrap_or(0);
+        return Err(MigrationError::Invalid(format!("the stream ended with {missing} of {pages} RAM pages never sent (the first is page {first})")));
+    }
+    let Some(vcpus) = vcpus.into_iter().collect::<Option<Vec<_>>>() else {
+        return Err(MigrationError::Invalid("the stream ended without every vCPU's state".into()));
+    };
+    let Some(device) = device else {
+        return Err(MigrationError::Invalid("the stream ended without the device's state".into()));
+    };
+
+    // Everything arrived and fits: take over the disks, load the guest, do NOT run it.
+    activated.extend(graph.nodes().iter().filter(|n| !n.is_active()).map(|n| n.name().to_string()));
+    graph.activate_all().await.map_err(|e| MigrationError::Invalid(format!("activating the disks failed: {}", e.chain())))?;
+    point("migration::incoming-before-ack").await?;
+    vm.load_cpu_state(&vcpus, device).await?;
+    point("migration::incoming-before-prepared").await?;
+    tokio::time::timeout(p.io_timeout, stream::write_reply(w, &Reply::Prepared))
+        .await
+        .map_err(|_| MigrationError::Timeout("the PREPARED write", p.io_timeout))?
+        .map_err(StreamError::Io)?;
+    mig.set_handover(Handover::Prepared);
+    Ok(())
+}
+
+/// PREPARED: wait for COMMIT or ABORT from the source, or the operator's
+/// decision. Past the commit bound, or with the link gone, the decision is
+/// unknown: stay paused and say so (a late COMMIT is still taken).
+async fn decide<R: AsyncRead + Unpin>(mig: &Migration, p: &Parameters, r: &mut R) -> Decision {
+    let mut link_open = true;
+    let mut bound = Some(p.commit_timeout);
+    loop {
+        let next = async {
+            if !link_open {
+                return std::future::pending().await;
+            }
+            match bound {
+                Some(b) => tokio::time::timeout(b, stream::read_section(r)).await.ok(),
+                None => Some(stream::read_section(r).await),
+            }
+        };
+        tokio::select! {
+            d = mig.wait_decision() => return d,
+            got = next => match got {
+                None => {
+                    bound = None;
+                    mig.decision_unknown(format!("no COMMIT or ABORT within {:?}", p.commit_timeout));
+                }
+                Some(Ok(Section::Commit)) => {
+                    if point("migration::incoming-commit").await.is_err() {
+                        // Behave as if COMMIT never arrived.
+                        link_open = false;
+                        mig.decision_unknown("failpoint migration::incoming-commit".into());
+                        continue;
+                    }
+                    mig.set_decision_note("COMMIT from the source".into());
+                    return Decision::Commit;
+                }
+                Some(Ok(Section::Abort(why))) => {
+                    mig.set_decision_note(format!("ABORT from the source: {why}"));
+                    mig.fail(format!("the source aborted: {why}"), false);
+                    return Decision::Abort;
+                }
+                Some(Ok(other)) => {
+                    link_open = false;
+                    mig.decision_unknown(format!("the source sent {} instead of its decision", other.name()));
+                }
+                Some(Err(e)) => {
+                    link_open = false;
+                    mig.decision_unknown(format!("the link to the source was lost: {}", crate::error_text(&e)));
+                }
+            }
+        }
+    }
+}

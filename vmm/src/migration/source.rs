@@ -1,0 +1,330 @@
+//! The source side of the handover: HELLO, the carriers bound, RAM
+//! pre-copy, pre-switchover, the switchover up to PREPARED, the commit
+//! point, COMMIT. Every wait is bounded and every wait before the commit
+//! point gives way to `migrate_cancel`.
+
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use block::Graph;
+use jobs::JobManager;
+use tokio::io::{AsyncRead, AsyncWrite, BufWriter, WriteHalf};
+use tokio::sync::mpsc;
+use vm_memory::{Bytes, GuestAddress};
+
+use super::carriers::{self, Carrier};
+use super::params::Parameters;
+use super::points::point;
+use super::state::{Handover, Migration, Status};
+use super::MigrationError;
+use crate::stream::{self, Hello, Reply, StreamError, PAGE};
+use crate::switchover::{self, Bounds};
+use crate::vm::{RunState, Vm};
+use crate::VmmError;
+
+/// Pre-copy passes at most before the switchover.
+const MAX_PASSES: u32 = 8;
+/// Switch over once a pass leaves this few dirty pages.
+const SMALL_ENOUGH: u64 = 256;
+/// Pages per RAM section (a cancel takes effect between two).
+const RUN: usize = 64;
+/// How long a failing attempt tries to tell the destination (ABORT).
+const ABORT_BOUND: Duration = Duration::from_secs(1);
+
+/// The connection's two directions: our writes, and the destination's
+/// replies read by a task of their own (so a refusal sent mid-stream is
+/// seen at once, and a stalled return path never blocks a write).
+struct Link<S> {
+    w: BufWriter<WriteHalf<S>>,
+    replies: mpsc::Receiver<Result<Reply, String>>,
+    reader: tokio::task::JoinHandle<()>,
+    io: Duration,
+}
+
+impl<S> Drop for Link<S> {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Link<S> {
+    fn new(conn: S, io: Duration) -> Self {
+        let (mut r, w) = tokio::io::split(conn);
+        let (tx, replies) = mpsc::channel(4);
+        let reader = tokio::spawn(async move {
+            loop {
+                let reply = stream::read_reply(&mut r).await.map_err(|e| crate::error_text(&e));
+                let end = reply.is_err();
+                if tx.send(reply).await.is_err() || end {
+                    return;
+                }
+            }
+        });
+        Link { w: BufWriter::with_capacity(1 << 20, w), replies, reader, io }
+    }
+
+    /// A refusal that already arrived, if any.
+    fn refusal(&mut self) -> Option<String> {
+        match self.replies.try_recv() {
+            Ok(Ok(Reply::Refused(why))) => Some(why),
+            _ => None,
+        }
+    }
+
+    /// After a failed write: the destination's reason, if it sent one.
+    async fn reason_for(&mut self, e: MigrationError) -> MigrationError {
+        if matches!(e, MigrationError::Cancelled) {
+            return e;
+        }
+        match tokio::time::timeout(Duration::from_millis(500), self.replies.recv()).await {
+            Ok(Some(Ok(Reply::Refused(why)))) => MigrationError::Refused(why),
+            _ => e,
+        }
+    }
+
+    /// The next reply, within `bound`; a cancel ends the wait.
+    async fn expect(&mut self, mig: &Migration, bound: Duration, what: &'static str) -> Result<Reply, MigrationError> {
+        tokio::select! {
+            biased;
+            _ = mig.cancelled() => Err(MigrationError::Cancelled),
+            r = tokio::time::timeout(bound, self.replies.recv()) => match r {
+                Err(_) => Err(MigrationError::Timeout(what, bound)),
+                Ok(None) => Err(MigrationError::LinkLost("the return path closed".into())),
+                Ok(Some(Err(e))) => Err(MigrationError::LinkLost(e)),
+                Ok(Some(Ok(reply))) => Ok(reply),
+            }
+        }
+    }
+
+    /// Best effort, bounded: tell the destination to roll back.
+    async fn abort(&mut self, why: &str) {
+        let _ = tokio::time::timeout(ABORT_BOUND, stream::write_abort(&mut self.w, why)).await;
+    }
+}
+
+/// Write through `f` within the I/O bound; a cancel ends the wait.
+async fn guarded<F: Future<Output = std::io::Result<()>>>(mig: &Migration, io: Duration, f: F) -> Result<(), MigrationError> {
+    tokio::select! {
+        biased;
+        _ = mig.cancelled() => Err(MigrationError::Cancelled),
+        r = tokio::time::timeout(io, f) => match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(MigrationError::Stream(StreamError::Io(e))),
+            Err(_) => Err(MigrationError::Timeout("progress writing to the destination", io)),
+        }
+    }
+}
+
+/// Send the pages set in `log` (a dirty-log bitmap), in runs of at most RUN pages.
+async fn send_pages<S>(link: &mut Link<S>, mig: &Migration, vm: &Vm, log: &[u64]) -> Result<(), MigrationError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mem = vm.memory();
+    let pages = vm.config().memory / PAGE as u64;
+    let mut buf = Vec::with_capacity(RUN * PAGE);
+    let dirty = |i: u64| log.get((i / 64) as usize).is_some_and(|w| w & (1 << (i % 64)) != 0);
+    let mut i = 0u64;
+    while i < pages {
+        if !dirty(i) {
+            i += 1;
+            continue;
+        }
+        let first = i;
+        buf.clear();
+        while i < pages && dirty(i) && buf.len() < RUN * PAGE {
+            let at = buf.len();
+            buf.resize(at + PAGE, 0);
+            mem.read_slice(&mut buf[at..], GuestAddress(i * PAGE as u64)).map_err(|e| VmmError::Memory(e.to_string()))?;
+            i += 1;
+        }
+        if let Some(why) = link.refusal() {
+            return Err(MigrationError::Refused(why));
+        }
+        let io = link.io;
+        if let Err(e) = guarded(mig, io, stream::write_ram(&mut link.w, first, &buf)).await {
+            return Err(link.reason_for(e).await);
+        }
+        mig.counters.pages_sent.fetch_add((buf.len() / PAGE) as u64, Ordering::SeqCst);
+    }
+    Ok(())
+}
+
+/// The source side of a migration whose attempt `mig.begin(Source)` opened;
+/// `connect` opens the connection. Ends the attempt: completed, failed or
+/// cancelled. On failure the source is as before (the switchover rolled
+/// back, or never started) and the destination was told (ABORT, best effort).
+pub async fn migrate_out<C, S>(mig: &Arc<Migration>, graph: &Arc<Graph>, jobs: &Arc<JobManager>, vm: &Arc<Vm>, connect: C)
+where
+    C: Future<Output = std::io::Result<S>> + Send,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let p = mig.params();
+    let mut link = None;
+    match outgoing(mig, graph, jobs, vm, connect, &p, &mut link).await {
+        Ok(()) => mig.complete(),
+        Err(e) => {
+            let text = crate::error_text(&e);
+            tracing::warn!(error = %text, "migration failed; the source is as it was");
+            if let Some(l) = link.as_mut() {
+                l.abort(&text).await;
+            }
+            mig.set_handover(Handover::RolledBack);
+            mig.fail(text, mig.is_cancelled());
+        }
+    }
+}
+
+async fn outgoing<C, S>(mig: &Arc<Migration>, graph: &Arc<Graph>, jobs: &Arc<JobManager>, vm: &Arc<Vm>, connect: C, p: &Parameters, slot: &mut Option<Link<S>>) -> Result<(), MigrationError>
+where
+    C: Future<Output = std::io::Result<S>> + Send,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    // Setup: connect (abandoned on cancel), HELLO, the destination's disks.
+    let conn = tokio::select! {
+        biased;
+        _ = mig.cancelled() => return Err(MigrationError::Cancelled),
+        r = tokio::time::timeout(p.connect_timeout, connect) => match r {
+            Err(_) => return Err(MigrationError::Timeout("connection to the destination", p.connect_timeout)),
+            Ok(Err(e)) => return Err(MigrationError::LinkLost(format!("cannot connect: {e}"))),
+            Ok(Ok(c)) => c,
+        }
+    };
+    let link = slot.insert(Link::new(conn, p.io_timeout));
+    point("migration::setup").await?;
+    let hello = Hello { memory: vm.config().memory, vcpus: vm.config().vcpus, disk_size: vm.device().backend().node().length() };
+    guarded(mig, p.hello_timeout, async {
+        stream::write_header(&mut link.w).await?;
+        stream::write_hello(&mut link.w, &hello).await
+    })
+    .await?;
+    let targets = match link.expect(mig, p.hello_timeout, "answer to HELLO").await? {
+        Reply::Welcome(t) => t,
+        Reply::Refused(why) => return Err(MigrationError::Refused(why)),
+        Reply::Prepared => return Err(MigrationError::Stream(StreamError::BadReply("PREPARED before anything was sent".into()))),
+    };
+    let carriers = carriers::bind(jobs, vm, &targets).map_err(MigrationError::Disk)?;
+    if !matches!(vm.state(), RunState::Running | RunState::Paused) {
+        return Err(MigrationError::Invalid(format!("the guest is {} now", vm.state().as_str())));
+    }
+
+    // Active: pass 0 sends every page; later passes what the guest dirtied meanwhile.
+    mig.transition(Status::Active);
+    let _ = vm.take_dirty_log()?;
+    let all = vec![u64::MAX; (vm.config().memory / PAGE as u64).div_ceil(64) as usize];
+    send_pages(link, mig, vm, &all).await?;
+    point("migration::precopy").await?;
+    for _ in 0..MAX_PASSES {
+        let log = vm.take_dirty_log()?;
+        let n = crate::memory::count(&log);
+        mig.counters.dirty_pages.store(n, Ordering::SeqCst);
+        mig.counters.passes.fetch_add(1, Ordering::SeqCst);
+        send_pages(link, mig, vm, &log).await?;
+        if n <= SMALL_ENOUGH {
+            break;
+        }
+    }
+    if mig.is_cancelled() {
+        return Err(MigrationError::Cancelled);
+    }
+
+    let was_running = vm.is_running();
+    if mig.capabilities().pause_before_switchover {
+        // Stop first and let the management decide (migrate-continue or cancel).
+        let stopped = vm.stop_bounded(RunState::Paused, p.drain_timeout).await;
+        mig.mark_stopped();
+        mig.transition(Status::PreSwitchover);
+        let go = match stopped {
+            Ok(_) => mig.wait_proceed().await.map_err(|()| MigrationError::Cancelled),
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = go {
+            if was_running {
+                vm.cont().await?;
+            }
+            return Err(e);
+        }
+        point("migration::pre-switchover").await?;
+    }
+
+    // Device: the switchover, up to PREPARED and the commit point.
+    mig.transition(Status::Device);
+    mig.mark_stopped();
+    let bounds = Bounds { drain: p.drain_timeout, sync: p.mirror_sync_timeout };
+    let sync = || carriers::in_sync(&carriers, vm);
+    let cancelled = || mig.is_cancelled();
+    let prepared_timeout = p.prepared_timeout;
+    let handover = |st: crate::vm::VmState| async move {
+        hand_over(link, mig, vm, st, prepared_timeout).await.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+    };
+    let r = switchover::run(graph, vm, was_running, bounds, sync, &cancelled, handover).await;
+    if let Err(e) = r {
+        return Err(e.into());
+    }
+    keep_carriers(&carriers);
+
+    // Committed: the guest belongs to the destination. Tell it; if that
+    // fails, it stays paused until the decision reaches it another way.
+    let link = match slot.as_mut() {
+        Some(l) => l,
+        None => return Ok(()),
+    };
+    let sent = match point("migration::after-commit").await {
+        Ok(()) => guarded(mig, p.io_timeout, stream::write_commit(&mut link.w)).await,
+        Err(e) => Err(e.into()),
+    };
+    match sent {
+        Ok(()) => mig.set_decision_note("COMMIT sent".into()),
+        Err(e) => {
+            let why = crate::error_text(&e);
+            tracing::warn!(error = %why, "COMMIT not delivered: the destination waits for x-baton-migrate-decide commit");
+            mig.set_decision_note(format!("committed, but COMMIT could not be sent ({why}): resolve the destination with x-baton-migrate-decide commit"));
+        }
+    }
+    Ok(())
+}
+
+/// The carriers' jobs stay the management's after a success (libvirt
+/// cancels them); nothing to do but say so in the log.
+fn keep_carriers(carriers: &[Carrier]) {
+    for c in carriers {
+        tracing::debug!(job = %c.job.id, disk = %c.target.node, "disk handed over");
+    }
+}
+
+/// The guest is stopped and every node inactive: the last dirty pages, the
+/// vCPUs, the device, END; then PREPARED, and the commit point.
+async fn hand_over<S>(link: &mut Link<S>, mig: &Migration, vm: &Vm, st: crate::vm::VmState, prepared_timeout: Duration) -> Result<(), MigrationError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let log = vm.take_dirty_log()?;
+    send_pages(link, mig, vm, &log).await?;
+    let io = link.io;
+    let sent = guarded(mig, io, async {
+        for (id, v) in st.vcpus.iter().enumerate() {
+            stream::write_vcpu(&mut link.w, id as u32, v).await?;
+        }
+        stream::write_device(&mut link.w, st.device).await?;
+        stream::write_end(&mut link.w).await
+    })
+    .await;
+    if let Err(e) = sent {
+        return Err(link.reason_for(e).await);
+    }
+    mig.set_handover(Handover::AwaitingPrepared);
+    point("migration::after-end").await?;
+    match link.expect(mig, prepared_timeout, "PREPARED from the destination").await? {
+        Reply::Prepared => {}
+        Reply::Refused(why) => return Err(MigrationError::Refused(why)),
+        Reply::Welcome(_) => return Err(MigrationError::Stream(StreamError::BadReply("a second WELCOME".into()))),
+    }
+    point("migration::before-commit").await?;
+    // The commit point: one step that a cancel either beat or comes too late for.
+    if !mig.try_commit() {
+        return Err(MigrationError::Cancelled);
+    }
+    Ok(())
+}

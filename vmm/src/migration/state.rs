@@ -1,0 +1,642 @@
+//! The one owner of a side's migration state. Every status change goes
+//! through [`Migration::transition`], which checks it against QEMU's
+//! MigrationStatus graph and emits exactly one MIGRATION event (when the
+//! `events` capability is on, as in QEMU); `query-migrate` and the QMP verbs
+//! (cancel, continue, the operator's decision) only call in here.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Map, Value};
+use tokio::sync::Notify;
+
+use super::params::Parameters;
+
+/// QEMU's MigrationStatus names (libvirt parses them: unchanged).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    None,
+    Setup,
+    Active,
+    /// Stopped before the switchover, waiting for migrate-continue (capability pause-before-switchover).
+    PreSwitchover,
+    Device,
+    Cancelling,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::None => "none",
+            Status::Setup => "setup",
+            Status::Active => "active",
+            Status::PreSwitchover => "pre-switchover",
+            Status::Device => "device",
+            Status::Cancelling => "cancelling",
+            Status::Completed => "completed",
+            Status::Failed => "failed",
+            Status::Cancelled => "cancelled",
+        }
+    }
+
+    /// No attempt is under way.
+    pub fn is_final(self) -> bool {
+        matches!(self, Status::None | Status::Completed | Status::Failed | Status::Cancelled)
+    }
+}
+
+/// The legal status changes (QEMU's, plus `active -> completed` for the
+/// destination, whose switchover is not a separate phase).
+fn allowed(from: Status, to: Status) -> bool {
+    use Status::*;
+    matches!(
+        (from, to),
+        (None | Completed | Failed | Cancelled, Setup)
+            | (Setup, Active | Failed | Cancelling)
+            | (Active, PreSwitchover | Device | Completed | Failed | Cancelling)
+            | (PreSwitchover, Device | Failed | Cancelling)
+            | (Device, Completed | Failed | Cancelling)
+            | (Cancelling, Cancelled | Failed)
+    )
+}
+
+/// Which side this daemon plays in the current (or last) attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Source,
+    Destination,
+}
+
+/// Where the two-phase handover is (`x-baton-handover`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handover {
+    /// RAM, vCPUs and device state are moving.
+    Transfer,
+    /// Source: END sent, waiting for PREPARED.
+    AwaitingPrepared,
+    /// Destination: PREPARED sent (guest loaded, nodes active, not running),
+    /// waiting for COMMIT or ABORT.
+    Prepared,
+    /// Destination: PREPARED, and the source's decision did not arrive within
+    /// the bound or the link is gone. Paused until the decision arrives late
+    /// or the operator gives it (`x-baton-migrate-decide`).
+    DecisionUnknown,
+    /// Source: past the commit point. Destination: COMMIT (or the operator's
+    /// commit) received.
+    Committed,
+    /// The attempt was rolled back on this side.
+    RolledBack,
+}
+
+impl Handover {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Handover::Transfer => "transfer",
+            Handover::AwaitingPrepared => "awaiting-prepared",
+            Handover::Prepared => "prepared",
+            Handover::DecisionUnknown => "decision-unknown",
+            Handover::Committed => "committed",
+            Handover::RolledBack => "rolled-back",
+        }
+    }
+}
+
+/// The operator's (or the source's) decision for a prepared destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Commit,
+    Abort,
+}
+
+/// Errors of the QMP verbs on the migration (GenericError, no state change).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerbError {
+    #[error("There's a migration process in progress")]
+    InProgress,
+    #[error("migrate_cancel is too late: the source passed its commit point and the guest belongs to the destination")]
+    TooLate,
+    #[error("the destination is prepared and waits for the source's decision: resolve it with x-baton-migrate-decide")]
+    PreparedWaiting,
+    #[error("Migration not in expected state: {0}")]
+    NotInState(&'static str),
+    #[error("no prepared incoming migration is waiting for a decision (handover: {0})")]
+    NotPrepared(&'static str),
+    #[error("migration capability '{0}' is not supported")]
+    Capability(String),
+    #[error("{0}")]
+    Parameter(String),
+}
+
+/// Migration capabilities baton understands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    pub events: bool,
+    pub pause_before_switchover: bool,
+}
+
+/// Names accepted by migrate-set-capabilities; `return-path` is always on.
+pub const CAPABILITIES: [&str; 3] = ["events", "pause-before-switchover", "return-path"];
+
+/// Counters for query-migrate.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub pages_sent: AtomicU64,
+    pub pages_received: AtomicU64,
+    pub passes: AtomicU64,
+    pub dirty_pages: AtomicU64,
+}
+
+/// Called with (event name, data) for MIGRATION events.
+pub type EventSink = Arc<dyn Fn(&str, Value) + Send + Sync>;
+
+#[derive(Debug)]
+struct Attempt {
+    status: Status,
+    role: Option<Role>,
+    handover: Handover,
+    error: Option<String>,
+    started: Option<Instant>,
+    ended: Option<Instant>,
+    /// When the source stopped the guest for the switchover.
+    stopped: Option<Instant>,
+    downtime: Option<Duration>,
+    /// Source: passed the commit point. From here on it never resumes.
+    committed: bool,
+    cancel_requested: bool,
+    proceed: bool,
+    decision: Option<Decision>,
+    /// Why the destination cannot know the decision, or how it was made.
+    decision_note: Option<String>,
+}
+
+impl Attempt {
+    fn idle() -> Self {
+        Attempt {
+            status: Status::None,
+            role: None,
+            handover: Handover::Transfer,
+            error: None,
+            started: None,
+            ended: None,
+            stopped: None,
+            downtime: None,
+            committed: false,
+            cancel_requested: false,
+            proceed: false,
+            decision: None,
+            decision_note: None,
+        }
+    }
+}
+
+/// A side's migration: one per daemon, reused by each attempt.
+pub struct Migration {
+    attempt: Mutex<Attempt>,
+    /// Wakes the attempt's task on cancel, migrate-continue and decisions.
+    wake: Notify,
+    pub counters: Counters,
+    caps: Mutex<Capabilities>,
+    params: Mutex<Parameters>,
+    events: Mutex<Option<EventSink>>,
+}
+
+impl std::fmt::Debug for Migration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Migration").field("attempt", &*self.lock()).finish_non_exhaustive()
+    }
+}
+
+impl Default for Migration {
+    fn default() -> Self {
+        Migration {
+            attempt: Mutex::new(Attempt::idle()),
+            wake: Notify::new(),
+            counters: Counters::default(),
+            caps: Mutex::new(Capabilities::default()),
+            params: Mutex::new(Parameters::default()),
+            events: Mutex::new(None),
+        }
+    }
+}
+
+impl Migration {
+    pub fn new(events: Option<EventSink>) -> Arc<Self> {
+        let m = Migration::default();
+        if let Ok(mut e) = m.events.lock() {
+            *e = events;
+        }
+        Arc::new(m)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Attempt> {
+        self.attempt.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn status(&self) -> Status {
+        self.lock().status
+    }
+
+    pub fn role(&self) -> Option<Role> {
+        self.lock().role
+    }
+
+    pub fn handover(&self) -> Handover {
+        self.lock().handover
+    }
+
+    pub fn error(&self) -> Option<String> {
+        self.lock().error.clone()
+    }
+
+    pub fn params(&self) -> Parameters {
+        self.params.lock().map(|p| *p).unwrap_or_default()
+    }
+
+    pub fn capabilities(&self) -> Capabilities {
+        self.caps.lock().map(|c| *c).unwrap_or_default()
+    }
+
+    /// Start an attempt in `role`; refused while another is not final, or
+    /// while this side holds a prepared guest waiting for a decision.
+    pub fn begin(&self, role: Role) -> Result<(), VerbError> {
+        {
+            let mut a = self.lock();
+            if !a.status.is_final() {
+                return Err(VerbError::InProgress);
+            }
+            if matches!(a.handover, Handover::Prepared | Handover::DecisionUnknown) {
+                return Err(VerbError::PreparedWaiting);
+            }
+            *a = Attempt { role: Some(role), started: Some(Instant::now()), status: a.status, ..Attempt::idle() };
+        }
+        for c in [&self.counters.pages_sent, &self.counters.pages_received, &self.counters.passes, &self.counters.dirty_pages] {
+            c.store(0, Ordering::SeqCst);
+        }
+        self.transition(Status::Setup);
+        Ok(())
+    }
+
+    /// The one way the status changes. Returns false (and changes nothing)
+    /// for a change QEMU's graph does not have.
+    pub fn transition(&self, to: Status) -> bool {
+        {
+            let mut a = self.lock();
+            if a.status == to {
+                return true;
+            }
+            if !allowed(a.status, to) {
+                tracing::error!(from = a.status.as_str(), to = to.as_str(), "invalid migration status change");
+                return false;
+            }
+            a.status = to;
+            if to.is_final() {
+                a.ended = Some(Instant::now());
+            }
+        }
+        if self.capabilities().events {
+            if let Some(f) = self.events.lock().ok().and_then(|e| e.clone()) {
+                f("MIGRATION", json!({"status": to.as_str()}));
+            }
+        }
+        self.wake.notify_waiters();
+        true
+    }
+
+    pub fn set_handover(&self, h: Handover) {
+        self.lock().handover = h;
+        self.wake.notify_waiters();
+    }
+
+    /// The source stopped the guest for the switchover (downtime starts).
+    pub fn mark_stopped(&self) {
+        self.lock().stopped.get_or_insert_with(Instant::now);
+    }
+
+    /// End the attempt: completed.
+    pub fn complete(&self) {
+        {
+            let mut a = self.lock();
+            if let Some(s) = a.stopped {
+                a.downtime = Some(s.elapsed());
+            }
+        }
+        self.transition(Status::Completed);
+    }
+
+    /// End the attempt: failed (or cancelled, if the operator asked for it
+    /// and the failure is the cancel's). The source is as it was.
+    pub fn fail(&self, why: String, cancelled: bool) {
+        {
+            let mut a = self.lock();
+            if a.error.is_none() {
+                a.error = Some(why);
+            }
+        }
+        if cancelled && self.status() == Status::Cancelling {
+            self.transition(Status::Cancelled);
+        } else {
+            self.transition(Status::Failed);
+        }
+    }
+
+    /// `migrate_cancel`. Before the commit point: the attempt rolls back and
+    /// ends `cancelled`. After it: refused. Once final: a no-op, as in QEMU.
+    pub fn cancel(&self) -> Result<(), VerbError> {
+        {
+            let mut a = self.lock();
+            if a.status.is_final() {
+                return Ok(());
+            }
+            if a.committed || a.handover == Handover::Committed {
+                return Err(VerbError::TooLate);
+            }
+            if matches!(a.handover, Handover::Prepared | Handover::DecisionUnknown) {
+                return Err(VerbError::PreparedWaiting);
+            }
+            a.cancel_requested = true;
+        }
+        self.transition(Status::Cancelling);
+        self.wake.notify_waiters();
+        Ok(())
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.lock().cancel_requested
+    }
+
+    /// Resolves once a cancel was requested.
+    pub async fn cancelled(&self) {
+        loop {
+            let n = self.wake.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            if self.is_cancelled() {
+                return;
+            }
+            n.await;
+        }
+    }
+
+    /// `migrate-continue` at pre-switchover.
+    pub fn proceed(&self) -> Result<(), VerbError> {
+        {
+            let mut a = self.lock();
+            if a.status != Status::PreSwitchover {
+                return Err(VerbError::NotInState(a.status.as_str()));
+            }
+            a.proceed = true;
+        }
+        self.wake.notify_waiters();
+        Ok(())
+    }
+
+    /// Wait at pre-switchover: Ok on migrate-continue, Err on cancel.
+    pub async fn wait_proceed(&self) -> Result<(), ()> {
+        loop {
+            let n = self.wake.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            {
+                let a = self.lock();
+                if a.cancel_requested {
+                    return Err(());
+                }
+                if a.proceed {
+                    return Ok(());
+                }
+            }
+            n.await;
+        }
+    }
+
+    /// The source's commit point: one step, refused if a cancel came first.
+    /// From here on the source never resumes and cancel is "too late".
+    pub fn try_commit(&self) -> bool {
+        let mut a = self.lock();
+        if a.cancel_requested {
+            return false;
+        }
+        a.committed = true;
+        a.handover = Handover::Committed;
+        true
+    }
+
+    pub fn is_committed(&self) -> bool {
+        self.lock().committed
+    }
+
+    /// A prepared destination lost its link (or timed out) before hearing
+    /// the source's decision.
+    pub fn decision_unknown(&self, why: String) {
+        let mut a = self.lock();
+        if a.handover == Handover::Prepared {
+            a.handover = Handover::DecisionUnknown;
+            a.decision_note = Some(why);
+        }
+    }
+
+    /// The operator's decision for a prepared destination (`x-baton-migrate-decide`).
+    pub fn decide(&self, d: Decision) -> Result<(), VerbError> {
+        {
+            let mut a = self.lock();
+            if a.role != Some(Role::Destination) || !matches!(a.handover, Handover::Prepared | Handover::DecisionUnknown) {
+                return Err(VerbError::NotPrepared(a.handover.as_str()));
+            }
+            a.decision = Some(d);
+            a.decision_note = Some(format!("{} by the operator", if d == Decision::Commit { "committed" } else { "aborted" }));
+        }
+        self.wake.notify_waiters();
+        Ok(())
+    }
+
+    /// Wait for the operator's decision.
+    pub async fn wait_decision(&self) -> Decision {
+        loop {
+            let n = self.wake.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            if let Some(d) = self.lock().decision {
+                return d;
+            }
+            n.await;
+        }
+    }
+
+    pub fn set_decision_note(&self, note: String) {
+        self.lock().decision_note = Some(note);
+    }
+
+    /// `migrate-set-capabilities`: all checked first; refused while an
+    /// attempt runs (QEMU's rule).
+    pub fn set_capabilities(&self, caps: &[(String, bool)]) -> Result<(), VerbError> {
+        if !self.status().is_final() {
+            return Err(VerbError::InProgress);
+        }
+        let mut next = self.capabilities();
+        for (name, on) in caps {
+            match name.as_str() {
+                "events" => next.events = *on,
+                "pause-before-switchover" => next.pause_before_switchover = *on,
+                "return-path" => {}
+                other => return Err(VerbError::Capability(other.to_string())),
+            }
+        }
+        if let Ok(mut c) = self.caps.lock() {
+            *c = next;
+        }
+        Ok(())
+    }
+
+    /// `query-migrate-capabilities`.
+    pub fn query_capabilities(&self) -> Value {
+        let c = self.capabilities();
+        json!([
+            {"capability": "events", "state": c.events},
+            {"capability": "pause-before-switchover", "state": c.pause_before_switchover},
+            {"capability": "return-path", "state": true},
+        ])
+    }
+
+    /// `migrate-set-parameters`: checked whole first.
+    pub fn set_parameters(&self, args: &Map<String, Value>) -> Result<(), VerbError> {
+        let mut p = self.params();
+        p.set(args).map_err(VerbError::Parameter)?;
+        if let Ok(mut cur) = self.params.lock() {
+            *cur = p;
+        }
+        Ok(())
+    }
+
+    /// `query-migrate`. `ram_total` is the guest's RAM size.
+    pub fn query(&self, ram_total: u64) -> Value {
+        let a = self.lock();
+        if a.status == Status::None {
+            return json!({});
+        }
+        let c = &self.counters;
+        let sent = c.pages_sent.load(Ordering::SeqCst);
+        let mut v = json!({"status": a.status.as_str()});
+        let end = a.ended.unwrap_or_else(Instant::now);
+        if let Some(t) = a.started {
+            v["total-time"] = json!(end.saturating_duration_since(t).as_millis() as u64);
+        }
+        if let Some(d) = a.downtime {
+            v["downtime"] = json!(d.as_millis() as u64);
+        }
+        if a.role == Some(Role::Source) {
+            v["ram"] = json!({
+                "transferred": sent * 4096, "total": ram_total, "normal": sent, "normal-bytes": sent * 4096,
+                "dirty-sync-count": c.passes.load(Ordering::SeqCst),
+                "remaining": c.dirty_pages.load(Ordering::SeqCst) * 4096,
+            });
+        }
+        if let Some(e) = &a.error {
+            v["error-desc"] = json!(e);
+        }
+        v["x-baton-role"] = json!(match a.role {
+            Some(Role::Source) => "source",
+            Some(Role::Destination) => "destination",
+            None => "none",
+        });
+        v["x-baton-handover"] = json!(a.handover.as_str());
+        if a.role == Some(Role::Destination) {
+            v["x-baton-pages-received"] = json!(c.pages_received.load(Ordering::SeqCst));
+        }
+        if let Some(n) = &a.decision_note {
+            v["x-baton-decision"] = json!(n);
+        }
+        v
+    }
+
+    /// baton's extra members of `query-status` (a prepared destination says
+    /// why it is not running).
+    pub fn status_extra(&self) -> Option<Value> {
+        let a = self.lock();
+        a.role?;
+        let mut v = json!({"x-baton-handover": a.handover.as_str()});
+        if matches!(a.handover, Handover::Prepared | Handover::DecisionUnknown) {
+            v["x-baton-waiting"] = json!(match &a.decision_note {
+                Some(n) => format!("prepared; the source's decision is unknown ({n}): resolve with x-baton-migrate-decide"),
+                None => "prepared; waiting for the source's decision".to_string(),
+            });
+        }
+        Some(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counting() -> (Arc<Migration>, Arc<Mutex<Vec<String>>>) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let m = Migration::new(Some(Arc::new(move |_: &str, d: Value| s.lock().unwrap().push(d["status"].as_str().unwrap().to_string()))));
+        m.set_capabilities(&[("events".into(), true)]).unwrap();
+        (m, seen)
+    }
+
+    #[test]
+    fn each_status_change_emits_exactly_one_event() {
+        let (m, seen) = counting();
+        m.begin(Role::Source).unwrap();
+        assert!(m.transition(Status::Active));
+        assert!(m.transition(Status::Active), "same status: no event");
+        assert!(m.transition(Status::Device));
+        assert!(m.try_commit());
+        m.complete();
+        m.complete();
+        assert_eq!(*seen.lock().unwrap(), ["setup", "active", "device", "completed"]);
+        assert!(!m.transition(Status::Active), "completed stays completed");
+    }
+
+    #[test]
+    fn cancel_follows_the_commit_point() {
+        let (m, seen) = counting();
+        m.begin(Role::Source).unwrap();
+        assert_eq!(m.begin(Role::Source), Err(VerbError::InProgress));
+        m.transition(Status::Device);
+        assert!(m.try_commit());
+        assert_eq!(m.cancel(), Err(VerbError::TooLate));
+        m.complete();
+        assert_eq!(m.cancel(), Ok(()), "a no-op once final");
+        assert_eq!(m.status(), Status::Completed);
+        // A cancel before the commit point wins over it.
+        m.begin(Role::Source).unwrap();
+        m.transition(Status::Device);
+        m.cancel().unwrap();
+        assert!(!m.try_commit());
+        m.fail("cancelled".into(), true);
+        assert_eq!(m.status(), Status::Cancelled);
+        assert_eq!(m.cancel(), Ok(()));
+        assert_eq!(seen.lock().unwrap().last().unwrap(), "cancelled");
+    }
+
+    #[test]
+    fn only_a_prepared_destination_takes_a_decision() {
+        let m = Migration::new(None);
+        assert!(matches!(m.decide(Decision::Commit), Err(VerbError::NotPrepared(_))));
+        m.begin(Role::Destination).unwrap();
+        m.transition(Status::Active);
+        assert!(matches!(m.decide(Decision::Abort), Err(VerbError::NotPrepared("transfer"))));
+        m.set_handover(Handover::Prepared);
+        assert_eq!(m.cancel(), Err(VerbError::PreparedWaiting));
+        m.decision_unknown("link lost".into());
+        assert_eq!(m.handover(), Handover::DecisionUnknown);
+        m.decide(Decision::Commit).unwrap();
+    }
+
+    #[test]
+    fn capabilities_and_parameters_are_checked_whole() {
+        let m = Migration::new(None);
+        let e = m.set_capabilities(&[("events".into(), true), ("postcopy-ram".into(), true)]).unwrap_err();
+        assert_eq!(e, VerbError::Capability("postcopy-ram".into()));
+        assert!(!m.capabilities().events);
+        m.begin(Role::Source).unwrap();
+        assert_eq!(m.set_capabilities(&[("events".into(), true)]), Err(VerbError::InProgress));
+    }
+}
