@@ -231,12 +231,10 @@ pub async fn run(a: Args) -> Result<(), DemoError> {
     qa.cmd("block-job-cancel", json!({"device": "disk-to-b"})).await?;
     qa.until("query-block-jobs", "the mirror to end", 60, |v| v.as_array().is_some_and(|l| l.is_empty())).await?;
     qa.cmd("blockdev-del", json!({"node-name": "to-b"})).await?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while qb.cmd("block-export-del", json!({"id": "incoming-disk"})).await.is_err() {
-        if Instant::now() > deadline {
-            return Err(step("host B's export did not go away"));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    // Host B dropped its export at COMMIT (the mirror is done with it); -S keeps the guest paused until `cont`.
+    let b = qb.until("query-migrate", "host B to hear the decision", 60, |v| matches!(v["status"].as_str(), Some("completed" | "failed"))).await?;
+    if b["status"] != "completed" {
+        return Err(step(format!("host B did not complete: {b}")));
     }
     qb.cmd("cont", json!({})).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -599,6 +599,8 @@ mod tests {
         let (m, seen) = counting();
         m.begin(Role::Source).unwrap();
         assert_eq!(m.begin(Role::Source), Err(VerbError::InProgress));
+        assert!(!m.transition(Status::Device), "setup cannot skip active");
+        m.transition(Status::Active);
         m.transition(Status::Device);
         assert!(m.try_commit());
         assert_eq!(m.cancel(), Err(VerbError::TooLate));
@@ -607,6 +609,7 @@ mod tests {
         assert_eq!(m.status(), Status::Completed);
         // A cancel before the commit point wins over it.
         m.begin(Role::Source).unwrap();
+        m.transition(Status::Active);
         m.transition(Status::Device);
         m.cancel().unwrap();
         assert!(!m.try_commit());

@@ -89,7 +89,19 @@ pub async fn receive(dst: Arc<Graph>, server: Arc<nbd_server::Server>, state: vm
         e.close();
         e.wait_idle().await;
     }
-    let be = dst.attach("disk", "guest disk", PermSet::GUEST_WRITER, true)?;
+    // The export's last connection lets go of the node just after it counts itself out.
+    let mut tries = 0;
+    let be = loop {
+        match dst.attach("disk", "guest disk", PermSet::GUEST_WRITER, true) {
+            Ok(be) => break be,
+            Err(e) if tries < 100 => {
+                tries += 1;
+                tracing::debug!(error = %e, "the export still holds the disk");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     let vm = Vm::new(VmConfig::default(), be, tokio::runtime::Handle::current(), Arc::new(|_: &str, _| {}), true)?;
     vm.restore(&state).await?;
     vm.set_state(RunState::Paused);
