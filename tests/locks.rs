@@ -7,34 +7,14 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use block::{BlockError, Graph, PermSet};
+use common::locked_bytes;
 use serde_json::json;
-
-/// The bytes locked on `path`'s inode, by anyone, from /proc/locks.
-fn locked_bytes(path: &Path) -> BTreeSet<u64> {
-    // /proc/locks names a file MAJ:MIN:INODE (major, minor in hex): match all
-    // three, or a file with the same inode number on another device counts too.
-    let m = std::fs::metadata(path).unwrap();
-    let dev = m.dev();
-    let (major, minor) = ((dev >> 8) & 0xfff, (dev & 0xff) | ((dev >> 12) & 0xfff00));
-    let needle = format!(" {major:02x}:{minor:02x}:{} ", m.ino());
-    let mut bytes = BTreeSet::new();
-    for line in std::fs::read_to_string("/proc/locks").unwrap().lines() {
-        if line.contains("->") || !line.contains(&needle) {
-            continue;
-        }
-        let f: Vec<&str> = line.split_whitespace().collect();
-        let (start, end) = (f[f.len() - 2].parse::<u64>().unwrap(), f[f.len() - 1].parse::<u64>().unwrap());
-        bytes.extend(start..=end);
-    }
-    bytes
-}
 
 fn image(dir: &Path, name: &str) -> std::path::PathBuf {
     let p = dir.join(name);

@@ -922,7 +922,12 @@ async fn query_migrate_parameters(d: Arc<Daemon>, _: Map<String, Value>) -> Repl
 
 async fn query_migrate(d: Arc<Daemon>, _: Map<String, Value>) -> Reply {
     let total = d.vm().map(|v| v.config().memory).unwrap_or(0);
-    Ok(d.migration.query(total))
+    let mut v = d.migration.query(total);
+    let held = vmm::migration::points::held();
+    if !held.is_empty() {
+        v["x-baton-held"] = json!(held);
+    }
+    Ok(v)
 }
 
 /// `x-baton-migrate-decide`: the operator resolves a prepared destination

@@ -4,6 +4,15 @@
 //! blocking a runtime worker, until the failpoint is removed, so a test can
 //! kill a process, cut a link or cancel at exactly that step.
 
+/// The failpoints holding a step right now (for tests: `query-migrate`
+/// shows them as `x-baton-held`, so a test acts only once a step is reached).
+static HELD: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+
+/// The failpoints holding a step now.
+pub fn held() -> Vec<&'static str> {
+    HELD.lock().map(|h| h.clone()).unwrap_or_default()
+}
+
 /// A failure injected at a step.
 #[derive(Debug, thiserror::Error)]
 #[error("failpoint {0}")]
@@ -17,8 +26,14 @@ pub async fn point(name: &'static str) -> Result<(), Injected> {
             None => Ok(()),
             Some(arg) if arg == "hold" => {
                 tracing::info!(failpoint = name, "held");
+                if let Ok(mut h) = HELD.lock() {
+                    h.push(name);
+                }
                 while fail::list().iter().any(|(n, a)| n == name && a.contains("hold")) {
                     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+                if let Ok(mut h) = HELD.lock() {
+                    h.retain(|n| *n != name);
                 }
                 tracing::info!(failpoint = name, "released");
                 Ok(())

@@ -308,9 +308,14 @@ where
             stream::write_vcpu(&mut link.w, id as u32, v).await?;
         }
         stream::write_device(&mut link.w, st.device).await?;
-        stream::write_end(&mut link.w).await
+        tokio::io::AsyncWriteExt::flush(&mut link.w).await
     })
     .await;
+    if let Err(e) = sent {
+        return Err(link.reason_for(e).await);
+    }
+    point("migration::before-end").await?;
+    let sent = guarded(mig, io, stream::write_end(&mut link.w)).await;
     if let Err(e) = sent {
         return Err(link.reason_for(e).await);
     }

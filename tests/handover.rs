@@ -1,0 +1,687 @@
+#![cfg(feature = "failpoints")]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! The handover's fault matrix: two `baton daemon` processes, a fault proxy
+//! on the migration connection and another on the mirror's NBD connection,
+//! failpoints held in either daemon (`x-baton-failpoint`, `return(hold)`),
+//! and SIGKILL of either process while a step is held. Rows are the phases
+//! of the handover, columns the faults. Injection is deterministic: a fault
+//! is applied only once the step it targets is reached (the daemon reports
+//! the held failpoint; a proxy trigger fires on the exact frame).
+//!
+//! Every cell's expected outcome comes from one rule ([`expected`]): a fault
+//! before the source's commit point ends with the source running as before
+//! and the destination back in `inmigrate`; at or after it, the destination
+//! runs and the source stays `postmigrate`. A lost decision leaves the
+//! prepared destination paused, saying so, until the operator resolves it
+//! from the source's recorded state (`x-baton-migrate-decide`), which the
+//! harness does, as an operator would. Every cell then checks: never both
+//! running (causally, on the guests' own counters), node activity and image
+//! locks on both sides, run states, no leftover node, job or export, the
+//! running guest's own full check, and (after a rollback) that a second
+//! migration succeeds.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::proxy::{Action, Dir, Flow, Proxy};
+use common::{locked_bytes, Qmp};
+use serde_json::{json, Value};
+
+const MEM: &str = "16M";
+const DISK: u64 = 16 << 20;
+
+/// The handover's phases, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Phase {
+    Setup,
+    PreCopy,
+    PreSwitchover,
+    StopDrain,
+    MirrorSync,
+    Inactivate,
+    End,
+    Prepared,
+    PreparedOnWire,
+    CommitPoint,
+    Commit,
+    DestResume,
+}
+
+const PHASES: [Phase; 12] = [
+    Phase::Setup,
+    Phase::PreCopy,
+    Phase::PreSwitchover,
+    Phase::StopDrain,
+    Phase::MirrorSync,
+    Phase::Inactivate,
+    Phase::End,
+    Phase::Prepared,
+    Phase::PreparedOnWire,
+    Phase::CommitPoint,
+    Phase::Commit,
+    Phase::DestResume,
+];
+
+impl Phase {
+    fn name(self) -> &'static str {
+        match self {
+            Phase::Setup => "setup",
+            Phase::PreCopy => "pre-copy",
+            Phase::PreSwitchover => "pre-switchover",
+            Phase::StopDrain => "stop+drain",
+            Phase::MirrorSync => "mirror sync",
+            Phase::Inactivate => "inactivate",
+            Phase::End => "device state+END",
+            Phase::Prepared => "PREPARED (dest)",
+            Phase::PreparedOnWire => "PREPARED on the wire",
+            Phase::CommitPoint => "commit point",
+            Phase::Commit => "COMMIT",
+            Phase::DestResume => "destination resume",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Fault {
+    Reset,
+    BlackHoleUp,
+    BlackHoleDown,
+    HalfClose,
+    Inject,
+    Cancel,
+    KillSource,
+    KillDest,
+    NbdReset,
+    NoSpace,
+}
+
+const FAULTS: [Fault; 10] = [
+    Fault::Reset,
+    Fault::BlackHoleUp,
+    Fault::BlackHoleDown,
+    Fault::HalfClose,
+    Fault::Inject,
+    Fault::Cancel,
+    Fault::KillSource,
+    Fault::KillDest,
+    Fault::NbdReset,
+    Fault::NoSpace,
+];
+
+impl Fault {
+    fn name(self) -> &'static str {
+        match self {
+            Fault::Reset => "reset",
+            Fault::BlackHoleUp => "bh s>d",
+            Fault::BlackHoleDown => "bh d>s",
+            Fault::HalfClose => "half-close",
+            Fault::Inject => "failpoint",
+            Fault::Cancel => "cancel",
+            Fault::KillSource => "kill src",
+            Fault::KillDest => "kill dst",
+            Fault::NbdReset => "nbd reset",
+            Fault::NoSpace => "ENOSPC",
+        }
+    }
+
+    fn on_link(self) -> bool {
+        matches!(self, Fault::Reset | Fault::BlackHoleUp | Fault::BlackHoleDown | Fault::HalfClose)
+    }
+
+    fn link_action(self) -> Action {
+        match self {
+            Fault::Reset => Action::Reset,
+            Fault::BlackHoleUp => Action::BlackHole(Dir::Up),
+            Fault::BlackHoleDown => Action::BlackHole(Dir::Down),
+            _ => Action::HalfClose(Dir::Up),
+        }
+    }
+}
+
+/// How a phase is reached and held.
+#[derive(Debug, Clone, Copy)]
+enum Hold {
+    Src(&'static str),
+    Dst(&'static str),
+    /// Capability pause-before-switchover; `migrate-continue` releases it.
+    PreSwitchover,
+    /// A proxy trigger on the frame with this tag.
+    Wire(Dir, u8),
+    /// The migration completed and the destination runs.
+    Completed,
+}
+
+/// Where a cell's fault lands, or why the cell does not exist.
+fn hold(p: Phase, f: Fault) -> Result<Hold, &'static str> {
+    use Phase::*;
+    if matches!(f, Fault::NbdReset) && !matches!(p, Setup | PreCopy | PreSwitchover | StopDrain | MirrorSync) {
+        return Err("the mirror's work is done");
+    }
+    if matches!(f, Fault::NoSpace) && !matches!(p, Setup | PreCopy) {
+        return Err("the guest writes nothing more");
+    }
+    Ok(match p {
+        Setup => Hold::Src("migration::setup"),
+        PreCopy => Hold::Src("migration::precopy"),
+        PreSwitchover => Hold::PreSwitchover,
+        StopDrain => Hold::Src("switchover::after-stop"),
+        MirrorSync => Hold::Src("switchover::after-jobs"),
+        Inactivate => Hold::Src("switchover::after-inactivate"),
+        End => Hold::Src("migration::before-end"),
+        Prepared => Hold::Dst("migration::incoming-before-prepared"),
+        PreparedOnWire if f.on_link() => Hold::Wire(Dir::Down, 3),
+        PreparedOnWire => return Err("wire row: link faults only"),
+        CommitPoint => Hold::Src("migration::after-commit"),
+        Commit if f.on_link() => Hold::Wire(Dir::Up, 7),
+        Commit => Hold::Dst("migration::incoming-commit"),
+        DestResume if f.on_link() || f == Fault::Inject => return Err("the migration is over"),
+        DestResume => Hold::Completed,
+    })
+}
+
+/// The one rule: which side runs the guest in the end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    SourceRuns,
+    DestRuns,
+}
+
+/// The source commits iff PREPARED reaches it: every phase from the commit
+/// point on, and a prepared destination whose fault cuts only the forward
+/// path (PREPARED still gets through; the decision is what gets lost).
+fn committed(p: Phase, f: Fault) -> bool {
+    p >= Phase::CommitPoint || (matches!(p, Phase::Prepared | Phase::PreparedOnWire) && matches!(f, Fault::BlackHoleUp | Fault::HalfClose))
+}
+
+fn expected(p: Phase, f: Fault) -> Outcome {
+    if committed(p, f) {
+        Outcome::DestRuns
+    } else {
+        Outcome::SourceRuns
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Two daemons and two proxies
+// ---------------------------------------------------------------------------
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(args: &[String]) -> Proc {
+    Proc(Command::new(env!("CARGO_BIN_EXE_baton")).arg("daemon").args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap())
+}
+
+fn ok(q: &mut Qmp, cmd: &str, args: Value) -> Value {
+    let r = q.execute(cmd, args.clone());
+    assert!(r.get("return").is_some(), "{cmd} {args}: {r}");
+    r["return"].clone()
+}
+
+fn wait(q: &mut Qmp, cmd: &str, what: &str, secs: u64, f: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let r = q.execute(cmd, json!({}));
+        if f(&r["return"]) {
+            return r["return"].clone();
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}: last {r}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+const PARAMS: &str = r#"{"x-baton-connect-timeout": 2000, "x-baton-hello-timeout": 2000, "x-baton-io-timeout": 1500,
+    "x-baton-drain-timeout": 2000, "x-baton-mirror-sync-timeout": 3000, "x-baton-prepared-timeout": 2500,
+    "x-baton-commit-timeout": 1500}"#;
+
+struct Side {
+    proc: Proc,
+    q: Qmp,
+}
+
+struct Rig {
+    dir: tempfile::TempDir,
+    src: Option<Side>,
+    dst: Option<Side>,
+    mig: Proxy,
+    nbd: Proxy,
+    mirrors: u32,
+    /// Failpoints configured, per side, to clear before a second attempt.
+    fps: Vec<(bool, &'static str)>,
+}
+
+impl Rig {
+    fn path(&self, n: &str) -> PathBuf {
+        self.dir.path().join(n)
+    }
+
+    fn new() -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let mig = Proxy::start(&dir.path().join("mig-proxy.sock"), &dir.path().join("mig.sock"), true);
+        let nbd = Proxy::start(&dir.path().join("nbd-proxy.sock"), &dir.path().join("nbd.sock"), false);
+        let mut rig = Rig { dir, src: None, dst: None, mig, nbd, mirrors: 0, fps: Vec::new() };
+        std::fs::File::create(rig.path("src.img")).unwrap().set_len(DISK).unwrap();
+        let d = |n: &str| rig.path(n).display().to_string();
+        let proc = spawn(&[
+            "--blockdev".into(),
+            format!("driver=file,node-name=disk,filename={}", d("src.img")),
+            "--vm".into(),
+            format!("memory={MEM},disk=disk"),
+            "--qmp".into(),
+            format!("unix:{}", d("sq.sock")),
+        ]);
+        let mut q = Qmp::connect(&rig.path("sq.sock"));
+        ok(&mut q, "migrate-set-parameters", serde_json::from_str(PARAMS).unwrap());
+        rig.src = Some(Side { proc, q });
+        rig.start_dst();
+        rig.start_mirror();
+        rig
+    }
+
+    /// A fresh destination waiting for the guest (no -S: it runs the guest
+    /// as soon as it may), its empty disk exported for the mirror.
+    fn start_dst(&mut self) {
+        std::fs::File::create(self.path("dst.img")).unwrap().set_len(DISK).unwrap();
+        let d = |n: &str| self.path(n).display().to_string();
+        let _ = std::fs::remove_file(self.path("nbd.sock"));
+        let proc = spawn(&[
+            "--blockdev".into(),
+            format!("driver=file,node-name=dfile,filename={}", d("dst.img")),
+            "--blockdev".into(),
+            "driver=blkdebug,node-name=disk,image=dfile".into(),
+            "--nbd-server".into(),
+            format!("addr.type=unix,addr.path={}", d("nbd.sock")),
+            "--export".into(),
+            "type=nbd,id=e,node-name=disk,writable=on".into(),
+            "--vm".into(),
+            format!("memory={MEM},disk=disk"),
+            "--incoming".into(),
+            format!("unix:{}", d("mig.sock")),
+            "--qmp".into(),
+            format!("unix:{}", d("dq.sock")),
+        ]);
+        let mut q = Qmp::connect(&self.path("dq.sock"));
+        ok(&mut q, "migrate-set-parameters", serde_json::from_str(PARAMS).unwrap());
+        self.dst = Some(Side { proc, q });
+    }
+
+    fn sq(&mut self) -> &mut Qmp {
+        &mut self.src.as_mut().unwrap().q
+    }
+
+    fn dq(&mut self) -> &mut Qmp {
+        &mut self.dst.as_mut().unwrap().q
+    }
+
+    /// A mirror of the source's disk into the destination's export (through
+    /// the NBD proxy), READY.
+    fn start_mirror(&mut self) {
+        self.mirrors += 1;
+        let (n, sock) = (self.mirrors, self.path("nbd-proxy.sock").display().to_string());
+        let q = self.sq();
+        ok(q, "blockdev-add", json!({"driver": "nbd", "node-name": format!("tgt{n}"), "server": {"type": "unix", "path": sock}, "export": "disk"}));
+        ok(q, "blockdev-mirror", json!({"job-id": format!("m{n}"), "device": "disk", "target": format!("tgt{n}"), "sync": "full"}));
+        wait(q, "query-block-jobs", "the mirror to be READY", 60, |v| v[0]["ready"] == true);
+    }
+
+    fn fp(&mut self, src: bool, name: &'static str, actions: &str) {
+        if actions != "off" {
+            self.fps.push((src, name));
+        }
+        let side = if src { &mut self.src } else { &mut self.dst };
+        if let Some(s) = side.as_mut() {
+            ok(&mut s.q, "x-baton-failpoint", json!({"name": name, "actions": actions}));
+        }
+    }
+
+    fn held(q: &mut Qmp, name: &str) -> bool {
+        let r = q.execute("query-migrate", json!({}));
+        r["return"]["x-baton-held"].as_array().is_some_and(|h| h.iter().any(|n| n == name))
+    }
+
+    fn kill(side: &mut Option<Side>) {
+        if let Some(mut s) = side.take() {
+            s.proc.0.kill().unwrap();
+            s.proc.0.wait().unwrap();
+        }
+    }
+}
+
+fn stats(q: &mut Qmp) -> Value {
+    ok(q, "x-baton-guest-stats", json!({}))
+}
+
+fn nodes(q: &mut Qmp) -> BTreeMap<String, bool> {
+    ok(q, "query-named-block-nodes", json!({})).as_array().unwrap().iter().map(|n| (n["node-name"].as_str().unwrap().to_string(), n["active"] == true)).collect()
+}
+
+fn exports(q: &mut Qmp) -> Vec<String> {
+    ok(q, "query-block-exports", json!({})).as_array().unwrap().iter().map(|e| e["id"].as_str().unwrap().to_string()).collect()
+}
+
+fn is_final(s: &Value) -> bool {
+    matches!(s.as_str(), Some("completed" | "failed" | "cancelled" | "none"))
+}
+
+/// Guest-writer lock bytes (QEMU's virtio-blk: consistent-read, write, write unshared).
+const WRITER: [u64; 3] = [100, 101, 201];
+
+// ---------------------------------------------------------------------------
+// One cell
+// ---------------------------------------------------------------------------
+
+/// What a cell showed, for the table.
+struct Cell {
+    outcome: Outcome,
+    operator: Option<&'static str>,
+    second: Option<bool>,
+}
+
+fn run_cell(p: Phase, f: Fault, h: Hold) -> Cell {
+    let mut rig = Rig::new();
+    let uri = format!("unix:{}", rig.path("mig-proxy.sock").display());
+    let src_nodes = nodes(rig.sq());
+    let dst_nodes = nodes(rig.dq());
+
+    // Arm.
+    let (hold_src, hold_name) = match h {
+        Hold::Src(n) => (true, Some(n)),
+        Hold::Dst(n) => (false, Some(n)),
+        _ => (true, None),
+    };
+    match h {
+        Hold::Src(n) | Hold::Dst(n) => rig.fp(hold_src, n, if f == Fault::Inject { "return" } else { "return(hold)" }),
+        Hold::Wire(dir, tag) => rig.mig.on_frame(dir, tag, f.link_action()),
+        Hold::PreSwitchover => {
+            ok(rig.sq(), "migrate-set-capabilities", json!({"capabilities": [{"capability": "pause-before-switchover", "state": true}]}));
+            if f == Fault::Inject {
+                rig.fp(true, "migration::pre-switchover", "return");
+            }
+        }
+        Hold::Completed => {}
+    }
+    let before = stats(rig.sq());
+    ok(rig.sq(), "migrate", json!({"uri": uri}));
+
+    // Reach the phase.
+    match h {
+        Hold::Src(n) | Hold::Dst(n) if f != Fault::Inject => {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let q = if hold_src { rig.sq() } else { rig.dq() };
+                if Rig::held(q, n) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{n} was never reached");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        Hold::PreSwitchover => {
+            wait(rig.sq(), "query-migrate", "pre-switchover", 30, |v| v["status"] == "pre-switchover");
+        }
+        Hold::Completed => {
+            wait(rig.dq(), "query-status", "the destination to run", 30, |v| v["status"] == "running");
+        }
+        _ => {}
+    }
+
+    // The fault.
+    let mut cancel_reply = None;
+    match f {
+        _ if matches!(h, Hold::Wire(..)) => {}
+        Fault::Reset | Fault::BlackHoleUp | Fault::BlackHoleDown | Fault::HalfClose => rig.mig.apply(f.link_action()),
+        Fault::Inject => {}
+        Fault::Cancel => cancel_reply = Some(rig.sq().execute("migrate_cancel", json!({}))),
+        Fault::KillSource => Rig::kill(&mut rig.src),
+        Fault::KillDest => Rig::kill(&mut rig.dst),
+        Fault::NbdReset | Fault::NoSpace => {
+            if f == Fault::NbdReset {
+                rig.nbd.set(Dir::Up, Flow::BlackHole);
+                rig.nbd.reset();
+            } else {
+                ok(rig.dq(), "x-baton-blkdebug-set-rules", json!({"node-name": "disk", "inject-error": [{"event": "write_aio", "errno": 28}]}));
+            }
+            if p < Phase::PreSwitchover {
+                // The guest still writes: wait until the mirror met the fault.
+                wait(rig.sq(), "query-block-jobs", "the mirror to fail", 30, |v| v.as_array().is_some_and(|a| a.is_empty() || a[0]["status"] != "ready" && a[0]["status"] != "running"));
+            }
+        }
+    }
+
+    // Release the hold.
+    match h {
+        Hold::Src(n) | Hold::Dst(n) if f != Fault::Inject => rig.fp(hold_src, n, "off"),
+        Hold::PreSwitchover if rig.src.is_some() && f != Fault::Cancel => {
+            let _ = rig.sq().execute("migrate-continue", json!({"state": "pre-switchover"}));
+        }
+        _ => {}
+    }
+    let _ = hold_name;
+
+    // Settle: the source ends its attempt; the destination ends its own or
+    // waits, prepared, for a decision that cannot reach it.
+    if rig.src.is_some() {
+        wait(rig.sq(), "query-migrate", "the source to end its attempt", 60, |v| is_final(&v["status"]));
+    }
+    let mut operator = None;
+    if rig.dst.is_some() {
+        let v = wait(rig.dq(), "query-migrate", "the destination to settle", 60, |v| is_final(&v["status"]) || v["x-baton-handover"] == "decision-unknown");
+        if v["x-baton-handover"] == "decision-unknown" {
+            // Both paused (or the source running, uncommitted): never both running.
+            let ds = ok(rig.dq(), "query-status", json!({}));
+            assert_eq!(ds["running"], false, "a prepared destination never runs on its own: {ds}");
+            assert!(ds["x-baton-waiting"].as_str().unwrap_or("").contains("decision is unknown"), "it says why it waits: {ds}");
+            let r = rig.dq().execute("cont", json!({}));
+            assert!(r["error"]["desc"].as_str().unwrap_or("").contains("x-baton-migrate-decide"), "cont is refused there: {r}");
+            // The operator reads the source's state (postmigrate = committed).
+            let committed = match rig.src.as_mut() {
+                Some(s) => ok(&mut s.q, "query-status", json!({}))["status"] == "postmigrate",
+                None => committed(p, f),
+            };
+            let decision = if committed { "commit" } else { "abort" };
+            operator = Some(decision);
+            ok(rig.dq(), "x-baton-migrate-decide", json!({"decision": decision}));
+            wait(rig.dq(), "query-migrate", "the destination to apply the decision", 30, |v| is_final(&v["status"]));
+        }
+    }
+
+    // The rule, and everything every cell checks.
+    let outcome = expected(p, f);
+    if let Some(r) = &cancel_reply {
+        let too_late = r["error"]["desc"].as_str().unwrap_or("").contains("too late");
+        match (outcome, p) {
+            (_, Phase::DestResume) => assert!(r.get("return").is_some(), "cancel once final is a no-op: {r}"),
+            (_, Phase::CommitPoint) => assert!(too_late, "cancel after the commit point is too late: {r}"),
+            // COMMIT on its way: the source may already be completed (cancel: a no-op).
+            (Outcome::DestRuns, _) => assert!(too_late || r.get("return").is_some(), "{r}"),
+            (Outcome::SourceRuns, _) => assert!(r.get("return").is_some(), "{r}"),
+        }
+    }
+    match outcome {
+        Outcome::SourceRuns => {
+            if let Some(s) = rig.src.as_mut() {
+                let m = ok(&mut s.q, "query-migrate", json!({}));
+                let want = if f == Fault::Cancel { "cancelled" } else { "failed" };
+                assert_eq!(m["status"], want, "{m}");
+                assert!(!m["error-desc"].as_str().unwrap_or("").is_empty(), "the source says why: {m}");
+                assert_eq!(ok(&mut s.q, "query-status", json!({}))["status"], "running", "{m}");
+                assert_eq!(nodes(&mut s.q), src_nodes, "the source's nodes are as before, all active");
+                assert_eq!(locked_bytes(&rig.dir.path().join("src.img")), WRITER.into(), "the guest holds its image again");
+                if !matches!(f, Fault::NbdReset | Fault::NoSpace | Fault::KillDest) {
+                    let jobs = ok(&mut s.q, "query-block-jobs", json!({}));
+                    assert!(jobs[0]["ready"] == true && jobs.as_array().unwrap().len() == 1, "the mirror is as before: {jobs}");
+                }
+                let s1 = stats(&mut s.q);
+                std::thread::sleep(Duration::from_millis(200));
+                let s2 = stats(&mut s.q);
+                assert!(s2["writes"].as_u64() > s1["writes"].as_u64(), "the source's guest goes on");
+                assert!(s1["writes"].as_u64() >= before["writes"].as_u64());
+                let v = ok(&mut s.q, "x-baton-guest-verify", json!({}));
+                assert_eq!(v["mismatches"], 0, "{v}");
+            }
+            if let Some(d) = rig.dst.as_mut() {
+                let st = ok(&mut d.q, "query-status", json!({}));
+                assert_eq!(st["status"], "inmigrate", "the destination is ready for another attempt: {st}");
+                let g = stats(&mut d.q);
+                assert_eq!(g["device-completed"], 0, "the destination's guest never ran: {g}");
+                assert_eq!(nodes(&mut d.q), dst_nodes, "the destination's nodes are as before");
+                assert_eq!(exports(&mut d.q), ["e"], "the mirror's export is still there");
+            }
+        }
+        Outcome::DestRuns => {
+            let mut frozen = None;
+            if let Some(s) = rig.src.as_mut() {
+                assert_eq!(ok(&mut s.q, "query-migrate", json!({}))["status"], "completed");
+                assert_eq!(ok(&mut s.q, "query-status", json!({}))["status"], "postmigrate");
+                assert!(nodes(&mut s.q).values().all(|a| !a), "the source's nodes are inactive");
+                assert!(locked_bytes(&rig.dir.path().join("src.img")).is_empty(), "the source holds no lock");
+                let r = s.q.execute("cont", json!({}));
+                assert!(r.get("error").is_some(), "the source never resumes: {r}");
+                let s1 = stats(&mut s.q);
+                std::thread::sleep(Duration::from_millis(200));
+                assert_eq!(stats(&mut s.q)["writes"], s1["writes"], "the source's guest never advances after its stop");
+                frozen = s1["writes"].as_u64();
+            }
+            if let Some(d) = rig.dst.as_mut() {
+                assert_eq!(ok(&mut d.q, "query-migrate", json!({}))["status"], "completed");
+                wait(&mut d.q, "query-status", "the destination to run", 30, |v| v["status"] == "running");
+                assert_eq!(exports(&mut d.q), Vec::<String>::new(), "the export that fed the disk is gone");
+                assert_eq!(nodes(&mut d.q), dst_nodes, "the destination's nodes are as before");
+                assert_eq!(locked_bytes(&rig.dir.path().join("dst.img")), WRITER.into(), "the guest holds its image");
+                let g = stats(&mut d.q);
+                if let Some(w) = frozen {
+                    assert!(g["writes"].as_u64().unwrap() >= w, "the destination's guest starts from the source's last state: {g} vs {w}");
+                }
+                let v = ok(&mut d.q, "x-baton-guest-verify", json!({}));
+                assert_eq!(v["mismatches"], 0, "{v}");
+                assert!(v["checked"].as_u64().unwrap() > 0);
+            }
+        }
+    }
+
+    // After a rollback, a second migration works.
+    let fresh_mirror = matches!(f, Fault::NbdReset | Fault::NoSpace | Fault::KillDest);
+    let second = if outcome == Outcome::SourceRuns && rig.src.is_some() { Some(second_migration(&mut rig, &uri, fresh_mirror)) } else { None };
+    Cell { outcome, operator, second }
+}
+
+fn second_migration(rig: &mut Rig, uri: &str, fresh_mirror: bool) -> bool {
+    rig.mig.heal();
+    rig.nbd.heal();
+    for (src, name) in std::mem::take(&mut rig.fps) {
+        rig.fp(src, name, "off");
+    }
+    if rig.dst.is_none() {
+        rig.start_dst();
+    } else {
+        ok(rig.dq(), "x-baton-blkdebug-set-rules", json!({"node-name": "disk", "inject-error": []}));
+    }
+    ok(rig.sq(), "migrate-set-capabilities", json!({"capabilities": [{"capability": "pause-before-switchover", "state": false}]}));
+    let jobs = ok(rig.sq(), "query-block-jobs", json!({}));
+    if fresh_mirror || jobs[0]["ready"] != true {
+        if let Some(id) = jobs[0]["device"].as_str() {
+            let id = id.to_string();
+            let _ = rig.sq().execute("block-job-cancel", json!({"device": id, "force": true}));
+            wait(rig.sq(), "query-block-jobs", "the broken mirror to go", 30, |v| v.as_array().is_some_and(|a| a.is_empty()));
+        }
+        let old = format!("tgt{}", rig.mirrors);
+        ok(rig.sq(), "blockdev-del", json!({"node-name": old}));
+        rig.start_mirror();
+    }
+    ok(rig.sq(), "migrate", json!({"uri": uri}));
+    let m = wait(rig.sq(), "query-migrate", "the second attempt", 60, |v| is_final(&v["status"]));
+    assert_eq!(m["status"], "completed", "the second migration: {m}");
+    wait(rig.dq(), "query-status", "the destination to run", 30, |v| v["status"] == "running");
+    let v = ok(rig.dq(), "x-baton-guest-verify", json!({}));
+    assert_eq!(v["mismatches"], 0, "{v}");
+    true
+}
+
+// ---------------------------------------------------------------------------
+// The matrix
+// ---------------------------------------------------------------------------
+
+#[test]
+fn the_handover_fault_matrix_holds_in_every_cell() {
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("skipped: /dev/kvm is missing on this machine");
+        return;
+    }
+    common::require_tools(&["qemu-img"]);
+    let t0 = Instant::now();
+    let mut cells = Vec::new();
+    for p in PHASES {
+        for f in FAULTS {
+            // BATON_CELLS=phase/fault narrows the run (debugging); the suite runs them all.
+            let only = std::env::var("BATON_CELLS").unwrap_or_default();
+            if !only.is_empty() && !only.split(',').any(|o| format!("{}/{}", p.name(), f.name()).contains(o)) {
+                continue;
+            }
+            if let Ok(h) = hold(p, f) {
+                cells.push((p, f, h));
+            }
+        }
+    }
+    let total = cells.len();
+    let queue = Arc::new(Mutex::new(cells));
+    let results: Arc<Mutex<BTreeMap<(Phase, Fault), Result<Cell, String>>>> = Arc::default();
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            let (queue, results) = (queue.clone(), results.clone());
+            std::thread::spawn(move || loop {
+                let Some((p, f, h)) = queue.lock().unwrap().pop() else { return };
+                let r = std::panic::catch_unwind(|| run_cell(p, f, h)).map_err(|e| {
+                    e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
+                });
+                results.lock().unwrap().insert((p, f), r);
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let results = results.lock().unwrap();
+
+    // The table: S = the source runs, D = the destination runs; * = after the
+    // operator's decision (a lost decision); 2 = a second migration succeeded;
+    // ! = the cell failed; - = no such cell.
+    let mut out = format!("\n{:<22}", "phase \\ fault");
+    for f in FAULTS {
+        out += &format!("{:>11}", f.name());
+    }
+    out += "\n";
+    let mut failures = Vec::new();
+    for p in PHASES {
+        out += &format!("{:<22}", p.name());
+        for f in FAULTS {
+            let c = match results.get(&(p, f)) {
+                None => "-".to_string(),
+                Some(Ok(c)) => format!(
+                    "{}{}{}",
+                    if c.outcome == Outcome::SourceRuns { "S" } else { "D" },
+                    if c.operator.is_some() { "*" } else { "" },
+                    if c.second == Some(true) { "2" } else { "" }
+                ),
+                Some(Err(e)) => {
+                    failures.push(format!("{} x {}: {e}", p.name(), f.name()));
+                    "!".to_string()
+                }
+            };
+            out += &format!("{c:>11}");
+        }
+        out += "\n";
+    }
+    out += &format!("{total} cells ({} phases x {} faults, the rest do not exist), {} failed, {:.0} s\n", PHASES.len(), FAULTS.len(), failures.len(), t0.elapsed().as_secs_f64());
+    println!("{out}");
+    assert!(failures.is_empty(), "{out}\n{}", failures.join("\n"));
+}
