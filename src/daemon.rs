@@ -169,14 +169,27 @@ impl Daemon {
     /// source's mirror is done with them), so the guest can take its disk.
     async fn drop_target_exports(&self, vm: &vmm::Vm) {
         let targets = self.mirror_targets(vm).await;
+        let mut dropped = Vec::new();
         for e in self.exports().await {
             if e.config.writable && targets.iter().any(|t| t.export == e.config.name) {
-                if let Err(err) = self.export_del(&e.config.id, true).await {
-                    tracing::warn!(export = %e.config.id, error = %err, "cannot drop the incoming mirror's export");
+                dropped.push((e.config.id.clone(), e.backend.node()));
+            }
+        }
+        for (id, _) in &dropped {
+            if let Err(err) = self.export_del(id, true).await {
+                tracing::warn!(export = %id, error = %err, "cannot drop the incoming mirror's export");
+            }
+        }
+        // The export lets go of its node once its last connection is gone.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        for (id, node) in &dropped {
+            let user = format!("export '{id}'");
+            while node.users().iter().any(|u| u.name == user) {
+                if std::time::Instant::now() > deadline {
+                    tracing::warn!(export = %id, "the incoming mirror's export still holds its node");
+                    break;
                 }
-                if tokio::time::timeout(std::time::Duration::from_secs(10), e.wait_idle()).await.is_err() {
-                    tracing::warn!(export = %e.config.id, "the incoming mirror's export still has clients");
-                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
             }
         }
     }

@@ -50,7 +50,7 @@ impl Qmp {
     /// Connect (retrying while the peer starts), read the greeting, negotiate capabilities.
     pub fn connect(path: &Path) -> Qmp {
         let mut last = None;
-        for _ in 0..100 {
+        for _ in 0..400 {
             match UnixStream::connect(path) {
                 Ok(s) => {
                     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();

@@ -63,6 +63,8 @@ struct Ctl {
     changed: Notify,
     /// Bumped by a reset: every connection alive at that moment closes.
     resets: AtomicU64,
+    /// The link is cut (a reset until heal()): new connections close at once too.
+    down: std::sync::atomic::AtomicBool,
     half_closed: [Mutex<bool>; 2],
     triggers: Mutex<Vec<Trigger>>,
     /// Tags that went through, per direction, in order (frame starts).
@@ -89,6 +91,7 @@ impl Proxy {
             bytes: [AtomicU64::new(0), AtomicU64::new(0)],
             changed: Notify::new(),
             resets: AtomicU64::new(0),
+            down: std::sync::atomic::AtomicBool::new(false),
             half_closed: [Mutex::new(false), Mutex::new(false)],
             triggers: Mutex::new(Vec::new()),
             seen: [Mutex::new(Vec::new()), Mutex::new(Vec::new())],
@@ -102,6 +105,10 @@ impl Proxy {
         let (c, up) = (ctl.clone(), upstream.to_path_buf());
         rt.spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
+                if c.down.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
                 let Ok(server) = UnixStream::connect(&up).await else { continue };
                 let gen = c.resets.load(Ordering::SeqCst);
                 let (cr, cw) = client.into_split();
@@ -122,7 +129,13 @@ impl Proxy {
         self.ctl.rate[dir as usize].store(bytes_per_sec, Ordering::SeqCst);
     }
 
+    /// Cut the link: every connection closes, and new ones too until heal().
     pub fn reset(&self) {
+        apply(&self.ctl, Action::Reset);
+    }
+
+    /// Close the connections alive now (new ones are let through).
+    pub fn drop_connections(&self) {
         self.ctl.resets.fetch_add(1, Ordering::SeqCst);
         self.ctl.changed.notify_waiters();
     }
@@ -155,7 +168,7 @@ impl Proxy {
         self.ctl.seen[dir as usize].lock().unwrap().clone()
     }
 
-    /// Back to plain forwarding for new connections (a second attempt).
+    /// Back to plain forwarding, for the connections alive and new ones.
     pub fn heal(&self) {
         for d in [Dir::Up, Dir::Down] {
             *self.ctl.flow[d as usize].lock().unwrap() = Flow::Forward;
@@ -165,8 +178,8 @@ impl Proxy {
         }
         self.ctl.triggers.lock().unwrap().clear();
         *self.ctl.flip_at.lock().unwrap() = None;
-        // Connections of the faulted attempt go; new ones start clean.
-        self.reset();
+        self.ctl.down.store(false, Ordering::SeqCst);
+        self.ctl.changed.notify_waiters();
     }
 }
 
@@ -179,6 +192,7 @@ impl Drop for Proxy {
 fn apply(ctl: &Ctl, a: Action) {
     match a {
         Action::Reset => {
+            ctl.down.store(true, Ordering::SeqCst);
             ctl.resets.fetch_add(1, Ordering::SeqCst);
         }
         Action::BlackHole(d) => *ctl.flow[d as usize].lock().unwrap() = Flow::BlackHole,
@@ -239,7 +253,7 @@ async fn pump(ctl: Arc<Ctl>, dir: Dir, mut r: tokio::net::unix::OwnedReadHalf, m
         let changed = ctl.changed.notified();
         tokio::pin!(changed);
         changed.as_mut().enable();
-        if ctl.resets.load(Ordering::SeqCst) != gen {
+        if ctl.resets.load(Ordering::SeqCst) != gen || ctl.down.load(Ordering::SeqCst) {
             return;
         }
         if *ctl.half_closed[d].lock().unwrap() {

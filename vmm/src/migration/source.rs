@@ -237,16 +237,19 @@ where
         mig.mark_stopped();
         mig.transition(Status::PreSwitchover);
         let go = match stopped {
-            Ok(_) => mig.wait_proceed().await.map_err(|()| MigrationError::Cancelled),
+            Ok(_) => match mig.wait_proceed().await {
+                Ok(()) => point("migration::pre-switchover").await.map_err(MigrationError::from),
+                Err(()) => Err(MigrationError::Cancelled),
+            },
             Err(e) => Err(e.into()),
         };
         if let Err(e) = go {
+            // Stopped for the switchover that is not going to happen: resume.
             if was_running {
                 vm.cont().await?;
             }
             return Err(e);
         }
-        point("migration::pre-switchover").await?;
     }
 
     // Device: the switchover, up to PREPARED and the commit point.
