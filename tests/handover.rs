@@ -615,6 +615,9 @@ fn second_migration(rig: &mut Rig, uri: &str, fresh_mirror: bool) -> bool {
 // The matrix
 // ---------------------------------------------------------------------------
 
+/// Each cell's result, or the assertion that failed in it.
+type Results = BTreeMap<(Phase, Fault), Result<Cell, String>>;
+
 #[test]
 fn the_handover_fault_matrix_holds_in_every_cell() {
     if !Path::new("/dev/kvm").exists() {
@@ -638,7 +641,7 @@ fn the_handover_fault_matrix_holds_in_every_cell() {
     }
     let total = cells.len();
     let queue = Arc::new(Mutex::new(cells));
-    let results: Arc<Mutex<BTreeMap<(Phase, Fault), Result<Cell, String>>>> = Arc::default();
+    let results: Arc<Mutex<Results>> = Arc::default();
     let workers: Vec<_> = (0..2)
         .map(|_| {
             let (queue, results) = (queue.clone(), results.clone());
