@@ -239,9 +239,10 @@ impl Daemon {
                 return;
             }
             let targets = self.mirror_targets(&vm).await;
-            if vmm::migration::migrate_in(&self.migration, &self.graph, &vm, targets, conn).await == vmm::migration::Landing::Committed {
+            if let vmm::migration::Landing::Committed { run } = vmm::migration::migrate_in(&self.migration, &self.graph, &vm, targets, conn).await {
                 self.drop_target_exports(&vm).await;
-                if !paused {
+                // As QEMU: a guest that was paused on the source stays paused here.
+                if run && !paused {
                     if let Err(e) = vm.cont().await {
                         tracing::warn!(error = %e, "the guest arrived, but cannot run; fix and `cont`");
                     }

@@ -266,20 +266,40 @@ impl Rig {
     }
 
     fn new() -> Rig {
+        Rig::with_source(&[])
+    }
+
+    /// As `with_source`, creating empty image files the arguments name first.
+    fn with_source_files(extra: &[String], files: &[&str]) -> Rig {
         let dir = tempfile::tempdir().unwrap();
+        for f in files {
+            std::fs::File::create(dir.path().join(f)).unwrap().set_len(1 << 20).unwrap();
+        }
+        Rig::in_dir(dir, extra)
+    }
+
+    /// As `new`, with extra command-line arguments for the source ($DIR: the rig's directory).
+    fn with_source(extra: &[String]) -> Rig {
+        Rig::in_dir(tempfile::tempdir().unwrap(), extra)
+    }
+
+    fn in_dir(dir: tempfile::TempDir, extra: &[String]) -> Rig {
         let mig = Proxy::start(&dir.path().join("mig-proxy.sock"), &dir.path().join("mig.sock"), true);
         let nbd = Proxy::start(&dir.path().join("nbd-proxy.sock"), &dir.path().join("nbd.sock"), false);
         let mut rig = Rig { dir, src: None, dst: None, mig, nbd, mirrors: 0, fps: Vec::new() };
         std::fs::File::create(rig.path("src.img")).unwrap().set_len(DISK).unwrap();
         let d = |n: &str| rig.path(n).display().to_string();
-        let proc = spawn(&[
-            "--blockdev".into(),
+        let mut args = vec![
+            "--blockdev".to_string(),
             format!("driver=file,node-name=disk,filename={}", d("src.img")),
             "--vm".into(),
             format!("memory={MEM},disk=disk"),
             "--qmp".into(),
             format!("unix:{}", d("sq.sock")),
-        ]);
+        ];
+        let base = format!("{}/", rig.dir.path().display());
+        args.extend(extra.iter().map(|a| a.replace("$DIR", &base)));
+        let proc = spawn(&args);
         let mut q = Qmp::connect(&rig.path("sq.sock"));
         ok(&mut q, "migrate-set-parameters", serde_json::from_str(PARAMS).unwrap());
         rig.src = Some(Side { proc, q });
@@ -691,4 +711,220 @@ fn the_handover_fault_matrix_holds_in_every_cell() {
     out += &format!("{total} cells ({} phases x {} faults, the rest do not exist), {} failed, {:.0} s\n", PHASES.len(), FAULTS.len(), failures.len(), t0.elapsed().as_secs_f64());
     println!("{out}");
     assert!(failures.is_empty(), "{out}\n{}", failures.join("\n"));
+}
+
+// ---------------------------------------------------------------------------
+// Regressions: the peers' known bugs in this area, and this project's own
+// ---------------------------------------------------------------------------
+
+fn kvm() -> bool {
+    let ok = Path::new("/dev/kvm").exists();
+    if !ok {
+        eprintln!("skipped: /dev/kvm is missing on this machine");
+    }
+    ok
+}
+
+/// QEMU issue 2395: migrating a paused guest twice (the first attempt
+/// fails after the source inactivated its nodes) asserted on a node left
+/// inactive. Here the second attempt completes and the guest arrives paused.
+#[test]
+fn a_paused_guest_migrates_twice_and_arrives_paused() {
+    if !kvm() {
+        return;
+    }
+    let mut rig = Rig::new();
+    let uri = format!("unix:{}", rig.path("mig-proxy.sock").display());
+    ok(rig.sq(), "stop", json!({}));
+    rig.fp(false, "migration::incoming-before-prepared", "return");
+    ok(rig.sq(), "migrate", json!({"uri": uri}));
+    let m = wait(rig.sq(), "query-migrate", "the first attempt", 60, |v| is_final(&v["status"]));
+    assert_eq!(m["status"], "failed", "{m}");
+    assert!(m["error-desc"].as_str().unwrap().contains("incoming-before-prepared"), "the destination's reason: {m}");
+    assert_eq!(ok(rig.sq(), "query-status", json!({}))["status"], "paused", "a paused guest stays paused");
+    assert!(nodes(rig.sq()).values().all(|a| *a), "every node active again");
+    wait(rig.dq(), "query-migrate", "the destination to roll back", 30, |v| is_final(&v["status"]));
+    rig.fp(false, "migration::incoming-before-prepared", "off");
+    ok(rig.sq(), "migrate", json!({"uri": uri}));
+    let m = wait(rig.sq(), "query-migrate", "the second attempt", 60, |v| is_final(&v["status"]));
+    assert_eq!(m["status"], "completed", "{m}");
+    wait(rig.dq(), "query-migrate", "the destination", 30, |v| v["status"] == "completed");
+    // Started without -S, but the guest was paused on the source: it stays paused (as QEMU).
+    assert_eq!(ok(rig.dq(), "query-status", json!({}))["status"], "paused");
+    ok(rig.dq(), "cont", json!({}));
+    let v = ok(rig.dq(), "x-baton-guest-verify", json!({}));
+    assert_eq!(v["mismatches"], 0, "{v}");
+}
+
+/// QEMU's 2023 partial inactivation: a flush failing on node k of N left
+/// the nodes before it inactive. Here the switchover rolls back whole,
+/// names the node, and a second attempt completes.
+#[test]
+fn a_flush_failure_on_node_k_of_n_at_inactivation_rolls_back_whole() {
+    if !kvm() {
+        return;
+    }
+    let mut extra = Vec::new();
+    for i in 0..3 {
+        extra.push("--blockdev".to_string());
+        extra.push(format!("driver=file,node-name=aux{i}file,filename=$DIRaux{i}.img"));
+        extra.push("--blockdev".to_string());
+        extra.push(format!("driver=blkdebug,node-name=aux{i},image=aux{i}file"));
+    }
+    let mut rig = Rig::with_source_files(&extra, &["aux0.img", "aux1.img", "aux2.img"]);
+    let uri = format!("unix:{}", rig.path("mig-proxy.sock").display());
+    let before = nodes(rig.sq());
+    assert_eq!(before.len(), 8, "{before:?}");
+    ok(rig.sq(), "x-baton-blkdebug-set-rules", json!({"node-name": "aux1", "inject-error": [{"event": "flush_to_disk", "errno": 5}]}));
+    ok(rig.sq(), "migrate", json!({"uri": uri}));
+    let m = wait(rig.sq(), "query-migrate", "the attempt", 60, |v| is_final(&v["status"]));
+    assert_eq!(m["status"], "failed", "{m}");
+    assert!(m["error-desc"].as_str().unwrap().contains("aux1"), "the error names the node: {m}");
+    assert_eq!(nodes(rig.sq()), before, "every node active again");
+    assert_eq!(ok(rig.sq(), "query-status", json!({}))["status"], "running");
+    wait(rig.dq(), "query-status", "the destination to roll back", 30, |v| v["status"] == "inmigrate");
+    ok(rig.sq(), "x-baton-blkdebug-set-rules", json!({"node-name": "aux1", "inject-error": []}));
+    ok(rig.sq(), "migrate", json!({"uri": uri}));
+    let m = wait(rig.sq(), "query-migrate", "the second attempt", 60, |v| is_final(&v["status"]));
+    assert_eq!(m["status"], "completed", "{m}");
+    wait(rig.dq(), "query-status", "the destination to run", 30, |v| v["status"] == "running");
+}
+
+/// A cancel is prompt by what it stops: with the link stalled in the middle
+/// of the RAM, no byte of RAM leaves the source after the cancel, the
+/// attempt ends `cancelled`, and the destination rolls back.
+#[test]
+fn a_cancel_with_the_link_stalled_stops_the_ram_at_once() {
+    if !kvm() {
+        return;
+    }
+    let mut rig = Rig::new();
+    let uri = format!("unix:{}", rig.path("mig-proxy.sock").display());
+    ok(rig.sq(), "migrate-set-parameters", json!({"x-baton-io-timeout": 600_000}));
+    // Stall the forward path at the 20th RAM section.
+    rig.mig.on_nth_frame(Dir::Up, 2, 20, Action::Stall(Dir::Up));
+    ok(rig.sq(), "migrate", json!({"uri": uri}));
+    // The source is blocked writing: its counter stops.
+    let mut last = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let t = ok(rig.sq(), "query-migrate", json!({}))["ram"]["transferred"].as_u64().unwrap_or(0);
+        if t > 0 && t == last {
+            break;
+        }
+        last = t;
+        assert!(Instant::now() < deadline, "the source never blocked");
+    }
+    let forwarded = rig.mig.bytes(Dir::Up);
+    assert!(forwarded < 16 << 20, "the stall holds the RAM back ({forwarded} bytes passed)");
+    ok(rig.sq(), "migrate_cancel", json!({}));
+    let m = wait(rig.sq(), "query-migrate", "cancelled", 20, |v| is_final(&v["status"]));
+    assert_eq!(m["status"], "cancelled", "{m}");
+    assert_eq!(m["ram"]["transferred"].as_u64(), Some(last), "no RAM was sent after the cancel: {m}");
+    assert_eq!(ok(rig.sq(), "query-status", json!({}))["status"], "running");
+    // What the kernel still held from before the cancel drains; nothing new follows.
+    rig.mig.heal();
+    std::thread::sleep(Duration::from_millis(300));
+    let after = rig.mig.bytes(Dir::Up);
+    let framing = (last / (64 * 4096) + 1) * 21 + 1024;
+    assert!(after <= last + framing, "nothing left the source after the cancel: {after} bytes passed, {last} of RAM were sent before it");
+    wait(rig.dq(), "query-status", "the destination to roll back", 30, |v| v["status"] == "inmigrate");
+}
+
+/// A hostile or broken peer on the migration socket fails its attempt with
+/// an error that names what is wrong; the destination stays ready for a real one.
+#[test]
+fn a_hostile_peer_fails_its_attempt_and_the_destination_stays_ready() {
+    if !kvm() {
+        return;
+    }
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    let mut rig = Rig::new();
+    let sock = rig.path("mig.sock");
+    let page = 4096usize;
+    let mem = 16u64 << 20;
+    let hello = |w: &mut Vec<u8>, memory: u64| {
+        w.extend_from_slice(b"BATONMIG");
+        w.extend_from_slice(&2u32.to_be_bytes());
+        w.push(1);
+        w.extend_from_slice(&20u64.to_be_bytes());
+        w.extend_from_slice(&memory.to_be_bytes());
+        w.extend_from_slice(&1u32.to_be_bytes());
+        w.extend_from_slice(&DISK.to_be_bytes());
+    };
+    let section = |w: &mut Vec<u8>, tag: u8, body: &[u8]| {
+        w.push(tag);
+        w.extend_from_slice(&(body.len() as u64).to_be_bytes());
+        w.extend_from_slice(body);
+    };
+    // (what the peer sends, what the refusal must say)
+    let mut cases: Vec<(&str, Vec<u8>, &str)> = Vec::new();
+    cases.push(("garbage", b"GET / HTTP/1.1\r\n\r\n".to_vec(), "bad magic"));
+    let mut v = Vec::new();
+    v.extend_from_slice(b"BATONMIG");
+    v.extend_from_slice(&9u32.to_be_bytes());
+    cases.push(("another format", v, "version 9 is not supported"));
+    let mut v = Vec::new();
+    hello(&mut v, 32 << 20);
+    cases.push(("another guest", v, "33554432 bytes of RAM"));
+    let mut v = Vec::new();
+    hello(&mut v, mem);
+    section(&mut v, 255, &[1]);
+    cases.push(("no RAM at all", v, "4096 of 4096 RAM pages never sent"));
+    let mut v = Vec::new();
+    hello(&mut v, mem);
+    // 4096 pages in 256 sections of 16 pages.
+    for i in 0..256u64 {
+        let mut b = Vec::new();
+        b.extend_from_slice(&(i * 16).to_be_bytes());
+        b.extend_from_slice(&16u32.to_be_bytes());
+        b.resize(12 + 16 * page, 0);
+        section(&mut v, 2, &b);
+    }
+    section(&mut v, 4, &7u32.to_be_bytes());
+    section(&mut v, 255, &[1]);
+    cases.push(("no vCPU state", v, "without every vCPU's state"));
+    let mut v = Vec::new();
+    hello(&mut v, mem);
+    section(&mut v, 2, &[0u8; 7]);
+    cases.push(("a short section", v, "RAM section of 7 bytes: short header"));
+    let mut v = Vec::new();
+    hello(&mut v, mem);
+    v.push(2);
+    v.extend_from_slice(&(12u64 + 4096).to_be_bytes());
+    v.extend_from_slice(&[0u8; 100]);
+    cases.push(("a truncated stream", v, "the stream ended early"));
+    let mut v = Vec::new();
+    hello(&mut v, mem);
+    section(&mut v, 42, &[]);
+    cases.push(("an unknown section", v, "unknown section type 42"));
+    cases.push(("silence", Vec::new(), "no HELLO from the source"));
+    for (what, bytes, why) in cases {
+        let mut c = UnixStream::connect(&sock).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let _ = c.write_all(&bytes);
+        if what != "silence" {
+            let _ = c.shutdown(std::net::Shutdown::Write);
+        }
+        let mut reply = Vec::new();
+        let _ = c.read_to_end(&mut reply);
+        let text = String::from_utf8_lossy(&reply);
+        let m = wait(rig.dq(), "query-migrate", "the attempt to end", 30, |v| is_final(&v["status"]));
+        let desc = m["error-desc"].as_str().unwrap_or("");
+        assert!(desc.contains(why), "{what}: the error names what is wrong: {m}");
+        assert!(text.contains(why), "{what}: the peer hears why: {text:?}");
+        let st = ok(rig.dq(), "query-status", json!({}));
+        assert_eq!(st["status"], "inmigrate", "{what}: {st}");
+        assert_eq!(exports(rig.dq()), ["e"], "{what}");
+    }
+    // A real migration after all that.
+    let uri = format!("unix:{}", rig.path("mig-proxy.sock").display());
+    ok(rig.sq(), "migrate", json!({"uri": uri}));
+    let m = wait(rig.sq(), "query-migrate", "the real migration", 60, |v| is_final(&v["status"]));
+    assert_eq!(m["status"], "completed", "{m}");
+    wait(rig.dq(), "query-status", "the destination to run", 30, |v| v["status"] == "running");
+    let v = ok(rig.dq(), "x-baton-guest-verify", json!({}));
+    assert_eq!(v["mismatches"], 0, "{v}");
 }

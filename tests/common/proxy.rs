@@ -52,6 +52,8 @@ pub enum Action {
 struct Trigger {
     dir: Dir,
     tag: u8,
+    /// Frames with this tag to let pass first.
+    skip: u32,
     action: Action,
 }
 
@@ -151,7 +153,12 @@ impl Proxy {
 
     /// Arm a one-shot trigger on the next frame with `tag` in `dir`.
     pub fn on_frame(&self, dir: Dir, tag: u8, action: Action) {
-        self.ctl.triggers.lock().unwrap().push(Trigger { dir, tag, action });
+        self.on_nth_frame(dir, tag, 1, action);
+    }
+
+    /// Arm a one-shot trigger on the `n`-th frame with `tag` in `dir` (from 1).
+    pub fn on_nth_frame(&self, dir: Dir, tag: u8, n: u32, action: Action) {
+        self.ctl.triggers.lock().unwrap().push(Trigger { dir, tag, skip: n.saturating_sub(1), action });
     }
 
     pub fn flip_byte_at(&self, offset: u64) {
@@ -297,7 +304,14 @@ async fn pump(ctl: Arc<Ctl>, dir: Dir, mut r: tokio::net::unix::OwnedReadHalf, m
                 ctl.seen[d].lock().unwrap().push(tag);
                 let fired = {
                     let mut t = ctl.triggers.lock().unwrap();
-                    t.iter().position(|t| t.dir == dir && t.tag == tag).map(|i| t.remove(i))
+                    match t.iter_mut().position(|t| t.dir == dir && t.tag == tag) {
+                        Some(i) if t[i].skip > 0 => {
+                            t[i].skip -= 1;
+                            None
+                        }
+                        Some(i) => Some(t.remove(i)),
+                        None => None,
+                    }
                 };
                 if let Some(t) = fired {
                     stop_at = Some((at, t.action));

@@ -10,7 +10,7 @@
 //!    2 RAM     first_page:u64 count:u32 pages[count * 4096]
 //!    3 VCPU    id:u32 kvm_regs kvm_sregs        (this build's layouts)
 //!    4 DEVICE  consumed:u32
-//!    255 END   (empty)
+//!    255 END   running:u8                       (the guest ran when the source stopped it)
 //!    7 COMMIT  (empty)                          (after PREPARED: the decision)
 //!    8 ABORT   reason (utf-8)                   (any time before COMMIT)
 //!
@@ -62,7 +62,7 @@ pub enum StreamError {
     Version(u32),
     #[error("unknown section type {0}")]
     UnknownSection(u8),
-    #[error("section {tag} of {len} bytes: {why}")]
+    #[error("{} section of {len} bytes: {why}", tag_name(*.tag))]
     BadSection { tag: u8, len: u64, why: String },
     #[error("bad reply from the destination: {0}")]
     BadReply(String),
@@ -75,9 +75,25 @@ pub enum Section {
     Ram { first_page: u64, data: Vec<u8> },
     Vcpu { id: u32, state: Box<VcpuState> },
     Device { consumed: u32 },
-    End,
+    /// The end marker; `running`: the guest was running before the
+    /// switchover (the destination runs it after COMMIT only then, as QEMU).
+    End { running: bool },
     Commit,
     Abort(String),
+}
+
+/// A section tag's name, for messages.
+pub fn tag_name(tag: u8) -> String {
+    match tag {
+        HELLO => "HELLO".into(),
+        RAM => "RAM".into(),
+        VCPU => "VCPU".into(),
+        DEVICE => "DEVICE".into(),
+        END => "END".into(),
+        COMMIT => "COMMIT".into(),
+        ABORT => "ABORT".into(),
+        other => format!("type {other}"),
+    }
 }
 
 impl Section {
@@ -88,7 +104,7 @@ impl Section {
             Section::Ram { .. } => "RAM",
             Section::Vcpu { .. } => "VCPU",
             Section::Device { .. } => "DEVICE",
-            Section::End => "END",
+            Section::End { .. } => "END",
             Section::Commit => "COMMIT",
             Section::Abort(_) => "ABORT",
         }
@@ -192,8 +208,8 @@ pub async fn write_device<W: AsyncWrite + Unpin>(w: &mut W, consumed: u32) -> st
     section(w, DEVICE, &[&consumed.to_be_bytes()]).await
 }
 
-pub async fn write_end<W: AsyncWrite + Unpin>(w: &mut W) -> std::io::Result<()> {
-    section(w, END, &[]).await?;
+pub async fn write_end<W: AsyncWrite + Unpin>(w: &mut W, running: bool) -> std::io::Result<()> {
+    section(w, END, &[&[u8::from(running)]]).await?;
     w.flush().await
 }
 
@@ -251,7 +267,7 @@ pub async fn read_section<R: AsyncRead + Unpin>(r: &mut R) -> Result<Section, St
             Ok(Section::Vcpu { id, state: Box::new(state) })
         }
         DEVICE if len == 4 => Ok(Section::Device { consumed: u32_at(0).ok_or_else(|| bad("short"))? }),
-        END if len == 0 => Ok(Section::End),
+        END if len == 1 && p[0] <= 1 => Ok(Section::End { running: p[0] == 1 }),
         COMMIT if len == 0 => Ok(Section::Commit),
         ABORT if len <= u64::from(MAX_REPLY) => Ok(Section::Abort(String::from_utf8_lossy(&p).into_owned())),
         _ => Err(bad("wrong length")),
@@ -323,7 +339,7 @@ mod tests {
         let mut out = Vec::new();
         loop {
             let s = read_section(&mut r).await?;
-            let end = matches!(s, Section::End);
+            let end = matches!(s, Section::End { .. });
             out.push(s);
             if end {
                 return Ok(out);
@@ -339,7 +355,7 @@ mod tests {
             write_hello(&mut w, &Hello { memory: 64 << 20, vcpus: 1, disk_size: 1 << 20 }).await.unwrap();
             write_ram(&mut w, 3, &[7u8; 2 * PAGE]).await.unwrap();
             write_device(&mut w, 42).await.unwrap();
-            write_end(&mut w).await.unwrap();
+            write_end(&mut w, true).await.unwrap();
             let s = parse_all(&w).await.unwrap();
             assert!(matches!(s[1], Section::Ram { first_page: 3, ref data } if data.len() == 2 * PAGE));
             assert!(matches!(s[2], Section::Device { consumed: 42 }));

@@ -23,8 +23,8 @@ use crate::VmmError;
 pub enum Landing {
     /// COMMIT (or the operator's commit): the guest is loaded, paused, on
     /// active nodes; the caller drops the exports that fed its disks and
-    /// runs it unless started with -S.
-    Committed,
+    /// runs it if it ran on the source (`run`), unless started with -S.
+    Committed { run: bool },
     /// Refused, aborted or failed: this side is as before the attempt.
     RolledBack,
 }
@@ -55,12 +55,12 @@ where
     let mut activated = Vec::new();
     let res = receive(mig, graph, vm, &targets, &p, &mut r, &mut w, &mut activated).await;
     let failure = match res {
-        Ok(()) => match decide(mig, &p, &mut r).await {
+        Ok(run) => match decide(mig, &p, &mut r).await {
             Decision::Commit => {
                 mig.set_handover(Handover::Committed);
                 vm.set_state(RunState::Paused);
                 mig.transition(Status::Completed);
-                return Landing::Committed;
+                return Landing::Committed { run };
             }
             Decision::Abort => MigrationError::Invalid(mig.error().unwrap_or_else(|| "the migration was aborted by the operator".into())),
         },
@@ -100,7 +100,8 @@ async fn section<R: AsyncRead + Unpin>(r: &mut R, bound: Duration, what: &'stati
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn receive<R, W>(mig: &Migration, graph: &Arc<Graph>, vm: &Arc<Vm>, targets: &[Target], p: &Parameters, r: &mut R, w: &mut W, activated: &mut Vec<String>) -> Result<(), MigrationError>
+/// Everything up to PREPARED. Returns whether the guest ran on the source.
+async fn receive<R, W>(mig: &Migration, graph: &Arc<Graph>, vm: &Arc<Vm>, targets: &[Target], p: &Parameters, r: &mut R, w: &mut W, activated: &mut Vec<String>) -> Result<bool, MigrationError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -142,8 +143,8 @@ where
     let mut arrived = vec![0u64; pages.div_ceil(64) as usize];
     let mut vcpus = vec![None; cfg.vcpus as usize];
     let mut device = None;
-    loop {
-        match section(r, p.io_timeout, "the next section").await? {
+    let running = loop {
+        match section(r, p.io_timeout, "next section").await? {
             Section::Hello(_) => return Err(MigrationError::Invalid("a second HELLO".into())),
             Section::Ram { first_page, data } => {
                 let n = (data.len() / PAGE) as u64;
@@ -170,9 +171,9 @@ where
             }
             Section::Abort(why) => return Err(MigrationError::SourceAborted(why)),
             Section::Commit => return Err(MigrationError::Invalid("COMMIT before the end of the stream".into())),
-            Section::End => break,
+            Section::End { running } => break running,
         }
-    }
+    };
     let missing = pages - crate::memory::count(&arrived).min(pages);
     if missing > 0 {
         let first = (0..pages).find(|pg| arrived.get((pg / 64) as usize).is_some_and(|w| w & (1 << (pg % 64)) == 0)).unwrap_or(0);
@@ -196,7 +197,7 @@ where
         .map_err(|_| MigrationError::Timeout("the PREPARED write", p.io_timeout))?
         .map_err(StreamError::Io)?;
     mig.set_handover(Handover::Prepared);
-    Ok(())
+    Ok(running)
 }
 
 /// PREPARED: wait for COMMIT or ABORT from the source, or the operator's

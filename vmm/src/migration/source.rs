@@ -260,7 +260,7 @@ where
     let cancelled = || mig.is_cancelled();
     let prepared_timeout = p.prepared_timeout;
     let handover = |st: crate::vm::VmState| async move {
-        hand_over(link, mig, vm, st, prepared_timeout).await.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+        hand_over(link, mig, vm, st, was_running, prepared_timeout).await.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
     };
     let r = switchover::run(graph, vm, was_running, bounds, sync, &cancelled, handover).await;
     if let Err(e) = r {
@@ -299,7 +299,7 @@ fn keep_carriers(carriers: &[Carrier]) {
 
 /// The guest is stopped and every node inactive: the last dirty pages, the
 /// vCPUs, the device, END; then PREPARED, and the commit point.
-async fn hand_over<S>(link: &mut Link<S>, mig: &Migration, vm: &Vm, st: crate::vm::VmState, prepared_timeout: Duration) -> Result<(), MigrationError>
+async fn hand_over<S>(link: &mut Link<S>, mig: &Migration, vm: &Vm, st: crate::vm::VmState, was_running: bool, prepared_timeout: Duration) -> Result<(), MigrationError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -318,7 +318,7 @@ where
         return Err(link.reason_for(e).await);
     }
     point("migration::before-end").await?;
-    let sent = guarded(mig, io, stream::write_end(&mut link.w)).await;
+    let sent = guarded(mig, io, stream::write_end(&mut link.w, was_running)).await;
     if let Err(e) = sent {
         return Err(link.reason_for(e).await);
     }
