@@ -93,10 +93,27 @@ pub fn daemonize_and_wait() -> Result<(), CliError> {
     Ok(())
 }
 
+/// Keyval's "on"/"off" for the boolean members `keys` of `o`.
+fn keyval_bools(o: &mut Map<String, Value>, option: &'static str, keys: &[&str]) -> Result<(), CliError> {
+    for k in keys {
+        if let Some(Value::String(s)) = o.get(*k) {
+            let b = match s.as_str() {
+                "on" | "true" | "yes" => true,
+                "off" | "false" | "no" => false,
+                other => return Err(opt_err(option, format!("{k}: expected on or off, got '{other}'"))),
+            };
+            o.insert((*k).into(), Value::Bool(b));
+        }
+    }
+    Ok(())
+}
+
 pub async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
     let d = Daemon::new();
     for b in &a.blockdevs {
-        let opts = parse_option(b, None).map_err(|e| opt_err("--blockdev", e))?;
+        let mut opts = parse_option(b, None).map_err(|e| opt_err("--blockdev", e))?;
+        // The generic members are checked as booleans before the driver sees them.
+        keyval_bools(&mut opts, "--blockdev", &["read-only", "auto-read-only", "force-share", "active"])?;
         run_command(&d, "--blockdev", "blockdev-add", opts).await?;
     }
     if let Some(n) = &a.nbd_server {
@@ -127,16 +144,7 @@ pub async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     for e in &a.exports {
         let mut o = parse_option(e, None).map_err(|e| opt_err("--export", e))?;
-        for k in ["writable", "writethrough", "allow-inactive", "allocation-depth", "fixed-iothread", "x-baton-multi-conn"] {
-            if let Some(Value::String(s)) = o.get(k) {
-                let b = match s.as_str() {
-                    "on" | "true" | "yes" => true,
-                    "off" | "false" | "no" => false,
-                    other => return Err(opt_err("--export", format!("{k}: expected on or off, got '{other}'")).into()),
-                };
-                o.insert(k.into(), Value::Bool(b));
-            }
-        }
+        keyval_bools(&mut o, "--export", &["writable", "writethrough", "allow-inactive", "allocation-depth", "fixed-iothread", "x-baton-multi-conn"])?;
         run_command(&d, "--export", "block-export-add", o).await?;
     }
 

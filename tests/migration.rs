@@ -252,3 +252,100 @@ fn a_destination_failing_after_activation_leaves_the_source_running_and_neither_
     let v = ok(&mut p.sq, "x-baton-guest-verify", json!({}));
     assert_eq!(v["mismatches"], 0, "{v}");
 }
+
+/// libvirt's storage-migration sequence: capabilities `events` and
+/// `pause-before-switchover`, the mirror cancelled (in sync) at
+/// `pre-switchover`, `migrate-continue`, then `cont` on the destination. Each
+/// side sends exactly one MIGRATION event per status change.
+#[test]
+fn libvirts_sequence_with_mirrors_cancelled_at_pre_switchover_completes() {
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("skipped: /dev/kvm is missing on this machine");
+        return;
+    }
+    let mut p = pair("64M");
+    let caps = json!({"capabilities": [{"capability": "events", "state": true}, {"capability": "pause-before-switchover", "state": true}]});
+    ok(&mut p.sq, "migrate-set-capabilities", caps);
+    ok(&mut p.dq, "migrate-set-capabilities", json!({"capabilities": [{"capability": "events", "state": true}]}));
+    let c = ok(&mut p.sq, "query-migrate-capabilities", json!({}));
+    assert!(c.as_array().unwrap().iter().any(|c| c["capability"] == "pause-before-switchover" && c["state"] == true), "{c}");
+    ok(&mut p.sq, "migrate", json!({"uri": format!("unix:{}", p.dir.path().join("mig.sock").display())}));
+    wait_for(&mut p.sq, "query-migrate", "pre-switchover", |v| v["status"] == "pre-switchover");
+    let r = p.sq.execute("migrate", json!({"uri": "unix:/nonexistent"}));
+    assert!(r["error"]["desc"].as_str().unwrap_or("").contains("in progress"), "a second migrate is refused: {r}");
+    ok(&mut p.sq, "block-job-cancel", json!({"device": "m0"}));
+    wait_for(&mut p.sq, "query-block-jobs", "the mirror to end", |v| v.as_array().is_some_and(|a| a.is_empty()));
+    ok(&mut p.sq, "migrate-continue", json!({"state": "pre-switchover"}));
+    let m = wait_for(&mut p.sq, "query-migrate", "the end", |v| matches!(v["status"].as_str(), Some("completed" | "failed")));
+    assert_eq!(m["status"], "completed", "{m}");
+    wait_for(&mut p.dq, "query-migrate", "the destination", |v| v["status"] == "completed");
+    assert_eq!(ok(&mut p.dq, "query-status", json!({}))["status"], "paused");
+    ok(&mut p.dq, "cont", json!({}));
+    let v = ok(&mut p.dq, "x-baton-guest-verify", json!({}));
+    assert!(v["checked"].as_u64().unwrap() > 0 && v["mismatches"] == 0, "{v}");
+    assert_eq!(p.sq.migration_events(), ["setup", "active", "pre-switchover", "device", "completed"]);
+    assert_eq!(p.dq.migration_events(), ["setup", "active", "completed"]);
+}
+
+/// A mirror that failed (its target ran out of space) carries nothing:
+/// `migrate` fails at once naming the disk, and the source keeps running.
+#[test]
+fn a_migration_whose_mirror_failed_is_refused_naming_the_disk() {
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("skipped: /dev/kvm is missing on this machine");
+        return;
+    }
+    let mut p = pair("64M");
+    ok(&mut p.sq, "block-job-cancel", json!({"device": "m0", "force": true}));
+    wait_for(&mut p.sq, "query-block-jobs", "the mirror to end", |v| v.as_array().is_some_and(|a| a.is_empty()));
+    ok(&mut p.sq, "migrate", json!({"uri": format!("unix:{}", p.dir.path().join("mig.sock").display())}));
+    let m = wait_for(&mut p.sq, "query-migrate", "the end", |v| matches!(v["status"].as_str(), Some("completed" | "failed")));
+    assert_eq!(m["status"], "failed", "{m}");
+    assert!(m["error-desc"].as_str().unwrap().contains("destination disk 'disk'"), "{m}");
+    assert_eq!(m["ram"]["transferred"], 0, "no RAM moved: {m}");
+    assert_eq!(ok(&mut p.sq, "query-status", json!({}))["status"], "running");
+    assert_eq!(ok(&mut p.dq, "query-status", json!({}))["status"], "inmigrate");
+}
+
+/// Shared storage, as in QEMU: the destination opens the same image
+/// inactive (no export, no mirror); the handover moves the image lock.
+#[test]
+fn a_plain_shared_storage_migration_moves_the_guest_and_the_lock() {
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("skipped: /dev/kvm is missing on this machine");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n).display().to_string();
+    image(&dir.path().join("shared.img"));
+    let _dst = daemon(&[
+        "--blockdev".into(),
+        format!("driver=file,node-name=disk,filename={},active=off", d("shared.img")),
+        "--vm".into(),
+        "memory=64M,disk=disk".into(),
+        "-S".into(),
+        "--incoming".into(),
+        format!("unix:{}", d("mig.sock")),
+        "--qmp".into(),
+        format!("unix:{}", d("dq.sock")),
+    ]);
+    let _src = daemon(&[
+        "--blockdev".into(),
+        format!("driver=file,node-name=disk,filename={}", d("shared.img")),
+        "--vm".into(),
+        "memory=64M,disk=disk".into(),
+        "--qmp".into(),
+        format!("unix:{}", d("sq.sock")),
+    ]);
+    let mut sq = Qmp::connect(&dir.path().join("sq.sock"));
+    let mut dq = Qmp::connect(&dir.path().join("dq.sock"));
+    std::thread::sleep(Duration::from_millis(300));
+    ok(&mut sq, "migrate", json!({"uri": format!("unix:{}", d("mig.sock"))}));
+    let m = wait_for(&mut sq, "query-migrate", "the end", |v| matches!(v["status"].as_str(), Some("completed" | "failed")));
+    assert_eq!(m["status"], "completed", "{m}");
+    wait_for(&mut dq, "query-migrate", "the destination", |v| v["status"] == "completed");
+    ok(&mut dq, "cont", json!({}));
+    assert_eq!(common::locked_bytes(&dir.path().join("shared.img")), [100, 101, 201].into(), "one writer holds the image");
+    let v = ok(&mut dq, "x-baton-guest-verify", json!({}));
+    assert!(v["checked"].as_u64().unwrap() > 0 && v["mismatches"] == 0, "{v}");
+}

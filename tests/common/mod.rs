@@ -44,6 +44,8 @@ use std::time::Duration;
 pub struct Qmp {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
+    /// Events seen while waiting for replies, oldest first.
+    pub events: Vec<serde_json::Value>,
 }
 
 impl Qmp {
@@ -54,7 +56,7 @@ impl Qmp {
             match UnixStream::connect(path) {
                 Ok(s) => {
                     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-                    let mut q = Qmp { reader: BufReader::new(s.try_clone().unwrap()), writer: s };
+                    let mut q = Qmp { reader: BufReader::new(s.try_clone().unwrap()), writer: s, events: Vec::new() };
                     let greeting = q.read();
                     assert!(greeting.get("QMP").is_some(), "greeting: {greeting}");
                     let r = q.execute("qmp_capabilities", serde_json::json!({}));
@@ -74,7 +76,12 @@ impl Qmp {
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad QMP line {line:?}: {e}"))
     }
 
-    /// Run a command; returns the reply (`return` or `error`), skipping events.
+    /// The statuses of the MIGRATION events seen so far.
+    pub fn migration_events(&self) -> Vec<String> {
+        self.events.iter().filter(|e| e["event"] == "MIGRATION").map(|e| e["data"]["status"].as_str().unwrap_or("").to_string()).collect()
+    }
+
+    /// Run a command; returns the reply (`return` or `error`), events kept in `events`.
     pub fn execute(&mut self, cmd: &str, args: serde_json::Value) -> serde_json::Value {
         let msg = serde_json::json!({"execute": cmd, "arguments": args});
         writeln!(self.writer, "{msg}").unwrap();
@@ -83,6 +90,7 @@ impl Qmp {
             if v.get("event").is_none() {
                 return v;
             }
+            self.events.push(v);
         }
     }
 }
