@@ -928,3 +928,68 @@ fn a_hostile_peer_fails_its_attempt_and_the_destination_stays_ready() {
     let v = ok(rig.dq(), "x-baton-guest-verify", json!({}));
     assert_eq!(v["mismatches"], 0, "{v}");
 }
+
+/// A mirror that dies at pre-switchover and a new job under its id onto
+/// another target: the switchover checks the job bound to the migration,
+/// not the id, rolls back, and names the disk.
+#[test]
+fn a_new_job_reusing_the_mirrors_id_does_not_carry_the_disk() {
+    if !kvm() {
+        return;
+    }
+    let mut rig = Rig::new();
+    let uri = format!("unix:{}", rig.path("mig-proxy.sock").display());
+    ok(rig.sq(), "migrate-set-capabilities", json!({"capabilities": [{"capability": "pause-before-switchover", "state": true}]}));
+    ok(rig.sq(), "migrate", json!({"uri": uri}));
+    wait(rig.sq(), "query-migrate", "pre-switchover", 30, |v| v["status"] == "pre-switchover");
+    ok(rig.sq(), "block-job-cancel", json!({"device": "m1", "force": true}));
+    wait(rig.sq(), "query-block-jobs", "the mirror to go", 30, |v| v.as_array().is_some_and(|a| a.is_empty()));
+    ok(rig.sq(), "blockdev-add", json!({"driver": "null-co", "node-name": "elsewhere", "size": DISK}));
+    ok(rig.sq(), "blockdev-mirror", json!({"job-id": "m1", "device": "disk", "target": "elsewhere", "sync": "full"}));
+    wait(rig.sq(), "query-block-jobs", "the impostor to be READY", 30, |v| v[0]["ready"] == true);
+    ok(rig.sq(), "migrate-continue", json!({"state": "pre-switchover"}));
+    let m = wait(rig.sq(), "query-migrate", "the attempt", 60, |v| is_final(&v["status"]));
+    assert_eq!(m["status"], "failed", "{m}");
+    let why = m["error-desc"].as_str().unwrap();
+    assert!(why.contains("mirror job 'm1' carrying destination disk 'disk'") && why.contains("cancelled before it was in sync"), "{m}");
+    assert_eq!(ok(rig.sq(), "query-status", json!({}))["status"], "running");
+    wait(rig.dq(), "query-status", "the destination to roll back", 30, |v| v["status"] == "inmigrate");
+}
+
+/// A write-blocking mirror whose NBD target stalls: the drain at the
+/// switchover is bounded, the run state never says `running` while the
+/// vCPUs are stopped, and the attempt rolls back with the reason.
+#[test]
+fn a_stalled_mirror_target_bounds_the_drain_and_the_run_state_tells_the_truth() {
+    if !kvm() {
+        return;
+    }
+    let mut rig = Rig::new();
+    let uri = format!("unix:{}", rig.path("mig-proxy.sock").display());
+    ok(rig.sq(), "block-job-change", json!({"id": "m1", "type": "mirror", "copy-mode": "write-blocking"}));
+    // Every guest write now waits for the target, which stops answering.
+    rig.nbd.apply(Action::Stall(Dir::Up));
+    std::thread::sleep(Duration::from_millis(300));
+    ok(rig.sq(), "migrate", json!({"uri": uri}));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut saw_stopped = false;
+    loop {
+        let m = ok(rig.sq(), "query-migrate", json!({}));
+        let st = ok(rig.sq(), "query-status", json!({}));
+        if m["status"] == "device" {
+            // The vCPUs are stopped from here on: the run state says so.
+            assert_ne!(st["status"], "running", "{st}");
+            saw_stopped = true;
+        }
+        if is_final(&m["status"]) {
+            assert_eq!(m["status"], "failed", "{m}");
+            assert!(m["error-desc"].as_str().unwrap().contains("did not complete within"), "the reason is the drain: {m}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the drain was not bounded: {m}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = saw_stopped;
+    assert!(nodes(rig.sq()).values().all(|a| *a), "every node active again");
+    wait(rig.dq(), "query-status", "the destination to roll back", 30, |v| v["status"] == "inmigrate");
+}
