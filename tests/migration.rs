@@ -267,6 +267,7 @@ fn libvirts_sequence_with_mirrors_cancelled_at_pre_switchover_completes() {
     let caps = json!({"capabilities": [{"capability": "events", "state": true}, {"capability": "pause-before-switchover", "state": true}]});
     ok(&mut p.sq, "migrate-set-capabilities", caps);
     ok(&mut p.dq, "migrate-set-capabilities", json!({"capabilities": [{"capability": "events", "state": true}]}));
+    let on_source = ok(&mut p.sq, "x-baton-guest-verify", json!({}));
     let c = ok(&mut p.sq, "query-migrate-capabilities", json!({}));
     assert!(c.as_array().unwrap().iter().any(|c| c["capability"] == "pause-before-switchover" && c["state"] == true), "{c}");
     ok(&mut p.sq, "migrate", json!({"uri": format!("unix:{}", p.dir.path().join("mig.sock").display())}));
@@ -283,6 +284,8 @@ fn libvirts_sequence_with_mirrors_cancelled_at_pre_switchover_completes() {
     ok(&mut p.dq, "cont", json!({}));
     let v = ok(&mut p.dq, "x-baton-guest-verify", json!({}));
     assert!(v["checked"].as_u64().unwrap() > 0 && v["mismatches"] == 0, "{v}");
+    // The source's answer travelled in the guest's RAM; the destination's is its own pass.
+    assert_ne!(v["request"], on_source["request"], "a fresh pass, not the source's answer: {v} {on_source}");
     assert_eq!(p.sq.migration_events(), ["setup", "active", "pre-switchover", "device", "completed"]);
     assert_eq!(p.dq.migration_events(), ["setup", "active", "completed"]);
 }

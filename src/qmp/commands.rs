@@ -870,7 +870,7 @@ async fn guest_verify(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
     let vm = the_vm(&d)?;
     let ms = a.get("timeout-ms").and_then(Value::as_u64).unwrap_or(120_000);
     let r = vm.verify(std::time::Duration::from_millis(ms)).await.map_err(|e| QmpError::generic(e.to_string()))?;
-    Ok(json!({"checked": r.checked, "mismatches": r.bad}))
+    Ok(json!({"checked": r.checked, "mismatches": r.bad, "request": r.request}))
 }
 
 // ---- migration ----

@@ -83,6 +83,8 @@ pub struct GuestStats {
 pub struct VerifyResult {
     pub checked: u32,
     pub bad: u32,
+    /// The request's nonce, which the guest echoed after its pass.
+    pub request: u32,
 }
 
 /// Everything a stopped guest is made of, but its disk (which the block
@@ -401,7 +403,7 @@ impl Vm {
             let done = self.mem.read_obj::<u32>(GuestAddress(VERIFY_DONE)).unwrap_or(0);
             if done == seq {
                 let r = |a: u64| self.mem.read_obj::<u32>(GuestAddress(a)).unwrap_or(0);
-                return Ok(VerifyResult { checked: r(VERIFY_CHECKED), bad: r(VERIFY_BAD) });
+                return Ok(VerifyResult { checked: r(VERIFY_CHECKED), bad: r(VERIFY_BAD), request: seq });
             }
             if let Some(f) = self.fatal_error() {
                 return Err(VmmError::State(format!("guest stopped: {f}")));
