@@ -122,6 +122,10 @@ pub trait LeafInfo {
     fn remote_export(&self) -> Option<String> {
         None
     }
+    /// Abort the connection at once (QMP `yank`): every request in flight and
+    /// every later one fails, nothing waits for the remote side. Only network
+    /// clients have anything to yank; the default does nothing.
+    fn yank(&self) {}
 }
 
 /// A complete leaf driver.
@@ -157,6 +161,8 @@ pub trait DynDriver: Send + Sync + 'static {
     fn close(&self) {}
     /// See [`LeafInfo::remote_export`].
     fn remote_export(&self) -> Option<String>;
+    /// See [`LeafInfo::yank`].
+    fn yank(&self);
 }
 
 impl<T: LeafDriver> DynDriver for T {
@@ -201,5 +207,8 @@ impl<T: LeafDriver> DynDriver for T {
     }
     fn remote_export(&self) -> Option<String> {
         LeafInfo::remote_export(self)
+    }
+    fn yank(&self) {
+        LeafInfo::yank(self)
     }
 }

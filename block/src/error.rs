@@ -71,6 +71,7 @@ pub mod libc_errno {
     pub const ENOTSUP: i32 = 95;
     pub const EOVERFLOW: i32 = 75;
     pub const EDQUOT: i32 = 122;
+    pub const ETIMEDOUT: i32 = 110;
 }
 
 /// A block I/O operation, for error messages and `blkdebug` events.
@@ -224,8 +225,12 @@ impl BlockError {
     /// The errno an NBD client or guest sees.
     pub fn errno(&self) -> i32 {
         match self {
-            // Preserve the precise errno of OS and injected errors.
-            BlockError::Io { source, .. } | BlockError::Open { source, .. } => source.raw_os_error().unwrap_or(libc_errno::EIO),
+            // Preserve the precise errno of OS and injected errors; a timeout
+            // raised by a driver (no OS code) is still ETIMEDOUT.
+            BlockError::Io { source, .. } | BlockError::Open { source, .. } => source.raw_os_error().unwrap_or(match source.kind() {
+                io::ErrorKind::TimedOut => libc_errno::ETIMEDOUT,
+                _ => libc_errno::EIO,
+            }),
             BlockError::Injected { errno, .. } => *errno,
             other => other.kind().errno(),
         }
@@ -251,3 +256,19 @@ pub fn chain(e: &dyn std::error::Error) -> String {
 
 /// Result of block-layer operations.
 pub type Result<T, E = BlockError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_driver_timeout_is_etimedout_and_other_driver_errors_eio() {
+        let timed_out = BlockError::Io { node: "n".into(), op: Op::Write, source: io::Error::new(io::ErrorKind::TimedOut, "no reply") };
+        assert_eq!(timed_out.errno(), libc_errno::ETIMEDOUT);
+        assert_eq!(timed_out.kind(), ErrorKind::Io);
+        let aborted = BlockError::Io { node: "n".into(), op: Op::Write, source: io::Error::new(io::ErrorKind::ConnectionAborted, "gone") };
+        assert_eq!(aborted.errno(), libc_errno::EIO);
+        let os = BlockError::Io { node: "n".into(), op: Op::Read, source: io::Error::from_raw_os_error(libc_errno::ENOSPC) };
+        assert_eq!(os.errno(), libc_errno::ENOSPC);
+    }
+}

@@ -324,6 +324,15 @@ impl Node {
         }
     }
 
+    /// Abort the network connection under this node's chain of filters at
+    /// once (QMP `yank`): its requests in flight and later ones fail without
+    /// waiting for the remote side. Does nothing for local storage.
+    pub fn yank(&self) {
+        if let Kind::Dyn(d) = &self.leaf().kind {
+            d.yank();
+        }
+    }
+
     pub fn info(&self) -> NodeInfo {
         NodeInfo {
             node_name: self.name.clone(),

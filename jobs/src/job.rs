@@ -179,6 +179,11 @@ pub trait JobDriver: Send + Sync + 'static {
     fn change(&self, _job: &Job, _opts: &serde_json::Map<String, Value>) -> Result<(), JobError> {
         Err(JobError::Invalid("this job has nothing to change".into()))
     }
+    /// The job was just cancelled (QEMU's `JobDriver.cancel`); `force` is
+    /// the effective one (a cancel before READY always is). Runs in the
+    /// command's context, before the job's task is woken: the place to stop
+    /// waiting on I/O that may never complete.
+    fn cancel(&self, _job: &Job, _force: bool) {}
 }
 
 #[derive(Debug)]
@@ -568,14 +573,16 @@ impl JobManager {
         if status == Status::Pending && Self::driver_of(&job).is_some_and(|d| d.committed()) {
             return Err(JobError::Invalid(format!("Job '{id}' has already switched to its target and cannot be cancelled; finalize it")));
         }
-        {
+        let force = {
             let mut s = job.st();
             s.cancelled = true;
-            s.force_cancel = force || !s.ready;
+            // A second, soft cancel does not take back a forced one.
+            s.force_cancel = s.force_cancel || force || !s.ready;
             // A cancel lifts pauses so the job can wind down.
             s.pause_count = 0;
             s.user_paused = false;
-        }
+            s.force_cancel
+        };
         if status == Status::Pending {
             // Finalisation was waiting for the user: abort instead.
             job.transition(Status::Aborting);
@@ -585,6 +592,9 @@ impl JobManager {
             job.emit("BLOCK_JOB_CANCELLED", job.block_event_data());
             self.to_concluded(&job);
             return Ok(());
+        }
+        if let Some(d) = Self::driver_of(&job) {
+            d.cancel(&job, force);
         }
         job.wake();
         Ok(())

@@ -16,6 +16,19 @@
 //! write, first claim the chunks they touch in `inflight` and wait for
 //! whoever holds them. Bits are cleared before the source is read, so a guest
 //! write racing a copy re-dirties the chunk and it is copied again.
+//!
+//! A forced cancel (`block-job-cancel force=true`, `job-cancel`, or any
+//! cancel before READY) gives the target I/O in flight [`FORCE_CANCEL_GRACE`]
+//! to finish, then stops waiting for it: copies, the READY flush, the
+//! completion's last copies and flush, and guest writes held by the
+//! write-blocking hook all give up, so a target that stopped answering (a
+//! black-holed NBD server) cannot keep the job, or the guest, waiting. The
+//! requests given up are dropped, which every driver handles (the NBD client
+//! keeps a sent request's slot until its reply or its connection's death). The
+//! graph then ends as after any cancel. QEMU's mirror only cancels the NBD
+//! client's reconnect wait here and needs a `yank` of the target for a hung
+//! server; baton does not yank on its own: the connection stays, and dies by
+//! its `x-baton-request-timeout`, by `yank`, or with `blockdev-del`.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -109,6 +122,12 @@ impl MirrorOptions {
 /// Copies in flight at most (QEMU's mirror uses 16 too).
 const MAX_IN_FLIGHT: usize = 16;
 
+/// After a forced cancel, how long target I/O in flight may still finish
+/// before the job stops waiting for it. A healthy target answers well within
+/// it, so its connection is not cut mid-request; a stalled one costs this
+/// much before the job ends.
+pub const FORCE_CANCEL_GRACE: Duration = Duration::from_secs(1);
+
 /// Chunks being copied (by the job or a write-blocking write).
 #[derive(Debug, Default)]
 struct Inflight {
@@ -150,6 +169,19 @@ impl Inflight {
     fn is_empty(&self) -> bool {
         self.chunks.lock().map(|c| c.is_empty()).unwrap_or(true)
     }
+
+    /// Wait until no chunk is claimed.
+    async fn drained(&self) {
+        loop {
+            let n = self.released.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            if self.is_empty() {
+                return;
+            }
+            n.await;
+        }
+    }
 }
 
 /// State shared by the job's task and the write hook.
@@ -172,6 +204,45 @@ struct Shared {
     pool: block::BufPool,
     /// Every user of the source was moved to the target.
     pivoted: AtomicBool,
+    /// When the job stops waiting for its I/O: set once, by a forced cancel.
+    abandon_at: tokio::sync::watch::Sender<Option<tokio::time::Instant>>,
+}
+
+impl Shared {
+    /// A forced cancel: I/O in flight gets `grace` to finish, then nobody waits for it.
+    fn abandon_after(&self, grace: Duration) {
+        let at = tokio::time::Instant::now() + grace;
+        self.abandon_at.send_if_modified(|v| {
+            let first = v.is_none();
+            if first {
+                *v = Some(at);
+            }
+            first
+        });
+    }
+
+    /// Resolves once the job has stopped waiting for its I/O (never, unless force-cancelled).
+    async fn abandoned(&self) {
+        let mut rx = self.abandon_at.subscribe();
+        let at = match rx.wait_for(Option::is_some).await {
+            Ok(v) => *v,
+            // Unreachable: `self` owns the sender.
+            Err(_) => None,
+        };
+        match at {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// `f`, unless the job stops waiting for its I/O first (`None`; `f` is dropped).
+    async fn or_abandoned<T>(&self, f: impl Future<Output = T>) -> Option<T> {
+        tokio::select! {
+            biased;
+            () = self.abandoned() => None,
+            r = f => Some(r),
+        }
+    }
 }
 
 impl std::fmt::Debug for Shared {
@@ -268,6 +339,7 @@ pub fn start(graph: &Arc<Graph>, mgr: &Arc<JobManager>, job: JobOptions, opts: M
         bytes_written: Arc::new(AtomicU64::new(0)),
         pool: block::BufPool::new((1 << 20).max(g as usize), 64),
         pivoted: AtomicBool::new(false),
+        abandon_at: tokio::sync::watch::Sender::new(None),
     });
     let driver = Arc::new(MirrorDriver { shared: shared.clone() });
     if opts.copy_mode == CopyMode::WriteBlocking {
@@ -299,10 +371,10 @@ impl WriteHook for Hook {
                 return false;
             }
             // Claim first: an overlapping write or copy waits, so the target
-            // sees writes in the order the source did.
+            // sees writes in the order the source did. A force-cancelled job
+            // copies nothing more: the write goes to the source only.
             let g = s.granularity;
-            s.inflight.claim(offset / g, (offset + len - 1) / g).await;
-            true
+            s.or_abandoned(s.inflight.claim(offset / g, (offset + len - 1) / g)).await.is_some()
         })
     }
 
@@ -314,14 +386,22 @@ impl WriteHook for Hook {
             let s = &self.0;
             let g = s.granularity;
             let (first, last) = (offset / g, (offset + len - 1) / g);
-            let res = match what {
-                // The source write failed: nothing to copy; the range stays dirty.
-                None => Ok(()),
-                Some(Written::Data(d)) => s.tgt.write(offset, IoBuf::from_slice(d), WriteFlags::default()).await.map(|_| {
-                    s.bytes_written.fetch_add(len, Ordering::SeqCst);
-                }),
-                Some(Written::Zeroes { may_unmap }) => s.tgt.write_zeroes(offset, len, ZeroFlags { may_unmap, ..Default::default() }).await,
-                Some(Written::Discard) => s.tgt.write_zeroes(offset, len, ZeroFlags { may_unmap: true, ..Default::default() }).await,
+            let copy = async {
+                match what {
+                    // The source write failed: nothing to copy; the range stays dirty.
+                    None => Ok(()),
+                    Some(Written::Data(d)) => s.tgt.write(offset, IoBuf::from_slice(d), WriteFlags::default()).await.map(|_| {
+                        s.bytes_written.fetch_add(len, Ordering::SeqCst);
+                    }),
+                    Some(Written::Zeroes { may_unmap }) => s.tgt.write_zeroes(offset, len, ZeroFlags { may_unmap, ..Default::default() }).await,
+                    Some(Written::Discard) => s.tgt.write_zeroes(offset, len, ZeroFlags { may_unmap: true, ..Default::default() }).await,
+                }
+            };
+            // A force-cancelled job stops waiting for a stalled target, so the
+            // guest's write completes (the source has it); the range stays dirty.
+            let Some(res) = s.or_abandoned(copy).await else {
+                s.inflight.release(first, last);
+                return;
             };
             match res {
                 Ok(()) if what.is_some() => {
@@ -350,6 +430,8 @@ enum CopyResult {
     Ok(u64),
     SourceError(String),
     TargetError(String),
+    /// Given up after a forced cancel; the chunk is dirty again.
+    Abandoned,
 }
 
 impl MirrorDriver {
@@ -484,6 +566,12 @@ impl JobDriver for MirrorDriver {
         self.teardown();
     }
 
+    fn cancel(&self, _job: &Job, force: bool) {
+        if force {
+            self.shared.abandon_after(FORCE_CANCEL_GRACE);
+        }
+    }
+
     fn committed(&self) -> bool {
         self.shared.pivoted.load(Ordering::SeqCst)
     }
@@ -588,18 +676,25 @@ impl MirrorDriver {
                 let Some((off, len)) = self.next_chunk(&mut cursor, max_run) else { break };
                 window_bytes += len;
                 let sh = s.clone();
-                tasks.spawn(async move { (off, len, MirrorDriver::copy(sh, off, len).await) });
+                tasks.spawn(async move {
+                    let r = sh.or_abandoned(MirrorDriver::copy(sh.clone(), off, len)).await;
+                    (off, len, r.unwrap_or(CopyResult::Abandoned))
+                });
             }
 
             let dirty = s.bitmap.count_bytes();
             job.total.store(job.progress.load(Ordering::SeqCst) + dirty, Ordering::SeqCst);
             if tasks.is_empty() && dirty == 0 && s.inflight.is_empty() && job.status() == crate::job::Status::Running {
                 // In sync: make it durable on the target before saying so, as QEMU does.
-                if let Err(e) = s.tgt.flush().await {
-                    if let Some(o) = self.on_error(job, "write", s.opts.on_target_error, e.chain(), 0, 0) {
-                        return self.wind_down(tasks, o).await;
+                match s.or_abandoned(s.tgt.flush()).await {
+                    None => return self.wind_down(tasks, Outcome::Cancelled).await,
+                    Some(Err(e)) => {
+                        if let Some(o) = self.on_error(job, "write", s.opts.on_target_error, e.chain(), 0, 0) {
+                            return self.wind_down(tasks, o).await;
+                        }
+                        continue;
                     }
-                    continue;
+                    Some(Ok(())) => {}
                 }
                 // The job was in sync when the flush began; writes made during
                 // the flush are copied from READY on, as in QEMU.
@@ -656,17 +751,23 @@ impl MirrorDriver {
                     }
                     CopyResult::SourceError(m) => self.on_error(job, "read", self.shared.opts.on_source_error, m, off, len),
                     CopyResult::TargetError(m) => self.on_error(job, "write", self.shared.opts.on_target_error, m, off, len),
+                    // The job is force-cancelled; its loop ends it next.
+                    CopyResult::Abandoned => {
+                        self.shared.bitmap.mark_force(off, len);
+                        None
+                    }
                 }
             }
             Err(e) => Some(Outcome::Failed(format!("copy task failed: {e}"))),
         }
     }
 
-    /// Let the copies in flight finish, then end with `o`.
     /// Let the copies in flight finish, then end with `o`. A copy that
     /// failed re-dirties its range (its bits were cleared when it started);
     /// with `o == Done` any failure turns the outcome into a failure, so a
-    /// pivot never lands on an incomplete target.
+    /// pivot never lands on an incomplete target, and a copy given up after a
+    /// forced cancel into a cancellation. After a forced cancel the copies
+    /// give up by themselves once the grace is over.
     async fn wind_down(&self, mut tasks: tokio::task::JoinSet<(u64, u64, CopyResult)>, o: Outcome) -> Outcome {
         let g = self.shared.granularity;
         let mut o = o;
@@ -682,6 +783,12 @@ impl MirrorDriver {
                                 o = Outcome::Failed(m);
                             }
                         }
+                        CopyResult::Abandoned => {
+                            self.shared.bitmap.mark_force(off, len);
+                            if o == Outcome::Done {
+                                o = Outcome::Cancelled;
+                            }
+                        }
                     }
                 }
                 Err(e) => {
@@ -690,6 +797,13 @@ impl MirrorDriver {
                     }
                 }
             }
+        }
+        if o != Outcome::Done {
+            // The job ends: no new guest write enters the write-blocking
+            // path, and those already in it finish (or, after a forced
+            // cancel, give up) before the job lets go of its target.
+            self.shared.write_blocking.store(false, Ordering::SeqCst);
+            self.shared.inflight.drained().await;
         }
         o
     }
@@ -708,17 +822,27 @@ impl MirrorDriver {
         let g = s.granularity;
         let mut cursor = 0;
         while let Some((off, len)) = self.next_chunk(&mut cursor, 1 << 20) {
-            let r = MirrorDriver::copy(s.clone(), off, len).await;
+            let r = s.or_abandoned(MirrorDriver::copy(s.clone(), off, len)).await.unwrap_or(CopyResult::Abandoned);
             s.inflight.release(off / g, (off + len - 1) / g);
             match r {
                 CopyResult::Ok(n) => {
                     job.progress.fetch_add(n, Ordering::SeqCst);
                 }
                 CopyResult::SourceError(m) | CopyResult::TargetError(m) => return Outcome::Failed(m),
+                CopyResult::Abandoned => {
+                    s.bitmap.mark_force(off, len);
+                    return Outcome::Cancelled;
+                }
             }
         }
-        if let Err(e) = s.tgt.flush().await {
-            return Outcome::Failed(e.chain());
+        match s.or_abandoned(s.tgt.flush()).await {
+            None => return Outcome::Cancelled,
+            Some(Err(e)) => return Outcome::Failed(e.chain()),
+            Some(Ok(())) => {}
+        }
+        // A forced cancel that came meanwhile wins: a cancelled job never pivots (as QEMU).
+        if job.force_cancelled() {
+            return Outcome::Cancelled;
         }
         job.total.store(job.progress.load(Ordering::SeqCst), Ordering::SeqCst);
         if pivot {

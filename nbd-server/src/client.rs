@@ -29,6 +29,16 @@
 //!   hanging a job or a guest. A server that breaks the protocol (unknown
 //!   cookie, bad magic, a chunk outside the request) kills the connection the
 //!   same way, since the stream can no longer be trusted.
+//! - A server that stops answering must not hang its users either. A request
+//!   without its reply after `x-baton-request-timeout` seconds (default 60;
+//!   QEMU has no such bound and relies on `yank`) kills the connection: it
+//!   fails with ETIMEDOUT naming the node, and so does every other request in
+//!   flight, because a late reply could no longer be told from a stray one.
+//!   The bound covers the whole request (queueing for the socket, sending,
+//!   the reply) and holds for requests whose caller gave up waiting too.
+//! - `yank` (QMP, as QEMU's for an `nbd` node) shuts the socket down at once
+//!   and fails every request in flight and later with ECONNABORTED-like EIO,
+//!   without a word to the server.
 //!
 //! Handshake path (fixed newstyle, `NBD_FLAG_C_NO_ZEROES` when offered):
 //!
@@ -74,6 +84,7 @@ use serde_json::{Map, Value};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use crate::proto::{self, Cursor, ReplyHeader, Request};
 
@@ -91,6 +102,13 @@ const BASE_ALLOCATION: &str = "base:allocation";
 const OLDSTYLE_MAGIC: u64 = 0x0000_4202_8186_1253;
 /// How long a best-effort `NBD_CMD_DISC` may wait for the write half.
 const DISC_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a request may wait for its reply before the connection is
+/// declared dead (`x-baton-request-timeout`). Generous: a flush of a large
+/// write-back cache on a slow disk can take tens of seconds, and the cost of a
+/// false alarm is a dead connection (there is no reconnect yet).
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Largest `x-baton-request-timeout` in seconds; 0 turns the bound off.
+pub const MAX_REQUEST_TIMEOUT_SECS: u64 = 3600;
 
 // ---------------------------------------------------------------------------
 // Options
@@ -123,6 +141,9 @@ pub struct NbdClientOptions {
     pub handshake_timeout: Duration,
     /// The graph node this client is, named in I/O errors (default: the URI).
     pub node_name: Option<String>,
+    /// How long a request may go without its reply before the connection is
+    /// declared dead (`x-baton-request-timeout`); `None`: forever.
+    pub request_timeout: Option<Duration>,
 }
 
 fn invalid(option: &str, reason: impl Into<String>) -> BlockError {
@@ -131,7 +152,13 @@ fn invalid(option: &str, reason: impl Into<String>) -> BlockError {
 
 impl NbdClientOptions {
     pub fn new(server: NbdServer, export: impl Into<String>) -> Self {
-        Self { server, export: export.into(), handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT, node_name: None }
+        Self {
+            server,
+            export: export.into(),
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            node_name: None,
+            request_timeout: Some(DEFAULT_REQUEST_TIMEOUT),
+        }
     }
 
     /// Parse the options `blockdev-add` leaves for the driver (everything but
@@ -151,6 +178,19 @@ impl NbdClientOptions {
         // QEMU retries the first connection for this long; we try once, and
         // the handshake has its own bound.
         let _open_timeout = o.u64("open-timeout")?;
+        let request_timeout = match o.i64("x-baton-request-timeout")? {
+            None => Some(DEFAULT_REQUEST_TIMEOUT),
+            Some(0) => None,
+            Some(secs) => match u64::try_from(secs) {
+                Ok(secs) if secs <= MAX_REQUEST_TIMEOUT_SECS => Some(Duration::from_secs(secs)),
+                _ => {
+                    return Err(invalid(
+                        "x-baton-request-timeout",
+                        format!("{secs} is not a number of seconds from 1 to {MAX_REQUEST_TIMEOUT_SECS} (or 0 for no timeout)"),
+                    ))
+                }
+            },
+        };
         let export = o.str("export")?.unwrap_or_default();
         if export.len() > proto::MAX_STRING {
             return Err(invalid("export", format!("longer than {} bytes", proto::MAX_STRING)));
@@ -161,7 +201,7 @@ impl NbdClientOptions {
             Some(_) => return Err(invalid("server", "expected an object")),
         };
         o.finish("")?;
-        Ok(Self::new(server, export))
+        Ok(Self { request_timeout, ..Self::new(server, export) })
     }
 
     /// The export as QEMU names it in `filename`: `nbd://host:port/export` or
@@ -631,6 +671,8 @@ struct Slot {
     error: Option<(u32, String)>,
     /// BLOCK_STATUS: the first extent (length, flags).
     extent: Option<(u64, u32)>,
+    /// When the connection is declared dead if the reply is not complete.
+    deadline: Option<Instant>,
     done: oneshot::Sender<Outcome>,
 }
 
@@ -647,7 +689,21 @@ enum Failure {
     /// The reply was well-formed but unusable for this request.
     Local(String),
     /// The connection is gone.
-    Dead(Arc<str>),
+    Dead(Dead),
+}
+
+/// Why the connection is unusable, as every request it fails reports it.
+#[derive(Debug, Clone)]
+struct Dead {
+    /// `TimedOut` after a request timeout (ETIMEDOUT), `ConnectionAborted` otherwise (EIO).
+    kind: io::ErrorKind,
+    why: Arc<str>,
+}
+
+impl Dead {
+    fn aborted(why: impl Into<Arc<str>>) -> Self {
+        Dead { kind: io::ErrorKind::ConnectionAborted, why: why.into() }
+    }
 }
 
 type Outcome = std::result::Result<Reply, Failure>;
@@ -660,7 +716,17 @@ struct Inflight {
     slots: HashMap<u64, Slot>,
     /// Why the connection is unusable. Once set it is never cleared, and no
     /// slot is inserted or reinserted afterwards, so no request can wait forever.
-    dead: Option<Arc<str>>,
+    dead: Option<Dead>,
+    /// The deadline and command of the slot the reader task holds out of
+    /// `slots` while it reads that slot's chunk, so the watchdog sees it too.
+    reading: Option<(Instant, u16)>,
+}
+
+impl Inflight {
+    /// The request that has waited longest for its reply: its deadline and command.
+    fn earliest_deadline(&self) -> Option<(Instant, u16)> {
+        self.slots.values().filter_map(|s| s.deadline.map(|d| (d, s.cmd))).chain(self.reading).min_by_key(|&(d, _)| d)
+    }
 }
 
 /// The connection shared by the client handle, the senders and the reader task.
@@ -677,6 +743,8 @@ struct Shared {
     next_cookie: AtomicU64,
     /// The socket; open while `writer` (which owns one half) lives, i.e. while `self` does.
     fd: std::os::fd::RawFd,
+    /// `x-baton-request-timeout`: how long a request may wait for its reply.
+    request_timeout: Option<Duration>,
 }
 
 /// A protocol violation or I/O error that ends the reader.
@@ -696,42 +764,83 @@ impl Shared {
     /// Mark the connection dead and fail every waiting request. Returns
     /// whether it was alive.
     fn kill(&self, why: String) -> bool {
+        self.kill_with(Dead::aborted(why))
+    }
+
+    /// [`kill`](Self::kill) with the error kind the failed requests report.
+    fn kill_with(&self, dead: Dead) -> bool {
         let mut g = self.lock_inflight();
         if g.dead.is_some() {
             return false;
         }
-        let why: Arc<str> = why.into();
-        tracing::warn!(uri = %self.uri, "{why}");
-        g.dead = Some(why.clone());
+        tracing::warn!(uri = %self.uri, node = %self.node, "{}", dead.why);
+        g.dead = Some(dead.clone());
+        g.reading = None;
         let slots = std::mem::take(&mut g.slots);
         drop(g);
         for (_, s) in slots {
-            let _ = s.done.send(Err(Failure::Dead(why.clone())));
+            let _ = s.done.send(Err(Failure::Dead(dead.clone())));
         }
-        // Unblock a sender stuck writing to a server that stopped reading.
+        // Unblock a sender stuck writing to a server that stopped reading,
+        // and the reader waiting for a reply that will not come.
         let _ = nix::sys::socket::shutdown(self.fd, nix::sys::socket::Shutdown::Both);
         true
     }
 
-    fn dead_reason(&self) -> Option<Arc<str>> {
+    fn dead_reason(&self) -> Option<Dead> {
         self.lock_inflight().dead.clone()
     }
 
     fn take_slot(&self, cookie: u64) -> io::Result<Slot> {
-        self.lock_inflight().slots.remove(&cookie).ok_or_else(|| protocol(format!("reply for unknown cookie {cookie:#x}")))
+        let mut g = self.lock_inflight();
+        let slot = g.slots.remove(&cookie).ok_or_else(|| protocol(format!("reply for unknown cookie {cookie:#x}")))?;
+        g.reading = slot.deadline.map(|d| (d, slot.cmd));
+        Ok(slot)
+    }
+
+    /// The reader is done with the slot it held (delivered or failed).
+    fn done_reading(&self) {
+        self.lock_inflight().reading = None;
     }
 
     /// Put back a slot whose reply has more chunks to come.
     fn reinsert(&self, cookie: u64, slot: Slot) {
         let mut g = self.lock_inflight();
+        g.reading = None;
         match &g.dead {
-            Some(why) => {
-                let why = why.clone();
+            Some(dead) => {
+                let dead = dead.clone();
                 drop(g);
-                let _ = slot.done.send(Err(Failure::Dead(why)));
+                let _ = slot.done.send(Err(Failure::Dead(dead)));
             }
             None => {
                 g.slots.insert(cookie, slot);
+            }
+        }
+    }
+
+    /// Resolves when a request has waited longer than `x-baton-request-timeout`
+    /// for its reply (never, without a timeout): why the connection is dead.
+    async fn watchdog(&self) -> Dead {
+        let Some(limit) = self.request_timeout else {
+            return std::future::pending().await;
+        };
+        loop {
+            let earliest = self.lock_inflight().earliest_deadline();
+            match earliest {
+                Some((at, cmd)) if at <= Instant::now() => {
+                    let why = format!(
+                        "nbd server {} did not answer {} within {} s (x-baton-request-timeout); the connection is closed",
+                        self.uri,
+                        proto::command_name(cmd),
+                        limit.as_secs()
+                    );
+                    return Dead { kind: io::ErrorKind::TimedOut, why: why.into() };
+                }
+                Some((at, _)) => tokio::time::sleep_until(at).await,
+                // Every request registered from now on has its deadline
+                // `limit` from now or later.
+                None => tokio::time::sleep(limit).await,
             }
         }
     }
@@ -745,12 +854,13 @@ impl Shared {
             Some((b, at)) => (Some(b), at),
             None => (None, 0),
         };
+        let deadline = self.request_timeout.map(|t| Instant::now() + t);
         {
             let mut g = self.lock_inflight();
-            if let Some(why) = &g.dead {
-                return Err(Failure::Dead(why.clone()));
+            if let Some(dead) = &g.dead {
+                return Err(Failure::Dead(dead.clone()));
             }
-            g.slots.insert(cookie, Slot { cmd, offset, len, buf, base, covered: 0, ranges: Vec::new(), error: None, extent: None, done: tx });
+            g.slots.insert(cookie, Slot { cmd, offset, len, buf, base, covered: 0, ranges: Vec::new(), error: None, extent: None, deadline, done: tx });
         }
         let mut guard = SendGuard { shared: self, cookie, stage: Stage::Queued };
         let mut w = self.writer.lock().await;
@@ -774,7 +884,7 @@ impl Shared {
         guard.stage = Stage::Sent;
         match rx.await {
             Ok(outcome) => outcome,
-            Err(_) => Err(Failure::Dead(self.dead_reason().unwrap_or_else(|| self.lost("reply dropped").into()))),
+            Err(_) => Err(Failure::Dead(self.dead_reason().unwrap_or_else(|| Dead::aborted(self.lost("reply dropped"))))),
         }
     }
 
@@ -840,18 +950,24 @@ fn complete(slot: Slot, info: &ExportInfo) {
     let _ = slot.done.send(outcome);
 }
 
-/// The reader task: demultiplex replies until the connection ends, then fail
-/// whatever is left.
+/// The reader task: demultiplex replies until the connection ends or a
+/// request times out, then fail whatever is left.
 async fn reader_task(shared: Arc<Shared>, mut r: ReadHalf) {
     let mut held = None;
-    let err = match read_replies(&shared, &mut r, &mut held).await {
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => "the server closed the connection".to_string(),
-        Err(e) => e.to_string(),
+    let dead = tokio::select! {
+        res = read_replies(&shared, &mut r, &mut held) => {
+            let err = match res {
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => "the server closed the connection".to_string(),
+                Err(e) => e.to_string(),
+            };
+            Dead::aborted(shared.lost(err))
+        }
+        dead = shared.watchdog() => dead,
     };
-    shared.kill(shared.lost(err));
+    shared.kill_with(dead);
     if let Some((_, slot)) = held.take() {
-        let why = shared.dead_reason().unwrap_or_else(|| shared.lost("reader stopped").into());
-        let _ = slot.done.send(Err(Failure::Dead(why)));
+        let dead = shared.dead_reason().unwrap_or_else(|| Dead::aborted(shared.lost("reader stopped")));
+        let _ = slot.done.send(Err(Failure::Dead(dead)));
     }
     // Hang up so a server that broke the protocol sees the end too.
     let mut w = shared.writer.lock().await;
@@ -896,6 +1012,7 @@ async fn read_replies(shared: &Shared, r: &mut ReadHalf, held: &mut Option<(u64,
                     r.read_exact(dest).await?;
                 }
                 if let Some((_, slot)) = held.take() {
+                    shared.done_reading();
                     complete(slot, &info);
                 }
             }
@@ -908,6 +1025,7 @@ async fn read_replies(shared: &Shared, r: &mut ReadHalf, held: &mut Option<(u64,
                 read_chunk(r, slot, kind, length, &info).await?;
                 if let Some((cookie, slot)) = held.take() {
                     if is_done {
+                        shared.done_reading();
                         complete(slot, &info);
                     } else {
                         shared.reinsert(cookie, slot);
@@ -1087,6 +1205,7 @@ impl NbdClient {
             inflight: Mutex::new(Inflight::default()),
             next_cookie: AtomicU64::new(1),
             fd,
+            request_timeout: opts.request_timeout,
         });
         let reader = tokio::spawn(reader_task(shared.clone(), r));
         Ok(Arc::new(NbdClient { shared, reader: Mutex::new(Some(reader)) }))
@@ -1130,6 +1249,17 @@ impl NbdClient {
         }
     }
 
+    /// QMP `yank`: shut the socket down at once and fail every request in
+    /// flight and every later one, without waiting for the server (no
+    /// `NBD_CMD_DISC`: a server that stopped reading would not take it).
+    /// Idempotent; a connection already dead keeps its first reason.
+    pub fn yank(&self) {
+        let why = format!("connection to nbd server {} was yanked", self.shared.uri);
+        if self.shared.kill_with(Dead::aborted(why)) {
+            tracing::info!(uri = %self.shared.uri, node = %self.shared.node, "nbd connection yanked");
+        }
+    }
+
     /// Like [`shutdown`](Self::shutdown), but waits until `NBD_CMD_DISC` is sent.
     pub async fn disconnect(&self) {
         let was_alive = self.shared.kill(self.closed_by_us());
@@ -1150,7 +1280,7 @@ impl NbdClient {
                 io::Error::from_raw_os_error(proto::wire_errno(errno as i32) as i32)
             }
             Failure::Local(msg) => io::Error::other(msg),
-            Failure::Dead(why) => io::Error::new(io::ErrorKind::ConnectionAborted, why.to_string()),
+            Failure::Dead(dead) => io::Error::new(dead.kind, dead.why.to_string()),
         };
         BlockError::Io { node: self.shared.node.clone(), op, source }
     }
@@ -1242,6 +1372,10 @@ impl LeafInfo for NbdClient {
 
     fn remote_export(&self) -> Option<String> {
         Some(self.shared.export.clone())
+    }
+
+    fn yank(&self) {
+        NbdClient::yank(self);
     }
 }
 
@@ -1395,6 +1529,30 @@ mod tests {
         assert!(parse(json!({"server": {"type": "unix", "path": "/x"}, "reconnect-delay": 0, "open-timeout": 5})).is_ok());
         let e = parse(json!({"server": {"type": "unix", "path": "/x"}, "reconnect-delay": 3})).unwrap_err();
         assert!(e.to_string().contains("reconnect is not implemented"), "{e}");
+    }
+
+    #[test]
+    fn request_timeout_defaults_to_a_minute_zero_turns_it_off_and_bounds_are_checked() {
+        let unix = json!({"type": "unix", "path": "/x"});
+        let o = parse(json!({"server": unix})).unwrap();
+        assert_eq!(o.request_timeout, Some(DEFAULT_REQUEST_TIMEOUT));
+        assert_eq!(o.request_timeout, Some(Duration::from_secs(60)));
+        let o = parse(json!({"server": unix, "x-baton-request-timeout": 0})).unwrap();
+        assert_eq!(o.request_timeout, None);
+        // Keyval (command line) values arrive as strings.
+        for v in [json!(5), json!("5")] {
+            let o = parse(json!({"server": unix, "x-baton-request-timeout": v})).unwrap();
+            assert_eq!(o.request_timeout, Some(Duration::from_secs(5)));
+        }
+        let o = parse(json!({"server": unix, "x-baton-request-timeout": MAX_REQUEST_TIMEOUT_SECS})).unwrap();
+        assert_eq!(o.request_timeout, Some(Duration::from_secs(MAX_REQUEST_TIMEOUT_SECS)));
+        for v in [json!(-1), json!(MAX_REQUEST_TIMEOUT_SECS + 1), json!(u64::MAX), json!("soon"), json!(true), json!(1.5)] {
+            let e = parse(json!({"server": unix, "x-baton-request-timeout": v})).unwrap_err();
+            assert!(matches!(e, BlockError::InvalidOption { .. }), "{v}: {e}");
+            assert!(e.to_string().contains("'x-baton-request-timeout'"), "{v}: {e}");
+        }
+        let e = parse(json!({"server": unix, "x-baton-request-timeout": 7200})).unwrap_err();
+        assert!(e.to_string().contains("from 1 to 3600 (or 0 for no timeout)"), "{e}");
     }
 
     #[test]

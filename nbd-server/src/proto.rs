@@ -149,6 +149,22 @@ pub fn wire_errno(errno: i32) -> u32 {
     }
 }
 
+/// The name of a transmission command, for logs and errors.
+pub fn command_name(cmd: u16) -> &'static str {
+    match cmd {
+        CMD_READ => "NBD_CMD_READ",
+        CMD_WRITE => "NBD_CMD_WRITE",
+        CMD_DISC => "NBD_CMD_DISC",
+        CMD_FLUSH => "NBD_CMD_FLUSH",
+        CMD_TRIM => "NBD_CMD_TRIM",
+        CMD_CACHE => "NBD_CMD_CACHE",
+        CMD_WRITE_ZEROES => "NBD_CMD_WRITE_ZEROES",
+        CMD_BLOCK_STATUS => "NBD_CMD_BLOCK_STATUS",
+        CMD_RESIZE => "NBD_CMD_RESIZE",
+        _ => "an unknown command",
+    }
+}
+
 /// The name of an option, for logs and errors.
 pub fn option_name(opt: u32) -> &'static str {
     match opt {

@@ -186,6 +186,8 @@ pub static COMMANDS: &[Command] = &[
         handler: handler!(transaction),
     },
     Command { name: "x-baton-blkdebug-set-rules", args: Args::Fields(&BLKDEBUG_RULES), ret: None, handler: handler!(blkdebug_set_rules) },
+    Command { name: "yank", args: Args::Fields(&super::yank::YANK_ARGS), ret: None, handler: handler!(super::yank::yank) },
+    Command { name: "query-yank", args: Args::Fields(&[]), ret: Some(&super::yank::QUERY_YANK_RET), handler: handler!(super::yank::query_yank) },
     Command { name: "blockdev-mirror", args: Args::Fields(&MIRROR), ret: None, handler: handler!(blockdev_mirror) },
     Command { name: "query-jobs", args: Args::Fields(&[]), ret: Some(&JOB_INFO_RET), handler: handler!(query_jobs) },
     Command { name: "query-block-jobs", args: Args::Fields(&[]), ret: Some(&JOB_INFO_RET), handler: handler!(query_block_jobs) },

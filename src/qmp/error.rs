@@ -4,13 +4,15 @@ use block::BlockError;
 use serde_json::{json, Value};
 
 /// QEMU's error classes (qapi/error.json) that baton raises. QEMU also
-/// has DeviceNotFound and KVMMissingCap; they join when a command needs them.
+/// has KVMMissingCap; it joins when a command needs it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorClass {
     GenericError,
     CommandNotFound,
     /// A block job looked up by `device` does not exist.
     DeviceNotActive,
+    /// A yank instance does not exist.
+    DeviceNotFound,
 }
 
 impl ErrorClass {
@@ -19,6 +21,7 @@ impl ErrorClass {
             ErrorClass::GenericError => "GenericError",
             ErrorClass::CommandNotFound => "CommandNotFound",
             ErrorClass::DeviceNotActive => "DeviceNotActive",
+            ErrorClass::DeviceNotFound => "DeviceNotFound",
         }
     }
 }

@@ -7,3 +7,4 @@ pub mod commands;
 pub mod error;
 pub mod monitor;
 pub mod schema;
+mod yank;

@@ -331,10 +331,11 @@ async fn handle(d: &Arc<Daemon>, v: Value, negotiated: &mut bool) -> Value {
     let Some(cmd) = commands::find(&name) else {
         return error_reply(&commands::not_found(&name), id);
     };
-    // Run to completion even if this client goes away; one command at a time.
+    // Run to completion even if this client goes away; one command at a time,
+    // except those that must work while another one hangs (yank).
     let d2 = d.clone();
     let task = tokio::spawn(async move {
-        let _bql = d2.bql.lock().await;
+        let _bql = if super::yank::WITHOUT_COMMAND_LOCK.contains(&cmd.name) { None } else { Some(d2.bql.lock().await) };
         commands::dispatch(&d2, cmd, args).await
     });
     match task.await {

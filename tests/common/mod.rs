@@ -83,8 +83,18 @@ impl Qmp {
 
     /// Run a command; returns the reply (`return` or `error`), events kept in `events`.
     pub fn execute(&mut self, cmd: &str, args: serde_json::Value) -> serde_json::Value {
+        self.send(cmd, args);
+        self.reply()
+    }
+
+    /// Send a command without waiting for its reply (see [`reply`](Self::reply)).
+    pub fn send(&mut self, cmd: &str, args: serde_json::Value) {
         let msg = serde_json::json!({"execute": cmd, "arguments": args});
         writeln!(self.writer, "{msg}").unwrap();
+    }
+
+    /// The next reply (`return` or `error`), skipping events.
+    pub fn reply(&mut self) -> serde_json::Value {
         loop {
             let v = self.read();
             if v.get("event").is_none() {

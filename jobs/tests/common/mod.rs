@@ -361,3 +361,70 @@ pub fn secs(s: u64) -> Duration {
 pub fn ms(m: u64) -> Duration {
     Duration::from_millis(m)
 }
+
+/// An NBD server on a unix socket that completes the handshake (fixed
+/// newstyle, `NBD_OPT_EXPORT_NAME` only), then reads every request and
+/// answers none: a target that stopped answering. Aborted on drop.
+pub struct BlackHoleNbd {
+    pub sock: PathBuf,
+    /// Requests the server has read.
+    pub requests: Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl BlackHoleNbd {
+    /// A `size`-byte writable export; `flush` says whether it advertises
+    /// `NBD_CMD_FLUSH` (without it the client's flushes never reach the wire).
+    pub fn start(sock: &Path, size: u64, flush: bool) -> BlackHoleNbd {
+        use nbd_server::proto;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::UnixListener::bind(sock).unwrap();
+        let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = requests.clone();
+        let task = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            s.write_all(&proto::NBDMAGIC.to_be_bytes()).await.unwrap();
+            s.write_all(&proto::IHAVEOPT.to_be_bytes()).await.unwrap();
+            s.write_all(&(proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES).to_be_bytes()).await.unwrap();
+            let _cflags = s.read_u32().await.unwrap();
+            loop {
+                assert_eq!(s.read_u64().await.unwrap(), proto::IHAVEOPT);
+                let opt = s.read_u32().await.unwrap();
+                let len = s.read_u32().await.unwrap();
+                let mut data = vec![0u8; len as usize];
+                s.read_exact(&mut data).await.unwrap();
+                if opt == proto::OPT_EXPORT_NAME {
+                    let flags = proto::TFLAG_HAS_FLAGS | if flush { proto::TFLAG_SEND_FLUSH } else { 0 };
+                    s.write_all(&size.to_be_bytes()).await.unwrap();
+                    s.write_all(&flags.to_be_bytes()).await.unwrap();
+                    break;
+                }
+                s.write_all(&proto::option_reply_header(opt, proto::REP_ERR_UNSUP, 0)).await.unwrap();
+            }
+            let mut hdr = [0u8; 28];
+            while s.read_exact(&mut hdr).await.is_ok() {
+                let Ok(req) = proto::Request::decode(&hdr, false) else { break };
+                count.fetch_add(1, Ordering::SeqCst);
+                if req.kind == proto::CMD_WRITE {
+                    let mut payload = vec![0u8; req.length as usize];
+                    if s.read_exact(&mut payload).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            // Keep our end open: whoever waits must stop waiting on its own.
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        });
+        BlackHoleNbd { sock: sock.to_path_buf(), requests, task }
+    }
+
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for BlackHoleNbd {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
