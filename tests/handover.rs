@@ -993,3 +993,33 @@ fn a_stalled_mirror_target_bounds_the_drain_and_the_run_state_tells_the_truth() 
     assert!(nodes(rig.sq()).values().all(|a| *a), "every node active again");
     wait(rig.dq(), "query-status", "the destination to roll back", 30, |v| v["status"] == "inmigrate");
 }
+
+/// QMP `yank` of the migration instance (QEMU's): listed by `query-yank`
+/// while an attempt runs; yanking it drops the connection, the attempt fails
+/// (not cancelled) and both sides roll back; then a second attempt completes.
+#[test]
+fn yanking_the_migration_fails_the_attempt_and_both_sides_roll_back() {
+    if !kvm() {
+        return;
+    }
+    let mut rig = Rig::new();
+    let uri = format!("unix:{}", rig.path("mig-proxy.sock").display());
+    assert!(!ok(rig.sq(), "query-yank", json!({})).as_array().unwrap().iter().any(|i| i["type"] == "migration"));
+    rig.fp(true, "migration::precopy", "return(hold)");
+    ok(rig.sq(), "migrate", json!({"uri": uri}));
+    while !Rig::held(rig.sq(), "migration::precopy") {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let y = ok(rig.sq(), "query-yank", json!({}));
+    assert!(y.as_array().unwrap().iter().any(|i| i["type"] == "migration"), "{y}");
+    ok(rig.sq(), "yank", json!({"instances": [{"type": "migration"}]}));
+    rig.fp(true, "migration::precopy", "off");
+    let m = wait(rig.sq(), "query-migrate", "the attempt", 30, |v| is_final(&v["status"]));
+    assert_eq!(m["status"], "failed", "{m}");
+    assert!(m["error-desc"].as_str().unwrap().contains("yanked"), "{m}");
+    assert_eq!(ok(rig.sq(), "query-status", json!({}))["status"], "running");
+    wait(rig.dq(), "query-status", "the destination to roll back", 30, |v| v["status"] == "inmigrate");
+    ok(rig.sq(), "migrate", json!({"uri": uri}));
+    let m = wait(rig.sq(), "query-migrate", "the second attempt", 60, |v| is_final(&v["status"]));
+    assert_eq!(m["status"], "completed", "{m}");
+}

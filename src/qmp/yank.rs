@@ -8,10 +8,11 @@
 //!   request in flight and every later one fails, nothing waits for the
 //!   server, and there is no reconnect. The node stays until `blockdev-del`.
 //! - `chardev`: baton has no character devices, so there is none to yank.
-//! - `migration`: not implemented yet. QEMU shuts the migration's sockets
-//!   down (the migration fails); baton's migration has no such hook, so
-//!   `yank` refuses the type with an error that points to `migrate_cancel`
-//!   (whether or not a migration runs), and `query-yank` does not list it.
+//! - `migration`: the attempt's connection is dropped and the attempt fails
+//!   (`failed`, not `cancelled`, as in QEMU) and rolls back, on either side.
+//!   It exists while an attempt runs before the commit point; a source past
+//!   it, or a destination that is prepared, has nothing left to yank (the
+//!   decision is what matters there: `x-baton-migrate-decide`).
 //!
 //! As in QEMU, every instance is looked up before any is yanked, and one that
 //! does not exist fails the whole command with `DeviceNotFound`.
@@ -72,16 +73,22 @@ fn check_members(kind: &str, m: &Map<String, Value>, path: &str) -> Result<(), Q
     Ok(())
 }
 
-/// Find the node instance `m` names (checked against the schema already).
-fn resolve(d: &Daemon, m: &Map<String, Value>, path: &str) -> Result<Arc<Node>, QmpError> {
+/// What one instance names.
+enum Target {
+    Node(Arc<Node>),
+    Migration,
+}
+
+/// Find the instance `m` names (checked against the schema already).
+fn resolve(d: &Daemon, m: &Map<String, Value>, path: &str) -> Result<Target, QmpError> {
     let kind = m.get("type").and_then(Value::as_str).unwrap_or_default();
     check_members(kind, m, path)?;
     match kind {
         "block-node" => {
             let name = m.get("node-name").and_then(Value::as_str).unwrap_or_default();
-            d.graph.find(name).ok().filter(|n| yankable(n)).ok_or_else(not_found)
+            d.graph.find(name).ok().filter(|n| yankable(n)).map(Target::Node).ok_or_else(not_found)
         }
-        "migration" => Err(QmpError::generic("yank of the migration is not supported yet: use migrate_cancel")),
+        "migration" if d.migration.yankable() => Ok(Target::Migration),
         // baton has no character devices.
         _ => Err(not_found()),
     }
@@ -95,16 +102,28 @@ pub(super) async fn yank(d: Arc<Daemon>, a: Map<String, Value>) -> Result<Value,
         let m = v.as_object().ok_or_else(|| QmpError::generic(format!("Invalid parameter type for 'instances[{i}]', expected: object")))?;
         nodes.push(resolve(&d, m, &format!("instances[{i}]"))?);
     }
-    for n in nodes {
-        tracing::info!(node = n.name(), "yank");
-        n.yank();
+    for t in nodes {
+        match t {
+            Target::Node(n) => {
+                tracing::info!(node = n.name(), "yank");
+                n.yank();
+            }
+            Target::Migration => {
+                tracing::info!("yank of the migration");
+                d.migration.yank();
+            }
+        }
     }
     Ok(json!({}))
 }
 
 /// `query-yank`: every instance `yank` accepts now.
 pub(super) async fn query_yank(d: Arc<Daemon>, _: Map<String, Value>) -> Result<Value, QmpError> {
-    Ok(Value::Array(d.graph.nodes().iter().filter(|n| yankable(n)).map(|n| json!({"type": "block-node", "node-name": n.name()})).collect()))
+    let mut v: Vec<Value> = d.graph.nodes().iter().filter(|n| yankable(n)).map(|n| json!({"type": "block-node", "node-name": n.name()})).collect();
+    if d.migration.yankable() {
+        v.push(json!({"type": "migration"}));
+    }
+    Ok(Value::Array(v))
 }
 
 #[cfg(test)]

@@ -75,7 +75,7 @@ where
     tracing::warn!(error = %text, "incoming migration failed; waiting for another attempt");
     roll_back(graph, vm, &activated).await;
     mig.set_handover(Handover::RolledBack);
-    mig.fail(text, false);
+    mig.fail(text, mig.is_cancelled());
     Landing::RolledBack
 }
 
@@ -91,8 +91,14 @@ async fn roll_back(graph: &Arc<Graph>, vm: &Arc<Vm>, activated: &[String]) {
 }
 
 /// Read a section within `bound`.
-async fn section<R: AsyncRead + Unpin>(r: &mut R, bound: Duration, what: &'static str) -> Result<Section, MigrationError> {
-    match tokio::time::timeout(bound, stream::read_section(r)).await {
+/// Read a section within `bound`; `migrate_cancel` (or yank) ends the wait.
+async fn section<R: AsyncRead + Unpin>(mig: &Migration, r: &mut R, bound: Duration, what: &'static str) -> Result<Section, MigrationError> {
+    let read = tokio::select! {
+        biased;
+        _ = mig.cancelled() => return Err(mig.stop_reason()),
+        read = tokio::time::timeout(bound, stream::read_section(r)) => read,
+    };
+    match read {
         Err(_) => Err(MigrationError::Timeout(what, bound)),
         Ok(Err(StreamError::Io(e))) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(MigrationError::LinkLost(format!("the stream ended early while waiting for {what}"))),
         Ok(r) => Ok(r?),
@@ -110,12 +116,14 @@ where
         return Err(MigrationError::Invalid(format!("the guest here is {}, not waiting for a migration", vm.state().as_str())));
     }
     // Setup: the header and HELLO within the HELLO bound (a silent peer frees the slot).
-    let hello = tokio::time::timeout(p.hello_timeout, async {
-        stream::read_header(r).await?;
-        stream::read_section(r).await
-    })
-    .await
-    .map_err(|_| MigrationError::Timeout("HELLO from the source", p.hello_timeout))??;
+    let hello = tokio::select! {
+        biased;
+        _ = mig.cancelled() => return Err(mig.stop_reason()),
+        h = tokio::time::timeout(p.hello_timeout, async {
+            stream::read_header(r).await?;
+            stream::read_section(r).await
+        }) => h.map_err(|_| MigrationError::Timeout("HELLO from the source", p.hello_timeout))??,
+    };
     let Section::Hello(h) = hello else {
         return Err(MigrationError::Invalid("the stream does not start with HELLO".into()));
     };
@@ -144,7 +152,7 @@ where
     let mut vcpus = vec![None; cfg.vcpus as usize];
     let mut device = None;
     let running = loop {
-        match section(r, p.io_timeout, "next section").await? {
+        match section(mig, r, p.io_timeout, "next section").await? {
             Section::Hello(_) => return Err(MigrationError::Invalid("a second HELLO".into())),
             Section::Ram { first_page, data } => {
                 let n = (data.len() / PAGE) as u64;

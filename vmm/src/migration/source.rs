@@ -75,7 +75,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Link<S> {
 
     /// After a failed write: the destination's reason, if it sent one.
     async fn reason_for(&mut self, e: MigrationError) -> MigrationError {
-        if matches!(e, MigrationError::Cancelled) {
+        if matches!(e, MigrationError::Cancelled | MigrationError::LinkLost(_)) {
             return e;
         }
         match tokio::time::timeout(Duration::from_millis(500), self.replies.recv()).await {
@@ -88,7 +88,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Link<S> {
     async fn expect(&mut self, mig: &Migration, bound: Duration, what: &'static str) -> Result<Reply, MigrationError> {
         tokio::select! {
             biased;
-            _ = mig.cancelled() => Err(MigrationError::Cancelled),
+            _ = mig.cancelled() => Err(mig.stop_reason()),
             r = tokio::time::timeout(bound, self.replies.recv()) => match r {
                 Err(_) => Err(MigrationError::Timeout(what, bound)),
                 Ok(None) => Err(MigrationError::LinkLost("the return path closed".into())),
@@ -108,7 +108,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Link<S> {
 async fn guarded<F: Future<Output = std::io::Result<()>>>(mig: &Migration, io: Duration, f: F) -> Result<(), MigrationError> {
     tokio::select! {
         biased;
-        _ = mig.cancelled() => Err(MigrationError::Cancelled),
+        _ = mig.cancelled() => Err(mig.stop_reason()),
         r = tokio::time::timeout(io, f) => match r {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(MigrationError::Stream(StreamError::Io(e))),
@@ -185,7 +185,7 @@ where
     // Setup: connect (abandoned on cancel), HELLO, the destination's disks.
     let conn = tokio::select! {
         biased;
-        _ = mig.cancelled() => return Err(MigrationError::Cancelled),
+        _ = mig.cancelled() => return Err(mig.stop_reason()),
         r = tokio::time::timeout(p.connect_timeout, connect) => match r {
             Err(_) => return Err(MigrationError::Timeout("connection to the destination", p.connect_timeout)),
             Ok(Err(e)) => return Err(MigrationError::LinkLost(format!("cannot connect: {e}"))),
@@ -226,8 +226,8 @@ where
             break;
         }
     }
-    if mig.is_cancelled() {
-        return Err(MigrationError::Cancelled);
+    if mig.is_stopping() {
+        return Err(mig.stop_reason());
     }
 
     let was_running = vm.is_running();
@@ -239,7 +239,7 @@ where
         let go = match stopped {
             Ok(_) => match mig.wait_proceed().await {
                 Ok(()) => point("migration::pre-switchover").await.map_err(MigrationError::from),
-                Err(()) => Err(MigrationError::Cancelled),
+                Err(()) => Err(mig.stop_reason()),
             },
             Err(e) => Err(e.into()),
         };
@@ -257,7 +257,7 @@ where
     mig.mark_stopped();
     let bounds = Bounds { drain: p.drain_timeout, sync: p.mirror_sync_timeout };
     let sync = || carriers::in_sync(&carriers, vm);
-    let cancelled = || mig.is_cancelled();
+    let cancelled = || mig.is_stopping();
     let prepared_timeout = p.prepared_timeout;
     let handover = |st: crate::vm::VmState| async move {
         hand_over(link, mig, vm, st, was_running, prepared_timeout).await.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)

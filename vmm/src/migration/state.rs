@@ -167,6 +167,9 @@ struct Attempt {
     /// Source: passed the commit point. From here on it never resumes.
     committed: bool,
     cancel_requested: bool,
+    /// QMP `yank` of the migration instance: the connection is dropped; the
+    /// attempt fails (not cancelled) the way a lost link fails it.
+    yanked: bool,
     proceed: bool,
     decision: Option<Decision>,
     /// Why the destination cannot know the decision, or how it was made.
@@ -186,6 +189,7 @@ impl Attempt {
             downtime: None,
             committed: false,
             cancel_requested: false,
+            yanked: false,
             proceed: false,
             decision: None,
             decision_note: None,
@@ -368,14 +372,54 @@ impl Migration {
         self.lock().cancel_requested
     }
 
-    /// Resolves once a cancel was requested.
+    /// QMP `yank` with instance `migration`: drop the attempt's connection.
+    /// Before the commit point the attempt fails and rolls back; a prepared
+    /// destination or a committed source is not yanked (the decision is
+    /// what matters there). Returns whether there was a connection to yank.
+    pub fn yank(&self) -> bool {
+        {
+            let mut a = self.lock();
+            if a.status.is_final() || a.committed || matches!(a.handover, Handover::Prepared | Handover::DecisionUnknown | Handover::Committed) {
+                return false;
+            }
+            a.yanked = true;
+        }
+        self.wake.notify_waiters();
+        true
+    }
+
+    /// A cancel or a yank asks the attempt to stop.
+    pub fn is_stopping(&self) -> bool {
+        let a = self.lock();
+        a.cancel_requested || a.yanked
+    }
+
+    /// Whether the attempt has a connection that `yank` may drop now.
+    pub fn yankable(&self) -> bool {
+        let a = self.lock();
+        !(a.status.is_final() || a.committed || matches!(a.handover, Handover::Prepared | Handover::DecisionUnknown | Handover::Committed))
+    }
+
+    /// Why the attempt stops: a cancel, or a yank.
+    pub fn stop_reason(&self) -> super::MigrationError {
+        if self.lock().cancel_requested {
+            super::MigrationError::Cancelled
+        } else {
+            super::MigrationError::LinkLost("the connection was yanked (QMP yank)".into())
+        }
+    }
+
+    /// Resolves once a cancel (or a yank) was requested.
     pub async fn cancelled(&self) {
         loop {
             let n = self.wake.notified();
             tokio::pin!(n);
             n.as_mut().enable();
-            if self.is_cancelled() {
-                return;
+            {
+                let a = self.lock();
+                if a.cancel_requested || a.yanked {
+                    return;
+                }
             }
             n.await;
         }
@@ -402,7 +446,7 @@ impl Migration {
             n.as_mut().enable();
             {
                 let a = self.lock();
-                if a.cancel_requested {
+                if a.cancel_requested || a.yanked {
                     return Err(());
                 }
                 if a.proceed {
