@@ -24,12 +24,12 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::proxy::{Action, Dir, Proxy};
-use common::{locked_bytes, Qmp};
+use common::{locked_bytes, Proc, Qmp};
 use serde_json::{json, Value};
 
 const MEM: &str = "16M";
@@ -210,13 +210,6 @@ fn expected(p: Phase, f: Fault) -> Outcome {
 // Two daemons and two proxies
 // ---------------------------------------------------------------------------
 
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn spawn(args: &[String]) -> Proc {
     Proc(Command::new(env!("CARGO_BIN_EXE_baton")).arg("daemon").args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap())

@@ -8,19 +8,12 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::Qmp;
+use common::{Proc, Qmp};
 use serde_json::{json, Value};
 
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn daemon(args: &[String]) -> Proc {
     daemon_env(args, &[])

@@ -9,21 +9,14 @@ mod common;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::Qmp;
+use common::{Proc, Qmp};
 use serde_json::{json, Value};
 
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 // NBD protocol numbers the black hole needs (fixed newstyle, NBD_OPT_EXPORT_NAME only).
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;

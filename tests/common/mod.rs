@@ -3,6 +3,16 @@
 
 pub mod proxy;
 
+/// A child process killed (and reaped) when dropped.
+pub struct Proc(pub std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The bytes locked on `path`'s inode, by anyone, from /proc/locks.
 pub fn locked_bytes(path: &std::path::Path) -> std::collections::BTreeSet<u64> {
     use std::os::unix::fs::MetadataExt;

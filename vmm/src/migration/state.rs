@@ -177,6 +177,11 @@ struct Attempt {
 }
 
 impl Attempt {
+    /// An attempt runs and has not reached the decision (its connection may be yanked).
+    fn yankable(&self) -> bool {
+        !(self.status.is_final() || self.committed || matches!(self.handover, Handover::Prepared | Handover::DecisionUnknown | Handover::Committed))
+    }
+
     fn idle() -> Self {
         Attempt {
             status: Status::None,
@@ -379,7 +384,7 @@ impl Migration {
     pub fn yank(&self) -> bool {
         {
             let mut a = self.lock();
-            if a.status.is_final() || a.committed || matches!(a.handover, Handover::Prepared | Handover::DecisionUnknown | Handover::Committed) {
+            if !a.yankable() {
                 return false;
             }
             a.yanked = true;
@@ -396,8 +401,7 @@ impl Migration {
 
     /// Whether the attempt has a connection that `yank` may drop now.
     pub fn yankable(&self) -> bool {
-        let a = self.lock();
-        !(a.status.is_final() || a.committed || matches!(a.handover, Handover::Prepared | Handover::DecisionUnknown | Handover::Committed))
+        self.lock().yankable()
     }
 
     /// Why the attempt stops: a cancel, or a yank.
@@ -409,20 +413,22 @@ impl Migration {
         }
     }
 
-    /// Resolves once a cancel (or a yank) was requested.
-    pub async fn cancelled(&self) {
+    /// Wait until `f` finds what it looks for in the attempt's state.
+    async fn wait_for<T>(&self, f: impl Fn(&Attempt) -> Option<T>) -> T {
         loop {
             let n = self.wake.notified();
             tokio::pin!(n);
             n.as_mut().enable();
-            {
-                let a = self.lock();
-                if a.cancel_requested || a.yanked {
-                    return;
-                }
+            if let Some(v) = f(&self.lock()) {
+                return v;
             }
             n.await;
         }
+    }
+
+    /// Resolves once a cancel (or a yank) was requested.
+    pub async fn cancelled(&self) {
+        self.wait_for(|a| (a.cancel_requested || a.yanked).then_some(())).await
     }
 
     /// `migrate-continue` at pre-switchover.
@@ -440,21 +446,7 @@ impl Migration {
 
     /// Wait at pre-switchover: Ok on migrate-continue, Err on cancel.
     pub async fn wait_proceed(&self) -> Result<(), ()> {
-        loop {
-            let n = self.wake.notified();
-            tokio::pin!(n);
-            n.as_mut().enable();
-            {
-                let a = self.lock();
-                if a.cancel_requested || a.yanked {
-                    return Err(());
-                }
-                if a.proceed {
-                    return Ok(());
-                }
-            }
-            n.await;
-        }
+        self.wait_for(|a| if a.cancel_requested || a.yanked { Some(Err(())) } else { a.proceed.then_some(Ok(())) }).await
     }
 
     /// The source's commit point: one step, refused if a cancel came first.
@@ -499,15 +491,7 @@ impl Migration {
 
     /// Wait for the operator's decision.
     pub async fn wait_decision(&self) -> Decision {
-        loop {
-            let n = self.wake.notified();
-            tokio::pin!(n);
-            n.as_mut().enable();
-            if let Some(d) = self.lock().decision {
-                return d;
-            }
-            n.await;
-        }
+        self.wait_for(|a| a.decision).await
     }
 
     pub fn set_decision_note(&self, note: String) {
