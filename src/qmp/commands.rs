@@ -841,6 +841,12 @@ async fn cont(d: Arc<Daemon>, _: Map<String, Value>) -> Reply {
     if matches!(d.migration.handover(), vmm::migration::Handover::Prepared | vmm::migration::Handover::DecisionUnknown) && d.migration.role() == Some(vmm::migration::Role::Destination) {
         return Err(QmpError::generic(format!("cannot run the guest: {}", vmm::migration::VerbError::PreparedWaiting)));
     }
+    // The source's switchover owns a stopped guest (pre-switchover, device): a
+    // `cont` there would run it on disks being handed over.
+    let status = d.migration.status();
+    if d.migration.role() == Some(vmm::migration::Role::Source) && matches!(status, vmm::migration::Status::PreSwitchover | vmm::migration::Status::Device | vmm::migration::Status::Cancelling) {
+        return Err(QmpError::generic(format!("cannot run the guest while its migration is in '{}': use migrate-continue or migrate_cancel", status.as_str())));
+    }
     vm.cont().await.map_err(|e| QmpError::generic(e.to_string()))?;
     Ok(json!({}))
 }

@@ -13,6 +13,7 @@
 //!    255 END   running:u8                       (the guest ran when the source stopped it)
 //!    7 COMMIT  (empty)                          (after PREPARED: the decision)
 //!    8 ABORT   reason (utf-8)                   (any time before COMMIT)
+//!    9 KEEPALIVE (empty)                        (while the source waits at pre-switchover)
 //!
 //!  destination -> source (the return path)
 //!  reply: tag:u8 len:u32 payload[len]
@@ -42,6 +43,7 @@ pub const DEVICE: u8 = 4;
 pub const END: u8 = 255;
 pub const COMMIT: u8 = 7;
 pub const ABORT: u8 = 8;
+pub const KEEPALIVE: u8 = 9;
 
 pub const REPLY_WELCOME: u8 = 1;
 pub const REPLY_REFUSED: u8 = 2;
@@ -80,6 +82,7 @@ pub enum Section {
     End { running: bool },
     Commit,
     Abort(String),
+    KeepAlive,
 }
 
 /// A section tag's name, for messages.
@@ -92,6 +95,7 @@ pub fn tag_name(tag: u8) -> String {
         END => "END".into(),
         COMMIT => "COMMIT".into(),
         ABORT => "ABORT".into(),
+        KEEPALIVE => "KEEPALIVE".into(),
         other => format!("type {other}"),
     }
 }
@@ -107,6 +111,7 @@ impl Section {
             Section::End { .. } => "END",
             Section::Commit => "COMMIT",
             Section::Abort(_) => "ABORT",
+            Section::KeepAlive => "KEEPALIVE",
         }
     }
 }
@@ -185,6 +190,11 @@ pub async fn write_hello<W: AsyncWrite + Unpin>(w: &mut W, h: &Hello) -> std::io
     w.flush().await
 }
 
+pub async fn write_keepalive<W: AsyncWrite + Unpin>(w: &mut W) -> std::io::Result<()> {
+    section(w, KEEPALIVE, &[]).await?;
+    w.flush().await
+}
+
 pub async fn write_commit<W: AsyncWrite + Unpin>(w: &mut W) -> std::io::Result<()> {
     section(w, COMMIT, &[]).await?;
     w.flush().await
@@ -231,7 +241,7 @@ pub async fn read_section<R: AsyncRead + Unpin>(r: &mut R) -> Result<Section, St
     let tag = r.read_u8().await?;
     let len = r.read_u64().await?;
     let bad = |why: &str| StreamError::BadSection { tag, len, why: why.to_string() };
-    if !matches!(tag, HELLO | RAM | VCPU | DEVICE | END | COMMIT | ABORT) {
+    if !matches!(tag, HELLO | RAM | VCPU | DEVICE | END | COMMIT | ABORT | KEEPALIVE) {
         return Err(StreamError::UnknownSection(tag));
     }
     if len > MAX_SECTION {
@@ -269,6 +279,7 @@ pub async fn read_section<R: AsyncRead + Unpin>(r: &mut R) -> Result<Section, St
         DEVICE if len == 4 => Ok(Section::Device { consumed: u32_at(0).ok_or_else(|| bad("short"))? }),
         END if len == 1 && p[0] <= 1 => Ok(Section::End { running: p[0] == 1 }),
         COMMIT if len == 0 => Ok(Section::Commit),
+        KEEPALIVE if len == 0 => Ok(Section::KeepAlive),
         ABORT if len <= u64::from(MAX_REPLY) => Ok(Section::Abort(String::from_utf8_lossy(&p).into_owned())),
         _ => Err(bad("wrong length")),
     }
@@ -363,8 +374,8 @@ mod tests {
                 assert!(parse_all(&w[..cut]).await.is_err(), "truncated at {cut}");
             }
             let mut bad = w.clone();
-            bad[12] = 9; // the first section's tag
-            assert!(matches!(parse_all(&bad).await, Err(StreamError::UnknownSection(9))));
+            bad[12] = 99; // the first section's tag
+            assert!(matches!(parse_all(&bad).await, Err(StreamError::UnknownSection(99))));
         });
     }
 

@@ -289,6 +289,8 @@ impl Vm {
             RunState::InMigrate => return Err(VmmError::State("guest is waiting for an incoming migration".into())),
             // I8: the guest now runs on the destination; running it here too is never allowed.
             RunState::PostMigrate => return Err(VmmError::State("the guest was migrated away and runs on the destination".into())),
+            // The switchover owns the guest: its disks are being handed over.
+            RunState::FinishMigrate => return Err(VmmError::State("the guest is stopped for a migration's switchover".into())),
             RunState::InternalError => return Err(VmmError::State(format!("guest stopped with an error: {}", self.fatal_error().unwrap_or_default()))),
             _ => {}
         }
@@ -350,9 +352,6 @@ impl Vm {
         let vcpus = self.vcpus.clone();
         let _ = tokio::task::spawn_blocking(move || vcpus.pause()).await;
         self.set_state(to);
-        if let Ok(mut l) = self.last_stop.lock() {
-            l.get_or_insert_with(Instant::now);
-        }
         if was_running {
             (self.events)("STOP", json!({}));
         }
@@ -363,6 +362,10 @@ impl Vm {
                     return Err(VmmError::State(format!("the disk's requests in flight did not complete within {limit:?}")));
                 }
             }
+        }
+        // The guest's last write is complete only now.
+        if let Ok(mut l) = self.last_stop.lock() {
+            l.get_or_insert_with(Instant::now);
         }
         Ok(t.elapsed())
     }

@@ -56,13 +56,15 @@ where
     let res = receive(mig, graph, vm, &targets, &p, &mut r, &mut w, &mut activated).await;
     let failure = match res {
         Ok(run) => match decide(mig, &p, &mut r).await {
-            Decision::Commit => {
+            Ok(()) => {
                 mig.set_handover(Handover::Committed);
                 vm.set_state(RunState::Paused);
-                mig.transition(Status::Completed);
+                if !mig.transition(Status::Completed) {
+                    tracing::error!(status = mig.status().as_str(), "committed, but the status cannot say completed");
+                }
                 return Landing::Committed { run };
             }
-            Decision::Abort => MigrationError::Invalid(mig.error().unwrap_or_else(|| "the migration was aborted by the operator".into())),
+            Err(why) => MigrationError::Invalid(why),
         },
         Err(e) => {
             // Tell the source why (best effort): its error says what we refused.
@@ -71,9 +73,11 @@ where
             e
         }
     };
-    let text = crate::error_text(&failure);
+    let mut text = crate::error_text(&failure);
+    if let Err(e) = roll_back(graph, vm, &activated).await {
+        text = format!("{text}; and rolling back failed: {e}");
+    }
     tracing::warn!(error = %text, "incoming migration failed; waiting for another attempt");
-    roll_back(graph, vm, &activated).await;
     mig.set_handover(Handover::RolledBack);
     mig.fail(text, mig.is_cancelled());
     Landing::RolledBack
@@ -81,13 +85,24 @@ where
 
 /// Inactivate what this attempt activated and drop the loaded state: back
 /// to `inmigrate`, ready for the next attempt.
-async fn roll_back(graph: &Arc<Graph>, vm: &Arc<Vm>, activated: &[String]) {
+async fn roll_back(graph: &Arc<Graph>, vm: &Arc<Vm>, activated: &[String]) -> Result<(), String> {
+    let mut failed = Vec::new();
     for name in activated.iter().rev() {
+        let Ok(node) = graph.find(name) else { continue };
+        if !node.is_active() {
+            continue;
+        }
         if let Err(e) = graph.set_active(Some(name), false).await {
             tracing::error!(node = %name, error = %e.chain(), "rolling back an incoming migration: cannot inactivate");
+            failed.push(format!("cannot inactivate '{name}': {}", e.chain()));
         }
     }
     vm.set_state(RunState::InMigrate);
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(failed.join("; "))
+    }
 }
 
 /// Read a section within `bound`.
@@ -178,6 +193,7 @@ where
                 }
             }
             Section::Abort(why) => return Err(MigrationError::SourceAborted(why)),
+            Section::KeepAlive => {}
             Section::Commit => return Err(MigrationError::Invalid("COMMIT before the end of the stream".into())),
             Section::End { running } => break running,
         }
@@ -200,59 +216,64 @@ where
     point("migration::incoming-before-ack").await?;
     vm.load_cpu_state(&vcpus, device).await?;
     point("migration::incoming-before-prepared").await?;
+    if !mig.try_prepare() {
+        return Err(mig.stop_reason());
+    }
     tokio::time::timeout(p.io_timeout, stream::write_reply(w, &Reply::Prepared))
         .await
         .map_err(|_| MigrationError::Timeout("the PREPARED write", p.io_timeout))?
         .map_err(StreamError::Io)?;
-    mig.set_handover(Handover::Prepared);
     Ok(running)
 }
 
 /// PREPARED: wait for COMMIT or ABORT from the source, or the operator's
 /// decision. Past the commit bound, or with the link gone, the decision is
 /// unknown: stay paused and say so (a late COMMIT is still taken).
-async fn decide<R: AsyncRead + Unpin>(mig: &Migration, p: &Parameters, r: &mut R) -> Decision {
+/// Ok: commit. Err: abort, and why.
+async fn decide<R: AsyncRead + Unpin>(mig: &Migration, p: &Parameters, r: &mut R) -> Result<(), String> {
+    // One read, never dropped halfway (a COMMIT that straddles the bound is
+    // still read whole); the bound only changes what the destination says.
+    let read = stream::read_section(r);
+    tokio::pin!(read);
+    let bound = tokio::time::sleep(p.commit_timeout);
+    tokio::pin!(bound);
     let mut link_open = true;
-    let mut bound = Some(p.commit_timeout);
+    let mut bound_passed = false;
     loop {
         let next = async {
-            if !link_open {
-                return std::future::pending().await;
-            }
-            match bound {
-                Some(b) => tokio::time::timeout(b, stream::read_section(r)).await.ok(),
-                None => Some(stream::read_section(r).await),
+            if link_open {
+                (&mut read).await
+            } else {
+                std::future::pending().await
             }
         };
         tokio::select! {
-            d = mig.wait_decision() => return d,
-            got = next => match got {
-                None => {
-                    bound = None;
-                    mig.decision_unknown(format!("no COMMIT or ABORT within {:?}", p.commit_timeout));
-                }
-                Some(Ok(Section::Commit)) => {
-                    if point("migration::incoming-commit").await.is_err() {
-                        // Behave as if COMMIT never arrived.
-                        link_open = false;
-                        mig.decision_unknown("failpoint migration::incoming-commit".into());
-                        continue;
+            d = mig.wait_decision() => return match d {
+                Decision::Commit => Ok(()),
+                Decision::Abort => Err("aborted by the operator (x-baton-migrate-decide)".into()),
+            },
+            _ = &mut bound, if !bound_passed => {
+                bound_passed = true;
+                mig.decision_unknown(format!("no COMMIT or ABORT within {:?}", p.commit_timeout));
+            }
+            got = next => {
+                link_open = false;
+                match got {
+                    Ok(Section::Commit) => {
+                        if point("migration::incoming-commit").await.is_err() {
+                            // Behave as if COMMIT never arrived.
+                            mig.decision_unknown("failpoint migration::incoming-commit".into());
+                            continue;
+                        }
+                        mig.set_decision_note("COMMIT from the source".into());
+                        return Ok(());
                     }
-                    mig.set_decision_note("COMMIT from the source".into());
-                    return Decision::Commit;
-                }
-                Some(Ok(Section::Abort(why))) => {
-                    mig.set_decision_note(format!("ABORT from the source: {why}"));
-                    mig.fail(format!("the source aborted: {why}"), false);
-                    return Decision::Abort;
-                }
-                Some(Ok(other)) => {
-                    link_open = false;
-                    mig.decision_unknown(format!("the source sent {} instead of its decision", other.name()));
-                }
-                Some(Err(e)) => {
-                    link_open = false;
-                    mig.decision_unknown(format!("the link to the source was lost: {}", crate::error_text(&e)));
+                    Ok(Section::Abort(why)) => {
+                        mig.set_decision_note(format!("ABORT from the source: {why}"));
+                        return Err(format!("the source aborted: {why}"));
+                    }
+                    Ok(other) => mig.decision_unknown(format!("the source sent {} instead of its decision", other.name())),
+                    Err(e) => mig.decision_unknown(format!("the link to the source was lost: {}", crate::error_text(&e))),
                 }
             }
         }

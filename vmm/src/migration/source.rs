@@ -233,14 +233,15 @@ where
     let was_running = vm.is_running();
     if mig.capabilities().pause_before_switchover {
         // Stop first and let the management decide (migrate-continue or cancel).
-        let stopped = vm.stop_bounded(RunState::Paused, p.drain_timeout).await;
-        mig.mark_stopped();
-        mig.transition(Status::PreSwitchover);
-        let go = match stopped {
-            Ok(_) => match mig.wait_proceed().await {
-                Ok(()) => point("migration::pre-switchover").await.map_err(MigrationError::from),
-                Err(()) => Err(mig.stop_reason()),
-            },
+        let go = match vm.stop_bounded(RunState::Paused, p.drain_timeout).await {
+            Ok(_) => {
+                mig.mark_stopped();
+                mig.transition(Status::PreSwitchover);
+                match wait_at_pre_switchover(link, mig, p.io_timeout).await {
+                    Ok(()) => point("migration::pre-switchover").await.map_err(MigrationError::from),
+                    Err(e) => Err(e),
+                }
+            }
             Err(e) => Err(e.into()),
         };
         if let Err(e) = go {
@@ -287,6 +288,32 @@ where
         }
     }
     Ok(())
+}
+
+/// Wait for migrate-continue (or a cancel). Meanwhile keep the destination's
+/// reads alive (KEEPALIVE every third of the I/O bound, since management may
+/// take its time: libvirt cancels its mirrors here) and watch for a refusal.
+async fn wait_at_pre_switchover<S>(link: &mut Link<S>, mig: &Migration, io: Duration) -> Result<(), MigrationError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let every = (io / 3).max(Duration::from_millis(1));
+    loop {
+        tokio::select! {
+            go = mig.wait_proceed() => return go.map_err(|()| mig.stop_reason()),
+            reply = link.replies.recv() => return Err(match reply {
+                Some(Ok(Reply::Refused(why))) => MigrationError::Refused(why),
+                Some(Ok(_)) => MigrationError::Stream(StreamError::BadReply("an unexpected reply at pre-switchover".into())),
+                Some(Err(e)) => MigrationError::LinkLost(e),
+                None => MigrationError::LinkLost("the return path closed".into()),
+            }),
+            _ = tokio::time::sleep(every) => {
+                if let Err(e) = guarded(mig, io, stream::write_keepalive(&mut link.w)).await {
+                    return Err(link.reason_for(e).await);
+                }
+            }
+        }
+    }
 }
 
 /// The carriers' jobs stay the management's after a success (libvirt

@@ -123,7 +123,7 @@ pub enum VerbError {
     PreparedWaiting,
     #[error("Migration not in expected state: {0}")]
     NotInState(&'static str),
-    #[error("no prepared incoming migration is waiting for a decision (handover: {0})")]
+    #[error("no prepared incoming migration is waiting for a decision it cannot get from the source (handover: {0})")]
     NotPrepared(&'static str),
     #[error("migration capability '{0}' is not supported")]
     Capability(String),
@@ -281,37 +281,46 @@ impl Migration {
                 return Err(VerbError::PreparedWaiting);
             }
             *a = Attempt { role: Some(role), started: Some(Instant::now()), status: a.status, ..Attempt::idle() };
+            for c in [&self.counters.pages_sent, &self.counters.pages_received, &self.counters.passes, &self.counters.dirty_pages] {
+                c.store(0, Ordering::SeqCst);
+            }
+            // Checked and taken in one step: two connections never both begin.
+            self.apply(&mut a, Status::Setup);
         }
-        for c in [&self.counters.pages_sent, &self.counters.pages_received, &self.counters.passes, &self.counters.dirty_pages] {
-            c.store(0, Ordering::SeqCst);
-        }
-        self.transition(Status::Setup);
+        self.wake.notify_waiters();
         Ok(())
     }
 
     /// The one way the status changes. Returns false (and changes nothing)
     /// for a change QEMU's graph does not have.
     pub fn transition(&self, to: Status) -> bool {
-        {
+        let done = {
             let mut a = self.lock();
-            if a.status == to {
-                return true;
-            }
-            if !allowed(a.status, to) {
-                tracing::error!(from = a.status.as_str(), to = to.as_str(), "invalid migration status change");
-                return false;
-            }
-            a.status = to;
-            if to.is_final() {
-                a.ended = Some(Instant::now());
-            }
+            self.apply(&mut a, to)
+        };
+        self.wake.notify_waiters();
+        done
+    }
+
+    /// A status change with the attempt locked; its event leaves under the
+    /// same lock, so events arrive in the order of the changes.
+    fn apply(&self, a: &mut Attempt, to: Status) -> bool {
+        if a.status == to {
+            return true;
+        }
+        if !allowed(a.status, to) {
+            tracing::error!(from = a.status.as_str(), to = to.as_str(), "invalid migration status change");
+            return false;
+        }
+        a.status = to;
+        if to.is_final() {
+            a.ended = Some(Instant::now());
         }
         if self.capabilities().events {
             if let Some(f) = self.events.lock().ok().and_then(|e| e.clone()) {
                 f("MIGRATION", json!({"status": to.as_str()}));
             }
         }
-        self.wake.notify_waiters();
         true
     }
 
@@ -367,8 +376,8 @@ impl Migration {
                 return Err(VerbError::PreparedWaiting);
             }
             a.cancel_requested = true;
+            self.apply(&mut a, Status::Cancelling);
         }
-        self.transition(Status::Cancelling);
         self.wake.notify_waiters();
         Ok(())
     }
@@ -453,11 +462,22 @@ impl Migration {
     /// From here on the source never resumes and cancel is "too late".
     pub fn try_commit(&self) -> bool {
         let mut a = self.lock();
-        if a.cancel_requested {
+        if a.cancel_requested || a.yanked {
             return false;
         }
         a.committed = true;
         a.handover = Handover::Committed;
+        true
+    }
+
+    /// The destination's step to PREPARED: refused if a cancel or a yank
+    /// came first (then it rolls back); from here on neither is accepted.
+    pub fn try_prepare(&self) -> bool {
+        let mut a = self.lock();
+        if a.cancel_requested || a.yanked {
+            return false;
+        }
+        a.handover = Handover::Prepared;
         true
     }
 
@@ -479,7 +499,9 @@ impl Migration {
     pub fn decide(&self, d: Decision) -> Result<(), VerbError> {
         {
             let mut a = self.lock();
-            if a.role != Some(Role::Destination) || !matches!(a.handover, Handover::Prepared | Handover::DecisionUnknown) {
+            // Only once the source's decision cannot arrive: before that, an
+            // operator's abort could race the source's commit.
+            if a.role != Some(Role::Destination) || a.handover != Handover::DecisionUnknown {
                 return Err(VerbError::NotPrepared(a.handover.as_str()));
             }
             a.decision = Some(d);
@@ -656,6 +678,7 @@ mod tests {
         assert!(matches!(m.decide(Decision::Abort), Err(VerbError::NotPrepared("transfer"))));
         m.set_handover(Handover::Prepared);
         assert_eq!(m.cancel(), Err(VerbError::PreparedWaiting));
+        assert!(matches!(m.decide(Decision::Abort), Err(VerbError::NotPrepared("prepared"))), "the source's decision may still come");
         m.decision_unknown("link lost".into());
         assert_eq!(m.handover(), Handover::DecisionUnknown);
         m.decide(Decision::Commit).unwrap();
