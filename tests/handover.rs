@@ -1016,3 +1016,48 @@ fn yanking_the_migration_fails_the_attempt_and_both_sides_roll_back() {
     let m = wait(rig.sq(), "query-migrate", "the second attempt", 60, |v| is_final(&v["status"]));
     assert_eq!(m["status"], "completed", "{m}");
 }
+
+/// Issue 9's first failure, where the destination's guest can take its disk
+/// at once (no export holds it): the return path is reset exactly as the
+/// destination's PREPARED passes. The code before the two-phase commit let
+/// the source resume and the destination run (checked against its parent
+/// commit); here the source resumes, and the destination, prepared and
+/// unable to hear a decision, never runs until the operator aborts it.
+#[test]
+fn a_return_path_reset_as_prepared_passes_never_runs_two_guests() {
+    if !kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n).display().to_string();
+    for n in ["src.img", "dst.img"] {
+        std::fs::File::create(dir.path().join(n)).unwrap().set_len(DISK).unwrap();
+    }
+    let _dst = spawn(&[
+        "--blockdev".into(),
+        format!("driver=file,node-name=disk,filename={}", d("dst.img")),
+        "--vm".into(),
+        format!("memory={MEM},disk=disk"),
+        "--incoming".into(),
+        format!("unix:{}", d("mig.sock")),
+        "--qmp".into(),
+        format!("unix:{}", d("dq.sock")),
+    ]);
+    let _src = spawn(&["--blockdev".into(), format!("driver=file,node-name=disk,filename={}", d("src.img")), "--vm".into(), format!("memory={MEM},disk=disk"), "--qmp".into(), format!("unix:{}", d("sq.sock"))]);
+    let mut sq = Qmp::connect(&dir.path().join("sq.sock"));
+    let mut dq = Qmp::connect(&dir.path().join("dq.sock"));
+    for q in [&mut sq, &mut dq] {
+        ok(q, "migrate-set-parameters", serde_json::from_str(PARAMS).unwrap());
+    }
+    let proxy = Proxy::start(&dir.path().join("mp.sock"), &dir.path().join("mig.sock"), true);
+    proxy.on_frame(Dir::Down, 3, Action::Reset);
+    ok(&mut sq, "migrate", json!({"uri": format!("unix:{}", d("mp.sock"))}));
+    let m = wait(&mut sq, "query-migrate", "the attempt", 60, |v| is_final(&v["status"]));
+    assert_eq!(m["status"], "failed", "{m}");
+    wait(&mut dq, "query-migrate", "the destination to lose the decision", 30, |v| v["x-baton-handover"] == "decision-unknown");
+    let (s, dd) = (ok(&mut sq, "query-status", json!({})), ok(&mut dq, "query-status", json!({})));
+    assert_eq!(s["status"], "running", "{s}");
+    assert_eq!(dd["running"], false, "never both running: {dd}");
+    ok(&mut dq, "x-baton-migrate-decide", json!({"decision": "abort"}));
+    wait(&mut dq, "query-status", "the destination to roll back", 30, |v| v["status"] == "inmigrate");
+}
