@@ -298,9 +298,12 @@ pub async fn write_reply<W: AsyncWrite + Unpin>(w: &mut W, reply: &Reply) -> std
         }
         Reply::Prepared => (REPLY_PREPARED, Vec::new()),
     };
-    w.write_u8(tag).await?;
-    w.write_u32(payload.len() as u32).await?;
-    w.write_all(&payload).await?;
+    // One write: a reply leaves whole or not at all as far as this side can tell.
+    let mut frame = Vec::with_capacity(5 + payload.len());
+    frame.push(tag);
+    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&payload);
+    w.write_all(&frame).await?;
     w.flush().await
 }
 
