@@ -967,10 +967,11 @@ fn a_stalled_mirror_target_bounds_the_drain_and_the_run_state_tells_the_truth() 
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut saw_stopped = false;
     loop {
-        let m = ok(rig.sq(), "query-migrate", json!({}));
+        let before = ok(rig.sq(), "query-migrate", json!({}));
         let st = ok(rig.sq(), "query-status", json!({}));
-        if m["status"] == "device" {
-            // The vCPUs are stopped from here on: the run state says so.
+        let m = ok(rig.sq(), "query-migrate", json!({}));
+        if before["status"] == "device" && m["status"] == "device" {
+            // Read while the vCPUs were stopped for the switchover: the run state says so.
             assert_ne!(st["status"], "running", "{st}");
             saw_stopped = true;
         }
