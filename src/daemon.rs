@@ -76,6 +76,8 @@ pub struct Daemon {
     pub bql: Mutex<()>,
     quit: Notify,
     quitting: AtomicBool,
+    /// QMP `quit` was accepted: shut down once its reply has been sent.
+    quit_after_reply: AtomicBool,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -102,7 +104,7 @@ impl Daemon {
         };
         let jobs = jobs::JobManager::new(Arc::new(sink(events.clone())));
         let migration = vmm::migration::Migration::new(Some(Arc::new(sink(events.clone()))));
-        Arc::new(Daemon { graph, jobs, vm: std::sync::Mutex::new(None), migration, nbd: Mutex::new(None), events, bql: Mutex::new(()), quit: Notify::new(), quitting: AtomicBool::new(false) })
+        Arc::new(Daemon { graph, jobs, vm: std::sync::Mutex::new(None), migration, nbd: Mutex::new(None), events, bql: Mutex::new(()), quit: Notify::new(), quitting: AtomicBool::new(false), quit_after_reply: AtomicBool::new(false) })
     }
 
     /// The guest, if any.
@@ -258,6 +260,19 @@ impl Daemon {
 
     pub fn subscribe(&self) -> broadcast::Receiver<Value> {
         self.events.subscribe()
+    }
+
+    /// QMP `quit`: shut down after the monitor sent the reply (the client
+    /// gets its `{}` before the socket closes, as with QEMU).
+    pub fn request_quit_after_reply(&self) {
+        self.quit_after_reply.store(true, Ordering::SeqCst);
+    }
+
+    /// Called by a monitor once it sent a reply.
+    pub fn reply_sent(&self) {
+        if self.quit_after_reply.swap(false, Ordering::SeqCst) {
+            self.request_quit();
+        }
     }
 
     /// Ask the daemon to shut down (QMP `quit`, signals).

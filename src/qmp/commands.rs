@@ -271,7 +271,7 @@ async fn query_qmp_schema(_: Arc<Daemon>, _: Map<String, Value>) -> Reply {
 }
 
 async fn quit(d: Arc<Daemon>, _: Map<String, Value>) -> Reply {
-    d.request_quit();
+    d.request_quit_after_reply();
     Ok(json!({}))
 }
 

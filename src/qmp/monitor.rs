@@ -253,7 +253,10 @@ pub async fn session(d: Arc<Daemon>, stream: UnixStream) {
                             }
                         }
                     }
-                    if send(&mut w, &reply).await.is_err() {
+                    let sent = send(&mut w, &reply).await;
+                    let _ = w.flush().await;
+                    d.reply_sent();
+                    if sent.is_err() {
                         return;
                     }
                 }
