@@ -32,6 +32,9 @@ pub enum DaemonError {
     Vm(String),
 }
 
+/// How long a safe `block-export-del` waits for clients that already left.
+const EXPORT_DEL_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Where the NBD server listens.
 #[derive(Debug, Clone)]
 pub enum NbdAddr {
@@ -357,7 +360,10 @@ impl Daemon {
             if e.is_closing() {
                 return Err(DaemonError::Export(format!("Export '{id}' is already shutting down")));
             }
-            if !hard && e.client_count() > 0 {
+            // A client that just closed its socket is counted out by its
+            // connection task, which may not have run yet on a busy machine
+            // (QEMU counts it out in the same main-loop turn): grant it a moment.
+            if !hard && e.client_count() > 0 && tokio::time::timeout(EXPORT_DEL_GRACE, e.wait_idle()).await.is_err() {
                 return Err(DaemonError::Export(format!("export '{id}' still in use (use mode='hard' to force client disconnect)")));
             }
             e.close();
