@@ -621,7 +621,8 @@ fn second_migration(rig: &mut Rig, uri: &str, fresh_mirror: bool) -> bool {
         wait(rig.dq(), "query-migrate", "the destination to end the faulted attempt", 60, |v| is_final(&v["status"]));
         ok(rig.sq(), "migrate", json!({"uri": uri}));
         m = wait(rig.sq(), "query-migrate", "the second attempt", 60, |v| is_final(&v["status"]));
-        if !m["error-desc"].as_str().unwrap_or("").contains("another incoming migration") {
+        let why = m["error-desc"].as_str().unwrap_or("");
+        if !(why.contains("another incoming migration") || why.contains("migration process in progress")) {
             break;
         }
         std::thread::sleep(Duration::from_millis(200));
