@@ -713,6 +713,9 @@ fn the_handover_fault_matrix_holds_in_every_cell() {
     }
     out += &format!("{total} cells ({} phases x {} faults, the rest do not exist), {} failed, {:.0} s\n", PHASES.len(), FAULTS.len(), failures.len(), t0.elapsed().as_secs_f64());
     println!("{out}");
+    // Kept beside the build too: a try that fails and is retried is otherwise not shown.
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let _ = std::fs::write(format!("{}/handover-matrix-{stamp}.txt", env!("CARGO_TARGET_TMPDIR")), format!("{out}\n{}\n", failures.join("\n")));
     assert!(failures.is_empty(), "{out}\n{}", failures.join("\n"));
 }
 
