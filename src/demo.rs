@@ -214,7 +214,7 @@ pub async fn run(a: Args) -> Result<(), DemoError> {
     }
     let sent = m["ram"]["transferred"].as_u64().unwrap_or(0);
     println!(
-        "attempt 2: migrated in {:.2}s: {} MiB of RAM in {} pre-copy passes; stop, mirror in sync, every node inactivated, handover, acknowledged",
+        "attempt 2: migrated in {:.2}s: {} MiB of RAM in {} pre-copy passes; stop, mirror in sync, every node inactivated, host B PREPARED, committed, COMMIT",
         t.elapsed().as_secs_f64(),
         sent >> 20,
         m["ram"]["dirty-sync-count"]
