@@ -304,7 +304,15 @@ impl Rig {
     /// A fresh destination waiting for the guest (no -S: it runs the guest
     /// as soon as it may), its empty disk exported for the mirror.
     fn start_dst(&mut self) {
-        std::fs::File::create(self.path("dst.img")).unwrap().set_len(DISK).unwrap();
+        // A killed destination's image locks can outlive it for a moment (its
+        // io_uring is torn down after the exit): a new one would be refused.
+        let img = self.path("dst.img");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while img.exists() && !locked_bytes(&img).is_empty() {
+            assert!(Instant::now() < deadline, "the old destination's locks never went away");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::fs::File::create(&img).unwrap().set_len(DISK).unwrap();
         let d = |n: &str| self.path(n).display().to_string();
         let _ = std::fs::remove_file(self.path("nbd.sock"));
         let proc = spawn(&[
