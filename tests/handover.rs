@@ -233,7 +233,7 @@ fn wait(q: &mut Qmp, cmd: &str, what: &str, secs: u64, f: impl Fn(&Value) -> boo
     }
 }
 
-const PARAMS: &str = r#"{"x-baton-connect-timeout": 2000, "x-baton-hello-timeout": 2000, "x-baton-io-timeout": 1500,
+const PARAMS: &str = r#"{"x-baton-connect-timeout": 2000, "x-baton-hello-timeout": 2000, "x-baton-io-timeout": 4000,
     "x-baton-drain-timeout": 2000, "x-baton-mirror-sync-timeout": 3000, "x-baton-prepared-timeout": 2500,
     "x-baton-commit-timeout": 1500}"#;
 
