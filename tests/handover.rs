@@ -365,6 +365,21 @@ impl Rig {
         }
     }
 
+    /// `migrate` to `uri` and wait: the attempt must complete.
+    fn migrate_completes(&mut self, uri: &str, what: &str) -> Value {
+        ok(self.sq(), "migrate", json!({"uri": uri}));
+        let m = wait(self.sq(), "query-migrate", what, 60, |v| is_final(&v["status"]));
+        assert_eq!(m["status"], "completed", "{what}: {m}");
+        m
+    }
+
+    /// The destination runs the guest, and the guest's own full check finds every write.
+    fn dest_runs_and_checks(&mut self) {
+        wait(self.dq(), "query-status", "the destination to run", 30, |v| v["status"] == "running");
+        let v = ok(self.dq(), "x-baton-guest-verify", json!({}));
+        assert_eq!(v["mismatches"], 0, "{v}");
+    }
+
     fn held(q: &mut Qmp, name: &str) -> bool {
         let r = q.execute("query-migrate", json!({}));
         r["return"]["x-baton-held"].as_array().is_some_and(|h| h.iter().any(|n| n == name))
@@ -798,10 +813,8 @@ fn a_flush_failure_on_node_k_of_n_at_inactivation_rolls_back_whole() {
     assert_eq!(ok(rig.sq(), "query-status", json!({}))["status"], "running");
     wait(rig.dq(), "query-status", "the destination to roll back", 30, |v| v["status"] == "inmigrate");
     ok(rig.sq(), "x-baton-blkdebug-set-rules", json!({"node-name": "aux1", "inject-error": []}));
-    ok(rig.sq(), "migrate", json!({"uri": uri}));
-    let m = wait(rig.sq(), "query-migrate", "the second attempt", 60, |v| is_final(&v["status"]));
-    assert_eq!(m["status"], "completed", "{m}");
-    wait(rig.dq(), "query-status", "the destination to run", 30, |v| v["status"] == "running");
+    rig.migrate_completes(&uri, "the second attempt");
+    rig.dest_runs_and_checks();
 }
 
 /// A cancel is prompt by what it stops: with the link stalled in the middle
@@ -935,12 +948,8 @@ fn a_hostile_peer_fails_its_attempt_and_the_destination_stays_ready() {
     }
     // A real migration after all that.
     let uri = format!("unix:{}", rig.path("mig-proxy.sock").display());
-    ok(rig.sq(), "migrate", json!({"uri": uri}));
-    let m = wait(rig.sq(), "query-migrate", "the real migration", 60, |v| is_final(&v["status"]));
-    assert_eq!(m["status"], "completed", "{m}");
-    wait(rig.dq(), "query-status", "the destination to run", 30, |v| v["status"] == "running");
-    let v = ok(rig.dq(), "x-baton-guest-verify", json!({}));
-    assert_eq!(v["mismatches"], 0, "{v}");
+    rig.migrate_completes(&uri, "the real migration");
+    rig.dest_runs_and_checks();
 }
 
 /// A mirror that dies at pre-switchover and a new job under its id onto
@@ -1034,9 +1043,7 @@ fn yanking_the_migration_fails_the_attempt_and_both_sides_roll_back() {
     assert!(m["error-desc"].as_str().unwrap().contains("yanked"), "{m}");
     assert_eq!(ok(rig.sq(), "query-status", json!({}))["status"], "running");
     wait(rig.dq(), "query-status", "the destination to roll back", 30, |v| v["status"] == "inmigrate");
-    ok(rig.sq(), "migrate", json!({"uri": uri}));
-    let m = wait(rig.sq(), "query-migrate", "the second attempt", 60, |v| is_final(&v["status"]));
-    assert_eq!(m["status"], "completed", "{m}");
+    rig.migrate_completes(&uri, "the second attempt");
 }
 
 /// Issue 9's first failure, where the destination's guest can take its disk
