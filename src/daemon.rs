@@ -107,7 +107,18 @@ impl Daemon {
         };
         let jobs = jobs::JobManager::new(Arc::new(sink(events.clone())));
         let migration = vmm::migration::Migration::new(Some(Arc::new(sink(events.clone()))));
-        Arc::new(Daemon { graph, jobs, vm: std::sync::Mutex::new(None), migration, nbd: Mutex::new(None), events, bql: Mutex::new(()), quit: Notify::new(), quitting: AtomicBool::new(false), quit_after_reply: AtomicBool::new(false) })
+        Arc::new(Daemon {
+            graph,
+            jobs,
+            vm: std::sync::Mutex::new(None),
+            migration,
+            nbd: Mutex::new(None),
+            events,
+            bql: Mutex::new(()),
+            quit: Notify::new(),
+            quitting: AtomicBool::new(false),
+            quit_after_reply: AtomicBool::new(false),
+        })
     }
 
     /// The guest, if any.
@@ -118,13 +129,18 @@ impl Daemon {
     /// Create the guest on `disk` (`--vm`); it stays in prelaunch (or
     /// inmigrate, holding no permission on its disk until it first runs).
     pub fn create_vm(&self, config: vmm::VmConfig, disk: &str, incoming: bool) -> Result<Arc<vmm::Vm>, DaemonError> {
-        let perms = if incoming { block::PermSet::new(block::Perm::NONE, block::Perm::ALL) } else { block::PermSet::GUEST_WRITER };
+        let perms = if incoming {
+            block::PermSet::new(block::Perm::NONE, block::Perm::ALL)
+        } else {
+            block::PermSet::GUEST_WRITER
+        };
         let backend = self.graph.attach(disk, "guest disk", perms, true)?;
         let tx = self.events.clone();
         let events: vmm::vm::VmEvents = Arc::new(move |event: &str, data: Value| {
             let _ = tx.send(json!({"event": event, "data": data, "timestamp": timestamp()}));
         });
-        let vm = vmm::Vm::new(config, backend, tokio::runtime::Handle::current(), events, incoming).map_err(|e| DaemonError::Vm(e.to_string()))?;
+        let vm = vmm::Vm::new(config, backend, tokio::runtime::Handle::current(), events, incoming)
+            .map_err(|e| DaemonError::Vm(e.to_string()))?;
         if let Ok(mut v) = self.vm.lock() {
             *v = Some(vm.clone());
         }
@@ -148,8 +164,13 @@ impl Daemon {
         tokio::spawn(async move {
             let (m, g, j) = (&d.migration, &d.graph, &d.jobs);
             match target {
-                NbdAddr::Unix { path } => vmm::migration::migrate_out(m, g, j, &vm, tokio::net::UnixStream::connect(path)).await,
-                NbdAddr::Inet { host, port } => vmm::migration::migrate_out(m, g, j, &vm, tokio::net::TcpStream::connect(format!("{host}:{port}"))).await,
+                NbdAddr::Unix { path } => {
+                    vmm::migration::migrate_out(m, g, j, &vm, tokio::net::UnixStream::connect(path)).await
+                }
+                NbdAddr::Inet { host, port } => {
+                    vmm::migration::migrate_out(m, g, j, &vm, tokio::net::TcpStream::connect(format!("{host}:{port}")))
+                        .await
+                }
             }
         });
         Ok(())
@@ -164,7 +185,11 @@ impl Daemon {
         for e in self.exports().await {
             let node = e.backend.node();
             if e.config.writable && !e.is_closing() && chain.iter().any(|n| Arc::ptr_eq(n, &node)) {
-                out.push(vmm::stream::Target { node: node.name().to_string(), export: e.config.name.clone(), size: e.size() });
+                out.push(vmm::stream::Target {
+                    node: node.name().to_string(),
+                    export: e.config.name.clone(),
+                    size: e.size(),
+                });
             }
         }
         out
@@ -206,11 +231,18 @@ impl Daemon {
         let listener = match parse_uri(uri)? {
             NbdAddr::Unix { path } => {
                 let _ = std::fs::remove_file(&path);
-                Incoming::Unix(tokio::net::UnixListener::bind(&path).map_err(|source| DaemonError::Listen { addr: uri.into(), source })?)
+                Incoming::Unix(
+                    tokio::net::UnixListener::bind(&path)
+                        .map_err(|source| DaemonError::Listen { addr: uri.into(), source })?,
+                )
             }
             NbdAddr::Inet { host, port } => {
                 let a = format!("{host}:{port}");
-                Incoming::Tcp(tokio::net::TcpListener::bind(&a).await.map_err(|source| DaemonError::Listen { addr: a, source })?)
+                Incoming::Tcp(
+                    tokio::net::TcpListener::bind(&a)
+                        .await
+                        .map_err(|source| DaemonError::Listen { addr: a, source })?,
+                )
             }
         };
         let d = self.clone();
@@ -239,12 +271,19 @@ impl Daemon {
     {
         tokio::spawn(async move {
             let Some(vm) = self.vm() else { return };
-            if !self.migration.status().is_final() || matches!(self.migration.handover(), vmm::migration::Handover::Prepared | vmm::migration::Handover::DecisionUnknown) {
+            if !self.migration.status().is_final()
+                || matches!(
+                    self.migration.handover(),
+                    vmm::migration::Handover::Prepared | vmm::migration::Handover::DecisionUnknown
+                )
+            {
                 vmm::migration::refuse_busy(conn, "another incoming migration holds this destination").await;
                 return;
             }
             let targets = self.mirror_targets(&vm).await;
-            if let vmm::migration::Landing::Committed { run } = vmm::migration::migrate_in(&self.migration, &self.graph, &vm, targets, conn).await {
+            if let vmm::migration::Landing::Committed { run } =
+                vmm::migration::migrate_in(&self.migration, &self.graph, &vm, targets, conn).await
+            {
                 self.drop_target_exports(&vm).await;
                 // As QEMU: a guest that was paused on the source stays paused here.
                 if run && !paused {
@@ -305,11 +344,14 @@ impl Daemon {
         let (listener, unix_path) = match &addr {
             NbdAddr::Inet { host, port } => {
                 let a = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
-                let l = tokio::net::TcpListener::bind(&a).await.map_err(|source| DaemonError::Listen { addr: a, source })?;
+                let l = tokio::net::TcpListener::bind(&a)
+                    .await
+                    .map_err(|source| DaemonError::Listen { addr: a, source })?;
                 (Listener::Tcp(l), None)
             }
             NbdAddr::Unix { path } => {
-                let l = tokio::net::UnixListener::bind(path).map_err(|source| DaemonError::Listen { addr: path.display().to_string(), source })?;
+                let l = tokio::net::UnixListener::bind(path)
+                    .map_err(|source| DaemonError::Listen { addr: path.display().to_string(), source })?;
                 (Listener::Unix(l), Some(path.clone()))
             }
         };
@@ -356,7 +398,11 @@ impl Daemon {
         let e = {
             let nbd = self.nbd.lock().await;
             let svc = nbd.as_ref().ok_or_else(|| DaemonError::Export(format!("Export '{id}' is not found")))?;
-            let e = svc.server.exports.find_id(id).ok_or_else(|| DaemonError::Export(format!("Export '{id}' is not found")))?;
+            let e = svc
+                .server
+                .exports
+                .find_id(id)
+                .ok_or_else(|| DaemonError::Export(format!("Export '{id}' is not found")))?;
             if e.is_closing() {
                 return Err(DaemonError::Export(format!("Export '{id}' is already shutting down")));
             }
@@ -364,7 +410,9 @@ impl Daemon {
             // connection task, which may not have run yet on a busy machine
             // (QEMU counts it out in the same main-loop turn): grant it a moment.
             if !hard && e.client_count() > 0 && tokio::time::timeout(EXPORT_DEL_GRACE, e.wait_idle()).await.is_err() {
-                return Err(DaemonError::Export(format!("export '{id}' still in use (use mode='hard' to force client disconnect)")));
+                return Err(DaemonError::Export(format!(
+                    "export '{id}' still in use (use mode='hard' to force client disconnect)"
+                )));
             }
             e.close();
             svc.server.exports.remove(id);
@@ -379,7 +427,8 @@ impl Daemon {
                 e.wait_idle().await;
                 let id = e.config.id.clone();
                 drop(e);
-                let _ = events.send(json!({"event": "BLOCK_EXPORT_DELETED", "data": {"id": id}, "timestamp": timestamp()}));
+                let _ =
+                    events.send(json!({"event": "BLOCK_EXPORT_DELETED", "data": {"id": id}, "timestamp": timestamp()}));
             });
         }
         Ok(())

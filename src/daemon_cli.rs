@@ -73,7 +73,12 @@ fn opt_err(option: &'static str, reason: impl std::fmt::Display) -> CliError {
 }
 
 /// Run a QMP command from the command line, through the same dispatch as a monitor.
-async fn run_command(d: &Arc<Daemon>, option: &'static str, name: &str, args: Map<String, Value>) -> Result<(), CliError> {
+async fn run_command(
+    d: &Arc<Daemon>,
+    option: &'static str,
+    name: &str,
+    args: Map<String, Value>,
+) -> Result<(), CliError> {
     let cmd = commands::find(name).ok_or_else(|| opt_err(option, format!("no command {name}")))?;
     commands::dispatch(d, cmd, args).await.map(|_| ()).map_err(|source| CliError::Qmp { option, source })
 }
@@ -129,7 +134,11 @@ pub async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         let mut args = Map::new();
         args.insert("addr".into(), addr);
         if let Some(v) = o.remove("max-connections") {
-            let n: u64 = v.as_str().and_then(|s| s.parse().ok()).or(v.as_u64()).ok_or_else(|| opt_err("--nbd-server", "max-connections must be a number"))?;
+            let n: u64 = v
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .or(v.as_u64())
+                .ok_or_else(|| opt_err("--nbd-server", "max-connections must be a number"))?;
             args.insert("max-connections".into(), n.into());
         }
         for k in ["tls-creds", "tls-authz"] {
@@ -144,7 +153,11 @@ pub async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     for e in &a.exports {
         let mut o = parse_option(e, None).map_err(|e| opt_err("--export", e))?;
-        keyval_bools(&mut o, "--export", &["writable", "writethrough", "allow-inactive", "allocation-depth", "fixed-iothread", "x-baton-multi-conn"])?;
+        keyval_bools(
+            &mut o,
+            "--export",
+            &["writable", "writethrough", "allow-inactive", "allocation-depth", "fixed-iothread", "x-baton-multi-conn"],
+        )?;
         run_command(&d, "--export", "block-export-add", o).await?;
     }
 
@@ -154,7 +167,11 @@ pub async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         let mut take_num = |k: &str| -> Result<Option<u64>, CliError> {
             match o.remove(k) {
                 None => Ok(None),
-                Some(v) => v.as_str().and_then(block::options::parse_size).map(Some).ok_or_else(|| opt_err("--vm", format!("{k}: expected a number or size"))),
+                Some(v) => v
+                    .as_str()
+                    .and_then(block::options::parse_size)
+                    .map(Some)
+                    .ok_or_else(|| opt_err("--vm", format!("{k}: expected a number or size"))),
             }
         };
         if let Some(m) = take_num("memory")? {
@@ -173,7 +190,10 @@ pub async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         if let Some(n) = take_num("batch")? {
             cfg.batch = small("batch", n)?;
         }
-        let disk = o.remove("disk").and_then(|v| v.as_str().map(String::from)).ok_or_else(|| opt_err("--vm", "disk=NODE is missing"))?;
+        let disk = o
+            .remove("disk")
+            .and_then(|v| v.as_str().map(String::from))
+            .ok_or_else(|| opt_err("--vm", "disk=NODE is missing"))?;
         if let Some(k) = o.keys().next() {
             return Err(opt_err("--vm", format!("parameter '{k}' is unexpected")).into());
         }
@@ -194,8 +214,14 @@ pub async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         if backend != "socket" {
             return Err(opt_err("--chardev", format!("backend '{backend}' is not supported (only socket)")).into());
         }
-        let id = o.remove("id").and_then(|v| v.as_str().map(String::from)).ok_or_else(|| opt_err("--chardev", "id is missing"))?;
-        let path = o.remove("path").and_then(|v| v.as_str().map(String::from)).ok_or_else(|| opt_err("--chardev", "path is missing (only unix sockets)"))?;
+        let id = o
+            .remove("id")
+            .and_then(|v| v.as_str().map(String::from))
+            .ok_or_else(|| opt_err("--chardev", "id is missing"))?;
+        let path = o
+            .remove("path")
+            .and_then(|v| v.as_str().map(String::from))
+            .ok_or_else(|| opt_err("--chardev", "path is missing (only unix sockets)"))?;
         if o.remove("server").and_then(|v| v.as_str().map(String::from)).as_deref() == Some("off") {
             return Err(opt_err("--chardev", "server=off is not supported").into());
         }

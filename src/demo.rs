@@ -55,7 +55,9 @@ impl Qmp {
         let s = loop {
             match UnixStream::connect(path).await {
                 Ok(s) => break s,
-                Err(e) if Instant::now() > deadline => return Err(DemoError::Io { what: format!("cannot reach {}", path.display()), source: e }),
+                Err(e) if Instant::now() > deadline => {
+                    return Err(DemoError::Io { what: format!("cannot reach {}", path.display()), source: e })
+                }
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         };
@@ -91,7 +93,13 @@ impl Qmp {
         }
     }
 
-    async fn until(&mut self, name: &str, what: &str, secs: u64, f: impl Fn(&Value) -> bool) -> Result<Value, DemoError> {
+    async fn until(
+        &mut self,
+        name: &str,
+        what: &str,
+        secs: u64,
+        f: impl Fn(&Value) -> bool,
+    ) -> Result<Value, DemoError> {
         let deadline = Instant::now() + Duration::from_secs(secs);
         loop {
             let v = self.cmd(name, json!({})).await?;
@@ -130,11 +138,13 @@ pub async fn run(a: Args) -> Result<(), DemoError> {
     if !Path::new("/dev/kvm").exists() {
         return Err(step("the demo runs a guest: /dev/kvm is missing on this machine"));
     }
-    let size = block::options::parse_size(&a.disk).ok_or_else(|| step(format!("--disk: '{}' is not a size", a.disk)))?;
+    let size =
+        block::options::parse_size(&a.disk).ok_or_else(|| step(format!("--disk: '{}' is not a size", a.disk)))?;
     let tmp;
     let dir = match &a.workdir {
         Some(d) => {
-            std::fs::create_dir_all(d).map_err(|source| DemoError::Io { what: format!("creating {}", d.display()), source })?;
+            std::fs::create_dir_all(d)
+                .map_err(|source| DemoError::Io { what: format!("creating {}", d.display()), source })?;
             d.clone()
         }
         None => {
@@ -144,7 +154,8 @@ pub async fn run(a: Args) -> Result<(), DemoError> {
     };
     let p = |n: &str| dir.join(n).display().to_string();
     for img in ["host-a.img", "host-b.img"] {
-        let f = std::fs::File::create(dir.join(img)).map_err(|source| DemoError::Io { what: format!("creating {img}"), source })?;
+        let f = std::fs::File::create(dir.join(img))
+            .map_err(|source| DemoError::Io { what: format!("creating {img}"), source })?;
         f.set_len(size).map_err(|source| DemoError::Io { what: format!("sizing {img}"), source })?;
     }
     println!("baton demo: two daemons stand for two hosts that share no storage (work dir {})", dir.display());
@@ -180,7 +191,10 @@ pub async fn run(a: Args) -> Result<(), DemoError> {
 
     tokio::time::sleep(Duration::from_secs_f64(a.seconds.max(0.5))).await;
     let s = qa.cmd("x-baton-guest-stats", json!({})).await?;
-    println!("host A: the guest runs: {} blocks written, {} re-read and checked, {} mismatches", s["writes"], s["checks"], s["mismatches"]);
+    println!(
+        "host A: the guest runs: {} blocks written, {} re-read and checked, {} mismatches",
+        s["writes"], s["checks"], s["mismatches"]
+    );
 
     let t = Instant::now();
     qa.cmd("blockdev-add", json!({"driver": "nbd", "node-name": "to-b", "server": {"type": "unix", "path": p("b-nbd.sock")}, "export": "disk"})).await?;
@@ -191,15 +205,26 @@ pub async fn run(a: Args) -> Result<(), DemoError> {
     // Attempt 1: host B's disk cannot make writes durable. The switchover must
     // fail as a whole and leave host A exactly as it was.
     let uri = format!("unix:{}", p("b-migrate.sock"));
-    qb.cmd("x-baton-blkdebug-set-rules", json!({"node-name": "disk", "inject-error": [{"event": "flush_to_disk", "errno": 5}]})).await?;
+    qb.cmd(
+        "x-baton-blkdebug-set-rules",
+        json!({"node-name": "disk", "inject-error": [{"event": "flush_to_disk", "errno": 5}]}),
+    )
+    .await?;
     qa.cmd("migrate", json!({"uri": uri})).await?;
-    let m = qa.until("query-migrate", "the first attempt", 120, |v| matches!(v["status"].as_str(), Some("completed" | "failed" | "cancelled"))).await?;
+    let m = qa
+        .until("query-migrate", "the first attempt", 120, |v| {
+            matches!(v["status"].as_str(), Some("completed" | "failed" | "cancelled"))
+        })
+        .await?;
     let st = qa.cmd("query-status", json!({})).await?;
     let nodes = qa.cmd("query-named-block-nodes", json!({})).await?;
     let active = nodes.as_array().is_some_and(|l| l.iter().all(|n| n["active"] == true));
     let job = qa.cmd("query-block-jobs", json!({})).await?;
     println!("attempt 1 (host B's disk fails to flush): {}: {}", m["status"], m["error-desc"].as_str().unwrap_or(""));
-    println!("  host A after the rollback: guest {}, every node active: {active}, mirror ready: {}", st["status"], job[0]["ready"]);
+    println!(
+        "  host A after the rollback: guest {}, every node active: {active}, mirror ready: {}",
+        st["status"], job[0]["ready"]
+    );
     if m["status"] != "failed" || st["status"] != "running" || !active || job[0]["ready"] != true {
         return Err(step("I3/I7: a failed switchover must leave the source as it was"));
     }
@@ -208,7 +233,11 @@ pub async fn run(a: Args) -> Result<(), DemoError> {
     // Attempt 2: the fault is gone.
     let t = Instant::now();
     qa.cmd("migrate", json!({"uri": uri})).await?;
-    let m = qa.until("query-migrate", "the migration", 120, |v| matches!(v["status"].as_str(), Some("completed" | "failed" | "cancelled"))).await?;
+    let m = qa
+        .until("query-migrate", "the migration", 120, |v| {
+            matches!(v["status"].as_str(), Some("completed" | "failed" | "cancelled"))
+        })
+        .await?;
     if m["status"] != "completed" {
         return Err(step(format!("migration {}: {}", m["status"], m["error-desc"])));
     }
@@ -232,7 +261,11 @@ pub async fn run(a: Args) -> Result<(), DemoError> {
     qa.until("query-block-jobs", "the mirror to end", 60, |v| v.as_array().is_some_and(|l| l.is_empty())).await?;
     qa.cmd("blockdev-del", json!({"node-name": "to-b"})).await?;
     // Host B dropped its export at COMMIT (the mirror is done with it); -S keeps the guest paused until `cont`.
-    let b = qb.until("query-migrate", "host B to hear the decision", 60, |v| matches!(v["status"].as_str(), Some("completed" | "failed"))).await?;
+    let b = qb
+        .until("query-migrate", "host B to hear the decision", 60, |v| {
+            matches!(v["status"].as_str(), Some("completed" | "failed"))
+        })
+        .await?;
     if b["status"] != "completed" {
         return Err(step(format!("host B did not complete: {b}")));
     }
@@ -257,7 +290,8 @@ struct TempDir(PathBuf);
 impl TempDir {
     fn new() -> Result<TempDir, DemoError> {
         let base = std::env::temp_dir().join(format!("baton-demo-{}", std::process::id()));
-        std::fs::create_dir_all(&base).map_err(|source| DemoError::Io { what: format!("creating {}", base.display()), source })?;
+        std::fs::create_dir_all(&base)
+            .map_err(|source| DemoError::Io { what: format!("creating {}", base.display()), source })?;
         Ok(TempDir(base))
     }
 }

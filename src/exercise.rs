@@ -59,7 +59,8 @@ fn pattern_byte(block: u64, generation: u64) -> u8 {
 pub async fn run(a: Args) -> Result<(), ExerciseError> {
     let path = a.image.display().to_string();
     if let Some(size) = &a.create {
-        let size = block::options::parse_size(size).ok_or_else(|| ExerciseError::Usage(format!("--create: '{size}' is not a size")))?;
+        let size = block::options::parse_size(size)
+            .ok_or_else(|| ExerciseError::Usage(format!("--create: '{size}' is not a size")))?;
         let f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -143,7 +144,11 @@ pub async fn run(a: Args) -> Result<(), ExerciseError> {
     println!("bitmap0: {} bytes dirty", bitmap.count_bytes());
 
     graph.inactivate_all().await?;
-    let states: Vec<String> = graph.nodes().iter().map(|n| format!("{}={}", n.name(), if n.is_active() { "active" } else { "inactive" })).collect();
+    let states: Vec<String> = graph
+        .nodes()
+        .iter()
+        .map(|n| format!("{}={}", n.name(), if n.is_active() { "active" } else { "inactive" }))
+        .collect();
     println!("inactivate_all: quiesced, flushed, flipped: {}", states.join(" "));
     let before = std::fs::read(&a.image).ok();
     match disk.write(0, IoBuf::zeroed(a.block_size), WriteFlags::default()).await {
@@ -166,7 +171,10 @@ async fn verify(disk: &block::BlockBackend, written: &[(u64, u64)], bs: usize) -
         buf = disk.read(block * bs as u64, buf).await?;
         let want = pattern_byte(block, g);
         if let Some(pos) = buf.iter().position(|&b| b != want) {
-            return Err(ExerciseError::Verify(format!("block {block} byte {pos}: want {want:#x} (generation {g}), found {:#x}", buf[pos])));
+            return Err(ExerciseError::Verify(format!(
+                "block {block} byte {pos}: want {want:#x} (generation {g}), found {:#x}",
+                buf[pos]
+            )));
         }
     }
     Ok(())

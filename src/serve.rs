@@ -120,7 +120,9 @@ pub async fn run(a: Args) -> Result<(), ServeError> {
             "cache": {"direct": direct}, "discard": a.discard, "read-only": a.read_only,
         }))
         .await?;
-    graph.blockdev_add(&json!({"driver": "raw", "node-name": "disk0", "file": "file0", "read-only": a.read_only})).await?;
+    graph
+        .blockdev_add(&json!({"driver": "raw", "node-name": "disk0", "file": "file0", "read-only": a.read_only}))
+        .await?;
     for b in &a.bitmaps {
         graph.bitmap_add("disk0", b, None, false)?;
     }
@@ -153,18 +155,25 @@ pub async fn run(a: Args) -> Result<(), ServeError> {
                 }
                 let _ = std::fs::remove_file(path);
             }
-            Listener::Unix(UnixListener::bind(path).map_err(|source| ServeError::Listen { addr: path.display().to_string(), source })?)
+            Listener::Unix(
+                UnixListener::bind(path)
+                    .map_err(|source| ServeError::Listen { addr: path.display().to_string(), source })?,
+            )
         }
         None => {
-            let addr = format!("{}:{}", if a.bind.contains(':') { format!("[{}]", a.bind) } else { a.bind.clone() }, a.port);
+            let addr =
+                format!("{}:{}", if a.bind.contains(':') { format!("[{}]", a.bind) } else { a.bind.clone() }, a.port);
             Listener::Tcp(TcpListener::bind(&addr).await.map_err(|source| ServeError::Listen { addr, source })?)
         }
     };
     // Handlers first: a signal arriving as soon as the URI is out must shut down cleanly.
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| ServeError::Setup(e.to_string()))?;
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).map_err(|e| ServeError::Setup(e.to_string()))?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| ServeError::Setup(e.to_string()))?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|e| ServeError::Setup(e.to_string()))?;
     if let Some(p) = &a.pid_file {
-        std::fs::write(p, format!("{}\n", std::process::id())).map_err(|e| ServeError::Setup(format!("cannot write {}: {e}", p.display())))?;
+        std::fs::write(p, format!("{}\n", std::process::id()))
+            .map_err(|e| ServeError::Setup(format!("cannot write {}: {e}", p.display())))?;
     }
     println!("{}", uri(&a));
     let _ = std::io::stdout().flush();
@@ -200,4 +209,3 @@ pub async fn run(a: Args) -> Result<(), ServeError> {
     }
     res.map_err(ServeError::from)
 }
-

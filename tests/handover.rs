@@ -195,7 +195,8 @@ enum Outcome {
 /// point on, and a prepared destination whose fault cuts only the forward
 /// path (PREPARED still gets through; the decision is what gets lost).
 fn committed(p: Phase, f: Fault) -> bool {
-    p >= Phase::CommitPoint || (matches!(p, Phase::Prepared | Phase::PreparedOnWire) && matches!(f, Fault::BlackHoleUp | Fault::HalfClose))
+    p >= Phase::CommitPoint
+        || (matches!(p, Phase::Prepared | Phase::PreparedOnWire) && matches!(f, Fault::BlackHoleUp | Fault::HalfClose))
 }
 
 fn expected(p: Phase, f: Fault) -> Outcome {
@@ -210,9 +211,16 @@ fn expected(p: Phase, f: Fault) -> Outcome {
 // Two daemons and two proxies
 // ---------------------------------------------------------------------------
 
-
 fn spawn(args: &[String]) -> Proc {
-    Proc(Command::new(env!("CARGO_BIN_EXE_baton")).arg("daemon").args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap())
+    Proc(
+        Command::new(env!("CARGO_BIN_EXE_baton"))
+            .arg("daemon")
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
 }
 
 fn ok(q: &mut Qmp, cmd: &str, args: Value) -> Value {
@@ -350,8 +358,16 @@ impl Rig {
         self.mirrors += 1;
         let (n, sock) = (self.mirrors, self.path("nbd-proxy.sock").display().to_string());
         let q = self.sq();
-        ok(q, "blockdev-add", json!({"driver": "nbd", "node-name": format!("tgt{n}"), "server": {"type": "unix", "path": sock}, "export": "disk"}));
-        ok(q, "blockdev-mirror", json!({"job-id": format!("m{n}"), "device": "disk", "target": format!("tgt{n}"), "sync": "full"}));
+        ok(
+            q,
+            "blockdev-add",
+            json!({"driver": "nbd", "node-name": format!("tgt{n}"), "server": {"type": "unix", "path": sock}, "export": "disk"}),
+        );
+        ok(
+            q,
+            "blockdev-mirror",
+            json!({"job-id": format!("m{n}"), "device": "disk", "target": format!("tgt{n}"), "sync": "full"}),
+        );
         wait(q, "query-block-jobs", "the mirror to be READY", 60, |v| v[0]["ready"] == true);
     }
 
@@ -398,11 +414,21 @@ fn stats(q: &mut Qmp) -> Value {
 }
 
 fn nodes(q: &mut Qmp) -> BTreeMap<String, bool> {
-    ok(q, "query-named-block-nodes", json!({})).as_array().unwrap().iter().map(|n| (n["node-name"].as_str().unwrap().to_string(), n["active"] == true)).collect()
+    ok(q, "query-named-block-nodes", json!({}))
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| (n["node-name"].as_str().unwrap().to_string(), n["active"] == true))
+        .collect()
 }
 
 fn exports(q: &mut Qmp) -> Vec<String> {
-    ok(q, "query-block-exports", json!({})).as_array().unwrap().iter().map(|e| e["id"].as_str().unwrap().to_string()).collect()
+    ok(q, "query-block-exports", json!({}))
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_string())
+        .collect()
 }
 
 fn is_final(s: &Value) -> bool {
@@ -440,7 +466,11 @@ fn run_cell(p: Phase, f: Fault, h: Hold) -> Cell {
         Hold::Src(n) | Hold::Dst(n) => rig.fp(hold_src, n, if f == Fault::Inject { "return" } else { "return(hold)" }),
         Hold::Wire(dir, tag) => rig.mig.on_frame(dir, tag, f.link_action()),
         Hold::PreSwitchover => {
-            ok(rig.sq(), "migrate-set-capabilities", json!({"capabilities": [{"capability": "pause-before-switchover", "state": true}]}));
+            ok(
+                rig.sq(),
+                "migrate-set-capabilities",
+                json!({"capabilities": [{"capability": "pause-before-switchover", "state": true}]}),
+            );
             if f == Fault::Inject {
                 rig.fp(true, "migration::pre-switchover", "return");
             }
@@ -485,11 +515,18 @@ fn run_cell(p: Phase, f: Fault, h: Hold) -> Cell {
             if f == Fault::NbdReset {
                 rig.nbd.reset();
             } else {
-                ok(rig.dq(), "x-baton-blkdebug-set-rules", json!({"node-name": "disk", "inject-error": [{"event": "write_aio", "errno": 28}]}));
+                ok(
+                    rig.dq(),
+                    "x-baton-blkdebug-set-rules",
+                    json!({"node-name": "disk", "inject-error": [{"event": "write_aio", "errno": 28}]}),
+                );
             }
             if p < Phase::PreSwitchover {
                 // The guest still writes: wait until the mirror met the fault.
-                wait(rig.sq(), "query-block-jobs", "the mirror to fail", 30, |v| v.as_array().is_some_and(|a| a.is_empty() || a[0]["status"] != "ready" && a[0]["status"] != "running"));
+                wait(rig.sq(), "query-block-jobs", "the mirror to fail", 30, |v| {
+                    v.as_array()
+                        .is_some_and(|a| a.is_empty() || a[0]["status"] != "ready" && a[0]["status"] != "running")
+                });
             }
         }
     }
@@ -511,14 +548,22 @@ fn run_cell(p: Phase, f: Fault, h: Hold) -> Cell {
     }
     let mut operator = None;
     if rig.dst.is_some() {
-        let v = wait(rig.dq(), "query-migrate", "the destination to settle", 60, |v| is_final(&v["status"]) || v["x-baton-handover"] == "decision-unknown");
+        let v = wait(rig.dq(), "query-migrate", "the destination to settle", 60, |v| {
+            is_final(&v["status"]) || v["x-baton-handover"] == "decision-unknown"
+        });
         let ds = ok(rig.dq(), "query-status", json!({}));
         if v["x-baton-handover"] == "decision-unknown" && ds["x-baton-waiting"].is_string() {
             // Both paused (or the source running, uncommitted): never both running.
             assert_eq!(ds["running"], false, "a prepared destination never runs on its own: {ds}");
-            assert!(ds["x-baton-waiting"].as_str().unwrap_or("").contains("decision is unknown"), "it says why it waits: {ds}");
+            assert!(
+                ds["x-baton-waiting"].as_str().unwrap_or("").contains("decision is unknown"),
+                "it says why it waits: {ds}"
+            );
             let r = rig.dq().execute("cont", json!({}));
-            assert!(r["error"]["desc"].as_str().unwrap_or("").contains("x-baton-migrate-decide"), "cont is refused there: {r}");
+            assert!(
+                r["error"]["desc"].as_str().unwrap_or("").contains("x-baton-migrate-decide"),
+                "cont is refused there: {r}"
+            );
             // The operator reads the source's state (postmigrate = committed).
             let committed = match rig.src.as_mut() {
                 Some(s) => ok(&mut s.q, "query-status", json!({}))["status"] == "postmigrate",
@@ -528,7 +573,11 @@ fn run_cell(p: Phase, f: Fault, h: Hold) -> Cell {
             operator = Some(decision);
             // A late ABORT may beat the operator: then the decision is already made.
             let r = rig.dq().execute("x-baton-migrate-decide", json!({"decision": decision}));
-            assert!(r.get("return").is_some() || r["error"]["desc"].as_str().unwrap_or("").contains("no prepared incoming migration"), "{r}");
+            assert!(
+                r.get("return").is_some()
+                    || r["error"]["desc"].as_str().unwrap_or("").contains("no prepared incoming migration"),
+                "{r}"
+            );
         }
         wait(rig.dq(), "query-migrate", "the destination to end its attempt", 30, |v| is_final(&v["status"]));
     }
@@ -554,15 +603,24 @@ fn run_cell(p: Phase, f: Fault, h: Hold) -> Cell {
                 assert!(!m["error-desc"].as_str().unwrap_or("").is_empty(), "the source says why: {m}");
                 assert_eq!(ok(&mut s.q, "query-status", json!({}))["status"], "running", "{m}");
                 assert_eq!(nodes(&mut s.q), src_nodes, "the source's nodes are as before, all active");
-                assert_eq!(locked_bytes(&rig.dir.path().join("src.img")), WRITER.into(), "the guest holds its image again");
+                assert_eq!(
+                    locked_bytes(&rig.dir.path().join("src.img")),
+                    WRITER.into(),
+                    "the guest holds its image again"
+                );
                 if !matches!(f, Fault::NbdReset | Fault::NoSpace | Fault::KillDest) {
                     let jobs = ok(&mut s.q, "query-block-jobs", json!({}));
-                    assert!(jobs[0]["ready"] == true && jobs.as_array().unwrap().len() == 1, "the mirror is as before: {jobs}");
+                    assert!(
+                        jobs[0]["ready"] == true && jobs.as_array().unwrap().len() == 1,
+                        "the mirror is as before: {jobs}"
+                    );
                 }
                 let s1 = stats(&mut s.q);
                 assert!(s1["writes"].as_u64() >= before["writes"].as_u64());
                 // The guest goes on (on a loaded 2-core machine it may take a moment to get a core).
-                wait(&mut s.q, "x-baton-guest-stats", "the source's guest to go on", 30, |v| v["writes"].as_u64() > s1["writes"].as_u64());
+                wait(&mut s.q, "x-baton-guest-stats", "the source's guest to go on", 30, |v| {
+                    v["writes"].as_u64() > s1["writes"].as_u64()
+                });
                 let v = ok(&mut s.q, "x-baton-guest-verify", json!({}));
                 assert_eq!(v["mismatches"], 0, "{v}");
             }
@@ -597,7 +655,10 @@ fn run_cell(p: Phase, f: Fault, h: Hold) -> Cell {
                 assert_eq!(locked_bytes(&rig.dir.path().join("dst.img")), WRITER.into(), "the guest holds its image");
                 let g = stats(&mut d.q);
                 if let Some(w) = frozen {
-                    assert!(g["writes"].as_u64().unwrap() >= w, "the destination's guest starts from the source's last state: {g} vs {w}");
+                    assert!(
+                        g["writes"].as_u64().unwrap() >= w,
+                        "the destination's guest starts from the source's last state: {g} vs {w}"
+                    );
                 }
                 let v = ok(&mut d.q, "x-baton-guest-verify", json!({}));
                 assert_eq!(v["mismatches"], 0, "{v}");
@@ -608,7 +669,11 @@ fn run_cell(p: Phase, f: Fault, h: Hold) -> Cell {
 
     // After a rollback, a second migration works.
     let fresh_mirror = matches!(f, Fault::NbdReset | Fault::NoSpace | Fault::KillDest);
-    let second = if outcome == Outcome::SourceRuns && rig.src.is_some() { Some(second_migration(&mut rig, &uri, fresh_mirror)) } else { None };
+    let second = if outcome == Outcome::SourceRuns && rig.src.is_some() {
+        Some(second_migration(&mut rig, &uri, fresh_mirror))
+    } else {
+        None
+    };
     Cell { outcome, operator, second }
 }
 
@@ -625,13 +690,19 @@ fn second_migration(rig: &mut Rig, uri: &str, fresh_mirror: bool) -> bool {
     } else {
         ok(rig.dq(), "x-baton-blkdebug-set-rules", json!({"node-name": "disk", "inject-error": []}));
     }
-    ok(rig.sq(), "migrate-set-capabilities", json!({"capabilities": [{"capability": "pause-before-switchover", "state": false}]}));
+    ok(
+        rig.sq(),
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "pause-before-switchover", "state": false}]}),
+    );
     let jobs = ok(rig.sq(), "query-block-jobs", json!({}));
     if fresh_mirror || jobs[0]["ready"] != true {
         if let Some(id) = jobs[0]["device"].as_str() {
             let id = id.to_string();
             let _ = rig.sq().execute("block-job-cancel", json!({"device": id, "force": true}));
-            wait(rig.sq(), "query-block-jobs", "the broken mirror to go", 30, |v| v.as_array().is_some_and(|a| a.is_empty()));
+            wait(rig.sq(), "query-block-jobs", "the broken mirror to go", 30, |v| {
+                v.as_array().is_some_and(|a| a.is_empty())
+            });
         }
         let old = format!("tgt{}", rig.mirrors);
         ok(rig.sq(), "blockdev-del", json!({"node-name": old}));
@@ -694,7 +765,10 @@ fn the_handover_fault_matrix_holds_in_every_cell() {
             std::thread::spawn(move || loop {
                 let Some((p, f, h)) = queue.lock().unwrap().pop() else { return };
                 let r = std::panic::catch_unwind(|| run_cell(p, f, h)).map_err(|e| {
-                    e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
+                    e.downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default()
                 });
                 results.lock().unwrap().insert((p, f), r);
             })
@@ -734,11 +808,20 @@ fn the_handover_fault_matrix_holds_in_every_cell() {
         }
         out += "\n";
     }
-    out += &format!("{total} cells ({} phases x {} faults, the rest do not exist), {} failed, {:.0} s\n", PHASES.len(), FAULTS.len(), failures.len(), t0.elapsed().as_secs_f64());
+    out += &format!(
+        "{total} cells ({} phases x {} faults, the rest do not exist), {} failed, {:.0} s\n",
+        PHASES.len(),
+        FAULTS.len(),
+        failures.len(),
+        t0.elapsed().as_secs_f64()
+    );
     println!("{out}");
     // Kept beside the build too: a try that fails and is retried is otherwise not shown.
     let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let _ = std::fs::write(format!("{}/handover-matrix-{stamp}.txt", env!("CARGO_TARGET_TMPDIR")), format!("{out}\n{}\n", failures.join("\n")));
+    let _ = std::fs::write(
+        format!("{}/handover-matrix-{stamp}.txt", env!("CARGO_TARGET_TMPDIR")),
+        format!("{out}\n{}\n", failures.join("\n")),
+    );
     assert!(failures.is_empty(), "{out}\n{}", failures.join("\n"));
 }
 
@@ -804,7 +887,11 @@ fn a_flush_failure_on_node_k_of_n_at_inactivation_rolls_back_whole() {
     let uri = format!("unix:{}", rig.path("mig-proxy.sock").display());
     let before = nodes(rig.sq());
     assert_eq!(before.len(), 8, "{before:?}");
-    ok(rig.sq(), "x-baton-blkdebug-set-rules", json!({"node-name": "aux1", "inject-error": [{"event": "flush_to_disk", "errno": 5}]}));
+    ok(
+        rig.sq(),
+        "x-baton-blkdebug-set-rules",
+        json!({"node-name": "aux1", "inject-error": [{"event": "flush_to_disk", "errno": 5}]}),
+    );
     ok(rig.sq(), "migrate", json!({"uri": uri}));
     let m = wait(rig.sq(), "query-migrate", "the attempt", 60, |v| is_final(&v["status"]));
     assert_eq!(m["status"], "failed", "{m}");
@@ -855,7 +942,10 @@ fn a_cancel_with_the_link_stalled_stops_the_ram_at_once() {
     std::thread::sleep(Duration::from_millis(300));
     let after = rig.mig.bytes(Dir::Up);
     let framing = (last / (64 * 4096) + 1) * 21 + 1024;
-    assert!(after <= last + framing, "nothing left the source after the cancel: {after} bytes passed, {last} of RAM were sent before it");
+    assert!(
+        after <= last + framing,
+        "nothing left the source after the cancel: {after} bytes passed, {last} of RAM were sent before it"
+    );
     wait(rig.dq(), "query-status", "the destination to roll back", 30, |v| v["status"] == "inmigrate");
 }
 
@@ -962,7 +1052,11 @@ fn a_new_job_reusing_the_mirrors_id_does_not_carry_the_disk() {
     }
     let mut rig = Rig::new();
     let uri = format!("unix:{}", rig.path("mig-proxy.sock").display());
-    ok(rig.sq(), "migrate-set-capabilities", json!({"capabilities": [{"capability": "pause-before-switchover", "state": true}]}));
+    ok(
+        rig.sq(),
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "pause-before-switchover", "state": true}]}),
+    );
     ok(rig.sq(), "migrate", json!({"uri": uri}));
     wait(rig.sq(), "query-migrate", "pre-switchover", 30, |v| v["status"] == "pre-switchover");
     ok(rig.sq(), "block-job-cancel", json!({"device": "m1", "force": true}));
@@ -974,7 +1068,11 @@ fn a_new_job_reusing_the_mirrors_id_does_not_carry_the_disk() {
     let m = wait(rig.sq(), "query-migrate", "the attempt", 60, |v| is_final(&v["status"]));
     assert_eq!(m["status"], "failed", "{m}");
     let why = m["error-desc"].as_str().unwrap();
-    assert!(why.contains("mirror job 'm1' carrying destination disk 'disk'") && why.contains("cancelled before it was in sync"), "{m}");
+    assert!(
+        why.contains("mirror job 'm1' carrying destination disk 'disk'")
+            && why.contains("cancelled before it was in sync"),
+        "{m}"
+    );
     assert_eq!(ok(rig.sq(), "query-status", json!({}))["status"], "running");
     wait(rig.dq(), "query-status", "the destination to roll back", 30, |v| v["status"] == "inmigrate");
 }
@@ -1007,7 +1105,10 @@ fn a_stalled_mirror_target_bounds_the_drain_and_the_run_state_tells_the_truth() 
         }
         if is_final(&m["status"]) {
             assert_eq!(m["status"], "failed", "{m}");
-            assert!(m["error-desc"].as_str().unwrap().contains("did not complete within"), "the reason is the drain: {m}");
+            assert!(
+                m["error-desc"].as_str().unwrap().contains("did not complete within"),
+                "the reason is the drain: {m}"
+            );
             break;
         }
         assert!(Instant::now() < deadline, "the drain was not bounded: {m}");
@@ -1072,7 +1173,14 @@ fn a_return_path_reset_as_prepared_passes_never_runs_two_guests() {
         "--qmp".into(),
         format!("unix:{}", d("dq.sock")),
     ]);
-    let _src = spawn(&["--blockdev".into(), format!("driver=file,node-name=disk,filename={}", d("src.img")), "--vm".into(), format!("memory={MEM},disk=disk"), "--qmp".into(), format!("unix:{}", d("sq.sock"))]);
+    let _src = spawn(&[
+        "--blockdev".into(),
+        format!("driver=file,node-name=disk,filename={}", d("src.img")),
+        "--vm".into(),
+        format!("memory={MEM},disk=disk"),
+        "--qmp".into(),
+        format!("unix:{}", d("sq.sock")),
+    ]);
     let mut sq = Qmp::connect(&dir.path().join("sq.sock"));
     let mut dq = Qmp::connect(&dir.path().join("dq.sock"));
     for q in [&mut sq, &mut dq] {
@@ -1083,7 +1191,9 @@ fn a_return_path_reset_as_prepared_passes_never_runs_two_guests() {
     ok(&mut sq, "migrate", json!({"uri": format!("unix:{}", d("mp.sock"))}));
     let m = wait(&mut sq, "query-migrate", "the attempt", 60, |v| is_final(&v["status"]));
     assert_eq!(m["status"], "failed", "{m}");
-    wait(&mut dq, "query-migrate", "the destination to lose the decision", 30, |v| v["x-baton-handover"] == "decision-unknown");
+    wait(&mut dq, "query-migrate", "the destination to lose the decision", 30, |v| {
+        v["x-baton-handover"] == "decision-unknown"
+    });
     let (s, dd) = (ok(&mut sq, "query-status", json!({})), ok(&mut dq, "query-status", json!({})));
     assert_eq!(s["status"], "running", "{s}");
     assert_eq!(dd["running"], false, "never both running: {dd}");

@@ -159,7 +159,10 @@ async fn baton_refuses_an_image_a_qemu_exclusive_writer_holds() {
             .unwrap(),
     );
     let mut qmp = common::Qmp::connect(&qmp_sock);
-    let r = qmp.execute("blockdev-mirror", json!({"job-id": "m0", "device": "src", "target": "tgt", "sync": "full", "speed": 4096}));
+    let r = qmp.execute(
+        "blockdev-mirror",
+        json!({"job-id": "m0", "device": "src", "target": "tgt", "sync": "full", "speed": 4096}),
+    );
     assert!(r.get("return").is_some(), "{r}");
     let held = wait_locked(&b);
     assert!(held.contains(&201), "QSD's mirror target does not share write: {held:?}");

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use common::{Proc, Qmp};
 use serde_json::{json, Value};
 
-
 fn daemon(args: &[String]) -> Proc {
     daemon_env(args, &[])
 }
@@ -75,21 +74,24 @@ fn pair_with(dst_memory: &str, incoming: Option<String>, dst_env: &[(&str, &str)
     let d = |n: &str| dir.path().join(n).display().to_string();
     image(&dir.path().join("src.img"));
     image(&dir.path().join("dst.img"));
-    let dst = daemon_env(&[
-        "--blockdev".into(),
-        format!("driver=file,node-name=disk,filename={}", d("dst.img")),
-        "--nbd-server".into(),
-        format!("addr.type=unix,addr.path={}", d("nbd.sock")),
-        "--export".into(),
-        "type=nbd,id=e,node-name=disk,writable=on".into(),
-        "--vm".into(),
-        format!("memory={dst_memory},disk=disk"),
-        "-S".into(),
-        "--incoming".into(),
-        incoming.unwrap_or_else(|| format!("unix:{}", d("mig.sock"))),
-        "--qmp".into(),
-        format!("unix:{}", d("dq.sock")),
-    ], dst_env);
+    let dst = daemon_env(
+        &[
+            "--blockdev".into(),
+            format!("driver=file,node-name=disk,filename={}", d("dst.img")),
+            "--nbd-server".into(),
+            format!("addr.type=unix,addr.path={}", d("nbd.sock")),
+            "--export".into(),
+            "type=nbd,id=e,node-name=disk,writable=on".into(),
+            "--vm".into(),
+            format!("memory={dst_memory},disk=disk"),
+            "-S".into(),
+            "--incoming".into(),
+            incoming.unwrap_or_else(|| format!("unix:{}", d("mig.sock"))),
+            "--qmp".into(),
+            format!("unix:{}", d("dq.sock")),
+        ],
+        dst_env,
+    );
     let src = daemon(&[
         "--blockdev".into(),
         format!("driver=file,node-name=disk,filename={}", d("src.img")),
@@ -100,7 +102,11 @@ fn pair_with(dst_memory: &str, incoming: Option<String>, dst_env: &[(&str, &str)
     ]);
     let mut sq = Qmp::connect(&dir.path().join("sq.sock"));
     let dq = Qmp::connect(&dir.path().join("dq.sock"));
-    ok(&mut sq, "blockdev-add", json!({"driver": "nbd", "node-name": "tgt", "server": {"type": "unix", "path": d("nbd.sock")}, "export": "disk"}));
+    ok(
+        &mut sq,
+        "blockdev-add",
+        json!({"driver": "nbd", "node-name": "tgt", "server": {"type": "unix", "path": d("nbd.sock")}, "export": "disk"}),
+    );
     ok(&mut sq, "blockdev-mirror", json!({"job-id": "m0", "device": "disk", "target": "tgt", "sync": "full"}));
     wait_for(&mut sq, "query-block-jobs", "READY", |v| v[0]["ready"] == true);
     std::thread::sleep(Duration::from_millis(500));
@@ -116,7 +122,9 @@ fn a_running_guest_and_its_disk_move_to_another_daemon() {
     let mut p = pair("64M");
     let before = ok(&mut p.sq, "x-baton-guest-stats", json!({}));
     ok(&mut p.sq, "migrate", json!({"uri": format!("unix:{}", p.dir.path().join("mig.sock").display())}));
-    let m = wait_for(&mut p.sq, "query-migrate", "the end of the migration", |v| matches!(v["status"].as_str(), Some("completed" | "failed")));
+    let m = wait_for(&mut p.sq, "query-migrate", "the end of the migration", |v| {
+        matches!(v["status"].as_str(), Some("completed" | "failed"))
+    });
     assert_eq!(m["status"], "completed", "{m}");
     // I8: the source is stopped for good, its disk inactive; the destination waits (-S).
     assert_eq!(ok(&mut p.sq, "query-status", json!({}))["status"], "postmigrate");
@@ -132,7 +140,10 @@ fn a_running_guest_and_its_disk_move_to_another_daemon() {
     ok(&mut p.dq, "cont", json!({}));
     std::thread::sleep(Duration::from_millis(800));
     let after = ok(&mut p.dq, "x-baton-guest-stats", json!({}));
-    assert!(after["writes"].as_u64().unwrap() > before["writes"].as_u64().unwrap(), "the guest goes on: {before} -> {after}");
+    assert!(
+        after["writes"].as_u64().unwrap() > before["writes"].as_u64().unwrap(),
+        "the guest goes on: {before} -> {after}"
+    );
     // I6: every write the guest made before the switchover is there.
     let v = ok(&mut p.dq, "x-baton-guest-verify", json!({}));
     assert!(v["checked"].as_u64().unwrap() > 0 && v["mismatches"] == 0, "{v}");
@@ -147,12 +158,23 @@ fn a_refused_migration_leaves_the_source_running_as_before() {
     // The destination's guest has less RAM: it refuses at the first section.
     let mut p = pair("32M");
     ok(&mut p.sq, "migrate", json!({"uri": format!("unix:{}", p.dir.path().join("mig.sock").display())}));
-    let m = wait_for(&mut p.sq, "query-migrate", "the end of the migration", |v| matches!(v["status"].as_str(), Some("completed" | "failed")));
+    let m = wait_for(&mut p.sq, "query-migrate", "the end of the migration", |v| {
+        matches!(v["status"].as_str(), Some("completed" | "failed"))
+    });
     assert_eq!(m["status"], "failed", "{m}");
     // The destination's reason reaches the source (not "Broken pipe").
     let why = m["error-desc"].as_str().unwrap_or("");
-    assert!(why.contains("the destination refused") && why.contains("67108864 bytes of RAM") && why.contains("this one 33554432"), "the error says why: {m}");
-    assert_eq!(ok(&mut p.dq, "query-status", json!({}))["status"], "inmigrate", "the destination is ready for another attempt");
+    assert!(
+        why.contains("the destination refused")
+            && why.contains("67108864 bytes of RAM")
+            && why.contains("this one 33554432"),
+        "the error says why: {m}"
+    );
+    assert_eq!(
+        ok(&mut p.dq, "query-status", json!({}))["status"],
+        "inmigrate",
+        "the destination is ready for another attempt"
+    );
     // I7: same run state, same nodes (active), same job (ready).
     assert_eq!(ok(&mut p.sq, "query-status", json!({}))["status"], "running");
     let nodes = ok(&mut p.sq, "query-named-block-nodes", json!({}));
@@ -170,11 +192,19 @@ fn pause_before_switchover_waits_for_continue_and_a_cancel_there_resumes_the_sou
     }
     let mut p = pair("64M");
     let uri = format!("unix:{}", p.dir.path().join("mig.sock").display());
-    ok(&mut p.sq, "migrate-set-capabilities", json!({"capabilities": [{"capability": "pause-before-switchover", "state": true}]}));
+    ok(
+        &mut p.sq,
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "pause-before-switchover", "state": true}]}),
+    );
     // First attempt: cancelled while waiting before the switchover.
     ok(&mut p.sq, "migrate", json!({"uri": uri}));
     wait_for(&mut p.sq, "query-migrate", "pre-switchover", |v| v["status"] == "pre-switchover");
-    assert_eq!(ok(&mut p.sq, "query-status", json!({}))["status"], "paused", "the guest is stopped before the switchover");
+    assert_eq!(
+        ok(&mut p.sq, "query-status", json!({}))["status"],
+        "paused",
+        "the guest is stopped before the switchover"
+    );
     ok(&mut p.sq, "migrate_cancel", json!({}));
     wait_for(&mut p.sq, "query-migrate", "cancelled", |v| v["status"] == "cancelled");
     assert_eq!(ok(&mut p.sq, "query-status", json!({}))["status"], "running", "a cancel resumes the guest");
@@ -182,7 +212,9 @@ fn pause_before_switchover_waits_for_continue_and_a_cancel_there_resumes_the_sou
     ok(&mut p.sq, "migrate", json!({"uri": uri}));
     wait_for(&mut p.sq, "query-migrate", "pre-switchover", |v| v["status"] == "pre-switchover");
     ok(&mut p.sq, "migrate-continue", json!({"state": "pre-switchover"}));
-    let m = wait_for(&mut p.sq, "query-migrate", "the end", |v| matches!(v["status"].as_str(), Some("completed" | "failed")));
+    let m = wait_for(&mut p.sq, "query-migrate", "the end", |v| {
+        matches!(v["status"].as_str(), Some("completed" | "failed"))
+    });
     assert_eq!(m["status"], "completed", "{m}");
     assert_eq!(ok(&mut p.sq, "query-status", json!({}))["status"], "postmigrate");
 }
@@ -196,7 +228,9 @@ fn migration_over_tcp_on_loopback_completes() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut p = pair_on("64M", Some(format!("tcp:127.0.0.1:{port}")));
     ok(&mut p.sq, "migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
-    let m = wait_for(&mut p.sq, "query-migrate", "the end", |v| matches!(v["status"].as_str(), Some("completed" | "failed")));
+    let m = wait_for(&mut p.sq, "query-migrate", "the end", |v| {
+        matches!(v["status"].as_str(), Some("completed" | "failed"))
+    });
     assert_eq!(m["status"], "completed", "{m}");
     wait_for(&mut p.dq, "query-status", "the destination to be paused", |v| v["status"] == "paused");
 }
@@ -208,7 +242,11 @@ fn a_destination_that_dies_at_the_switchover_leaves_the_source_running() {
         return;
     }
     let mut p = pair("64M");
-    ok(&mut p.sq, "migrate-set-capabilities", json!({"capabilities": [{"capability": "pause-before-switchover", "state": true}]}));
+    ok(
+        &mut p.sq,
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "pause-before-switchover", "state": true}]}),
+    );
     ok(&mut p.sq, "migrate", json!({"uri": format!("unix:{}", p.dir.path().join("mig.sock").display())}));
     wait_for(&mut p.sq, "query-migrate", "pre-switchover", |v| v["status"] == "pre-switchover");
     // The destination host goes away with the mirror's export and the migration stream.
@@ -216,7 +254,9 @@ fn a_destination_that_dies_at_the_switchover_leaves_the_source_running() {
     p.dst.0.wait().unwrap();
     // The source watches the link while it waits: it fails by itself, no
     // migrate-continue needed (one now would find nothing to continue).
-    let m = wait_for(&mut p.sq, "query-migrate", "the end", |v| matches!(v["status"].as_str(), Some("completed" | "failed")));
+    let m = wait_for(&mut p.sq, "query-migrate", "the end", |v| {
+        matches!(v["status"].as_str(), Some("completed" | "failed"))
+    });
     assert_eq!(m["status"], "failed", "{m}");
     // I7/I8: the source runs again on active nodes; nothing ran twice.
     assert_eq!(ok(&mut p.sq, "query-status", json!({}))["status"], "running", "{m}");
@@ -237,9 +277,14 @@ fn a_destination_failing_after_activation_leaves_the_source_running_and_neither_
     }
     let mut p = pair_with("64M", None, &[("FAILPOINTS", "migration::incoming-before-ack=return")]);
     ok(&mut p.sq, "migrate", json!({"uri": format!("unix:{}", p.dir.path().join("mig.sock").display())}));
-    let m = wait_for(&mut p.sq, "query-migrate", "the end", |v| matches!(v["status"].as_str(), Some("completed" | "failed")));
+    let m = wait_for(&mut p.sq, "query-migrate", "the end", |v| {
+        matches!(v["status"].as_str(), Some("completed" | "failed"))
+    });
     assert_eq!(m["status"], "failed", "{m}");
-    assert!(m["error-desc"].as_str().unwrap_or("").contains("incoming-before-ack"), "the destination's reason reaches the source: {m}");
+    assert!(
+        m["error-desc"].as_str().unwrap_or("").contains("incoming-before-ack"),
+        "the destination's reason reaches the source: {m}"
+    );
     // I7: the source runs again; I8: the destination never ran.
     assert_eq!(ok(&mut p.sq, "query-status", json!({}))["status"], "running");
     assert_eq!(ok(&mut p.dq, "query-status", json!({}))["status"], "inmigrate");
@@ -263,7 +308,10 @@ fn libvirts_sequence_with_mirrors_cancelled_at_pre_switchover_completes() {
     ok(&mut p.dq, "migrate-set-capabilities", json!({"capabilities": [{"capability": "events", "state": true}]}));
     let on_source = ok(&mut p.sq, "x-baton-guest-verify", json!({}));
     let c = ok(&mut p.sq, "query-migrate-capabilities", json!({}));
-    assert!(c.as_array().unwrap().iter().any(|c| c["capability"] == "pause-before-switchover" && c["state"] == true), "{c}");
+    assert!(
+        c.as_array().unwrap().iter().any(|c| c["capability"] == "pause-before-switchover" && c["state"] == true),
+        "{c}"
+    );
     ok(&mut p.sq, "migrate", json!({"uri": format!("unix:{}", p.dir.path().join("mig.sock").display())}));
     wait_for(&mut p.sq, "query-migrate", "pre-switchover", |v| v["status"] == "pre-switchover");
     let r = p.sq.execute("migrate", json!({"uri": "unix:/nonexistent"}));
@@ -271,7 +319,9 @@ fn libvirts_sequence_with_mirrors_cancelled_at_pre_switchover_completes() {
     ok(&mut p.sq, "block-job-cancel", json!({"device": "m0"}));
     wait_for(&mut p.sq, "query-block-jobs", "the mirror to end", |v| v.as_array().is_some_and(|a| a.is_empty()));
     ok(&mut p.sq, "migrate-continue", json!({"state": "pre-switchover"}));
-    let m = wait_for(&mut p.sq, "query-migrate", "the end", |v| matches!(v["status"].as_str(), Some("completed" | "failed")));
+    let m = wait_for(&mut p.sq, "query-migrate", "the end", |v| {
+        matches!(v["status"].as_str(), Some("completed" | "failed"))
+    });
     assert_eq!(m["status"], "completed", "{m}");
     wait_for(&mut p.dq, "query-migrate", "the destination", |v| v["status"] == "completed");
     assert_eq!(ok(&mut p.dq, "query-status", json!({}))["status"], "paused");
@@ -296,7 +346,9 @@ fn a_migration_whose_mirror_failed_is_refused_naming_the_disk() {
     ok(&mut p.sq, "block-job-cancel", json!({"device": "m0", "force": true}));
     wait_for(&mut p.sq, "query-block-jobs", "the mirror to end", |v| v.as_array().is_some_and(|a| a.is_empty()));
     ok(&mut p.sq, "migrate", json!({"uri": format!("unix:{}", p.dir.path().join("mig.sock").display())}));
-    let m = wait_for(&mut p.sq, "query-migrate", "the end", |v| matches!(v["status"].as_str(), Some("completed" | "failed")));
+    let m = wait_for(&mut p.sq, "query-migrate", "the end", |v| {
+        matches!(v["status"].as_str(), Some("completed" | "failed"))
+    });
     assert_eq!(m["status"], "failed", "{m}");
     assert!(m["error-desc"].as_str().unwrap().contains("destination disk 'disk'"), "{m}");
     assert_eq!(m["ram"]["transferred"], 0, "no RAM moved: {m}");
@@ -338,11 +390,16 @@ fn a_plain_shared_storage_migration_moves_the_guest_and_the_lock() {
     let mut dq = Qmp::connect(&dir.path().join("dq.sock"));
     std::thread::sleep(Duration::from_millis(300));
     ok(&mut sq, "migrate", json!({"uri": format!("unix:{}", d("mig.sock"))}));
-    let m = wait_for(&mut sq, "query-migrate", "the end", |v| matches!(v["status"].as_str(), Some("completed" | "failed")));
+    let m =
+        wait_for(&mut sq, "query-migrate", "the end", |v| matches!(v["status"].as_str(), Some("completed" | "failed")));
     assert_eq!(m["status"], "completed", "{m}");
     wait_for(&mut dq, "query-migrate", "the destination", |v| v["status"] == "completed");
     ok(&mut dq, "cont", json!({}));
-    assert_eq!(common::locked_bytes(&dir.path().join("shared.img")), [100, 101, 201].into(), "one writer holds the image");
+    assert_eq!(
+        common::locked_bytes(&dir.path().join("shared.img")),
+        [100, 101, 201].into(),
+        "one writer holds the image"
+    );
     let v = ok(&mut dq, "x-baton-guest-verify", json!({}));
     assert!(v["checked"].as_u64().unwrap() > 0 && v["mismatches"] == 0, "{v}");
 }

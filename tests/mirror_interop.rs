@@ -63,7 +63,12 @@ impl Proc {
             if let Some(st) = self.child.try_wait().unwrap() {
                 return st;
             }
-            assert!(Instant::now() < deadline, "{} did not exit within {timeout:?}; stderr:\n{}", self.name, self.stderr());
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit within {timeout:?}; stderr:\n{}",
+                self.name,
+                self.stderr()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -155,7 +160,9 @@ impl Qmp {
         let s = loop {
             match UnixStream::connect(path) {
                 Ok(s) => break s,
-                Err(e) => assert!(Instant::now() < deadline, "cannot connect to {name}'s QMP at {}: {e}", path.display()),
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "cannot connect to {name}'s QMP at {}: {e}", path.display())
+                }
             }
             std::thread::sleep(Duration::from_millis(20));
         };
@@ -167,7 +174,8 @@ impl Qmp {
                 if line.trim().is_empty() {
                     continue;
                 }
-                let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| json!({"x-bad-line": line, "x-error": e.to_string()}));
+                let v: Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| json!({"x-bad-line": line, "x-error": e.to_string()}));
                 if tx.send(v).is_err() {
                     break;
                 }
@@ -233,7 +241,9 @@ impl Qmp {
                 return self.events.remove(i);
             }
             let fatal = ["BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR"];
-            if let Some(e) = self.events.iter().find(|e| e["event"] != name && fatal.contains(&e["event"].as_str().unwrap_or(""))) {
+            if let Some(e) =
+                self.events.iter().find(|e| e["event"] != name && fatal.contains(&e["event"].as_str().unwrap_or("")))
+            {
                 panic!("{}: waiting for {name}, got {e}", self.name);
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -281,7 +291,13 @@ fn pattern(len: usize, seed: u32) -> Vec<u8> {
 /// Where the source images hold data: 20 MiB of random bytes in five extents
 /// (unaligned starts and ends included), holes between them, and 1 MiB of
 /// explicitly written zeroes.
-const EXTENTS: [(u64, u64); 5] = [(0, 4 * M), (17 * M + 4 * K, 5 * M), (100 * M, 6 * M - 512), (200 * M + 512 * K, 3 * M), (SIZE - 2 * M + 512, 2 * M - 512)];
+const EXTENTS: [(u64, u64); 5] = [
+    (0, 4 * M),
+    (17 * M + 4 * K, 5 * M),
+    (100 * M, 6 * M - 512),
+    (200 * M + 512 * K, 3 * M),
+    (SIZE - 2 * M + 512, 2 * M - 512),
+];
 const WRITTEN_ZEROES: (u64, u64) = (60 * M, M);
 
 /// A sparse 256 MiB image with `EXTENTS` of random data.
@@ -371,7 +387,11 @@ fn baton_mirrors_into_qemu_nbd_and_keeps_the_target_sparse() {
     let done = q.wait_event("BLOCK_JOB_COMPLETED", EVENT_TIMEOUT);
     assert!(done["data"].get("error").is_none(), "{done}");
     assert_eq!(done["data"]["offset"], done["data"]["len"], "{done}");
-    assert!(!q.all_events.iter().any(|e| e["event"] == "BLOCK_JOB_CANCELLED"), "a soft cancel after READY completes: {:?}", q.all_events);
+    assert!(
+        !q.all_events.iter().any(|e| e["event"] == "BLOCK_JOB_CANCELLED"),
+        "a soft cancel after READY completes: {:?}",
+        q.all_events
+    );
     assert_eq!(q.ok("query-block-jobs", json!({})), json!([]));
     q.quit(&mut daemon);
     nbd.terminate();
@@ -379,7 +399,10 @@ fn baton_mirrors_into_qemu_nbd_and_keeps_the_target_sparse() {
     assert_identical(&src, &tgt);
     let data: u64 = EXTENTS.iter().map(|e| e.1).sum();
     let alloc = allocated_bytes(&tgt);
-    assert!(alloc < data + 12 * M, "target allocates {alloc} bytes for {data} bytes of data (of {SIZE}): holes were written");
+    assert!(
+        alloc < data + 12 * M,
+        "target allocates {alloc} bytes for {data} bytes of data (of {SIZE}): holes were written"
+    );
 }
 
 // ---------------------------------------------------------------- (c) baton -> baton, writer, pivot
@@ -405,8 +428,16 @@ fn baton_mirrors_into_baton_with_a_writer_and_pivots_the_export() {
     q.ok("blockdev-mirror", json!({"job-id": "m0", "device": "src", "target": "tgt", "sync": "full", "speed": 32 * M}));
 
     // Offsets in holes, in data, across granule (64 KiB) boundaries, at both ends.
-    let writes: [(u64, u8); 8] =
-        [(0, 0x5a), (3 * M + 60 * K, 0x5b), (40 * M, 0x5c), (WRITTEN_ZEROES.0 + 4 * K, 0x5d), (100 * M + 32 * K, 0x5e), (150 * M + 512, 0x5f), (230 * M, 0x60), (SIZE - 64 * K, 0x61)];
+    let writes: [(u64, u8); 8] = [
+        (0, 0x5a),
+        (3 * M + 60 * K, 0x5b),
+        (40 * M, 0x5c),
+        (WRITTEN_ZEROES.0 + 4 * K, 0x5d),
+        (100 * M + 32 * K, 0x5e),
+        (150 * M + 512, 0x5f),
+        (230 * M, 0x60),
+        (SIZE - 64 * K, 0x61),
+    ];
     for (i, &(off, b)) in writes.iter().enumerate() {
         let jobs = q.ok("query-block-jobs", json!({}));
         if i < 4 {
@@ -426,7 +457,12 @@ fn baton_mirrors_into_baton_with_a_writer_and_pivots_the_export() {
     assert!(done["data"].get("error").is_none(), "{done}");
     assert_eq!(q.ok("query-block-jobs", json!({})), json!([]));
     let exports = q.ok("query-block-exports", json!({}));
-    let e0 = exports.as_array().unwrap().iter().find(|e| e["id"] == "e0").unwrap_or_else(|| panic!("export e0 gone after the pivot: {exports}"));
+    let e0 = exports
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["id"] == "e0")
+        .unwrap_or_else(|| panic!("export e0 gone after the pivot: {exports}"));
     assert_eq!(e0["shutting-down"], false, "{exports}");
     // qemu-storage-daemon 10.0.2 names the node the export now uses: the target
     // (checked last, so the data checks below run whatever this says).
@@ -434,7 +470,14 @@ fn baton_mirrors_into_baton_with_a_writer_and_pivots_the_export() {
 
     // After the pivot, the export reads the target's data and writes land in the target.
     let post = (180 * M + 8 * K, 0x77u8);
-    qemu_io(&uri, &[&format!("read -P {:#x} {} 64k", writes[2].1, writes[2].0), &format!("write -P {:#x} {} 64k", post.1, post.0), &format!("read -P {:#x} {} 64k", post.1, post.0)]);
+    qemu_io(
+        &uri,
+        &[
+            &format!("read -P {:#x} {} 64k", writes[2].1, writes[2].0),
+            &format!("write -P {:#x} {} 64k", post.1, post.0),
+            &format!("read -P {:#x} {} 64k", post.1, post.0),
+        ],
+    );
     q.quit(&mut daemon);
     serve.stop_ok();
 
@@ -442,7 +485,10 @@ fn baton_mirrors_into_baton_with_a_writer_and_pivots_the_export() {
         assert!(read_at(&src, off, 64 << 10).iter().all(|&x| x == b), "source misses the write of {b:#x} at {off}");
         assert!(read_at(&tgt, off, 64 << 10).iter().all(|&x| x == b), "target misses the write of {b:#x} at {off}");
     }
-    assert!(read_at(&tgt, post.0, 64 << 10).iter().all(|&x| x == post.1), "the post-pivot write is not in the target file");
+    assert!(
+        read_at(&tgt, post.0, 64 << 10).iter().all(|&x| x == post.1),
+        "the post-pivot write is not in the target file"
+    );
     assert!(read_at(&src, post.0, 64 << 10).iter().all(|&x| x == 0), "the post-pivot write reached the source file");
     // Everywhere else the two files agree.
     let (mut a, mut b) = (std::fs::File::open(&src).unwrap(), std::fs::File::open(&tgt).unwrap());
@@ -459,7 +505,10 @@ fn baton_mirrors_into_baton_with_a_writer_and_pivots_the_export() {
             panic!("source and target differ at byte {}", chunk * M + i as u64);
         }
     }
-    assert_eq!(node_after_pivot, "tgt", "query-block-exports after the pivot should name the target node, as qemu-storage-daemon 10.0.2 does");
+    assert_eq!(
+        node_after_pivot, "tgt",
+        "query-block-exports after the pivot should name the target node, as qemu-storage-daemon 10.0.2 does"
+    );
 }
 
 // ---------------------------------------------------------------- (d) QMP errors
@@ -481,7 +530,10 @@ fn mirror_qmp_errors_are_clear_and_change_nothing() {
     let mut reference = std::collections::HashMap::new();
     {
         let (mut p, mut r) = qsd(d.path(), &nodes);
-        reference.insert("self", r.err("blockdev-mirror", json!({"job-id": "m0", "device": "src", "target": "src", "sync": "full"})));
+        reference.insert(
+            "self",
+            r.err("blockdev-mirror", json!({"job-id": "m0", "device": "src", "target": "src", "sync": "full"})),
+        );
         reference.insert("unknown", r.err("block-job-cancel", json!({"device": "nope"})));
         r.ok("blockdev-mirror", json!({"job-id": "m0", "device": "src", "target": "tgt", "sync": "full", "speed": M}));
         reference.insert("early", r.err("block-job-complete", json!({"device": "m0"})));
@@ -516,7 +568,11 @@ fn mirror_qmp_errors_are_clear_and_change_nothing() {
     check("size", e, "different sizes", &mut q, &none);
     let e = q.err("block-job-cancel", json!({"device": "nope"}));
     check("unknown", e, "'nope' not found", &mut q, &none);
-    assert!(!q.all_events.iter().any(|e| e["event"] == "JOB_STATUS_CHANGE"), "a refused command made a job: {:?}", q.all_events);
+    assert!(
+        !q.all_events.iter().any(|e| e["event"] == "JOB_STATUS_CHANGE"),
+        "a refused command made a job: {:?}",
+        q.all_events
+    );
 
     // Nothing leaked from the refusals: the same job id and nodes start a job, which stays running (1 MiB/s).
     q.ok("blockdev-mirror", json!({"job-id": "m0", "device": "src", "target": "tgt", "sync": "full", "speed": M}));

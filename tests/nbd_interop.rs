@@ -113,7 +113,8 @@ fn qemu_io_session_lands_in_file(uri: &str, server: &mut Server, file: &Path) {
 
     // --discard unmap really punched the discarded range out of the file.
     let map: serde_json::Value =
-        serde_json::from_str(&run(tool("qemu-img").args(["map", "--output=json", "-f", "raw", path_str(file)]))).unwrap();
+        serde_json::from_str(&run(tool("qemu-img").args(["map", "--output=json", "-f", "raw", path_str(file)])))
+            .unwrap();
     let covering = map
         .as_array()
         .unwrap()
@@ -207,7 +208,8 @@ fn nbdinfo_list_shows_export_name_and_description() {
     let out = run(tool("nbdinfo").arg("--list").arg(&uri));
     assert!(out.contains("export=\"disk0\":"), "{out}");
     assert!(out.contains("description: the first disk"), "{out}");
-    let j: serde_json::Value = serde_json::from_str(&run(tool("nbdinfo").args(["--list", "--json"]).arg(&uri))).unwrap();
+    let j: serde_json::Value =
+        serde_json::from_str(&run(tool("nbdinfo").args(["--list", "--json"]).arg(&uri))).unwrap();
     let exports = j["exports"].as_array().unwrap();
     assert_eq!(exports.len(), 1, "{j}");
     assert_eq!(exports[0]["export-name"], "disk0", "{j}");
@@ -264,18 +266,16 @@ fn nbdinfo_dirty_bitmap_shows_exactly_the_granules_written() {
     qemu_io(
         &uri,
         &[
-            "write -P 0x1 0 4k",        // granule 0
-            "write -P 0x2 200k 1",      // granule 3 (192k..256k)
-            "write -P 0x3 1020k 8k",    // granules 15 and 16 (straddles 1M)
-            "write -z 1536k 64k",       // granule 24
-            "read 512k 64k",            // reads dirty nothing
+            "write -P 0x1 0 4k",     // granule 0
+            "write -P 0x2 200k 1",   // granule 3 (192k..256k)
+            "write -P 0x3 1020k 8k", // granules 15 and 16 (straddles 1M)
+            "write -z 1536k 64k",    // granule 24
+            "read 512k 64k",         // reads dirty nothing
         ],
     );
     let g = 64 * K;
     let dirty = [0u64, 3, 15, 16, 24];
-    let expected = coalesce(
-        &(0..size / g).map(|i| (i * g, g, u32::from(dirty.contains(&i)))).collect::<Vec<_>>(),
-    );
+    let expected = coalesce(&(0..size / g).map(|i| (i * g, g, u32::from(dirty.contains(&i)))).collect::<Vec<_>>());
     assert_eq!(coalesce(&map(&uri, ctx)), expected, "dirty granules (1 = dirty)");
 }
 
@@ -286,10 +286,7 @@ fn nbdinfo_allocation_depth_and_map_match_qemu_nbd_on_the_same_file() {
     let f = d.path().join("served.img");
     image(&f, 4 * M, &[(0, 4 << 10, 1), (512 * K, 300 << 10, 2), (4 * M - 64 * K, 64 << 10, 3)]);
     let maps = |uri: &str| -> (String, String) {
-        (
-            run(tool("nbdinfo").arg("--map=qemu:allocation-depth").arg(uri)),
-            run(tool("nbdinfo").arg("--map").arg(uri)),
-        )
+        (run(tool("nbdinfo").arg("--map=qemu:allocation-depth").arg(uri)), run(tool("nbdinfo").arg("--map").arg(uri)))
     };
     let (mut s, sock) = serve_unix(d.path(), &f, &["-A"]);
     let baton = maps(&unix_uri(&sock, ""));
@@ -313,16 +310,20 @@ fn qemu_io_negotiates_extended_headers_and_io_succeeds() {
     let f = d.path().join("served.img");
     image(&f, M, &[]);
     let (mut s, sock) = serve_unix(d.path(), &f, &[]);
-    let out = output(
-        tool("qemu-io")
-            .args(["-f", "raw", "--trace", "nbd_receive_option_reply*"])
-            .arg(unix_uri(&sock, ""))
-            .args(["-c", "write -P 0x5a 4k 8k", "-c", "read -P 0x5a 4k 8k", "-c", "read -P 0 0 4k"]),
-    );
+    let out =
+        output(
+            tool("qemu-io")
+                .args(["-f", "raw", "--trace", "nbd_receive_option_reply*"])
+                .arg(unix_uri(&sock, ""))
+                .args(["-c", "write -P 0x5a 4k 8k", "-c", "read -P 0x5a 4k 8k", "-c", "read -P 0 0 4k"]),
+        );
     let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
     assert!(out.status.success() && !all.contains("failed"), "{all}");
     assert!(all.contains("Received option reply 11 (extended headers), type 1 (ack)"), "{all}");
-    assert!(all.contains("wrote 8192/8192 bytes at offset 4096") && all.contains("read 8192/8192 bytes at offset 4096"), "{all}");
+    assert!(
+        all.contains("wrote 8192/8192 bytes at offset 4096") && all.contains("read 8192/8192 bytes at offset 4096"),
+        "{all}"
+    );
     s.stop_ok();
     let data = std::fs::read(&f).unwrap();
     assert_run(&data, 0, 4096, 0);
@@ -610,7 +611,11 @@ fn sigterm_or_sigint_right_after_the_uri_line_is_a_clean_exit() {
         let (mut s, sock) = serve_unix(d.path(), &f, &["--pid-file", path_str(&pid_file)]);
         s.signal(sig);
         let st = s.wait_exit(Duration::from_secs(5)).unwrap_or_else(|| panic!("still running 5 s after SIG{sig}"));
-        assert!(st.success(), "round {i}: SIG{sig} right after the URI line: exit status {st}; stderr:\n{}", s.stderr());
+        assert!(
+            st.success(),
+            "round {i}: SIG{sig} right after the URI line: exit status {st}; stderr:\n{}",
+            s.stderr()
+        );
         assert!(!pid_file.exists(), "round {i}: pid file left behind");
         assert!(!sock.exists(), "round {i}: socket left behind");
     }
@@ -653,7 +658,9 @@ fn multi_conn_is_advertised_by_default_and_follows_qemu_nbds_shared_rule() {
         let (_s, sock) = serve_unix(d.path(), &f, &[]);
         assert!(multi_conn(&unix_uri(&sock, "")), "default: multi-conn not advertised");
     }
-    for (i, (args, want)) in [(&["-e", "1"][..], false), (&["-e", "2"][..], true), (&["-r", "-e", "1"][..], false)].into_iter().enumerate() {
+    for (i, (args, want)) in
+        [(&["-e", "1"][..], false), (&["-e", "2"][..], true), (&["-r", "-e", "1"][..], false)].into_iter().enumerate()
+    {
         let (_s, sock) = serve_unix(d.path(), &f, args);
         let baton = multi_conn(&unix_uri(&sock, ""));
         let qsock = d.path().join(format!("q{i}.sock"));

@@ -14,9 +14,7 @@ use std::time::{Duration, Instant};
 const LIMIT: Duration = Duration::from_secs(120);
 
 fn run_script(name: &str) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/qmp")
-        .join(name);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/qmp").join(name);
     assert!(script.is_file(), "{} is missing", script.display());
     let dir = tempfile::tempdir().unwrap();
     let log_path = dir.path().join("output.log");
@@ -50,11 +48,7 @@ fn run_script(name: &str) {
     }
     match status {
         None => panic!("{name} did not finish within {LIMIT:?}; its output:\n{output}"),
-        Some(s) => assert!(
-            s.success(),
-            "{name} failed ({s}) after {:.1?}; its output:\n{output}",
-            started.elapsed()
-        ),
+        Some(s) => assert!(s.success(), "{name} failed ({s}) after {:.1?}; its output:\n{output}", started.elapsed()),
     }
 }
 

@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 use common::{Proc, Qmp};
 use serde_json::{json, Value};
 
-
 // NBD protocol numbers the black hole needs (fixed newstyle, NBD_OPT_EXPORT_NAME only).
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
@@ -117,10 +116,18 @@ fn yank_cuts_a_hung_nbd_node_even_while_another_command_waits_on_it() {
 
     // x-baton-request-timeout: checked, and 0 (no timeout) leaves only yank to end a wait.
     let server = json!({"type": "unix", "path": nbd_sock});
-    let (class, desc) = err(&mut q, "blockdev-add", json!({"driver": "nbd", "node-name": "bad", "server": server, "x-baton-request-timeout": -5}));
+    let (class, desc) = err(
+        &mut q,
+        "blockdev-add",
+        json!({"driver": "nbd", "node-name": "bad", "server": server, "x-baton-request-timeout": -5}),
+    );
     assert_eq!(class, "GenericError");
     assert!(desc.contains("x-baton-request-timeout"), "{desc}");
-    ok(&mut q, "blockdev-add", json!({"driver": "nbd", "node-name": "tgt", "server": server, "x-baton-request-timeout": 0}));
+    ok(
+        &mut q,
+        "blockdev-add",
+        json!({"driver": "nbd", "node-name": "tgt", "server": server, "x-baton-request-timeout": 0}),
+    );
     ok(&mut q, "blockdev-add", json!({"driver": "null-co", "node-name": "z"}));
     ok(&mut q, "blockdev-add", json!({"driver": "raw", "node-name": "r", "file": "tgt"}));
     // As QEMU: the nbd node itself, not the filter above it, nor local storage.
@@ -133,11 +140,13 @@ fn yank_cuts_a_hung_nbd_node_even_while_another_command_waits_on_it() {
         json!({"type": "block-node", "node-name": "nope"}),
         json!({"type": "chardev", "id": "mon0"}),
     ] {
-        let (class, desc) = err(&mut q, "yank", json!({"instances": [{"type": "block-node", "node-name": "tgt"}, inst]}));
+        let (class, desc) =
+            err(&mut q, "yank", json!({"instances": [{"type": "block-node", "node-name": "tgt"}, inst]}));
         assert_eq!((class.as_str(), desc.as_str()), ("DeviceNotFound", "Instance not found"), "{inst}");
     }
     // No migration runs: its instance does not exist (as QEMU), and nothing else is yanked either.
-    let (class, desc) = err(&mut q, "yank", json!({"instances": [{"type": "block-node", "node-name": "tgt"}, {"type": "migration"}]}));
+    let (class, desc) =
+        err(&mut q, "yank", json!({"instances": [{"type": "block-node", "node-name": "tgt"}, {"type": "migration"}]}));
     assert_eq!((class.as_str(), desc.as_str()), ("DeviceNotFound", "Instance not found"));
     let (class, desc) = err(&mut q, "yank", json!({"instances": [{"type": "block-node"}]}));
     assert_eq!((class.as_str(), desc.as_str()), ("GenericError", "Parameter 'instances[0].node-name' is missing"));
@@ -157,7 +166,8 @@ fn yank_cuts_a_hung_nbd_node_even_while_another_command_waits_on_it() {
     ok(&mut q2, "yank", yank_node("tgt"));
     assert!(t0.elapsed() < Duration::from_secs(2), "yank waited {:?} behind the hung command", t0.elapsed());
     let r = q.reply();
-    let desc = r["error"]["desc"].as_str().unwrap_or_else(|| panic!("the stuck inactivation should fail once yanked: {r}"));
+    let desc =
+        r["error"]["desc"].as_str().unwrap_or_else(|| panic!("the stuck inactivation should fail once yanked: {r}"));
     assert!(desc.contains("'tgt'") && desc.contains("was yanked"), "{desc}");
     assert!(t0.elapsed() < Duration::from_secs(2), "the stuck command ended {:?} after the yank", t0.elapsed());
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -89,7 +89,10 @@ fn main() {
         }
     };
     let ok = run(Command::new("as").arg("--32").arg("-I").arg(&out).arg("-o").arg(&obj).arg("guest/workload.S"))
-        && run(Command::new("ld").args(["-m", "elf_i386", "--oformat", "binary", "-Ttext=0x10000", "-e", "start", "-o"]).arg(&bin).arg(&obj));
+        && run(Command::new("ld")
+            .args(["-m", "elf_i386", "--oformat", "binary", "-Ttext=0x10000", "-e", "start", "-o"])
+            .arg(&bin)
+            .arg(&obj));
     if !ok {
         let _ = std::fs::write(&bin, []);
     }

@@ -32,7 +32,15 @@ fn setup(rt: &tokio::runtime::Runtime, path: &std::path::Path, aio: &str) -> Opt
 
 /// `ops` requests of `bs` bytes from `QD` concurrent workers; random offsets
 /// unless `seq`. Returns the elapsed time.
-fn run(rt: &tokio::runtime::Runtime, node: &Arc<Node>, ops: u64, bs: usize, write: bool, seq: bool, qd: usize) -> Duration {
+fn run(
+    rt: &tokio::runtime::Runtime,
+    node: &Arc<Node>,
+    ops: u64,
+    bs: usize,
+    write: bool,
+    seq: bool,
+    qd: usize,
+) -> Duration {
     rt.block_on(async {
         let start = Instant::now();
         let blocks = FILE_SIZE / bs as u64;
@@ -53,7 +61,11 @@ fn run(rt: &tokio::runtime::Runtime, node: &Arc<Node>, ops: u64, bs: usize, writ
                         rng % blocks
                     };
                     let off = block * bs as u64;
-                    let r = if write { node.write(off, buf, WriteFlags::default()).await } else { node.read(off, buf).await };
+                    let r = if write {
+                        node.write(off, buf, WriteFlags::default()).await
+                    } else {
+                        node.read(off, buf).await
+                    };
                     match r {
                         Ok(b) => buf = b,
                         Err(e) => {

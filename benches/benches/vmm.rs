@@ -15,7 +15,9 @@ use vmm::{Vm, VmConfig};
 fn make_vm(rt: &tokio::runtime::Runtime, memory: u64, batch: u32) -> Option<Arc<Vm>> {
     rt.block_on(async {
         let g = Arc::new(Graph::new());
-        g.blockdev_add(&json!({"driver": "null-co", "node-name": "n", "size": 64u64 << 20, "read-zeroes": true})).await.ok()?;
+        g.blockdev_add(&json!({"driver": "null-co", "node-name": "n", "size": 64u64 << 20, "read-zeroes": true}))
+            .await
+            .ok()?;
         let be = g.attach("n", "guest", PermSet::GUEST_WRITER, true).ok()?;
         let cfg = VmConfig { memory, batch, dirty_pages: 0, ..VmConfig::default() };
         match Vm::new(cfg, be, tokio::runtime::Handle::current(), Arc::new(|_: &str, _| {}), false) {

@@ -20,8 +20,8 @@
 //! active parent uses; activating a node activates its children first.
 //! Activate and inactivate of a node already in that state are no-ops.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use crate::drivers::blkdebug::Event;
 use crate::error::{BlockError, Result};
@@ -105,7 +105,11 @@ impl Graph {
     }
 
     fn activate_one(&self, node: &Arc<Node>) -> Result<()> {
-        fail::fail_point!("block::activate", |_| Err(BlockError::Injected { node: node.name.clone(), event: "activate", errno: 5 }));
+        fail::fail_point!("block::activate", |_| Err(BlockError::Injected {
+            node: node.name.clone(),
+            event: "activate",
+            errno: 5
+        }));
         if let Some(b) = node.blkdebug() {
             b.take_error(&node.name, Event::Activate, 0, 0)?;
         }
@@ -115,7 +119,9 @@ impl Graph {
         if new_len != old_len {
             // Another host may have resized the image: bitmaps follow, and a
             // grown tail is dirty (nothing is known about what it holds).
-            for bm in node.bitmaps().iter().chain(node.internal_bitmaps.read().map(|l| l.clone()).unwrap_or_default().iter()) {
+            for bm in
+                node.bitmaps().iter().chain(node.internal_bitmaps.read().map(|l| l.clone()).unwrap_or_default().iter())
+            {
                 bm.resize(new_len);
                 if new_len > old_len {
                     bm.mark_force(old_len, new_len - old_len);
@@ -145,7 +151,8 @@ impl Graph {
             let mut set = vec![node.clone()];
             let mut cur = node;
             while let Some(c) = cur.child().cloned() {
-                let others_active = st.parents(&c).iter().any(|p| p.is_active() && !set.iter().any(|s| Arc::ptr_eq(s, p)));
+                let others_active =
+                    st.parents(&c).iter().any(|p| p.is_active() && !set.iter().any(|s| Arc::ptr_eq(s, p)));
                 if others_active || !c.is_active() {
                     break;
                 }
@@ -192,14 +199,22 @@ impl Graph {
         // 1. Quiesce the set and its ancestors; wait for requests in flight.
         let quiesced = Quiesced::begin(quiesce);
         quiesced.drain().await;
-        fail::fail_point!("block::inactivate-all::after-drain", |_| Err(BlockError::Injected { node: set[0].name.clone(), event: "inactivate", errno: 5 }));
+        fail::fail_point!("block::inactivate-all::after-drain", |_| Err(BlockError::Injected {
+            node: set[0].name.clone(),
+            event: "inactivate",
+            errno: 5
+        }));
         // 2. Flush every node, parents first, so their data is in the children before those flush.
         for n in &set {
             if let Err(e) = n.flush_quiesced().await {
                 return Err(BlockError::InactivateFlush { node: n.name.clone(), source: Box::new(e) });
             }
         }
-        fail::fail_point!("block::inactivate-all::after-flush", |_| Err(BlockError::Injected { node: set[0].name.clone(), event: "inactivate", errno: 5 }));
+        fail::fail_point!("block::inactivate-all::after-flush", |_| Err(BlockError::Injected {
+            node: set[0].name.clone(),
+            event: "inactivate",
+            errno: 5
+        }));
         // 3. Flip every node; on failure flip back what was flipped. Locks are
         // dropped only once every node is flipped, so a rollback never needs
         // to re-take one.

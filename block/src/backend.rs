@@ -57,7 +57,16 @@ impl Drop for Entered<'_> {
 
 impl BlockBackend {
     pub(crate) fn new(graph: Arc<Graph>, node: Arc<Node>, id: UserId, name: String, perms: PermSet) -> Self {
-        Self { inner: Arc::new(BackendInner { graph, node: RwLock::new(node), id, name, perms: RwLock::new(perms), io: Inflight::default() }) }
+        Self {
+            inner: Arc::new(BackendInner {
+                graph,
+                node: RwLock::new(node),
+                id,
+                name,
+                perms: RwLock::new(perms),
+                io: Inflight::default(),
+            }),
+        }
     }
 
     pub(crate) fn weak(&self) -> Weak<BackendInner> {

@@ -63,11 +63,7 @@ fn words_for(bits: u64) -> usize {
 
 /// Bits `lo..hi` of a word, for `lo < hi <= 64`.
 fn word_mask(lo: u64, hi: u64) -> u64 {
-    let upper = if hi >= WORD_BITS {
-        u64::MAX
-    } else {
-        (1u64 << hi) - 1
-    };
+    let upper = if hi >= WORD_BITS { u64::MAX } else { (1u64 << hi) - 1 };
     upper & (u64::MAX << lo)
 }
 
@@ -78,11 +74,7 @@ fn set_bits(words: &mut [u64], start: u64, end: u64) -> u64 {
     let mut newly = 0;
     for (w, word) in (first..=last).zip(&mut words[first..=last]) {
         let lo = if w == first { start % WORD_BITS } else { 0 };
-        let hi = if w == last {
-            (end - 1) % WORD_BITS + 1
-        } else {
-            WORD_BITS
-        };
+        let hi = if w == last { (end - 1) % WORD_BITS + 1 } else { WORD_BITS };
         let mask = word_mask(lo, hi);
         newly += u64::from((mask & !*word).count_ones());
         *word |= mask;
@@ -97,11 +89,7 @@ fn clear_bits(words: &mut [u64], start: u64, end: u64) -> u64 {
     let mut cleared = 0;
     for (w, word) in (first..=last).zip(&mut words[first..=last]) {
         let lo = if w == first { start % WORD_BITS } else { 0 };
-        let hi = if w == last {
-            (end - 1) % WORD_BITS + 1
-        } else {
-            WORD_BITS
-        };
+        let hi = if w == last { (end - 1) % WORD_BITS + 1 } else { WORD_BITS };
         let mask = word_mask(lo, hi);
         cleared += u64::from((mask & *word).count_ones());
         *word &= !mask;
@@ -161,11 +149,7 @@ impl HBitmap {
     pub fn new(len: u64) -> Self {
         let bits = BitVec::repeat(false, len as usize);
         let summary = build_summary(bits.as_raw_slice());
-        Self {
-            bits,
-            summary,
-            count: 0,
-        }
+        Self { bits, summary, count: 0 }
     }
 
     /// Number of bits.
@@ -241,16 +225,8 @@ impl HBitmap {
     fn summary_clear(&mut self, mut first: u64, mut last: u64) {
         for level in 0..self.summary.len() {
             let words = self.level(level);
-            let lo = if words[first as usize] == 0 {
-                first
-            } else {
-                first + 1
-            };
-            let hi = if words[last as usize] == 0 {
-                last + 1
-            } else {
-                last
-            };
+            let lo = if words[first as usize] == 0 { first } else { first + 1 };
+            let hi = if words[last as usize] == 0 { last + 1 } else { last };
             if lo >= hi || clear_bits(&mut self.summary[level], lo, hi) == 0 {
                 // Nothing changed at the next level, so nothing above changes either.
                 break;
@@ -404,11 +380,7 @@ impl HBitmap {
         }
         let ones: u64 = words.iter().map(|w| u64::from(w.count_ones())).sum();
         assert_eq!(ones, self.count, "count drifted");
-        assert_eq!(
-            self.summary,
-            build_summary(words),
-            "summary disagrees with the bits"
-        );
+        assert_eq!(self.summary, build_summary(words), "summary disagrees with the bits");
     }
 }
 
@@ -458,9 +430,7 @@ impl fmt::Debug for DirtyBitmap {
 impl DirtyBitmap {
     /// An enabled, clean bitmap (QEMU's `block-dirty-bitmap-add` defaults).
     pub fn new(name: &str, size: u64, granularity: u64) -> Result<Self, BitmapError> {
-        if !granularity.is_power_of_two()
-            || !(MIN_GRANULARITY..=MAX_GRANULARITY).contains(&granularity)
-        {
+        if !granularity.is_power_of_two() || !(MIN_GRANULARITY..=MAX_GRANULARITY).contains(&granularity) {
             return Err(BitmapError::BadGranularity { granularity });
         }
         if name.is_empty() {
@@ -476,10 +446,7 @@ impl DirtyBitmap {
             shift,
             enabled: AtomicBool::new(true),
             busy: AtomicBool::new(false),
-            state: Mutex::new(State {
-                size,
-                bits: HBitmap::new(size.div_ceil(granularity)),
-            }),
+            state: Mutex::new(State { size, bits: HBitmap::new(size.div_ceil(granularity)) }),
         })
     }
 
@@ -529,9 +496,7 @@ impl DirtyBitmap {
     /// a user command (merge, clear, remove, enable, disable) touches it.
     pub fn check_not_busy(&self) -> Result<(), BitmapError> {
         if self.is_busy() {
-            return Err(BitmapError::Busy {
-                name: self.name.clone(),
-            });
+            return Err(BitmapError::Busy { name: self.name.clone() });
         }
         Ok(())
     }
@@ -660,11 +625,8 @@ impl DirtyBitmap {
         while pos < end && appended < max_extents {
             let g = pos >> self.shift;
             let dirty = st.bits.get(g);
-            let next_g = if dirty {
-                st.bits.first_clear(g, end_g)
-            } else {
-                st.bits.next_set(g).map_or(end_g, |s| s.min(end_g))
-            };
+            let next_g =
+                if dirty { st.bits.first_clear(g, end_g) } else { st.bits.next_set(g).map_or(end_g, |s| s.min(end_g)) };
             let run_end = self.granule_start(next_g).min(end);
             out.push((pos, run_end - pos, dirty));
             appended += 1;
@@ -692,10 +654,7 @@ impl DirtyBitmap {
         };
         let mut ours = ours;
         if ours.size != theirs.size {
-            return Err(BitmapError::SizeMismatch {
-                ours: ours.size,
-                theirs: theirs.size,
-            });
+            return Err(BitmapError::SizeMismatch { ours: ours.size, theirs: theirs.size });
         }
         if self.granularity == src.granularity {
             ours.bits.merge_from(&theirs.bits);
@@ -809,11 +768,7 @@ mod tests {
         assert_eq!(h.next_set(0), Some(len - 1));
         h.set_range(5, 1);
         h.reset_range(5, 1);
-        assert_eq!(
-            h.next_set(0),
-            Some(len - 1),
-            "a cleared word leaves no stale summary bit"
-        );
+        assert_eq!(h.next_set(0), Some(len - 1), "a cleared word leaves no stale summary bit");
         assert_eq!(h.next_set_run(0, u64::MAX), Some((len - 1, 1)));
         h.reset_range(0, len);
         assert_eq!(h.next_set(0), None);
@@ -882,20 +837,11 @@ mod tests {
         for good in [512, DEFAULT_GRANULARITY, 1 << 31] {
             assert!(DirtyBitmap::new("b", MIB, good).is_ok());
         }
-        assert!(matches!(
-            DirtyBitmap::new("", MIB, 512),
-            Err(BitmapError::EmptyName)
-        ));
+        assert!(matches!(DirtyBitmap::new("", MIB, 512), Err(BitmapError::EmptyName)));
         let long = "x".repeat(1024);
-        assert!(matches!(
-            DirtyBitmap::new(&long, MIB, 512),
-            Err(BitmapError::NameTooLong { .. })
-        ));
+        assert!(matches!(DirtyBitmap::new(&long, MIB, 512), Err(BitmapError::NameTooLong { .. })));
         let msg = DirtyBitmap::new("b", 1, 1000).err().map(|e| e.to_string());
-        assert_eq!(
-            msg.as_deref(),
-            Some("granularity must be a power of two between 512 B and 2 GiB, got 1000")
-        );
+        assert_eq!(msg.as_deref(), Some("granularity must be a power of two between 512 B and 2 GiB, got 1000"));
     }
 
     #[test]
@@ -952,10 +898,7 @@ mod tests {
         let bm = DirtyBitmap::new("b", MIB, 4096).unwrap();
         bm.mark(0, MIB);
         bm.reset(4095, 2);
-        assert_eq!(
-            bm.dirty_extents(0, 3 * 4096),
-            vec![(0, 8192, false), (8192, 4096, true)]
-        );
+        assert_eq!(bm.dirty_extents(0, 3 * 4096), vec![(0, 8192, false), (8192, 4096, true)]);
     }
 
     #[test]
@@ -963,10 +906,7 @@ mod tests {
         let bm = DirtyBitmap::new("b", MIB, 4096).unwrap();
         bm.mark(8192, 3 * 4096);
         assert_eq!(bm.next_dirty_area(0, u64::MAX), Some((8192, 3 * 4096)));
-        assert_eq!(
-            bm.next_dirty_area(10_000, u64::MAX),
-            Some((10_000, 20480 - 10_000))
-        );
+        assert_eq!(bm.next_dirty_area(10_000, u64::MAX), Some((10_000, 20480 - 10_000)));
         assert_eq!(bm.next_dirty_area(0, 5000), Some((8192, 5000)));
         assert_eq!(bm.next_dirty_area(20480, u64::MAX), None);
         assert_eq!(bm.next_dirty_area(0, 0), None);
@@ -979,15 +919,7 @@ mod tests {
         bm.mark(2048, 1);
         bm.mark(9999, 1);
         let ext = bm.dirty_extents(100, u64::MAX);
-        assert_eq!(
-            ext,
-            vec![
-                (100, 1948, false),
-                (2048, 1024, true),
-                (3072, 6144, false),
-                (9216, 784, true)
-            ]
-        );
+        assert_eq!(ext, vec![(100, 1948, false), (2048, 1024, true), (3072, 6144, false), (9216, 784, true)]);
         let mut out = vec![(0, 0, false)];
         assert_eq!(bm.dirty_extents_max(2500, 100, 1, &mut out), 1);
         assert_eq!(out, vec![(0, 0, false), (2500, 100, true)]);
@@ -1004,10 +936,7 @@ mod tests {
         fine.mark(size - 1, 1);
         coarse.set_enabled(false);
         coarse.merge_from(&fine).unwrap();
-        assert_eq!(
-            coarse.dirty_extents(0, 128 * KIB),
-            vec![(0, 64 * KIB, false), (64 * KIB, 64 * KIB, true)]
-        );
+        assert_eq!(coarse.dirty_extents(0, 128 * KIB), vec![(0, 64 * KIB, false), (64 * KIB, 64 * KIB, true)]);
         assert!(coarse.is_dirty(size - 1));
         assert_eq!(coarse.dirty_granules(), 2);
         fine.clear();
@@ -1065,11 +994,7 @@ mod tests {
         bm.mark(MIB / 2, 4096);
         assert_eq!(bm.count_bytes(), 4096 + 100);
         bm.resize(2 * MIB);
-        assert_eq!(
-            bm.count_bytes(),
-            8192,
-            "the partial granule grew to a whole one"
-        );
+        assert_eq!(bm.count_bytes(), 8192, "the partial granule grew to a whole one");
         assert!(!bm.is_dirty(MIB - 1));
         assert_eq!(bm.snapshot_bits().len(), 2 * MIB as usize / 4096 / 64);
     }
@@ -1088,10 +1013,7 @@ mod tests {
         assert!(bm.check_not_busy().is_ok());
         bm.set_busy(true);
         let err = bm.check_not_busy().err().map(|e| e.to_string());
-        assert_eq!(
-            err.as_deref(),
-            Some("bitmap 'job' is in use by another operation")
-        );
+        assert_eq!(err.as_deref(), Some("bitmap 'job' is in use by another operation"));
     }
 
     /// What a model and the real thing are asked to do.
@@ -1186,11 +1108,7 @@ mod tests {
 
     impl Model {
         fn new(size: u64, gran: u64) -> Self {
-            Self {
-                size,
-                gran,
-                bits: vec![false; size.div_ceil(gran) as usize],
-            }
+            Self { size, gran, bits: vec![false; size.div_ceil(gran) as usize] }
         }
         fn put(&mut self, off: u64, len: u64, v: bool) {
             let end = off.saturating_add(len).min(self.size);
@@ -1223,20 +1141,13 @@ mod tests {
             out
         }
         fn count_bytes(&self) -> u64 {
-            self.extents(0, self.size)
-                .iter()
-                .filter(|e| e.2)
-                .map(|e| e.1)
-                .sum()
+            self.extents(0, self.size).iter().filter(|e| e.2).map(|e| e.1).sum()
         }
         fn next_dirty_area(&self, off: u64, max: u64) -> Option<(u64, u64)> {
             if max == 0 {
                 return None;
             }
-            self.extents(off, u64::MAX)
-                .into_iter()
-                .find(|e| e.2)
-                .map(|(s, l, _)| (s, l.min(max)))
+            self.extents(off, u64::MAX).into_iter().find(|e| e.2).map(|(s, l, _)| (s, l.min(max)))
         }
     }
 

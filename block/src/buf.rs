@@ -42,9 +42,7 @@ impl IoBuf {
         let layout = Self::layout(len);
         // SAFETY: layout has a non-zero size (len > 0) and a valid alignment.
         let raw = unsafe { alloc::alloc_zeroed(layout) };
-        let Some(ptr) = NonNull::new(raw) else {
-            alloc::handle_alloc_error(layout)
-        };
+        let Some(ptr) = NonNull::new(raw) else { alloc::handle_alloc_error(layout) };
         Self { ptr, len, cap: len }
     }
 

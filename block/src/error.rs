@@ -108,7 +108,9 @@ pub enum BlockError {
     NodeNotFound(String),
     #[error("duplicate node name '{0}'")]
     DuplicateNode(String),
-    #[error("invalid node name '{0}': use letters, digits, '-', '.', '_', starting with a letter, at most 31 characters")]
+    #[error(
+        "invalid node name '{0}': use letters, digits, '-', '.', '_', starting with a letter, at most 31 characters"
+    )]
     InvalidNodeName(String),
     #[error("invalid option '{option}': {reason}")]
     InvalidOption { option: String, reason: String },
@@ -200,11 +202,16 @@ impl BlockError {
         use BlockError::*;
         match self {
             NodeNotFound(_) | BitmapNotFound { .. } => ErrorKind::NotFound,
-            DuplicateNode(_) | InvalidNodeName(_) | InvalidOption { .. } | UnknownDriver(_) | BitmapExists { .. } | Bitmap { .. } => {
-                ErrorKind::InvalidArgument
-            }
+            DuplicateNode(_)
+            | InvalidNodeName(_)
+            | InvalidOption { .. }
+            | UnknownDriver(_)
+            | BitmapExists { .. }
+            | Bitmap { .. } => ErrorKind::InvalidArgument,
             Misaligned { .. } => ErrorKind::InvalidArgument,
-            Open { source, .. } | Io { source, .. } => source.raw_os_error().map(ErrorKind::from_errno).unwrap_or(ErrorKind::Io),
+            Open { source, .. } | Io { source, .. } => {
+                source.raw_os_error().map(ErrorKind::from_errno).unwrap_or(ErrorKind::Io)
+            }
             Inactive { .. } | ReadOnly { .. } => ErrorKind::PermissionDenied,
             OutOfRange { op, .. } => match op {
                 Op::Write | Op::WriteZeroes | Op::Truncate => ErrorKind::NoSpace,
@@ -212,13 +219,17 @@ impl BlockError {
             },
             Injected { errno, .. } => ErrorKind::from_errno(*errno),
             Unsupported { .. } => ErrorKind::Unsupported,
-            PermConflict { .. } | LockConflict { .. } | HasActiveParent { .. } | InactivationRefused { .. } | InUse { .. } | BitmapBusy { .. } => {
-                ErrorKind::Busy
-            }
+            PermConflict { .. }
+            | LockConflict { .. }
+            | HasActiveParent { .. }
+            | InactivationRefused { .. }
+            | InUse { .. }
+            | BitmapBusy { .. } => ErrorKind::Busy,
             Lock { .. } => ErrorKind::Busy,
-            InactivateFlush { source, .. } | InactivateFlip { source, .. } | Activate { source, .. } | ReactivateFailed { source, .. } => {
-                source.kind()
-            }
+            InactivateFlush { source, .. }
+            | InactivateFlip { source, .. }
+            | Activate { source, .. }
+            | ReactivateFailed { source, .. } => source.kind(),
         }
     }
 
@@ -227,10 +238,12 @@ impl BlockError {
         match self {
             // Preserve the precise errno of OS and injected errors; a timeout
             // raised by a driver (no OS code) is still ETIMEDOUT.
-            BlockError::Io { source, .. } | BlockError::Open { source, .. } => source.raw_os_error().unwrap_or(match source.kind() {
-                io::ErrorKind::TimedOut => libc_errno::ETIMEDOUT,
-                _ => libc_errno::EIO,
-            }),
+            BlockError::Io { source, .. } | BlockError::Open { source, .. } => {
+                source.raw_os_error().unwrap_or(match source.kind() {
+                    io::ErrorKind::TimedOut => libc_errno::ETIMEDOUT,
+                    _ => libc_errno::EIO,
+                })
+            }
             BlockError::Injected { errno, .. } => *errno,
             other => other.kind().errno(),
         }
@@ -263,12 +276,21 @@ mod tests {
 
     #[test]
     fn a_driver_timeout_is_etimedout_and_other_driver_errors_eio() {
-        let timed_out = BlockError::Io { node: "n".into(), op: Op::Write, source: io::Error::new(io::ErrorKind::TimedOut, "no reply") };
+        let timed_out = BlockError::Io {
+            node: "n".into(),
+            op: Op::Write,
+            source: io::Error::new(io::ErrorKind::TimedOut, "no reply"),
+        };
         assert_eq!(timed_out.errno(), libc_errno::ETIMEDOUT);
         assert_eq!(timed_out.kind(), ErrorKind::Io);
-        let aborted = BlockError::Io { node: "n".into(), op: Op::Write, source: io::Error::new(io::ErrorKind::ConnectionAborted, "gone") };
+        let aborted = BlockError::Io {
+            node: "n".into(),
+            op: Op::Write,
+            source: io::Error::new(io::ErrorKind::ConnectionAborted, "gone"),
+        };
         assert_eq!(aborted.errno(), libc_errno::EIO);
-        let os = BlockError::Io { node: "n".into(), op: Op::Read, source: io::Error::from_raw_os_error(libc_errno::ENOSPC) };
+        let os =
+            BlockError::Io { node: "n".into(), op: Op::Read, source: io::Error::from_raw_os_error(libc_errno::ENOSPC) };
         assert_eq!(os.errno(), libc_errno::ENOSPC);
     }
 }

@@ -26,8 +26,11 @@ use crate::perm::{Perm, PermSet};
 
 /// Builds a driver registered from another crate from the node's name (for
 /// its messages) and its remaining options.
-pub type DriverCtor =
-    Arc<dyn Fn(String, Map<String, Value>) -> Pin<Box<dyn Future<Output = Result<Arc<dyn DynDriver>>> + Send>> + Send + Sync>;
+pub type DriverCtor = Arc<
+    dyn Fn(String, Map<String, Value>) -> Pin<Box<dyn Future<Output = Result<Arc<dyn DynDriver>>> + Send>>
+        + Send
+        + Sync,
+>;
 
 #[derive(Debug, Default)]
 pub(crate) struct GraphState {
@@ -111,7 +114,11 @@ impl Default for Graph {
 
 impl Graph {
     pub fn new() -> Self {
-        Self { state: Mutex::new(GraphState::default()), control: tokio::sync::Mutex::new(()), drivers: RwLock::new(HashMap::new()) }
+        Self {
+            state: Mutex::new(GraphState::default()),
+            control: tokio::sync::Mutex::new(()),
+            drivers: RwLock::new(HashMap::new()),
+        }
     }
 
     pub(crate) fn lock_state(&self) -> MutexGuard<'_, GraphState> {
@@ -167,7 +174,12 @@ impl Graph {
         res
     }
 
-    fn add_locked<'a>(&'a self, mut o: Opts, implicit: bool, created: &'a mut Vec<Arc<Node>>) -> Pin<Box<dyn Future<Output = Result<Arc<Node>>> + Send + 'a>> {
+    fn add_locked<'a>(
+        &'a self,
+        mut o: Opts,
+        implicit: bool,
+        created: &'a mut Vec<Arc<Node>>,
+    ) -> Pin<Box<dyn Future<Output = Result<Arc<Node>>> + Send + 'a>> {
         Box::pin(async move {
             let driver = o.req_str("driver")?;
             let name = match o.str("node-name")? {
@@ -206,7 +218,12 @@ impl Graph {
             let child = match child_key {
                 Some(key) => {
                     let node = match o.take(key) {
-                        None => return Err(BlockError::InvalidOption { option: key.into(), reason: "parameter is missing".into() }),
+                        None => {
+                            return Err(BlockError::InvalidOption {
+                                option: key.into(),
+                                reason: "parameter is missing".into(),
+                            })
+                        }
                         Some(Value::String(r)) => self.lock_state().find(&r)?,
                         Some(v @ Value::Object(_)) => {
                             let mut nested = Opts::new(&v)?;
@@ -220,7 +237,12 @@ impl Graph {
                             }
                             self.add_locked(nested, true, created).await?
                         }
-                        Some(_) => return Err(BlockError::InvalidOption { option: key.into(), reason: "expected a node name or an object".into() }),
+                        Some(_) => {
+                            return Err(BlockError::InvalidOption {
+                                option: key.into(),
+                                reason: "expected a node name or an object".into(),
+                            })
+                        }
                     };
                     Some(Child { role: key, node })
                 }
@@ -257,11 +279,15 @@ impl Graph {
                 "blkdebug" => {
                     let errors = match o.take("inject-error") {
                         None => Vec::new(),
-                        Some(v) => serde_json::from_value(keyval_scalars(v)).map_err(|e| BlockError::InvalidOption { option: "inject-error".into(), reason: e.to_string() })?,
+                        Some(v) => serde_json::from_value(keyval_scalars(v)).map_err(|e| {
+                            BlockError::InvalidOption { option: "inject-error".into(), reason: e.to_string() }
+                        })?,
                     };
                     let delays = match o.take("x-baton-inject-delay") {
                         None => Vec::new(),
-                        Some(v) => serde_json::from_value(keyval_scalars(v)).map_err(|e| BlockError::InvalidOption { option: "x-baton-inject-delay".into(), reason: e.to_string() })?,
+                        Some(v) => serde_json::from_value(keyval_scalars(v)).map_err(|e| {
+                            BlockError::InvalidOption { option: "x-baton-inject-delay".into(), reason: e.to_string() }
+                        })?,
                     };
                     let _align = o.u64("align")?;
                     Spec::Blkdebug { errors, delays }
@@ -286,7 +312,9 @@ impl Graph {
             }
             let kind = match spec {
                 Spec::File(f) => Kind::File(FileDriver::open(f)?),
-                Spec::Null { size, read_zeroes, latency_ns } => Kind::Null(NullDriver::new(size, read_zeroes, latency_ns)),
+                Spec::Null { size, read_zeroes, latency_ns } => {
+                    Kind::Null(NullDriver::new(size, read_zeroes, latency_ns))
+                }
                 Spec::Raw { offset, size } => {
                     let child_len = child.as_ref().map(|c| c.node.length()).unwrap_or(0);
                     Kind::Raw(RawFilter::new(&name, offset, size, child_len)?)
@@ -302,7 +330,12 @@ impl Graph {
                     if !c.is_active() {
                         return Err(BlockError::InvalidOption {
                             option: "active".into(),
-                            reason: format!("inactive '{}' can't be a {} child of active '{}'", c.name, node.child.as_ref().map(|c| c.role).unwrap_or("file"), node.name),
+                            reason: format!(
+                                "inactive '{}' can't be a {} child of active '{}'",
+                                c.name,
+                                node.child.as_ref().map(|c| c.role).unwrap_or("file"),
+                                node.name
+                            ),
                         });
                     }
                 }
@@ -328,7 +361,10 @@ impl Graph {
         let mut st = self.lock_state();
         let node = st.find(name)?;
         if node.implicit {
-            return Err(BlockError::InvalidOption { option: "node-name".into(), reason: format!("node '{name}' was created implicitly and is deleted with its parent") });
+            return Err(BlockError::InvalidOption {
+                option: "node-name".into(),
+                reason: format!("node '{name}' was created implicitly and is deleted with its parent"),
+            });
         }
         let parents = st.parents(&node);
         let users = node.users();
@@ -352,14 +388,23 @@ impl Graph {
 
     /// Attach a user (guest device, export, job) to a node, checking its
     /// permissions against every other user, here and in other processes.
-    pub fn attach(self: &Arc<Self>, node_name: &str, user_name: &str, perms: PermSet, allow_inactive: bool) -> Result<BlockBackend> {
+    pub fn attach(
+        self: &Arc<Self>,
+        node_name: &str,
+        user_name: &str,
+        perms: PermSet,
+        allow_inactive: bool,
+    ) -> Result<BlockBackend> {
         let mut st = self.lock_state();
         let node = st.find(node_name)?;
         if node.read_only && perms.perm.intersects(Perm::WRITE | Perm::WRITE_UNCHANGED | Perm::RESIZE) {
             return Err(BlockError::ReadOnly { node: node_name.to_string(), op: crate::error::Op::Write });
         }
         if node.users_frozen.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(BlockError::InUse { node: node_name.to_string(), users: "a job switching its users to another node".into() });
+            return Err(BlockError::InUse {
+                node: node_name.to_string(),
+                users: "a job switching its users to another node".into(),
+            });
         }
         st.next_user += 1;
         let id = UserId(st.next_user);
@@ -406,7 +451,10 @@ impl Graph {
     pub fn move_users(&self, from: &Arc<Node>, to: &Arc<Node>, except: &[UserId]) -> Result<()> {
         let st = self.lock_state();
         if !st.parents(from).is_empty() {
-            return Err(BlockError::Unsupported { node: from.name.clone(), what: "replacing a node that has a parent node" });
+            return Err(BlockError::Unsupported {
+                node: from.name.clone(),
+                what: "replacing a node that has a parent node",
+            });
         }
         let moving: Vec<User> = from.users().into_iter().filter(|u| !except.contains(&u.id)).collect();
         let take = |list: &Mutex<Vec<User>>, ids: &[UserId]| {
@@ -490,20 +538,28 @@ impl Graph {
                 holders.push((u.name.clone(), if node_active { u.perms } else { PermSet::new(Perm::NONE, Perm::ALL) }));
             }
             for p in st.parents(node) {
-                let pp = cumulative.iter().find(|(n, _)| Arc::ptr_eq(n, &p)).map(|(_, ps)| *ps).unwrap_or(PermSet::new(Perm::NONE, Perm::ALL));
+                let pp = cumulative
+                    .iter()
+                    .find(|(n, _)| Arc::ptr_eq(n, &p))
+                    .map(|(_, ps)| *ps)
+                    .unwrap_or(PermSet::new(Perm::NONE, Perm::ALL));
                 let eff = if active(&p) { pp } else { PermSet::new(Perm::NONE, Perm::ALL) };
                 holders.push((format!("node '{}'", p.name), eff));
             }
             for (i, (an, a)) in holders.iter().enumerate() {
                 for (_, b) in holders.iter().skip(i + 1) {
                     if let Some(c) = a.conflict(b) {
-                        return Err(BlockError::PermConflict { node: node.name.clone(), perm: c.first_name(), other: an.clone() });
+                        return Err(BlockError::PermConflict {
+                            node: node.name.clone(),
+                            perm: c.first_name(),
+                            other: an.clone(),
+                        });
                     }
                 }
             }
-            let total = holders
-                .iter()
-                .fold(PermSet::new(Perm::NONE, Perm::ALL), |acc, (_, p)| PermSet::new(acc.perm | p.perm, acc.shared.intersection(p.shared)));
+            let total = holders.iter().fold(PermSet::new(Perm::NONE, Perm::ALL), |acc, (_, p)| {
+                PermSet::new(acc.perm | p.perm, acc.shared.intersection(p.shared))
+            });
             cumulative.push((node.clone(), total));
         }
         for (node, total) in &cumulative {
@@ -522,14 +578,23 @@ impl Graph {
     }
 
     /// `block-dirty-bitmap-add`.
-    pub fn bitmap_add(&self, node: &str, name: &str, granularity: Option<u64>, disabled: bool) -> Result<Arc<DirtyBitmap>> {
+    pub fn bitmap_add(
+        &self,
+        node: &str,
+        name: &str,
+        granularity: Option<u64>,
+        disabled: bool,
+    ) -> Result<Arc<DirtyBitmap>> {
         let node = self.find(node)?;
         let mut list = node.bitmaps.write().map_err(|_| BlockError::NodeNotFound(node.name.clone()))?;
         if list.iter().any(|b| b.name() == name) {
             return Err(BlockError::BitmapExists { node: node.name.clone(), bitmap: name.to_string() });
         }
         let g = granularity.unwrap_or(crate::bitmap::DEFAULT_GRANULARITY);
-        let bm = Arc::new(DirtyBitmap::new(name, node.length(), g).map_err(|source| BlockError::Bitmap { node: node.name.clone(), source })?);
+        let bm = Arc::new(
+            DirtyBitmap::new(name, node.length(), g)
+                .map_err(|source| BlockError::Bitmap { node: node.name.clone(), source })?,
+        );
         bm.set_enabled(!disabled);
         list.push(bm.clone());
         Ok(bm)

@@ -9,7 +9,9 @@
 //! level they passed, once the leaf has answered. Nothing here allocates.
 
 use crate::buf::IoBuf;
-use crate::driver::{BlockRead, BlockStatus, BlockWrite, Discard, Extent, Flush, Resize, WriteFlags, WriteZeroes, ZeroFlags};
+use crate::driver::{
+    BlockRead, BlockStatus, BlockWrite, Discard, Extent, Flush, Resize, WriteFlags, WriteZeroes, ZeroFlags,
+};
 use crate::error::{BlockError, Op, Result};
 use crate::node::{Kind, Node, Written};
 
@@ -45,7 +47,10 @@ impl<'a> Path<'a> {
 
     fn push(&mut self, node: &'a Node, offset: u64) -> Result<()> {
         if self.depth == MAX_DEPTH {
-            return Err(BlockError::InvalidOption { option: "graph".into(), reason: format!("filter chain deeper than {MAX_DEPTH} at '{}'", node.name) });
+            return Err(BlockError::InvalidOption {
+                option: "graph".into(),
+                reason: format!("filter chain deeper than {MAX_DEPTH} at '{}'", node.name),
+            });
         }
         node.inflight.pass();
         self.levels[self.depth] = Some((node, offset));
@@ -128,13 +133,22 @@ impl Node {
                 Kind::File(_) | Kind::Null(_) | Kind::Dyn(_) => {
                     let align = u64::from(node.alignment());
                     if align > 1 && (off % align != 0 || len % align != 0) {
-                        return Err(BlockError::Misaligned { node: node.name.clone(), op, offset: off, len, align: align as u32 });
+                        return Err(BlockError::Misaligned {
+                            node: node.name.clone(),
+                            op,
+                            offset: off,
+                            len,
+                            align: align as u32,
+                        });
                     }
                     return Ok((node, off));
                 }
             }
             let Some(child) = &node.child else {
-                return Err(BlockError::InvalidOption { option: "file".into(), reason: format!("filter '{}' has no child", node.name) });
+                return Err(BlockError::InvalidOption {
+                    option: "file".into(),
+                    reason: format!("filter '{}' has no child", node.name),
+                });
             };
             node = &child.node;
             path.push(node, off)?;
@@ -281,7 +295,7 @@ async fn leaf_flush(leaf: &Node) -> Result<()> {
     match &leaf.kind {
         Kind::File(d) => d.flush().await,
         Kind::Null(d) => d.flush().await,
-        Kind::Dyn(d) => crate::driver::DynDriver::flush(&**d, ).await,
+        Kind::Dyn(d) => crate::driver::DynDriver::flush(&**d).await,
         Kind::Raw(_) | Kind::Blkdebug(_) => Err(not_leaf(leaf)),
     }
 }

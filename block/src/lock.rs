@@ -97,7 +97,9 @@ impl ImageLock {
             .map_err(|source| BlockError::Lock { path: self.path.clone(), source })
             .and_then(|()| self.check_conflicts(perm, unshared));
         match res {
-            Ok(()) => self.set_bytes(perm, unshared).map_err(|source| BlockError::Lock { path: self.path.clone(), source }),
+            Ok(()) => {
+                self.set_bytes(perm, unshared).map_err(|source| BlockError::Lock { path: self.path.clone(), source })
+            }
             Err(e) => {
                 // Best effort: restoring only releases bytes we added, which cannot conflict.
                 let _ = self.set_bytes(old_perm, old_unshared);

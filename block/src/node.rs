@@ -91,7 +91,13 @@ pub enum Written<'a> {
 /// its own errors: the request's result is the node's.
 pub trait WriteHook: Send + Sync + std::fmt::Debug {
     fn before_write(&self, offset: u64, len: u64) -> crate::driver::BoxFuture<'_, bool>;
-    fn after_write<'a>(&'a self, offset: u64, len: u64, what: Option<Written<'a>>, claimed: bool) -> crate::driver::BoxFuture<'a, ()>;
+    fn after_write<'a>(
+        &'a self,
+        offset: u64,
+        len: u64,
+        what: Option<Written<'a>>,
+        claimed: bool,
+    ) -> crate::driver::BoxFuture<'a, ()>;
 }
 
 /// A node of the block graph.
@@ -138,7 +144,14 @@ pub struct NodeInfo {
 }
 
 impl Node {
-    pub(crate) fn new(name: String, kind: Kind, child: Option<Child>, read_only: bool, active: bool, implicit: bool) -> Self {
+    pub(crate) fn new(
+        name: String,
+        kind: Kind,
+        child: Option<Child>,
+        read_only: bool,
+        active: bool,
+        implicit: bool,
+    ) -> Self {
         Self {
             name,
             kind,

@@ -64,7 +64,9 @@ impl Opts {
         match self.take(key) {
             None => Ok(None),
             Some(Value::Number(n)) => n.as_u64().map(Some).ok_or_else(|| bad(key, "expected a non-negative integer")),
-            Some(Value::String(s)) => parse_size(&s).map(Some).ok_or_else(|| bad(key, format!("expected a size, got '{s}'"))),
+            Some(Value::String(s)) => {
+                parse_size(&s).map(Some).ok_or_else(|| bad(key, format!("expected a size, got '{s}'")))
+            }
             Some(_) => Err(bad(key, "expected an integer")),
         }
     }
@@ -73,7 +75,9 @@ impl Opts {
         match self.take(key) {
             None => Ok(None),
             Some(Value::Number(n)) => n.as_i64().map(Some).ok_or_else(|| bad(key, "expected an integer")),
-            Some(Value::String(s)) => s.parse().map(Some).map_err(|_| bad(key, format!("expected an integer, got '{s}'"))),
+            Some(Value::String(s)) => {
+                s.parse().map(Some).map_err(|_| bad(key, format!("expected an integer, got '{s}'")))
+            }
             Some(_) => Err(bad(key, "expected an integer")),
         }
     }
@@ -100,7 +104,10 @@ impl Opts {
     pub fn finish(self, prefix: &str) -> Result<()> {
         match self.map.keys().next() {
             None => Ok(()),
-            Some(k) => Err(BlockError::InvalidOption { option: format!("{prefix}{k}"), reason: "parameter is unexpected".into() }),
+            Some(k) => Err(BlockError::InvalidOption {
+                option: format!("{prefix}{k}"),
+                reason: "parameter is unexpected".into(),
+            }),
         }
     }
 

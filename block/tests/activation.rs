@@ -25,7 +25,10 @@ async fn disks(n: usize) -> Disks {
         let p = dir.path().join(format!("d{k}.img"));
         std::fs::File::create(&p).unwrap().set_len(SIZE).unwrap();
         graph.blockdev_add(&json!({"driver": "file", "node-name": format!("file{k}"), "filename": p})).await.unwrap();
-        graph.blockdev_add(&json!({"driver": "blkdebug", "node-name": format!("dbg{k}"), "image": format!("file{k}")})).await.unwrap();
+        graph
+            .blockdev_add(&json!({"driver": "blkdebug", "node-name": format!("dbg{k}"), "image": format!("file{k}")}))
+            .await
+            .unwrap();
         paths.push(p);
     }
     Disks { graph, _dir: dir, paths }
@@ -248,9 +251,13 @@ async fn bad_input_gets_typed_errors() {
     assert!(matches!(e, BlockError::NodeNotFound(_)), "{e}");
     let e = g.blockdev_add(&json!({"driver": "raw", "node-name": "1bad", "file": "file0"})).await.unwrap_err();
     assert!(matches!(e, BlockError::InvalidNodeName(_)), "{e}");
-    let e = g.blockdev_add(&json!({"driver": "file", "node-name": "f", "filename": "/nonexistent/x.img"})).await.unwrap_err();
+    let e = g
+        .blockdev_add(&json!({"driver": "file", "node-name": "f", "filename": "/nonexistent/x.img"}))
+        .await
+        .unwrap_err();
     assert!(matches!(e, BlockError::Open { .. }), "{e}");
-    let e = g.blockdev_add(&json!({"driver": "file", "node-name": "f", "filename": "/tmp", "bogus": 1})).await.unwrap_err();
+    let e =
+        g.blockdev_add(&json!({"driver": "file", "node-name": "f", "filename": "/tmp", "bogus": 1})).await.unwrap_err();
     assert!(e.to_string().contains("bogus"), "{e}");
     let e = g.bitmap_add("dbg0", "b", Some(1000), false).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");

@@ -45,7 +45,9 @@ async fn writes_zeroes_and_discards_mark_enabled_bitmaps_only() {
 #[tokio::test]
 async fn raw_window_maps_offsets_and_bounds() {
     let (g, _d, p) = file_graph(1 << 20, json!({})).await;
-    g.blockdev_add(&json!({"driver": "raw", "node-name": "win", "file": "file0", "offset": 65536, "size": 131072})).await.unwrap();
+    g.blockdev_add(&json!({"driver": "raw", "node-name": "win", "file": "file0", "offset": 65536, "size": 131072}))
+        .await
+        .unwrap();
     assert_eq!(g.find("win").unwrap().length(), 131072);
     let be = g.attach("win", "guest", PermSet::GUEST_WRITER, true).unwrap();
     be.write(0, IoBuf::from_slice(&[0x11; 512]), WriteFlags::default()).await.unwrap();
@@ -54,7 +56,10 @@ async fn raw_window_maps_offsets_and_bounds() {
     assert_eq!(data[..512], [0; 512]);
     let e = be.write(131072 - 256, IoBuf::zeroed(512), WriteFlags::default()).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NoSpace);
-    let e = g.blockdev_add(&json!({"driver": "raw", "node-name": "big", "file": "file0", "offset": 1048576, "size": 1})).await.unwrap_err();
+    let e = g
+        .blockdev_add(&json!({"driver": "raw", "node-name": "big", "file": "file0", "offset": 1048576, "size": 1}))
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("does not fit"), "{e}");
 }
 
@@ -79,7 +84,9 @@ async fn block_status_reports_real_holes() {
 async fn fast_zero_without_support_changes_nothing() {
     // discard=ignore and no fallocate path refusal here; a null-co node always succeeds.
     let g = Arc::new(Graph::new());
-    g.blockdev_add(&json!({"driver": "null-co", "node-name": "n", "size": 1048576, "read-zeroes": true})).await.unwrap();
+    g.blockdev_add(&json!({"driver": "null-co", "node-name": "n", "size": 1048576, "read-zeroes": true}))
+        .await
+        .unwrap();
     let be = g.attach("n", "bench", PermSet::EXPORT_WRITABLE, true).unwrap();
     be.write_zeroes(0, 4096, ZeroFlags { fast: true, ..Default::default() }).await.unwrap();
     let buf = be.read(0, IoBuf::from_slice(&[5u8; 4096])).await.unwrap();
@@ -129,7 +136,9 @@ async fn blockdev_del_removes_implicit_children_and_releases_locks() {
     let p = dir.path().join("d.img");
     std::fs::File::create(&p).unwrap().set_len(1 << 20).unwrap();
     let g = Arc::new(Graph::new());
-    g.blockdev_add(&json!({"driver": "raw", "node-name": "top", "file": {"driver": "file", "filename": p}})).await.unwrap();
+    g.blockdev_add(&json!({"driver": "raw", "node-name": "top", "file": {"driver": "file", "filename": p}}))
+        .await
+        .unwrap();
     assert_eq!(g.nodes().len(), 2);
     let child = g.find("top").unwrap().child().unwrap().clone();
     assert!(child.name().starts_with('#'));

@@ -446,7 +446,10 @@ impl JobManager {
 
     /// Check a new job id before the job is built.
     pub fn check_id(&self, id: &str) -> Result<(), JobError> {
-        if id.is_empty() || !id.chars().next().is_some_and(|c| c.is_ascii_alphabetic()) || !id.chars().all(|c| c.is_ascii_alphanumeric() || "-._".contains(c)) {
+        if id.is_empty()
+            || !id.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+            || !id.chars().all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
+        {
             return Err(JobError::Invalid(format!("Invalid job ID '{id}'")));
         }
         if self.list_lock().iter().any(|j| j.id == id) {
@@ -571,7 +574,9 @@ impl JobManager {
         job.check_verb(Verb::Cancel)?;
         let status = job.status();
         if status == Status::Pending && Self::driver_of(&job).is_some_and(|d| d.committed()) {
-            return Err(JobError::Invalid(format!("Job '{id}' has already switched to its target and cannot be cancelled; finalize it")));
+            return Err(JobError::Invalid(format!(
+                "Job '{id}' has already switched to its target and cannot be cancelled; finalize it"
+            )));
         }
         let force = {
             let mut s = job.st();

@@ -286,7 +286,12 @@ pub enum MirrorError {
 }
 
 /// `blockdev-mirror`: check everything first (nothing changes on an error), then start.
-pub fn start(graph: &Arc<Graph>, mgr: &Arc<JobManager>, job: JobOptions, opts: MirrorOptions) -> Result<(Arc<Job>, Mirror), MirrorError> {
+pub fn start(
+    graph: &Arc<Graph>,
+    mgr: &Arc<JobManager>,
+    job: JobOptions,
+    opts: MirrorOptions,
+) -> Result<(Arc<Job>, Mirror), MirrorError> {
     mgr.check_id(&job.id)?;
     let source = graph.find(&opts.source)?;
     let target = graph.find(&opts.target)?;
@@ -318,7 +323,10 @@ pub fn start(graph: &Arc<Graph>, mgr: &Arc<JobManager>, job: JobOptions, opts: M
     // the job (QEMU's force_allow_inactivate): a migration's switchover does
     // that once the job is in sync and the guest stopped.
     let tgt = graph.attach(&opts.target, &user, PermSet::new(Perm::WRITE, Perm::WRITE_UNCHANGED), true)?;
-    let bitmap = Arc::new(DirtyBitmap::new(&format!("#mirror-{}", job.id), source.length(), g).map_err(|e| BlockError::Bitmap { node: source.name().to_string(), source: e })?);
+    let bitmap = Arc::new(
+        DirtyBitmap::new(&format!("#mirror-{}", job.id), source.length(), g)
+            .map_err(|e| BlockError::Bitmap { node: source.name().to_string(), source: e })?,
+    );
     bitmap.set_busy(true);
     if opts.sync != SyncMode::None {
         bitmap.mark_force(0, source.length());
@@ -378,7 +386,13 @@ impl WriteHook for Hook {
         })
     }
 
-    fn after_write<'a>(&'a self, offset: u64, len: u64, what: Option<Written<'a>>, claimed: bool) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+    fn after_write<'a>(
+        &'a self,
+        offset: u64,
+        len: u64,
+        what: Option<Written<'a>>,
+        claimed: bool,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
         Box::pin(async move {
             if !claimed {
                 return;
@@ -390,11 +404,17 @@ impl WriteHook for Hook {
                 match what {
                     // The source write failed: nothing to copy; the range stays dirty.
                     None => Ok(()),
-                    Some(Written::Data(d)) => s.tgt.write(offset, IoBuf::from_slice(d), WriteFlags::default()).await.map(|_| {
-                        s.bytes_written.fetch_add(len, Ordering::SeqCst);
-                    }),
-                    Some(Written::Zeroes { may_unmap }) => s.tgt.write_zeroes(offset, len, ZeroFlags { may_unmap, ..Default::default() }).await,
-                    Some(Written::Discard) => s.tgt.write_zeroes(offset, len, ZeroFlags { may_unmap: true, ..Default::default() }).await,
+                    Some(Written::Data(d)) => {
+                        s.tgt.write(offset, IoBuf::from_slice(d), WriteFlags::default()).await.map(|_| {
+                            s.bytes_written.fetch_add(len, Ordering::SeqCst);
+                        })
+                    }
+                    Some(Written::Zeroes { may_unmap }) => {
+                        s.tgt.write_zeroes(offset, len, ZeroFlags { may_unmap, ..Default::default() }).await
+                    }
+                    Some(Written::Discard) => {
+                        s.tgt.write_zeroes(offset, len, ZeroFlags { may_unmap: true, ..Default::default() }).await
+                    }
                 }
             };
             // A force-cancelled job stops waiting for a stalled target, so the
@@ -487,7 +507,9 @@ impl MirrorDriver {
                     };
                     let tn = t.len.clamp(1, pos + n - tpos);
                     if !t.zero {
-                        if let Err(e) = s.tgt.write_zeroes(tpos, tn, ZeroFlags { may_unmap: true, ..Default::default() }).await {
+                        if let Err(e) =
+                            s.tgt.write_zeroes(tpos, tn, ZeroFlags { may_unmap: true, ..Default::default() }).await
+                        {
                             return CopyResult::TargetError(e.chain());
                         }
                     }
@@ -601,7 +623,10 @@ impl JobDriver for MirrorDriver {
                 Ok(())
             }
             Some("background") if self.copy_mode() == CopyMode::Background => Ok(()),
-            Some("background") => Err(JobError::Invalid(format!("Cannot change copy mode of job '{}' from write-blocking to background", job.id))),
+            Some("background") => Err(JobError::Invalid(format!(
+                "Cannot change copy mode of job '{}' from write-blocking to background",
+                job.id
+            ))),
             Some(other) => Err(JobError::Invalid(format!("Parameter 'copy-mode' does not accept value '{other}'"))),
             None => Ok(()),
         }
@@ -702,7 +727,10 @@ impl MirrorDriver {
             }
 
             // Auto-converge: once a second, compare how the dirty backlog moves.
-            if s.opts.auto_converge && self.copy_mode() == CopyMode::Background && sample_at.elapsed() >= Duration::from_secs(1) {
+            if s.opts.auto_converge
+                && self.copy_mode() == CopyMode::Background
+                && sample_at.elapsed() >= Duration::from_secs(1)
+            {
                 let copied = job.progress.load(Ordering::SeqCst) - sample_copied;
                 let outrun = dirty > 0 && dirty >= sample_dirty;
                 outrun_since = if outrun { outrun_since.or(Some(sample_at)) } else { None };
@@ -749,8 +777,12 @@ impl MirrorDriver {
                         job.progress.fetch_add(n, Ordering::SeqCst);
                         None
                     }
-                    CopyResult::SourceError(m) => self.on_error(job, "read", self.shared.opts.on_source_error, m, off, len),
-                    CopyResult::TargetError(m) => self.on_error(job, "write", self.shared.opts.on_target_error, m, off, len),
+                    CopyResult::SourceError(m) => {
+                        self.on_error(job, "read", self.shared.opts.on_source_error, m, off, len)
+                    }
+                    CopyResult::TargetError(m) => {
+                        self.on_error(job, "write", self.shared.opts.on_target_error, m, off, len)
+                    }
                     // The job is force-cancelled; its loop ends it next.
                     CopyResult::Abandoned => {
                         self.shared.bitmap.mark_force(off, len);
@@ -810,7 +842,12 @@ impl MirrorDriver {
 
     /// Complete (pivot) or soft-cancel after READY: hold the source's users,
     /// copy what is left, flush the target, then pivot if asked.
-    async fn finish_sync(&self, job: &Arc<Job>, tasks: tokio::task::JoinSet<(u64, u64, CopyResult)>, pivot: bool) -> Outcome {
+    async fn finish_sync(
+        &self,
+        job: &Arc<Job>,
+        tasks: tokio::task::JoinSet<(u64, u64, CopyResult)>,
+        pivot: bool,
+    ) -> Outcome {
         let s = self.shared.clone();
         let except = [s.src.id(), s.tgt.id()];
         let held = s.src.graph().quiesce_users(&s.source, &except).await;

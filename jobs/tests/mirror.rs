@@ -53,7 +53,10 @@ async fn mirror_under_writer_then_soft_cancel(kind: Target) {
         Target::QemuNbd => {
             let sock = fx.path("qemu.sock");
             qemu_nbd = Some(QemuNbd::start(&tgt, &sock));
-            fx.add(json!({"driver": "nbd", "node-name": "tgt", "server": {"type": "unix", "path": sock}, "export": ""})).await;
+            fx.add(
+                json!({"driver": "nbd", "node-name": "tgt", "server": {"type": "unix", "path": sock}, "export": ""}),
+            )
+            .await;
         }
     }
 
@@ -86,7 +89,10 @@ async fn mirror_under_writer_then_soft_cancel(kind: Target) {
     assert_eq!(data_map(&tgt), data_map(&src), "target's data extents differ from the source's");
     let (a_src, a_tgt) = (allocated(&src), allocated(&tgt));
     assert!(a_tgt <= a_src + MIB && a_tgt < 64 * MIB, "target allocated {a_tgt} bytes, source {a_src}");
-    assert!((20 * MIB / 2..SIZE / 4).contains(&written), "bytes_written {written} for a {SIZE}-byte image with ~20 MiB of data");
+    assert!(
+        (20 * MIB / 2..SIZE / 4).contains(&written),
+        "bytes_written {written} for a {SIZE}-byte image with ~20 MiB of data"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -119,7 +125,11 @@ async fn file_pair(fx: &Fx, size: u64, extents: usize) -> (std::path::PathBuf, s
 }
 
 /// An 8 MiB source with 4 MiB of data, and a blkdebug "tgt" over file "tgtfile" with `errors` and `delays`.
-async fn blkdebug_target(fx: &Fx, errors: serde_json::Value, delays: serde_json::Value) -> (std::path::PathBuf, std::path::PathBuf) {
+async fn blkdebug_target(
+    fx: &Fx,
+    errors: serde_json::Value,
+    delays: serde_json::Value,
+) -> (std::path::PathBuf, std::path::PathBuf) {
     let src = fx.image("src.raw", 8 * MIB);
     fill_range(&src, &mut Rng::new(5), 0, 4 * MIB);
     fx.add_file("src", &src).await;
@@ -223,9 +233,14 @@ async fn write_blocking_mode_puts_each_guest_write_on_target_before_it_returns()
         };
         let data = rng.bytes(len as usize);
         guest.write(off, IoBuf::from_slice(&data), WriteFlags::default()).await.unwrap();
-        assert_eq!(read_at(&tgt, off, len as usize), data, "write {i} at {off}+{len} not on the target when it returned");
+        assert_eq!(
+            read_at(&tgt, off, len as usize),
+            data,
+            "write {i} at {off}+{len} not on the target when it returned"
+        );
     }
-    wait_until("actively-synced again", secs(3), || fx.mgr.query_block_jobs()[0]["actively-synced"] == json!(true)).await;
+    wait_until("actively-synced again", secs(3), || fx.mgr.query_block_jobs()[0]["actively-synced"] == json!(true))
+        .await;
     fx.mgr.cancel("m0", false).unwrap();
     fx.wait_done(&job).await;
     fx.release(m).await;
@@ -279,7 +294,8 @@ async fn slow_mirror_does_not_converge_under_fast_writer_until_auto_converge() {
     opts.auto_converge = true;
     opts.converge_after = ms(500);
     let (job, m) = fx.start("m1", MIB, opts).unwrap();
-    wait_until("X_BATON_BLOCK_JOB_COPY_MODE_CHANGED", secs(6), || fx.count("X_BATON_BLOCK_JOB_COPY_MODE_CHANGED") > 0).await;
+    wait_until("X_BATON_BLOCK_JOB_COPY_MODE_CHANGED", secs(6), || fx.count("X_BATON_BLOCK_JOB_COPY_MODE_CHANGED") > 0)
+        .await;
     let ev = &fx.events_named("X_BATON_BLOCK_JOB_COPY_MODE_CHANGED")[0];
     assert_eq!(ev["device"], json!("m1"));
     assert_eq!(ev["copy-mode"], json!("write-blocking"));
@@ -323,7 +339,10 @@ async fn target_write_error_with_ignore_retries_until_it_succeeds() {
     opts.on_target_error = OnError::Ignore;
     let (job, m) = fx.start("m0", 0, opts).unwrap();
     wait_until("3 BLOCK_JOB_ERROR", secs(5), || fx.count("BLOCK_JOB_ERROR") >= 3).await;
-    assert!(fx.events_named("BLOCK_JOB_ERROR").iter().all(|e| *e == json!({"device": "m0", "operation": "write", "action": "ignore"})));
+    assert!(fx
+        .events_named("BLOCK_JOB_ERROR")
+        .iter()
+        .all(|e| *e == json!({"device": "m0", "operation": "write", "action": "ignore"})));
     assert_eq!(job.status(), Status::Running);
     clear_rules(&fx, "tgt");
     wait_status(&job, Status::Ready, secs(5)).await;
@@ -450,8 +469,15 @@ async fn cancel_of_a_paused_mirror_concludes_it() {
     wait_status(&job, Status::Paused, secs(3)).await;
     fx.mgr.cancel("m0", false).unwrap();
     let done = tokio::time::timeout(secs(5), job.wait_finished()).await.is_ok();
-    let statuses: Vec<String> = fx.events_named("JOB_STATUS_CHANGE").iter().map(|e| e["status"].as_str().unwrap().to_string()).collect();
-    assert!(done, "cancel of a paused job: still {:?} after 5 s; statuses {statuses:?}; events {:?}; jobs {:?}", job.status(), fx.event_names(), fx.job_list());
+    let statuses: Vec<String> =
+        fx.events_named("JOB_STATUS_CHANGE").iter().map(|e| e["status"].as_str().unwrap().to_string()).collect();
+    assert!(
+        done,
+        "cancel of a paused job: still {:?} after 5 s; statuses {statuses:?}; events {:?}; jobs {:?}",
+        job.status(),
+        fx.event_names(),
+        fx.job_list()
+    );
     assert_eq!(fx.count("BLOCK_JOB_CANCELLED"), 1, "events: {:?}", fx.event_names());
     wait_until("auto-dismiss", secs(1), || fx.mgr.jobs().is_empty()).await;
 }
@@ -588,7 +614,6 @@ async fn soft_cancel_of_a_paused_ready_mirror_still_completes() {
     assert_identical(&src, &tgt);
 }
 
-
 // ---------------------------------------------------------------------------
 // The ended job lets go of its nodes
 // ---------------------------------------------------------------------------
@@ -610,18 +635,26 @@ async fn ended_job_detaches_from_its_nodes_before_its_end_event() {
     assert_eq!(at_end.len(), 1, "{at_end:?}");
     for (event, nodes) in &at_end {
         for (node, users) in nodes {
-            assert!(!users.iter().any(|u| u.starts_with("job ")), "at {event}, node '{node}' still had users {users:?}");
+            assert!(
+                !users.iter().any(|u| u.starts_with("job ")),
+                "at {event}, node '{node}' still had users {users:?}"
+            );
         }
     }
     // So a manager can start the next job (here: back onto the old source) on the event.
-    let (job, m) = fx.start("m1", 0, MirrorOptions::new("tgt", "src")).expect("a mirror started right after the previous one ended");
+    let (job, m) = fx
+        .start("m1", 0, MirrorOptions::new("tgt", "src"))
+        .expect("a mirror started right after the previous one ended");
     drop(m);
     fx.mgr.cancel("m1", true).unwrap();
     fx.wait_done(&job).await;
     let at_end = fx.users_at_end.lock().unwrap().clone();
     for (event, nodes) in &at_end {
         for (node, users) in nodes {
-            assert!(!users.iter().any(|u| u.starts_with("job ")), "at {event}, node '{node}' still had users {users:?}");
+            assert!(
+                !users.iter().any(|u| u.starts_with("job ")),
+                "at {event}, node '{node}' still had users {users:?}"
+            );
         }
     }
 }
@@ -643,4 +676,3 @@ async fn mirror_stats_handle_does_not_keep_the_ended_job_on_its_nodes() {
     assert!(ok, "the target is still locked by the ended job: {text}");
     assert!(mirror.bytes_written() > 0);
 }
-

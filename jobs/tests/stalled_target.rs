@@ -39,7 +39,11 @@ async fn stalled_pair(fx: &Fx, hole_flush: bool) -> Stalled {
     Stalled { src, hole, guest }
 }
 
-fn spawn_guest_write(guest: &Arc<block::BlockBackend>, offset: u64, data: &[u8]) -> tokio::task::JoinHandle<block::Result<IoBuf>> {
+fn spawn_guest_write(
+    guest: &Arc<block::BlockBackend>,
+    offset: u64,
+    data: &[u8],
+) -> tokio::task::JoinHandle<block::Result<IoBuf>> {
     let (guest, data) = (guest.clone(), data.to_vec());
     tokio::spawn(async move { guest.write(offset, IoBuf::from_slice(&data), WriteFlags::default()).await })
 }
@@ -63,17 +67,21 @@ async fn assert_cancelled_promptly(
     assert_eq!(fx.count("BLOCK_JOB_CANCELLED"), 1, "events: {:?}", fx.event_names());
     assert_eq!(fx.count("BLOCK_JOB_COMPLETED"), 0, "events: {:?}", fx.event_names());
 
-    let written = tokio::time::timeout(PROMPT, held).await.expect("the guest's write still hangs after the cancel").unwrap();
+    let written =
+        tokio::time::timeout(PROMPT, held).await.expect("the guest's write still hangs after the cancel").unwrap();
     assert!(written.is_ok(), "the guest's write failed: {}", written.unwrap_err().chain());
 
     fx.release(mirror).await;
     assert_eq!(fx.snapshot(), before, "graph after the forced cancel");
 
     let data = Rng::new(77).bytes(64 * KIB as usize);
-    tokio::time::timeout(Duration::from_secs(2), st.guest.write(7 * MIB, IoBuf::from_slice(&data), WriteFlags::default()))
-        .await
-        .expect("a guest write after the job still waits for the target: the write hook is still installed")
-        .unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(2),
+        st.guest.write(7 * MIB, IoBuf::from_slice(&data), WriteFlags::default()),
+    )
+    .await
+    .expect("a guest write after the job still waits for the target: the write hook is still installed")
+    .unwrap();
     st.guest.flush().await.unwrap();
     assert_eq!(read_at(&st.src, 7 * MIB, data.len()), data);
 }
@@ -116,7 +124,8 @@ async fn force_cancel_of_a_ready_mirror_whose_target_stalled_unblocks_the_guest(
 
     let data = Rng::new(32).bytes(64 * KIB as usize);
     let held = spawn_guest_write(&st.guest, MIB, &data);
-    wait_until("the guest's write to reach the stalled server", Duration::from_secs(5), || st.hole.requests() > 0).await;
+    wait_until("the guest's write to reach the stalled server", Duration::from_secs(5), || st.hole.requests() > 0)
+        .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!held.is_finished(), "the guest's write should be held by the stalled target");
 

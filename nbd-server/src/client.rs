@@ -75,7 +75,8 @@ use std::time::Duration;
 
 use block::buf::IoBuf;
 use block::driver::{
-    BlockRead, BlockStatus, BlockWrite, Caps, Discard, DynDriver, Extent, Flush, LeafInfo, Resize, WriteFlags, WriteZeroes, ZeroFlags,
+    BlockRead, BlockStatus, BlockWrite, Caps, Discard, DynDriver, Extent, Flush, LeafInfo, Resize, WriteFlags,
+    WriteZeroes, ZeroFlags,
 };
 use block::error::{BlockError, Op, Result};
 use block::graph::DriverCtor;
@@ -186,7 +187,9 @@ impl NbdClientOptions {
                 _ => {
                     return Err(invalid(
                         "x-baton-request-timeout",
-                        format!("{secs} is not a number of seconds from 1 to {MAX_REQUEST_TIMEOUT_SECS} (or 0 for no timeout)"),
+                        format!(
+                        "{secs} is not a number of seconds from 1 to {MAX_REQUEST_TIMEOUT_SECS} (or 0 for no timeout)"
+                    ),
                     ))
                 }
             },
@@ -229,16 +232,22 @@ fn parse_server(mut s: Opts) -> Result<NbdServer> {
             let host = req_server_str(&mut s, "host")?;
             let port = match s.take("port") {
                 None => return Err(invalid("server.port", "parameter is missing")),
-                Some(Value::String(p)) => p.trim().parse::<u16>().map_err(|_| invalid("server.port", format!("expected a port number, got '{p}'")))?,
-                Some(Value::Number(n)) => {
-                    n.as_u64().and_then(|p| u16::try_from(p).ok()).ok_or_else(|| invalid("server.port", format!("expected a port number, got {n}")))?
-                }
+                Some(Value::String(p)) => p
+                    .trim()
+                    .parse::<u16>()
+                    .map_err(|_| invalid("server.port", format!("expected a port number, got '{p}'")))?,
+                Some(Value::Number(n)) => n
+                    .as_u64()
+                    .and_then(|p| u16::try_from(p).ok())
+                    .ok_or_else(|| invalid("server.port", format!("expected a port number, got {n}")))?,
                 Some(_) => return Err(invalid("server.port", "expected a string or a number")),
             };
             NbdServer::Inet { host, port }
         }
         "unix" => NbdServer::Unix { path: PathBuf::from(req_server_str(&mut s, "path")?) },
-        "fd" | "vsock" => return Err(invalid("server.type", format!("'{kind}' is not supported yet; use inet or unix"))),
+        "fd" | "vsock" => {
+            return Err(invalid("server.type", format!("'{kind}' is not supported yet; use inet or unix")))
+        }
         other => return Err(invalid("server.type", format!("'{other}' is not one of inet, unix, fd, vsock"))),
     };
     s.finish("server.")?;
@@ -410,7 +419,8 @@ struct Haggle<'a> {
 
 impl Haggle<'_> {
     async fn send(&mut self, opt: u32, data: &[u8]) -> io::Result<()> {
-        let len = u32::try_from(data.len()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "option too long"))?;
+        let len =
+            u32::try_from(data.len()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "option too long"))?;
         self.w.write_all(&proto::IHAVEOPT.to_be_bytes()).await?;
         self.w.write_all(&opt.to_be_bytes()).await?;
         self.w.write_all(&len.to_be_bytes()).await?;
@@ -431,7 +441,11 @@ impl Haggle<'_> {
             return Err(protocol(format!("bad option reply magic {magic:#x}")));
         }
         if got != opt {
-            return Err(protocol(format!("reply to {} while waiting for {}", proto::option_name(got), proto::option_name(opt))));
+            return Err(protocol(format!(
+                "reply to {} while waiting for {}",
+                proto::option_name(got),
+                proto::option_name(opt)
+            )));
         }
         if u64::from(len) > MAX_REPLY_PAYLOAD {
             return Err(protocol(format!("option reply of {len} bytes")));
@@ -481,7 +495,10 @@ impl Haggle<'_> {
                     if name == BASE_ALLOCATION.as_bytes() {
                         id = Some(ctx);
                     } else {
-                        return Err(protocol(format!("server selected context '{}', which was not asked for", String::from_utf8_lossy(name))));
+                        return Err(protocol(format!(
+                            "server selected context '{}', which was not asked for",
+                            String::from_utf8_lossy(name)
+                        )));
                     }
                 }
                 k if k & proto::REP_FLAG_ERROR != 0 => return Ok(Err(Self::refusal(opt, k, &data))),
@@ -545,7 +562,10 @@ impl Haggle<'_> {
             if e.kind() == io::ErrorKind::UnexpectedEof {
                 return Err(io::Error::new(
                     io::ErrorKind::NotFound,
-                    format!("server closed the connection after NBD_OPT_EXPORT_NAME; is export '{}' available?", self.export),
+                    format!(
+                        "server closed the connection after NBD_OPT_EXPORT_NAME; is export '{}' available?",
+                        self.export
+                    ),
                 ));
             }
             return Err(e);
@@ -584,7 +604,10 @@ impl Haggle<'_> {
             return Err(protocol(format!("not an NBD server (magic {magic:#x})")));
         }
         if second == OLDSTYLE_MAGIC {
-            return Err(io::Error::new(io::ErrorKind::Unsupported, "the server uses oldstyle negotiation, which is not supported"));
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "the server uses oldstyle negotiation, which is not supported",
+            ));
         }
         if second != proto::IHAVEOPT {
             return Err(protocol(format!("bad newstyle magic {second:#x}")));
@@ -614,7 +637,9 @@ impl Haggle<'_> {
                     match self.simple(proto::OPT_STRUCTURED_REPLY).await? {
                         Ok(()) => info.structured = true,
                         Err(r) if r.is_fatal() => return Err(self.give_up(r).await),
-                        Err(r) => tracing::debug!(export = self.export, reply = rep_err_name(r.kind), "no structured replies"),
+                        Err(r) => {
+                            tracing::debug!(export = self.export, reply = rep_err_name(r.kind), "no structured replies")
+                        }
                     }
                 }
             }
@@ -847,7 +872,15 @@ impl Shared {
 
     /// Send one request and wait for its reply. `dest` is a READ's buffer and
     /// where in it the data goes; `payload` is a WRITE's data.
-    async fn request(&self, cmd: u16, flags: u16, offset: u64, len: u64, payload: Option<&[u8]>, dest: Option<(IoBuf, usize)>) -> Outcome {
+    async fn request(
+        &self,
+        cmd: u16,
+        flags: u16,
+        offset: u64,
+        len: u64,
+        payload: Option<&[u8]>,
+        dest: Option<(IoBuf, usize)>,
+    ) -> Outcome {
         let (tx, rx) = oneshot::channel();
         let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed);
         let (buf, base) = match dest {
@@ -860,7 +893,22 @@ impl Shared {
             if let Some(dead) = &g.dead {
                 return Err(Failure::Dead(dead.clone()));
             }
-            g.slots.insert(cookie, Slot { cmd, offset, len, buf, base, covered: 0, ranges: Vec::new(), error: None, extent: None, deadline, done: tx });
+            g.slots.insert(
+                cookie,
+                Slot {
+                    cmd,
+                    offset,
+                    len,
+                    buf,
+                    base,
+                    covered: 0,
+                    ranges: Vec::new(),
+                    error: None,
+                    extent: None,
+                    deadline,
+                    done: tx,
+                },
+            );
         }
         let mut guard = SendGuard { shared: self, cookie, stage: Stage::Queued };
         let mut w = self.writer.lock().await;
@@ -884,7 +932,9 @@ impl Shared {
         guard.stage = Stage::Sent;
         match rx.await {
             Ok(outcome) => outcome,
-            Err(_) => Err(Failure::Dead(self.dead_reason().unwrap_or_else(|| Dead::aborted(self.lost("reply dropped"))))),
+            Err(_) => {
+                Err(Failure::Dead(self.dead_reason().unwrap_or_else(|| Dead::aborted(self.lost("reply dropped")))))
+            }
         }
     }
 
@@ -894,7 +944,8 @@ impl Shared {
             let mut w = self.writer.lock().await;
             let mut hdr = [0u8; 32];
             let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed);
-            let n = Request { flags: 0, kind: proto::CMD_DISC, cookie, offset: 0, length: 0 }.encode(self.info.extended, &mut hdr);
+            let n = Request { flags: 0, kind: proto::CMD_DISC, cookie, offset: 0, length: 0 }
+                .encode(self.info.extended, &mut hdr);
             let _ = w.write_all(&hdr[..n]).await;
             let _ = w.flush().await;
             let _ = w.shutdown().await;
@@ -976,7 +1027,11 @@ async fn reader_task(shared: Arc<Shared>, mut r: ReadHalf) {
 
 /// Read replies forever; returns only on an error. `held` is the slot being
 /// filled from the socket, so the caller can fail it if reading breaks.
-async fn read_replies(shared: &Shared, r: &mut ReadHalf, held: &mut Option<(u64, Slot)>) -> std::result::Result<std::convert::Infallible, ReaderError> {
+async fn read_replies(
+    shared: &Shared,
+    r: &mut ReadHalf,
+    held: &mut Option<(u64, Slot)>,
+) -> std::result::Result<std::convert::Infallible, ReaderError> {
     let info = shared.info;
     loop {
         let mut hdr = [0u8; 32];
@@ -1005,10 +1060,16 @@ async fn read_replies(shared: &Shared, r: &mut ReadHalf, held: &mut Option<(u64,
                     slot.error = Some((error, String::new()));
                 } else if slot.cmd == proto::CMD_READ {
                     if info.structured {
-                        return Err(protocol("simple reply with data to a read after structured replies were negotiated"));
+                        return Err(protocol(
+                            "simple reply with data to a read after structured replies were negotiated",
+                        ));
                     }
                     let (base, len) = (slot.base, slot.len as usize);
-                    let dest = slot.buf.as_mut().and_then(|b| b.get_mut(base..base + len)).ok_or_else(|| protocol("read buffer missing"))?;
+                    let dest = slot
+                        .buf
+                        .as_mut()
+                        .and_then(|b| b.get_mut(base..base + len))
+                        .ok_or_else(|| protocol("read buffer missing"))?;
                     r.read_exact(dest).await?;
                 }
                 if let Some((_, slot)) = held.take() {
@@ -1084,7 +1145,11 @@ async fn read_chunk(r: &mut ReadHalf, slot: &mut Slot, kind: u16, length: u64, i
             let off = r.read_u64().await?;
             let n = length - 8;
             let at = chunk_range(slot, off, n)?;
-            let dest = slot.buf.as_mut().and_then(|b| b.get_mut(at..at + n as usize)).ok_or_else(|| protocol("read buffer missing"))?;
+            let dest = slot
+                .buf
+                .as_mut()
+                .and_then(|b| b.get_mut(at..at + n as usize))
+                .ok_or_else(|| protocol("read buffer missing"))?;
             r.read_exact(dest).await?;
             cover(slot, off, n)?;
         }
@@ -1104,7 +1169,11 @@ async fn read_chunk(r: &mut ReadHalf, slot: &mut Slot, kind: u16, length: u64, i
                 return Err(protocol("empty hole"));
             }
             let at = chunk_range(slot, off, n)?;
-            let dest = slot.buf.as_mut().and_then(|b| b.get_mut(at..at + n as usize)).ok_or_else(|| protocol("read buffer missing"))?;
+            let dest = slot
+                .buf
+                .as_mut()
+                .and_then(|b| b.get_mut(at..at + n as usize))
+                .ok_or_else(|| protocol("read buffer missing"))?;
             dest.fill(0);
             cover(slot, off, n)?;
         }
@@ -1167,7 +1236,10 @@ pub struct NbdClient {
 
 impl fmt::Debug for NbdClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("NbdClient").field("uri", &self.shared.uri).field("info", &self.shared.info).finish_non_exhaustive()
+        f.debug_struct("NbdClient")
+            .field("uri", &self.shared.uri)
+            .field("info", &self.shared.info)
+            .finish_non_exhaustive()
     }
 }
 
@@ -1186,7 +1258,10 @@ impl NbdClient {
             Err(_) => {
                 let source = io::Error::new(
                     io::ErrorKind::TimedOut,
-                    format!("nbd server {} did not complete the handshake within {:?}", opts.server, opts.handshake_timeout),
+                    format!(
+                        "nbd server {} did not complete the handshake within {:?}",
+                        opts.server, opts.handshake_timeout
+                    ),
                 );
                 return Err(BlockError::Open { path: uri, source });
             }
@@ -1287,7 +1362,11 @@ impl NbdClient {
 
     fn check_writable(&self, op: Op) -> Result<()> {
         if self.shared.info.has(proto::TFLAG_READ_ONLY) {
-            return Err(BlockError::Io { node: self.shared.node.clone(), op, source: io::Error::from_raw_os_error(proto::EPERM as i32) });
+            return Err(BlockError::Io {
+                node: self.shared.node.clone(),
+                op,
+                source: io::Error::from_raw_os_error(proto::EPERM as i32),
+            });
         }
         Ok(())
     }
@@ -1409,7 +1488,10 @@ impl BlockWrite for NbdClient {
         while done < total {
             let n = (total - done).min(step);
             let payload = &buf[done as usize..(done + n) as usize];
-            self.shared.request(proto::CMD_WRITE, cmd_flags, offset + done, n, Some(payload), None).await.map_err(|f| self.error(Op::Write, f))?;
+            self.shared
+                .request(proto::CMD_WRITE, cmd_flags, offset + done, n, Some(payload), None)
+                .await
+                .map_err(|f| self.error(Op::Write, f))?;
             done += n;
         }
         Ok(buf)
@@ -1526,7 +1608,9 @@ mod tests {
 
     #[test]
     fn reconnect_delay_zero_is_accepted_and_positive_refused() {
-        assert!(parse(json!({"server": {"type": "unix", "path": "/x"}, "reconnect-delay": 0, "open-timeout": 5})).is_ok());
+        assert!(
+            parse(json!({"server": {"type": "unix", "path": "/x"}, "reconnect-delay": 0, "open-timeout": 5})).is_ok()
+        );
         let e = parse(json!({"server": {"type": "unix", "path": "/x"}, "reconnect-delay": 3})).unwrap_err();
         assert!(e.to_string().contains("reconnect is not implemented"), "{e}");
     }
@@ -1546,7 +1630,9 @@ mod tests {
         }
         let o = parse(json!({"server": unix, "x-baton-request-timeout": MAX_REQUEST_TIMEOUT_SECS})).unwrap();
         assert_eq!(o.request_timeout, Some(Duration::from_secs(MAX_REQUEST_TIMEOUT_SECS)));
-        for v in [json!(-1), json!(MAX_REQUEST_TIMEOUT_SECS + 1), json!(u64::MAX), json!("soon"), json!(true), json!(1.5)] {
+        for v in
+            [json!(-1), json!(MAX_REQUEST_TIMEOUT_SECS + 1), json!(u64::MAX), json!("soon"), json!(true), json!(1.5)]
+        {
             let e = parse(json!({"server": unix, "x-baton-request-timeout": v})).unwrap_err();
             assert!(matches!(e, BlockError::InvalidOption { .. }), "{v}: {e}");
             assert!(e.to_string().contains("'x-baton-request-timeout'"), "{v}: {e}");

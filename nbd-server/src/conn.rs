@@ -196,22 +196,31 @@ where
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(Incoming::End),
             Err(e) => return Err(e),
         }
-        let req = Request::decode(&hdr[..n], self.extended).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        let req = Request::decode(&hdr[..n], self.extended)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
         if req.kind == proto::CMD_DISC {
             return Ok(Incoming::End);
         }
         // Does a payload follow? Writes always; other commands only with PAYLOAD_LEN (extended).
-        let has_payload = req.kind == proto::CMD_WRITE || (self.extended && req.flags & proto::CMD_FLAG_PAYLOAD_LEN != 0);
+        let has_payload =
+            req.kind == proto::CMD_WRITE || (self.extended && req.flags & proto::CMD_FLAG_PAYLOAD_LEN != 0);
         if !has_payload {
             return Ok(Incoming::Request(req, None, None));
         }
         if req.kind != proto::CMD_WRITE || req.length > u64::from(proto::MAX_PAYLOAD) {
             if req.length > MAX_SKIP {
-                return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("payload of {} bytes is too large to skip", req.length)));
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("payload of {} bytes is too large to skip", req.length),
+                ));
             }
             skip(r, req.length).await?;
             let errno = if req.kind == proto::CMD_WRITE && self.structured { proto::EOVERFLOW } else { proto::EINVAL };
-            let why = if req.kind == proto::CMD_WRITE { "write payload larger than the maximum block size" } else { "unexpected payload" };
+            let why = if req.kind == proto::CMD_WRITE {
+                "write payload larger than the maximum block size"
+            } else {
+                "unexpected payload"
+            };
             return Ok(Incoming::Refused(req, errno, why));
         }
         // Wait for buffer budget before reading the payload (back-pressure on the client).
@@ -247,7 +256,10 @@ where
             return Err((proto::EPERM, "export is read-only"));
         }
         if matches!(req.kind, proto::CMD_READ) && req.length > u64::from(proto::MAX_PAYLOAD) {
-            return Err((if self.structured { proto::EOVERFLOW } else { proto::EINVAL }, "read larger than the maximum block size"));
+            return Err((
+                if self.structured { proto::EOVERFLOW } else { proto::EINVAL },
+                "read larger than the maximum block size",
+            ));
         }
         if req.kind == proto::CMD_FLUSH {
             return Ok(());
@@ -309,7 +321,15 @@ where
     async fn read(&self, req: Request, s: &mut Scratch) -> R2 {
         if req.length == 0 && self.structured {
             let mut hdr = [0u8; 32];
-            let h = proto::chunk_header(self.extended, proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_NONE, req.cookie, req.offset, 0, &mut hdr);
+            let h = proto::chunk_header(
+                self.extended,
+                proto::REPLY_FLAG_DONE,
+                proto::REPLY_TYPE_NONE,
+                req.cookie,
+                req.offset,
+                0,
+                &mut hdr,
+            );
             let mut w = self.writer.lock().await;
             w.write_all(&hdr[..h]).await?;
             return w.flush().await;
@@ -322,7 +342,11 @@ where
             Err(e) => return self.send_block_error(req.cookie, req.offset, &e).await,
         };
         let sparse = self.structured && req.flags & proto::CMD_FLAG_DF == 0 && req.length >= SPARSE_READ_MIN;
-        let res = if sparse { self.send_sparse(req, &buf, s).await } else { self.send_data(req.cookie, req.offset, &buf).await };
+        let res = if sparse {
+            self.send_sparse(req, &buf, s).await
+        } else {
+            self.send_data(req.cookie, req.offset, &buf).await
+        };
         self.pool.put(buf);
         res
     }
@@ -369,13 +393,30 @@ where
                 let mut p = [0u8; 12];
                 p[0..8].copy_from_slice(&abs.to_be_bytes());
                 p[8..12].copy_from_slice(&((end - start) as u32).to_be_bytes());
-                let h = proto::chunk_header(self.extended, flags, proto::REPLY_TYPE_OFFSET_HOLE, req.cookie, req.offset, 12, &mut hdr);
+                let h = proto::chunk_header(
+                    self.extended,
+                    flags,
+                    proto::REPLY_TYPE_OFFSET_HOLE,
+                    req.cookie,
+                    req.offset,
+                    12,
+                    &mut hdr,
+                );
                 write_all_parts(&mut *w, &mut [IoSlice::new(&hdr[..h]), IoSlice::new(&p)]).await?;
             } else {
                 let data = &buf[start as usize..end as usize];
                 let off = abs.to_be_bytes();
-                let h = proto::chunk_header(self.extended, flags, proto::REPLY_TYPE_OFFSET_DATA, req.cookie, req.offset, 8 + data.len() as u64, &mut hdr);
-                write_all_parts(&mut *w, &mut [IoSlice::new(&hdr[..h]), IoSlice::new(&off), IoSlice::new(data)]).await?;
+                let h = proto::chunk_header(
+                    self.extended,
+                    flags,
+                    proto::REPLY_TYPE_OFFSET_DATA,
+                    req.cookie,
+                    req.offset,
+                    8 + data.len() as u64,
+                    &mut hdr,
+                );
+                write_all_parts(&mut *w, &mut [IoSlice::new(&hdr[..h]), IoSlice::new(&off), IoSlice::new(data)])
+                    .await?;
             }
         }
         w.flush().await
@@ -400,7 +441,9 @@ where
             }
             let mut count = 0u32;
             let ext = self.extended;
-            let push = |payload: &mut Vec<u8>, count: &mut u32, len: u64, flags: u32| push_descriptor(payload, count, ext, len, flags);
+            let push = |payload: &mut Vec<u8>, count: &mut u32, len: u64, flags: u32| {
+                push_descriptor(payload, count, ext, len, flags)
+            };
             match ctx {
                 Context::BaseAllocation => {
                     let mut off = req.offset;
@@ -412,7 +455,8 @@ where
                             Ok(_) => break,
                             Err(err) => return self.send_block_error(req.cookie, req.offset, &err).await,
                         };
-                        let flags = (if e.data { 0 } else { proto::STATE_HOLE }) | (if e.zero { proto::STATE_ZERO } else { 0 });
+                        let flags =
+                            (if e.data { 0 } else { proto::STATE_HOLE }) | (if e.zero { proto::STATE_ZERO } else { 0 });
                         pending = match pending {
                             Some((l, f)) if f == flags && l + e.len <= cap => Some((l + e.len, f)),
                             Some((l, f)) => {
@@ -447,7 +491,15 @@ where
             let last = i + 1 == self.contexts.len();
             let kind = if self.extended { proto::REPLY_TYPE_BLOCK_STATUS_EXT } else { proto::REPLY_TYPE_BLOCK_STATUS };
             let mut hdr = [0u8; 32];
-            let h = proto::chunk_header(self.extended, if last { proto::REPLY_FLAG_DONE } else { 0 }, kind, req.cookie, req.offset, s.payload.len() as u64, &mut hdr);
+            let h = proto::chunk_header(
+                self.extended,
+                if last { proto::REPLY_FLAG_DONE } else { 0 },
+                kind,
+                req.cookie,
+                req.offset,
+                s.payload.len() as u64,
+                &mut hdr,
+            );
             let guard = match w.as_mut() {
                 Some(g) => g,
                 None => w.insert(self.writer.lock().await),
@@ -465,7 +517,15 @@ where
         let mut w = self.writer.lock().await;
         if self.structured {
             let off = offset.to_be_bytes();
-            let h = proto::chunk_header(self.extended, proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_OFFSET_DATA, cookie, offset, 8 + data.len() as u64, &mut hdr);
+            let h = proto::chunk_header(
+                self.extended,
+                proto::REPLY_FLAG_DONE,
+                proto::REPLY_TYPE_OFFSET_DATA,
+                cookie,
+                offset,
+                8 + data.len() as u64,
+                &mut hdr,
+            );
             write_all_parts(&mut *w, &mut [IoSlice::new(&hdr[..h]), IoSlice::new(&off), IoSlice::new(data)]).await?;
         } else {
             let h = proto::simple_reply(0, cookie, &mut hdr);
@@ -501,7 +561,15 @@ where
             let mut p = [0u8; 6];
             p[0..4].copy_from_slice(&errno.to_be_bytes());
             p[4..6].copy_from_slice(&(msg.len() as u16).to_be_bytes());
-            let h = proto::chunk_header(self.extended, proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_ERROR, cookie, offset, 6 + msg.len() as u64, &mut hdr);
+            let h = proto::chunk_header(
+                self.extended,
+                proto::REPLY_FLAG_DONE,
+                proto::REPLY_TYPE_ERROR,
+                cookie,
+                offset,
+                6 + msg.len() as u64,
+                &mut hdr,
+            );
             write_all_parts(&mut *w, &mut [IoSlice::new(&hdr[..h]), IoSlice::new(&p), IoSlice::new(msg)]).await?;
         } else {
             let h = proto::simple_reply(errno, cookie, &mut hdr);

@@ -72,7 +72,15 @@ impl Export {
         for bm in &bitmaps {
             bm.set_busy(true);
         }
-        Ok(Arc::new(Export { config, backend, bitmaps, clients: AtomicUsize::new(0), closing: AtomicBool::new(false), idle: Notify::new(), closed: Notify::new() }))
+        Ok(Arc::new(Export {
+            config,
+            backend,
+            bitmaps,
+            clients: AtomicUsize::new(0),
+            closing: AtomicBool::new(false),
+            idle: Notify::new(),
+            closed: Notify::new(),
+        }))
     }
 
     pub fn name(&self) -> &str {
@@ -86,7 +94,11 @@ impl Export {
     /// Transmission flags advertised for this export.
     pub fn transmission_flags(&self) -> u16 {
         let caps = self.backend.node().caps();
-        let mut f = proto::TFLAG_HAS_FLAGS | proto::TFLAG_SEND_FLUSH | proto::TFLAG_SEND_FUA | proto::TFLAG_SEND_DF | proto::TFLAG_SEND_CACHE;
+        let mut f = proto::TFLAG_HAS_FLAGS
+            | proto::TFLAG_SEND_FLUSH
+            | proto::TFLAG_SEND_FUA
+            | proto::TFLAG_SEND_DF
+            | proto::TFLAG_SEND_CACHE;
         if self.config.writable {
             f |= proto::TFLAG_SEND_TRIM | proto::TFLAG_SEND_WRITE_ZEROES;
             if caps.fast_zero {

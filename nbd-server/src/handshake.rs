@@ -197,7 +197,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Nego<'_, R, W> {
 
     fn finish(&mut self, export: Arc<Export>) -> Negotiated {
         // Contexts negotiated for another export do not carry over.
-        let contexts = if self.meta_export.as_deref() == Some(export.name()) { std::mem::take(&mut self.contexts) } else { Vec::new() };
+        let contexts = if self.meta_export.as_deref() == Some(export.name()) {
+            std::mem::take(&mut self.contexts)
+        } else {
+            Vec::new()
+        };
         Negotiated { export, structured: self.structured, extended: self.extended, contexts }
     }
 
@@ -313,7 +317,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Nego<'_, R, W> {
                     Context::BaseAllocation
                 } else if ctx == "qemu:allocation-depth" {
                     Context::AllocationDepth
-                } else if let Some(b) = ctx.strip_prefix("qemu:dirty-bitmap:").and_then(|n| export.bitmaps.iter().find(|b| b.name() == n)) {
+                } else if let Some(b) =
+                    ctx.strip_prefix("qemu:dirty-bitmap:").and_then(|n| export.bitmaps.iter().find(|b| b.name() == n))
+                {
                     Context::Bitmap(b.clone())
                 } else {
                     continue;

@@ -3,11 +3,11 @@
 //! `conn`) and the client block driver ([`client`]).
 
 pub mod client;
+mod conn;
 pub mod export;
 pub mod handshake;
 pub mod proto;
 pub mod server;
-mod conn;
 
 pub use export::{Export, ExportConfig};
 pub use server::{Listener, Server, ServerConfig};

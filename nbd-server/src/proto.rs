@@ -265,7 +265,15 @@ pub fn simple_reply(error: u32, cookie: u64, out: &mut [u8; 32]) -> usize {
 
 /// Encode a structured (20 bytes) or extended (32 bytes) reply chunk header.
 /// `offset` is only carried by extended headers.
-pub fn chunk_header(extended: bool, flags: u16, kind: u16, cookie: u64, offset: u64, payload_len: u64, out: &mut [u8; 32]) -> usize {
+pub fn chunk_header(
+    extended: bool,
+    flags: u16,
+    kind: u16,
+    cookie: u64,
+    offset: u64,
+    payload_len: u64,
+    out: &mut [u8; 32],
+) -> usize {
     if extended {
         out[0..4].copy_from_slice(&EXTENDED_REPLY_MAGIC.to_be_bytes());
         out[4..6].copy_from_slice(&flags.to_be_bytes());
@@ -298,13 +306,27 @@ pub fn decode_reply_header(b: &[u8]) -> Result<Option<(ReplyHeader, usize)>, Hea
         return Ok(None);
     }
     match be32(b, 0) {
-        SIMPLE_REPLY_MAGIC if b.len() >= 16 => Ok(Some((ReplyHeader::Simple { error: be32(b, 4), cookie: be64(b, 8) }, 16))),
+        SIMPLE_REPLY_MAGIC if b.len() >= 16 => {
+            Ok(Some((ReplyHeader::Simple { error: be32(b, 4), cookie: be64(b, 8) }, 16)))
+        }
         STRUCTURED_REPLY_MAGIC if b.len() >= 20 => Ok(Some((
-            ReplyHeader::Chunk { flags: be16(b, 4), kind: be16(b, 6), cookie: be64(b, 8), offset: 0, length: u64::from(be32(b, 16)) },
+            ReplyHeader::Chunk {
+                flags: be16(b, 4),
+                kind: be16(b, 6),
+                cookie: be64(b, 8),
+                offset: 0,
+                length: u64::from(be32(b, 16)),
+            },
             20,
         ))),
         EXTENDED_REPLY_MAGIC if b.len() >= 32 => Ok(Some((
-            ReplyHeader::Chunk { flags: be16(b, 4), kind: be16(b, 6), cookie: be64(b, 8), offset: be64(b, 16), length: be64(b, 24) },
+            ReplyHeader::Chunk {
+                flags: be16(b, 4),
+                kind: be16(b, 6),
+                cookie: be64(b, 8),
+                offset: be64(b, 16),
+                length: be64(b, 24),
+            },
             32,
         ))),
         SIMPLE_REPLY_MAGIC | STRUCTURED_REPLY_MAGIC | EXTENDED_REPLY_MAGIC => Ok(None),

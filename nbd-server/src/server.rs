@@ -191,7 +191,9 @@ impl Server {
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
-        let nego = tokio::time::timeout(self.config.handshake_timeout, handshake::negotiate(&mut r, &mut w, &self.exports)).await;
+        let nego =
+            tokio::time::timeout(self.config.handshake_timeout, handshake::negotiate(&mut r, &mut w, &self.exports))
+                .await;
         let n = match nego {
             Ok(Ok(n)) => n,
             Ok(Err(e)) => {

@@ -38,7 +38,10 @@ fn handshake(s: &mut std::os::unix::net::UnixStream) {
 async fn server_stop_drops_a_client_that_stopped_reading() {
     let dir = tempfile::tempdir().unwrap();
     let graph = Arc::new(block::Graph::new());
-    graph.blockdev_add(&json!({"driver": "null-co", "node-name": "n", "size": 1u64 << 30, "read-zeroes": true})).await.unwrap();
+    graph
+        .blockdev_add(&json!({"driver": "null-co", "node-name": "n", "size": 1u64 << 30, "read-zeroes": true}))
+        .await
+        .unwrap();
     let export = nbd_server::Export::open(
         &graph,
         nbd_server::ExportConfig {
@@ -67,7 +70,8 @@ async fn server_stop_drops_a_client_that_stopped_reading() {
         handshake(&mut s);
         // 64 reads of 32 MiB, never read back: the server's workers block writing.
         for i in 0..64u64 {
-            let r = proto::Request { flags: 0, kind: proto::CMD_READ, cookie: i, offset: (i % 32) << 25, length: 32 << 20 };
+            let r =
+                proto::Request { flags: 0, kind: proto::CMD_READ, cookie: i, offset: (i % 32) << 25, length: 32 << 20 };
             let mut b = [0u8; 32];
             let n = r.encode(false, &mut b);
             if s.write_all(&b[..n]).is_err() {

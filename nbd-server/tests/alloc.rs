@@ -181,12 +181,20 @@ fn batch(s: &mut UnixStream, first_cookie: u64, depth: u64, burst: bool, wbuf: &
 
 #[test]
 fn steady_state_transmission_allocates_nothing() {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("nbd-srv").enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("nbd-srv")
+        .enable_all()
+        .build()
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nbd.sock");
     let _server = rt.block_on(async {
         let graph = Arc::new(block::Graph::new());
-        graph.blockdev_add(&json!({"driver": "null-co", "node-name": "nul", "size": SIZE, "read-zeroes": true})).await.unwrap();
+        graph
+            .blockdev_add(&json!({"driver": "null-co", "node-name": "nul", "size": SIZE, "read-zeroes": true}))
+            .await
+            .unwrap();
         let cfg = ExportConfig {
             name: "disk".into(),
             description: String::new(),
@@ -248,5 +256,8 @@ fn steady_state_transmission_allocates_nothing() {
     let delta = after - before;
     println!("allocations: {burst_allocs} during the warm-up burst (connection start-up, pool growth), {delta} during 10,000 requests ({before} -> {after})");
     drop(s);
-    assert_eq!(delta, 0, "the hot path allocated {delta} times in 10,000 requests (rerun with NBD_ALLOC_TRACE=1 for backtraces)");
+    assert_eq!(
+        delta, 0,
+        "the hot path allocated {delta} times in 10,000 requests (rerun with NBD_ALLOC_TRACE=1 for backtraces)"
+    );
 }

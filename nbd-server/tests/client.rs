@@ -31,7 +31,8 @@ struct Server {
 
 impl Server {
     fn spawn(cmd: &mut Command, sock: PathBuf) -> Server {
-        let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit()).spawn().expect("spawn server");
+        let child =
+            cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit()).spawn().expect("spawn server");
         let mut s = Server { child, sock };
         s.wait_for_socket();
         s
@@ -143,7 +144,10 @@ async fn qemu_nbd_negotiates_extended_headers_and_reads_back_file_data() {
     assert_eq!(LeafInfo::length(&*c), SIZE);
     assert_eq!(LeafInfo::driver_name(&*c), "nbd");
     let caps = LeafInfo::caps(&*c);
-    assert!(caps.native_zeroes && caps.discard && caps.fast_zero && caps.fua && caps.block_status && caps.parallel, "{caps:?}");
+    assert!(
+        caps.native_zeroes && caps.discard && caps.fast_zero && caps.fua && caps.block_status && caps.parallel,
+        "{caps:?}"
+    );
 
     assert_eq!(read(&c, MIB, 256 << 10).await, pattern(1, 256 << 10));
     assert_eq!(read(&c, 40 * MIB, 4096).await, pattern(2, 4096));
@@ -220,12 +224,16 @@ async fn qemu_nbd_write_zeroes_and_discard_change_the_file() {
     assert!(read(&c, MIB, 64 << 10).await.iter().all(|&b| b == 0));
 
     // Zeroes that may unmap: a hole afterwards.
-    WriteZeroes::write_zeroes(&*c, MIB + (128 << 10), 64 << 10, ZeroFlags { may_unmap: true, ..Default::default() }).await.unwrap();
+    WriteZeroes::write_zeroes(&*c, MIB + (128 << 10), 64 << 10, ZeroFlags { may_unmap: true, ..Default::default() })
+        .await
+        .unwrap();
     let st = BlockStatus::block_status(&*c, MIB + (128 << 10), 64 << 10).await.unwrap();
     assert!(st.zero && !st.data, "{st:?}");
 
     // Fast zeroes are advertised by qemu-nbd and succeed on a file.
-    WriteZeroes::write_zeroes(&*c, 2 * MIB, 64 << 10, ZeroFlags { fast: true, may_unmap: true, fua: false }).await.unwrap();
+    WriteZeroes::write_zeroes(&*c, 2 * MIB, 64 << 10, ZeroFlags { fast: true, may_unmap: true, fua: false })
+        .await
+        .unwrap();
 
     // Discard (qemu-nbd runs with --discard=unmap): the data becomes a hole.
     Discard::discard(&*c, 40 * MIB, 4096).await.unwrap();
@@ -363,7 +371,12 @@ async fn requests_are_split_to_the_servers_maximum_block_size_and_aligned_to_its
     let server = nbdkit_memory(
         &dir,
         &["--filter=blocksize-policy"],
-        &["blocksize-minimum=4096", "blocksize-preferred=65536", "blocksize-maximum=65536", "blocksize-error-policy=error"],
+        &[
+            "blocksize-minimum=4096",
+            "blocksize-preferred=65536",
+            "blocksize-maximum=65536",
+            "blocksize-error-policy=error",
+        ],
     );
     let c = connect(&server).await;
     let info = c.info();
@@ -398,7 +411,11 @@ async fn dropping_the_client_disconnects_from_the_server() {
 #[tokio::test]
 async fn server_errors_keep_their_errno() {
     let dir = tempfile::tempdir().unwrap();
-    let server = nbdkit_memory(&dir, &["--filter=error"], &["error-pwrite=ENOSPC", "error-pwrite-rate=1", "error-pread=EIO", "error-pread-rate=1"]);
+    let server = nbdkit_memory(
+        &dir,
+        &["--filter=error"],
+        &["error-pwrite=ENOSPC", "error-pwrite-rate=1", "error-pread=EIO", "error-pread-rate=1"],
+    );
     let c = connect(&server).await;
     let e = BlockWrite::write(&*c, 0, IoBuf::zeroed(4096), WriteFlags::default()).await.unwrap_err();
     assert_eq!(e.errno(), 28, "{}", e.chain());
@@ -420,7 +437,9 @@ async fn blockdev_add_nbd_node_serves_io_through_a_backend() {
     let graph = Arc::new(Graph::new());
     client::register(&graph);
     let node = graph
-        .blockdev_add(&json!({"driver": "nbd", "node-name": "n", "server": {"type": "unix", "path": server.sock}, "export": ""}))
+        .blockdev_add(
+            &json!({"driver": "nbd", "node-name": "n", "server": {"type": "unix", "path": server.sock}, "export": ""}),
+        )
         .await
         .unwrap();
     assert_eq!(node.length(), SIZE);
@@ -448,11 +467,27 @@ async fn bad_blockdev_options_are_clear_errors() {
     let unix = json!({"type": "unix", "path": "/nonexistent/baton.sock"});
     let cases = [
         (json!({"driver": "nbd", "node-name": "a", "server": unix, "bogus": 1}), "'bogus'", "parameter is unexpected"),
-        (json!({"driver": "nbd", "node-name": "b", "server": unix, "tls-creds": "tls0"}), "'tls-creds'", "TLS is not supported yet"),
+        (
+            json!({"driver": "nbd", "node-name": "b", "server": unix, "tls-creds": "tls0"}),
+            "'tls-creds'",
+            "TLS is not supported yet",
+        ),
         (json!({"driver": "nbd", "node-name": "c"}), "'server'", "parameter is missing"),
-        (json!({"driver": "nbd", "node-name": "d", "server": unix, "reconnect-delay": 5}), "'reconnect-delay'", "reconnect is not implemented"),
-        (json!({"driver": "nbd", "node-name": "e", "server": {"type": "inet", "host": "localhost"}}), "'server.port'", "parameter is missing"),
-        (json!({"driver": "nbd", "node-name": "f", "server": {"type": "vsock", "cid": "3", "port": "1"}}), "'server.type'", "not supported yet"),
+        (
+            json!({"driver": "nbd", "node-name": "d", "server": unix, "reconnect-delay": 5}),
+            "'reconnect-delay'",
+            "reconnect is not implemented",
+        ),
+        (
+            json!({"driver": "nbd", "node-name": "e", "server": {"type": "inet", "host": "localhost"}}),
+            "'server.port'",
+            "parameter is missing",
+        ),
+        (
+            json!({"driver": "nbd", "node-name": "f", "server": {"type": "vsock", "cid": "3", "port": "1"}}),
+            "'server.type'",
+            "not supported yet",
+        ),
     ];
     for (opts, option, reason) in cases {
         let e = graph.blockdev_add(&opts).await.unwrap_err();
@@ -488,7 +523,10 @@ async fn killed_server_fails_pending_and_later_requests_with_eio() {
     assert!(e.chain().contains(&format!("nbd+unix:///?socket={}", server.sock.display())), "{}", e.chain());
     assert!(!c.is_connected());
 
-    let e = timeout(STEP, BlockWrite::write(&*c, 0, IoBuf::zeroed(4096), WriteFlags::default())).await.unwrap().unwrap_err();
+    let e = timeout(STEP, BlockWrite::write(&*c, 0, IoBuf::zeroed(4096), WriteFlags::default()))
+        .await
+        .unwrap()
+        .unwrap_err();
     assert_connection_lost(&e);
     let e = timeout(STEP, Flush::flush(&*c)).await.unwrap().unwrap_err();
     assert_connection_lost(&e);
@@ -535,7 +573,11 @@ async fn handshake_times_out_on_a_silent_server() {
     let mut opts = NbdClientOptions::new(NbdServer::Unix { path: sock }, "");
     opts.handshake_timeout = Duration::from_millis(300);
     let e = timeout(STEP, client::connect(&opts)).await.unwrap().unwrap_err();
-    assert!(matches!(&e, BlockError::Open { source, .. } if source.kind() == std::io::ErrorKind::TimedOut), "{}", e.chain());
+    assert!(
+        matches!(&e, BlockError::Open { source, .. } if source.kind() == std::io::ErrorKind::TimedOut),
+        "{}",
+        e.chain()
+    );
     assert!(e.chain().contains("did not complete the handshake"), "{}", e.chain());
     hold.abort();
 }
@@ -591,7 +633,10 @@ async fn violation_kills_the_connection(how: Fake, expect: &str) {
     let sock = dir.path().join("fake.sock");
     let listener = tokio::net::UnixListener::bind(&sock).unwrap();
     let server = tokio::spawn(fake_server(listener, how));
-    let c = timeout(STEP, client::connect(&NbdClientOptions::new(NbdServer::Unix { path: sock }, ""))).await.unwrap().unwrap();
+    let c = timeout(STEP, client::connect(&NbdClientOptions::new(NbdServer::Unix { path: sock }, "")))
+        .await
+        .unwrap()
+        .unwrap();
     let info = c.info();
     assert!(info.export_name_fallback && !info.structured && info.base_allocation.is_none(), "{info:?}");
 

@@ -57,8 +57,14 @@ async fn fixture(cfg: ServerConfig) -> Fx {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nbd.sock");
     let graph = Arc::new(block::Graph::new());
-    graph.blockdev_add(&json!({"driver": "null-co", "node-name": "nul", "size": SIZE, "read-zeroes": true})).await.unwrap();
-    graph.blockdev_add(&json!({"driver": "null-co", "node-name": "nul-ro", "size": SIZE, "read-zeroes": true})).await.unwrap();
+    graph
+        .blockdev_add(&json!({"driver": "null-co", "node-name": "nul", "size": SIZE, "read-zeroes": true}))
+        .await
+        .unwrap();
+    graph
+        .blockdev_add(&json!({"driver": "null-co", "node-name": "nul-ro", "size": SIZE, "read-zeroes": true}))
+        .await
+        .unwrap();
     graph
         .blockdev_add(&json!({
             "driver": "blkdebug", "node-name": "dbg",
@@ -239,7 +245,9 @@ impl Client {
         assert_eq!(r.last().unwrap().0, proto::REP_ACK, "GO {name}: {r:?}");
         let info = r
             .iter()
-            .find(|(k, d)| *k == proto::REP_INFO && d.len() == 12 && u16::from_be_bytes([d[0], d[1]]) == proto::INFO_EXPORT)
+            .find(|(k, d)| {
+                *k == proto::REP_INFO && d.len() == 12 && u16::from_be_bytes([d[0], d[1]]) == proto::INFO_EXPORT
+            })
             .expect("GO without NBD_INFO_EXPORT");
         (be64(&info.1[2..]), u16::from_be_bytes([info.1[10], info.1[11]]))
     }
@@ -320,7 +328,11 @@ impl Client {
                         proto::REPLY_TYPE_NONE => assert_eq!(length, 0),
                         proto::REPLY_TYPE_OFFSET_DATA => {
                             // Spec: "length MUST be at least 9".
-                            assert!(p.len() >= 9, "OFFSET_DATA chunk with payload length {} (the spec says at least 9)", p.len());
+                            assert!(
+                                p.len() >= 9,
+                                "OFFSET_DATA chunk with payload length {} (the spec says at least 9)",
+                                p.len()
+                            );
                             r.data.push((be64(&p), p[8..].to_vec()));
                         }
                         proto::REPLY_TYPE_OFFSET_HOLE => {
@@ -329,13 +341,21 @@ impl Client {
                             r.holes.push((be64(&p), u64::from(be32(&p[8..]))));
                         }
                         proto::REPLY_TYPE_BLOCK_STATUS => {
-                            assert!(p.len() >= 12 && (p.len() - 4) % 8 == 0, "BLOCK_STATUS payload of {} bytes", p.len());
+                            assert!(
+                                p.len() >= 12 && (p.len() - 4) % 8 == 0,
+                                "BLOCK_STATUS payload of {} bytes",
+                                p.len()
+                            );
                             let d = p[4..].chunks(8).map(|c| (u64::from(be32(c)), u64::from(be32(&c[4..])))).collect();
                             r.status.push((be32(&p), d));
                         }
                         proto::REPLY_TYPE_BLOCK_STATUS_EXT => {
                             let count = be32(&p[4..]) as usize;
-                            assert!(count > 0 && p.len() == 8 + 16 * count, "BLOCK_STATUS_EXT: {count} descriptors in {} bytes", p.len());
+                            assert!(
+                                count > 0 && p.len() == 8 + 16 * count,
+                                "BLOCK_STATUS_EXT: {count} descriptors in {} bytes",
+                                p.len()
+                            );
                             let d = p[8..].chunks(16).map(|c| (be64(c), be64(&c[8..]))).collect();
                             r.status.push((be32(&p), d));
                         }
@@ -447,13 +467,20 @@ async fn info_for_unknown_export_is_err_unknown_and_info_for_known_reports_it() 
     let r = c.opt_replies(proto::OPT_INFO).await;
     assert_eq!(r.len(), 1, "{r:?}");
     assert_eq!(r[0].0, proto::REP_ERR_UNKNOWN);
-    c.send_opt(proto::OPT_INFO, &go_payload("ro", &[proto::INFO_NAME, proto::INFO_DESCRIPTION, proto::INFO_BLOCK_SIZE])).await;
+    c.send_opt(
+        proto::OPT_INFO,
+        &go_payload("ro", &[proto::INFO_NAME, proto::INFO_DESCRIPTION, proto::INFO_BLOCK_SIZE]),
+    )
+    .await;
     let r = c.opt_replies(proto::OPT_INFO).await;
     assert_eq!(r.last().unwrap().0, proto::REP_ACK);
-    let infos: Vec<(u16, &[u8])> = r[..r.len() - 1].iter().map(|(k, d)| {
-        assert_eq!(*k, proto::REP_INFO);
-        (u16::from_be_bytes([d[0], d[1]]), &d[2..])
-    }).collect();
+    let infos: Vec<(u16, &[u8])> = r[..r.len() - 1]
+        .iter()
+        .map(|(k, d)| {
+            assert_eq!(*k, proto::REP_INFO);
+            (u16::from_be_bytes([d[0], d[1]]), &d[2..])
+        })
+        .collect();
     let get = |t| infos.iter().find(|(k, _)| *k == t).map(|(_, d)| *d).unwrap_or_else(|| panic!("no info {t}"));
     let e = get(proto::INFO_EXPORT);
     assert_eq!(be64(e), SIZE);
@@ -473,11 +500,11 @@ async fn go_with_malformed_payload_is_invalid_and_negotiation_continues() {
     let mut c = Client::start(&fx.path).await;
     let good = go_payload("disk", &[proto::INFO_BLOCK_SIZE]);
     let bad: Vec<Vec<u8>> = vec![
-        vec![],                                // nothing at all
-        vec![0, 0],                            // truncated name length
-        vec![0, 0, 0, 10, b'd'],               // name longer than the payload
-        good[..good.len() - 1].to_vec(),       // truncated info request
-        [good.clone(), vec![0]].concat(),      // trailing byte
+        vec![],                                      // nothing at all
+        vec![0, 0],                                  // truncated name length
+        vec![0, 0, 0, 10, b'd'],                     // name longer than the payload
+        good[..good.len() - 1].to_vec(),             // truncated info request
+        [good.clone(), vec![0]].concat(),            // trailing byte
         [string("disk"), vec![0, 5, 0, 1]].concat(), // 5 infos announced, 1 present
     ];
     for b in &bad {
@@ -663,7 +690,8 @@ async fn set_meta_context_base_allocation_enables_block_status() {
         assert_eq!(r.status.len(), 1, "{r:?}");
         let (rid, ext) = &r.status[0];
         assert_eq!(*rid, id);
-        let want = if mode == Mode::Extended { proto::REPLY_TYPE_BLOCK_STATUS_EXT } else { proto::REPLY_TYPE_BLOCK_STATUS };
+        let want =
+            if mode == Mode::Extended { proto::REPLY_TYPE_BLOCK_STATUS_EXT } else { proto::REPLY_TYPE_BLOCK_STATUS };
         assert_eq!(r.kinds, [want]);
         // null-co with read-zeroes: all of it reads as zeroes, nothing allocated.
         assert_eq!(ext.iter().map(|e| e.0).sum::<u64>(), 1 << 20, "{ext:?}");
@@ -671,7 +699,11 @@ async fn set_meta_context_base_allocation_enables_block_status() {
     }
     // Without a context, block status is refused.
     let (mut c, ..) = Client::open(&fx.path, Mode::Structured, "disk", false).await;
-    assert_err(&c.call(0, proto::CMD_BLOCK_STATUS, 0, 4096, &[]).await, &[proto::EINVAL], "block status without context");
+    assert_err(
+        &c.call(0, proto::CMD_BLOCK_STATUS, 0, 4096, &[]).await,
+        &[proto::EINVAL],
+        "block status without context",
+    );
     c.read_ok(0, 4096).await;
 }
 
@@ -735,7 +767,11 @@ async fn write_past_the_end_is_enospc_and_stays_in_sync(mode: Mode) {
     let fx = fixture(default_cfg()).await;
     let (mut c, size, _) = Client::open(&fx.path, mode, "disk", false).await;
     let payload = vec![0xABu8; 8192];
-    assert_err(&c.call(0, proto::CMD_WRITE, size - 4096, 8192, &payload).await, &[proto::ENOSPC], "write across the end");
+    assert_err(
+        &c.call(0, proto::CMD_WRITE, size - 4096, 8192, &payload).await,
+        &[proto::ENOSPC],
+        "write across the end",
+    );
     // The payload was consumed: the next request is parsed correctly.
     c.read_ok(0, 4096).await;
     let r = c.call(0, proto::CMD_WRITE, size - 4096, 4096, &payload[..4096]).await;
@@ -748,7 +784,11 @@ async fn write_zeroes_past_the_end_is_enospc(mode: Mode) {
     let fx = fixture(default_cfg()).await;
     let (mut c, size, flags) = Client::open(&fx.path, mode, "disk", false).await;
     assert_ne!(flags & proto::TFLAG_SEND_WRITE_ZEROES, 0);
-    assert_err(&c.call(0, proto::CMD_WRITE_ZEROES, size - 4096, 8192, &[]).await, &[proto::ENOSPC], "write_zeroes across the end");
+    assert_err(
+        &c.call(0, proto::CMD_WRITE_ZEROES, size - 4096, 8192, &[]).await,
+        &[proto::ENOSPC],
+        "write_zeroes across the end",
+    );
     let r = c.call(0, proto::CMD_WRITE_ZEROES, size - 4096, 4096, &[]).await;
     assert_eq!(r.error, None, "{r:?}");
 }
@@ -758,7 +798,11 @@ async fn trim_and_block_status_past_the_end_are_einval(mode: Mode) {
     let fx = fixture(default_cfg()).await;
     let (mut c, size, _) = Client::open(&fx.path, mode, "disk", true).await;
     assert_err(&c.call(0, proto::CMD_TRIM, size - 4096, 8192, &[]).await, &[proto::EINVAL], "trim across the end");
-    assert_err(&c.call(0, proto::CMD_BLOCK_STATUS, size - 4096, 8192, &[]).await, &[proto::EINVAL], "block status across the end");
+    assert_err(
+        &c.call(0, proto::CMD_BLOCK_STATUS, size - 4096, 8192, &[]).await,
+        &[proto::EINVAL],
+        "block status across the end",
+    );
     assert_eq!(c.call(0, proto::CMD_TRIM, size - 4096, 4096, &[]).await.error, None);
     let r = c.call(0, proto::CMD_BLOCK_STATUS, size - 4096, 4096, &[]).await;
     assert_eq!(r.error, None, "{r:?}");
@@ -771,7 +815,11 @@ async fn offset_plus_length_overflowing_u64_is_an_error(mode: Mode) {
     let (mut c, ..) = Client::open(&fx.path, mode, "disk", true).await;
     let off = u64::MAX - 1024;
     assert_err(&c.call(0, proto::CMD_READ, off, 4096, &[]).await, &[proto::EINVAL], "read overflow");
-    assert_err(&c.call(0, proto::CMD_WRITE, off, 4096, &[1u8; 4096]).await, &[proto::ENOSPC, proto::EINVAL], "write overflow");
+    assert_err(
+        &c.call(0, proto::CMD_WRITE, off, 4096, &[1u8; 4096]).await,
+        &[proto::ENOSPC, proto::EINVAL],
+        "write overflow",
+    );
     for kind in [proto::CMD_WRITE_ZEROES] {
         assert_err(&c.call(0, kind, off, 4096, &[]).await, &[proto::ENOSPC, proto::EINVAL], "write_zeroes overflow");
     }
@@ -781,7 +829,11 @@ async fn offset_plus_length_overflowing_u64_is_an_error(mode: Mode) {
     if mode == Mode::Extended {
         // 64-bit lengths: offset small, length huge.
         for kind in [proto::CMD_TRIM, proto::CMD_BLOCK_STATUS, proto::CMD_WRITE_ZEROES, proto::CMD_CACHE] {
-            assert_err(&c.call(0, kind, 4096, u64::MAX, &[]).await, &[proto::EINVAL, proto::ENOSPC], "64-bit length overflow");
+            assert_err(
+                &c.call(0, kind, 4096, u64::MAX, &[]).await,
+                &[proto::EINVAL, proto::ENOSPC],
+                "64-bit length overflow",
+            );
         }
     }
     c.read_ok(0, 4096).await;
@@ -840,9 +892,17 @@ async fn unknown_command_and_flags_are_einval(mode: Mode) {
         (proto::CMD_WRITE_ZEROES, proto::CMD_FLAG_REQ_ONE),
     ];
     for (kind, flags) in cases {
-        assert_err(&c.call(flags, kind, 0, 4096, &[]).await, &[proto::EINVAL], &format!("command {kind} flags {flags:#x}"));
+        assert_err(
+            &c.call(flags, kind, 0, 4096, &[]).await,
+            &[proto::EINVAL],
+            &format!("command {kind} flags {flags:#x}"),
+        );
     }
-    assert_err(&c.call(1 << 9, proto::CMD_WRITE, 0, 4096, &[5u8; 4096]).await, &[proto::EINVAL], "write with flag 1<<9");
+    assert_err(
+        &c.call(1 << 9, proto::CMD_WRITE, 0, 4096, &[5u8; 4096]).await,
+        &[proto::EINVAL],
+        "write with flag 1<<9",
+    );
     c.read_ok(0, 4096).await;
 }
 both_modes!(unknown_command_and_flags, unknown_command_and_flags_are_einval);
@@ -988,13 +1048,19 @@ async fn structured_read_over_data_and_holes_is_sparse(mode: Mode) {
     assert!(!r.holes.is_empty(), "no OFFSET_HOLE chunk: {:?}", r.kinds);
     assert!(!r.data.is_empty(), "no OFFSET_DATA chunk: {:?}", r.kinds);
     // Chunks cover [0, 1 MiB) exactly once.
-    let mut pieces: Vec<(u64, u64, Option<&[u8]>)> = r.data.iter().map(|(o, d)| (*o, d.len() as u64, Some(&d[..]))).collect();
+    let mut pieces: Vec<(u64, u64, Option<&[u8]>)> =
+        r.data.iter().map(|(o, d)| (*o, d.len() as u64, Some(&d[..]))).collect();
     pieces.extend(r.holes.iter().map(|&(o, l)| (o, l, None)));
     pieces.sort_by_key(|p| p.0);
     let mut at = 0u64;
     let mut got = vec![0xEEu8; 1 << 20];
     for (o, l, d) in &pieces {
-        assert_eq!(*o, at, "gap or overlap at {at}: {pieces:?}", pieces = pieces.iter().map(|p| (p.0, p.1, p.2.is_some())).collect::<Vec<_>>());
+        assert_eq!(
+            *o,
+            at,
+            "gap or overlap at {at}: {pieces:?}",
+            pieces = pieces.iter().map(|p| (p.0, p.1, p.2.is_some())).collect::<Vec<_>>()
+        );
         assert!(*l > 0, "empty chunk at {o}");
         match d {
             Some(d) => got[*o as usize..(*o + *l) as usize].copy_from_slice(d),
@@ -1081,7 +1147,11 @@ async fn extended_reply_headers_echo_the_request_offset() {
     check("READ 4K", off, &c.call(0, proto::CMD_READ, off, 4096, &[]).await);
     check("BLOCK_STATUS", off, &c.call(0, proto::CMD_BLOCK_STATUS, off, 4096, &[]).await);
     check("READ past the end (error)", size - 4096, &c.call(0, proto::CMD_READ, size - 4096, 8192, &[]).await);
-    check("WRITE past the end (error)", size - 4096, &c.call(0, proto::CMD_WRITE, size - 4096, 8192, &[0u8; 8192]).await);
+    check(
+        "WRITE past the end (error)",
+        size - 4096,
+        &c.call(0, proto::CMD_WRITE, size - 4096, 8192, &[0u8; 8192]).await,
+    );
     check("unknown command (error)", off, &c.call(0, 42, off, 4096, &[]).await);
     // Sparse read starting at 64 KiB: data, hole, data, hole chunks.
     let r = c.call(0, proto::CMD_READ, 64 << 10, 1 << 20, &[]).await;
@@ -1128,10 +1198,17 @@ fn garbage() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
 /// unknown commands, edge-case offsets and lengths), then random bytes.
 fn request_stream(ext: bool) -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
     use proptest::prelude::*;
-    let len = prop_oneof![Just(0u64), 1u64..70_000, Just(u64::from(proto::MAX_PAYLOAD) + 1), Just(u64::from(u32::MAX)), any::<u64>()];
+    let len = prop_oneof![
+        Just(0u64),
+        1u64..70_000,
+        Just(u64::from(proto::MAX_PAYLOAD) + 1),
+        Just(u64::from(u32::MAX)),
+        any::<u64>()
+    ];
     let off = prop_oneof![0u64..SIZE, Just(SIZE), Just(u64::MAX - 511), any::<u64>()];
     let flags = prop_oneof![0u16..64, any::<u16>()];
-    let req = (flags, 0u16..12, any::<u64>(), off, len).prop_map(move |(f, k, c, o, l)| request_bytes(ext, f, k, c, o, l));
+    let req =
+        (flags, 0u16..12, any::<u64>(), off, len).prop_map(move |(f, k, c, o, l)| request_bytes(ext, f, k, c, o, l));
     (proptest::collection::vec(req, 0..12), garbage()).prop_map(|(v, tail)| [v.concat(), tail].concat())
 }
 
@@ -1142,7 +1219,8 @@ fn option_stream() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
     let payload = prop_oneof![
         garbage(),
         (0usize..4, 0usize..4).prop_map(|(n, i)| go_payload(["disk", "ro", "nope", ""][n], &[0, 1, 2, 3][..i])),
-        (0usize..3, 0usize..3).prop_map(|(n, q)| meta_payload(["disk", "nope", ""][n], &["base:allocation", "qemu:", "x"][..q])),
+        (0usize..3, 0usize..3)
+            .prop_map(|(n, q)| meta_payload(["disk", "nope", ""][n], &["base:allocation", "qemu:", "x"][..q])),
     ];
     let opt = (prop_oneof![0u32..16, any::<u32>()], payload).prop_map(|(o, d)| option_bytes(o, &d));
     (proptest::collection::vec(opt, 0..12), garbage()).prop_map(|(v, tail)| [v.concat(), tail].concat())
@@ -1160,7 +1238,12 @@ fn random_client_bytes_never_panic_or_hang_the_server() {
         }
         prev(info)
     }));
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("fuzz-srv").enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("fuzz-srv")
+        .enable_all()
+        .build()
+        .unwrap();
     let fx = rt.block_on(fixture(default_cfg()));
 
     let config = Config { cases: 64, failure_persistence: None, ..Config::default() };
@@ -1181,12 +1264,17 @@ fn random_client_bytes_never_panic_or_hang_the_server() {
     // 2. After a valid handshake, as the transmission stream.
     let mut runner = TestRunner::new(config);
     let strat = any::<bool>().prop_flat_map(|ext| {
-        prop_oneof![1 => proptest::collection::vec(any::<u8>(), 0..256), 4 => request_stream(ext)].prop_map(move |b| (ext, b))
+        prop_oneof![1 => proptest::collection::vec(any::<u8>(), 0..256), 4 => request_stream(ext)]
+            .prop_map(move |b| (ext, b))
     });
     runner
         .run(&strat, |(ext, bytes)| {
             let mode = if ext { Mode::Extended } else { Mode::Structured };
-            prop_assert!(rt.block_on(feed(&fx.path, Some(mode), &bytes)), "transmission input hung the server ({mode:?}): {:?}", bytes);
+            prop_assert!(
+                rt.block_on(feed(&fx.path, Some(mode), &bytes)),
+                "transmission input hung the server ({mode:?}): {:?}",
+                bytes
+            );
             prop_assert_eq!(FUZZ_PANICS.load(Ordering::SeqCst), 0);
             Ok(())
         })

@@ -112,7 +112,8 @@ fn black_hole(dir: &Path, how: Hole) -> BlackHole {
 async fn node_on(hole: &BlackHole, name: &str, request_timeout: Option<u64>) -> (Arc<Graph>, BlockBackend) {
     let graph = Arc::new(Graph::new());
     client::register(&graph);
-    let mut opts = json!({"driver": "nbd", "node-name": name, "server": {"type": "unix", "path": hole.sock}, "export": ""});
+    let mut opts =
+        json!({"driver": "nbd", "node-name": name, "server": {"type": "unix", "path": hole.sock}, "export": ""});
     if let Some(t) = request_timeout {
         opts["x-baton-request-timeout"] = json!(t);
     }
@@ -127,7 +128,10 @@ fn assert_timed_out(e: &BlockError, node: &str, cmd: &str) {
     assert_eq!(e.errno(), ETIMEDOUT, "{chain}");
     assert_eq!(e.kind(), ErrorKind::Io, "{chain}");
     assert!(chain.contains(&format!("node '{node}'")), "the error names the node: {chain}");
-    assert!(chain.contains(&format!("did not answer {cmd} within 1 s")) && chain.contains("x-baton-request-timeout"), "{chain}");
+    assert!(
+        chain.contains(&format!("did not answer {cmd} within 1 s")) && chain.contains("x-baton-request-timeout"),
+        "{chain}"
+    );
 }
 
 fn assert_yanked(e: &BlockError, node: &str) {
@@ -159,7 +163,11 @@ async fn a_request_to_a_black_holed_server_times_out_naming_the_node_and_fails_e
     assert!(waited >= Duration::from_millis(900), "timed out after {waited:?}, before its 1 s");
     assert!(waited < Duration::from_secs(4), "timed out only after {waited:?}");
     assert_timed_out(&e, "stalled", "NBD_CMD_READ");
-    let e = timeout(Duration::from_secs(1), write).await.expect("the other request outlived the connection").unwrap().unwrap_err();
+    let e = timeout(Duration::from_secs(1), write)
+        .await
+        .expect("the other request outlived the connection")
+        .unwrap()
+        .unwrap_err();
     assert_timed_out(&e, "stalled", "NBD_CMD_READ");
     assert_eq!(hole.requests.load(std::sync::atomic::Ordering::SeqCst), 2, "both requests reached the server");
 

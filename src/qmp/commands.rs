@@ -36,9 +36,15 @@ macro_rules! handler {
 // ---- types shared by several commands ----
 
 static BITMAP_REF: [Field; 2] = [req("node", Ty::Str), req("name", Ty::Str)];
-static BITMAP_ADD: [Field; 5] =
-    [req("node", Ty::Str), req("name", Ty::Str), opt("granularity", Ty::Int), opt("persistent", Ty::Bool), opt("disabled", Ty::Bool)];
-static BITMAP_MERGE: [Field; 3] = [req("node", Ty::Str), req("target", Ty::Str), req("bitmaps", Ty::Array(&Ty::StrOrObj(&BITMAP_REF)))];
+static BITMAP_ADD: [Field; 5] = [
+    req("node", Ty::Str),
+    req("name", Ty::Str),
+    opt("granularity", Ty::Int),
+    opt("persistent", Ty::Bool),
+    opt("disabled", Ty::Bool),
+];
+static BITMAP_MERGE: [Field; 3] =
+    [req("node", Ty::Str), req("target", Ty::Str), req("bitmaps", Ty::Array(&Ty::StrOrObj(&BITMAP_REF)))];
 static INET: [Field; 4] = [req("host", Ty::Str), req("port", Ty::Str), opt("numeric", Ty::Bool), opt("ipv4", Ty::Bool)];
 static UNIX: [Field; 1] = [req("path", Ty::Str)];
 static ADDR_LEGACY: [Field; 2] = [req("type", Ty::Enum(&["inet", "unix", "vsock", "fd"])), req("data", Ty::Any)];
@@ -65,9 +71,20 @@ static EXPORT_ADD: [Field; 13] = [
     opt("x-baton-multi-conn", Ty::Bool),
 ];
 static EXPORT_DEL: [Field; 2] = [req("id", Ty::Str), opt("mode", Ty::Enum(&["safe", "hard"]))];
-static EXPORT_INFO: [Field; 4] = [req("type", Ty::Str), req("id", Ty::Str), req("node-name", Ty::Str), req("shutting-down", Ty::Bool)];
+static EXPORT_INFO: [Field; 4] =
+    [req("type", Ty::Str), req("id", Ty::Str), req("node-name", Ty::Str), req("shutting-down", Ty::Bool)];
 static TRANSACTION_ACTION: [Field; 2] = [
-    req("type", Ty::Enum(&["block-dirty-bitmap-add", "block-dirty-bitmap-remove", "block-dirty-bitmap-clear", "block-dirty-bitmap-enable", "block-dirty-bitmap-disable", "block-dirty-bitmap-merge"])),
+    req(
+        "type",
+        Ty::Enum(&[
+            "block-dirty-bitmap-add",
+            "block-dirty-bitmap-remove",
+            "block-dirty-bitmap-clear",
+            "block-dirty-bitmap-enable",
+            "block-dirty-bitmap-disable",
+            "block-dirty-bitmap-merge",
+        ]),
+    ),
     req("data", Ty::Any),
 ];
 static TRANSACTION_PROPS: [Field; 1] = [opt("completion-mode", Ty::Enum(&["individual", "grouped"]))];
@@ -85,7 +102,8 @@ static VERSION_TRIPLE: [Field; 3] = [req("major", Ty::Int), req("minor", Ty::Int
 static VERSION_INFO: [Field; 2] = [req("qemu", Ty::Obj(&VERSION_TRIPLE)), req("package", Ty::Str)];
 static COMMAND_INFO: [Field; 1] = [req("name", Ty::Str)];
 static SHA256: [Field; 1] = [req("sha256", Ty::Str)];
-static BLKDEBUG_RULES: [Field; 3] = [req("node-name", Ty::Str), opt("inject-error", Ty::Any), opt("x-baton-inject-delay", Ty::Any)];
+static BLKDEBUG_RULES: [Field; 3] =
+    [req("node-name", Ty::Str), opt("inject-error", Ty::Any), opt("x-baton-inject-delay", Ty::Any)];
 static NODE_INFO_RET: Ty = Ty::Array(&Ty::Any);
 static EXPORTS_RET: Ty = Ty::Array(&Ty::Obj(&EXPORT_INFO));
 static COMMANDS_RET: Ty = Ty::Array(&Ty::Obj(&COMMAND_INFO));
@@ -97,7 +115,11 @@ static JOB_ID: [Field; 1] = [req("id", Ty::Str)];
 static BLOCK_JOB_DEVICE: [Field; 1] = [req("device", Ty::Str)];
 static BLOCK_JOB_CANCEL: [Field; 2] = [req("device", Ty::Str), opt("force", Ty::Bool)];
 static BLOCK_JOB_SPEED: [Field; 2] = [req("device", Ty::Str), req("speed", Ty::Int)];
-static JOB_CHANGE: [Field; 3] = [req("id", Ty::Str), req("type", Ty::Enum(&["mirror"])), req("copy-mode", Ty::Enum(&["background", "write-blocking"]))];
+static JOB_CHANGE: [Field; 3] = [
+    req("id", Ty::Str),
+    req("type", Ty::Enum(&["mirror"])),
+    req("copy-mode", Ty::Enum(&["background", "write-blocking"])),
+];
 const ON_ERROR: Ty = Ty::Enum(&["report", "ignore", "enospc", "stop", "auto"]);
 static MIRROR: [Field; 16] = [
     opt("job-id", Ty::Str),
@@ -119,10 +141,23 @@ static MIRROR: [Field; 16] = [
 ];
 static JOB_INFO_RET: Ty = Ty::Array(&Ty::Any);
 static MIG_CAP: [Field; 2] = [req("capability", Ty::Str), req("state", Ty::Bool)];
-static STATUS_INFO: [Field; 4] = [req("running", Ty::Bool), req("status", Ty::Str), opt("x-baton-handover", Ty::Str), opt("x-baton-waiting", Ty::Str)];
+static STATUS_INFO: [Field; 4] = [
+    req("running", Ty::Bool),
+    req("status", Ty::Str),
+    opt("x-baton-handover", Ty::Str),
+    opt("x-baton-waiting", Ty::Str),
+];
 static MIG_PARAMS: [Field; 7] = {
     const N: [&str; 7] = vmm::migration::params::NAMES;
-    [opt(N[0], Ty::Int), opt(N[1], Ty::Int), opt(N[2], Ty::Int), opt(N[3], Ty::Int), opt(N[4], Ty::Int), opt(N[5], Ty::Int), opt(N[6], Ty::Int)]
+    [
+        opt(N[0], Ty::Int),
+        opt(N[1], Ty::Int),
+        opt(N[2], Ty::Int),
+        opt(N[3], Ty::Int),
+        opt(N[4], Ty::Int),
+        opt(N[5], Ty::Int),
+        opt(N[6], Ty::Int),
+    ]
 };
 static MIG_DECIDE: [Field; 1] = [req("decision", Ty::Enum(&["commit", "abort"]))];
 static FAILPOINT: [Field; 2] = [req("name", Ty::Str), req("actions", Ty::Str)];
@@ -133,12 +168,37 @@ static ANY_RET: Ty = Ty::Any;
 pub static EVENTS: &[(&str, &[Field])] = &[
     ("BLOCK_EXPORT_DELETED", &[req("id", Ty::Str)]),
     ("JOB_STATUS_CHANGE", &[req("id", Ty::Str), req("status", Ty::Str)]),
-    ("BLOCK_JOB_READY", &[req("type", Ty::Str), req("device", Ty::Str), req("len", Ty::Int), req("offset", Ty::Int), req("speed", Ty::Int)]),
+    (
+        "BLOCK_JOB_READY",
+        &[
+            req("type", Ty::Str),
+            req("device", Ty::Str),
+            req("len", Ty::Int),
+            req("offset", Ty::Int),
+            req("speed", Ty::Int),
+        ],
+    ),
     (
         "BLOCK_JOB_COMPLETED",
-        &[req("type", Ty::Str), req("device", Ty::Str), req("len", Ty::Int), req("offset", Ty::Int), req("speed", Ty::Int), opt("error", Ty::Str)],
+        &[
+            req("type", Ty::Str),
+            req("device", Ty::Str),
+            req("len", Ty::Int),
+            req("offset", Ty::Int),
+            req("speed", Ty::Int),
+            opt("error", Ty::Str),
+        ],
     ),
-    ("BLOCK_JOB_CANCELLED", &[req("type", Ty::Str), req("device", Ty::Str), req("len", Ty::Int), req("offset", Ty::Int), req("speed", Ty::Int)]),
+    (
+        "BLOCK_JOB_CANCELLED",
+        &[
+            req("type", Ty::Str),
+            req("device", Ty::Str),
+            req("len", Ty::Int),
+            req("offset", Ty::Int),
+            req("speed", Ty::Int),
+        ],
+    ),
     ("BLOCK_JOB_ERROR", &[req("device", Ty::Str), req("operation", Ty::Str), req("action", Ty::Str)]),
     ("BLOCK_JOB_PENDING", &[req("type", Ty::Str), req("id", Ty::Str)]),
     ("MIGRATION", &[req("status", Ty::Str)]),
@@ -146,82 +206,275 @@ pub static EVENTS: &[(&str, &[Field])] = &[
     ("RESUME", &[]),
     (
         "BLOCK_IO_ERROR",
-        &[req("device", Ty::Str), opt("node-name", Ty::Str), req("operation", Ty::Str), req("action", Ty::Str), opt("nospace", Ty::Bool), req("reason", Ty::Str)],
+        &[
+            req("device", Ty::Str),
+            opt("node-name", Ty::Str),
+            req("operation", Ty::Str),
+            req("action", Ty::Str),
+            opt("nospace", Ty::Bool),
+            req("reason", Ty::Str),
+        ],
     ),
-    ("X_BATON_BLOCK_JOB_COPY_MODE_CHANGED", &[req("device", Ty::Str), req("copy-mode", Ty::Str), req("reason", Ty::Str)]),
+    (
+        "X_BATON_BLOCK_JOB_COPY_MODE_CHANGED",
+        &[req("device", Ty::Str), req("copy-mode", Ty::Str), req("reason", Ty::Str)],
+    ),
 ];
 
 /// Every command. `qmp_capabilities` is handled by the session but listed here too.
 pub static COMMANDS: &[Command] = &[
-    Command { name: "qmp_capabilities", args: Args::Fields(&[opt("enable", Ty::Array(&Ty::Enum(&["oob"])))]), ret: None, handler: handler!(qmp_capabilities) },
-    Command { name: "query-commands", args: Args::Fields(&[]), ret: Some(&COMMANDS_RET), handler: handler!(query_commands) },
-    Command { name: "query-version", args: Args::Fields(&[]), ret: Some(&VERSION_RET), handler: handler!(query_version) },
-    Command { name: "query-qmp-schema", args: Args::Fields(&[]), ret: Some(&SCHEMA_RET), handler: handler!(query_qmp_schema) },
+    Command {
+        name: "qmp_capabilities",
+        args: Args::Fields(&[opt("enable", Ty::Array(&Ty::Enum(&["oob"])))]),
+        ret: None,
+        handler: handler!(qmp_capabilities),
+    },
+    Command {
+        name: "query-commands",
+        args: Args::Fields(&[]),
+        ret: Some(&COMMANDS_RET),
+        handler: handler!(query_commands),
+    },
+    Command {
+        name: "query-version",
+        args: Args::Fields(&[]),
+        ret: Some(&VERSION_RET),
+        handler: handler!(query_version),
+    },
+    Command {
+        name: "query-qmp-schema",
+        args: Args::Fields(&[]),
+        ret: Some(&SCHEMA_RET),
+        handler: handler!(query_qmp_schema),
+    },
     Command { name: "quit", args: Args::Fields(&[]), ret: None, handler: handler!(quit) },
     Command { name: "blockdev-add", args: Args::Open(&BLOCKDEV_ADD), ret: None, handler: handler!(blockdev_add) },
-    Command { name: "blockdev-del", args: Args::Fields(&[req("node-name", Ty::Str)]), ret: None, handler: handler!(blockdev_del) },
+    Command {
+        name: "blockdev-del",
+        args: Args::Fields(&[req("node-name", Ty::Str)]),
+        ret: None,
+        handler: handler!(blockdev_del),
+    },
     Command {
         name: "blockdev-set-active",
         args: Args::Fields(&[opt("node-name", Ty::Str), req("active", Ty::Bool)]),
         ret: None,
         handler: handler!(blockdev_set_active),
     },
-    Command { name: "query-named-block-nodes", args: Args::Fields(&[opt("flat", Ty::Bool)]), ret: Some(&NODE_INFO_RET), handler: handler!(query_named_block_nodes) },
-    Command { name: "block-dirty-bitmap-add", args: Args::Fields(&BITMAP_ADD), ret: None, handler: handler!(bitmap_add) },
-    Command { name: "block-dirty-bitmap-remove", args: Args::Fields(&BITMAP_REF), ret: None, handler: handler!(bitmap_remove) },
-    Command { name: "block-dirty-bitmap-clear", args: Args::Fields(&BITMAP_REF), ret: None, handler: handler!(bitmap_clear) },
-    Command { name: "block-dirty-bitmap-enable", args: Args::Fields(&BITMAP_REF), ret: None, handler: handler!(bitmap_enable) },
-    Command { name: "block-dirty-bitmap-disable", args: Args::Fields(&BITMAP_REF), ret: None, handler: handler!(bitmap_disable) },
-    Command { name: "block-dirty-bitmap-merge", args: Args::Fields(&BITMAP_MERGE), ret: None, handler: handler!(bitmap_merge) },
-    Command { name: "x-debug-block-dirty-bitmap-sha256", args: Args::Fields(&BITMAP_REF), ret: Some(&SHA_RET), handler: handler!(bitmap_sha256) },
-    Command { name: "nbd-server-start", args: Args::Fields(&NBD_START), ret: None, handler: handler!(nbd_server_start) },
+    Command {
+        name: "query-named-block-nodes",
+        args: Args::Fields(&[opt("flat", Ty::Bool)]),
+        ret: Some(&NODE_INFO_RET),
+        handler: handler!(query_named_block_nodes),
+    },
+    Command {
+        name: "block-dirty-bitmap-add",
+        args: Args::Fields(&BITMAP_ADD),
+        ret: None,
+        handler: handler!(bitmap_add),
+    },
+    Command {
+        name: "block-dirty-bitmap-remove",
+        args: Args::Fields(&BITMAP_REF),
+        ret: None,
+        handler: handler!(bitmap_remove),
+    },
+    Command {
+        name: "block-dirty-bitmap-clear",
+        args: Args::Fields(&BITMAP_REF),
+        ret: None,
+        handler: handler!(bitmap_clear),
+    },
+    Command {
+        name: "block-dirty-bitmap-enable",
+        args: Args::Fields(&BITMAP_REF),
+        ret: None,
+        handler: handler!(bitmap_enable),
+    },
+    Command {
+        name: "block-dirty-bitmap-disable",
+        args: Args::Fields(&BITMAP_REF),
+        ret: None,
+        handler: handler!(bitmap_disable),
+    },
+    Command {
+        name: "block-dirty-bitmap-merge",
+        args: Args::Fields(&BITMAP_MERGE),
+        ret: None,
+        handler: handler!(bitmap_merge),
+    },
+    Command {
+        name: "x-debug-block-dirty-bitmap-sha256",
+        args: Args::Fields(&BITMAP_REF),
+        ret: Some(&SHA_RET),
+        handler: handler!(bitmap_sha256),
+    },
+    Command {
+        name: "nbd-server-start",
+        args: Args::Fields(&NBD_START),
+        ret: None,
+        handler: handler!(nbd_server_start),
+    },
     Command { name: "nbd-server-stop", args: Args::Fields(&[]), ret: None, handler: handler!(nbd_server_stop) },
-    Command { name: "block-export-add", args: Args::Fields(&EXPORT_ADD), ret: None, handler: handler!(block_export_add) },
-    Command { name: "block-export-del", args: Args::Fields(&EXPORT_DEL), ret: None, handler: handler!(block_export_del) },
-    Command { name: "query-block-exports", args: Args::Fields(&[]), ret: Some(&EXPORTS_RET), handler: handler!(query_block_exports) },
+    Command {
+        name: "block-export-add",
+        args: Args::Fields(&EXPORT_ADD),
+        ret: None,
+        handler: handler!(block_export_add),
+    },
+    Command {
+        name: "block-export-del",
+        args: Args::Fields(&EXPORT_DEL),
+        ret: None,
+        handler: handler!(block_export_del),
+    },
+    Command {
+        name: "query-block-exports",
+        args: Args::Fields(&[]),
+        ret: Some(&EXPORTS_RET),
+        handler: handler!(query_block_exports),
+    },
     Command {
         name: "transaction",
-        args: Args::Fields(&[req("actions", Ty::Array(&Ty::Obj(&TRANSACTION_ACTION))), opt("properties", Ty::Obj(&TRANSACTION_PROPS))]),
+        args: Args::Fields(&[
+            req("actions", Ty::Array(&Ty::Obj(&TRANSACTION_ACTION))),
+            opt("properties", Ty::Obj(&TRANSACTION_PROPS)),
+        ]),
         ret: None,
         handler: handler!(transaction),
     },
-    Command { name: "x-baton-blkdebug-set-rules", args: Args::Fields(&BLKDEBUG_RULES), ret: None, handler: handler!(blkdebug_set_rules) },
-    Command { name: "yank", args: Args::Fields(&super::yank::YANK_ARGS), ret: None, handler: handler!(super::yank::yank) },
-    Command { name: "query-yank", args: Args::Fields(&[]), ret: Some(&super::yank::QUERY_YANK_RET), handler: handler!(super::yank::query_yank) },
+    Command {
+        name: "x-baton-blkdebug-set-rules",
+        args: Args::Fields(&BLKDEBUG_RULES),
+        ret: None,
+        handler: handler!(blkdebug_set_rules),
+    },
+    Command {
+        name: "yank",
+        args: Args::Fields(&super::yank::YANK_ARGS),
+        ret: None,
+        handler: handler!(super::yank::yank),
+    },
+    Command {
+        name: "query-yank",
+        args: Args::Fields(&[]),
+        ret: Some(&super::yank::QUERY_YANK_RET),
+        handler: handler!(super::yank::query_yank),
+    },
     Command { name: "blockdev-mirror", args: Args::Fields(&MIRROR), ret: None, handler: handler!(blockdev_mirror) },
     Command { name: "query-jobs", args: Args::Fields(&[]), ret: Some(&JOB_INFO_RET), handler: handler!(query_jobs) },
-    Command { name: "query-block-jobs", args: Args::Fields(&[]), ret: Some(&JOB_INFO_RET), handler: handler!(query_block_jobs) },
+    Command {
+        name: "query-block-jobs",
+        args: Args::Fields(&[]),
+        ret: Some(&JOB_INFO_RET),
+        handler: handler!(query_block_jobs),
+    },
     Command { name: "job-pause", args: Args::Fields(&JOB_ID), ret: None, handler: handler!(job_pause) },
     Command { name: "job-resume", args: Args::Fields(&JOB_ID), ret: None, handler: handler!(job_resume) },
     Command { name: "job-cancel", args: Args::Fields(&JOB_ID), ret: None, handler: handler!(job_cancel) },
     Command { name: "job-complete", args: Args::Fields(&JOB_ID), ret: None, handler: handler!(job_complete) },
     Command { name: "job-finalize", args: Args::Fields(&JOB_ID), ret: None, handler: handler!(job_finalize) },
     Command { name: "job-dismiss", args: Args::Fields(&JOB_ID), ret: None, handler: handler!(job_dismiss) },
-    Command { name: "block-job-pause", args: Args::Fields(&BLOCK_JOB_DEVICE), ret: None, handler: handler!(block_job_pause) },
-    Command { name: "block-job-resume", args: Args::Fields(&BLOCK_JOB_DEVICE), ret: None, handler: handler!(block_job_resume) },
-    Command { name: "block-job-cancel", args: Args::Fields(&BLOCK_JOB_CANCEL), ret: None, handler: handler!(block_job_cancel) },
-    Command { name: "block-job-complete", args: Args::Fields(&BLOCK_JOB_DEVICE), ret: None, handler: handler!(block_job_complete) },
-    Command { name: "block-job-finalize", args: Args::Fields(&JOB_ID), ret: None, handler: handler!(block_job_finalize) },
+    Command {
+        name: "block-job-pause",
+        args: Args::Fields(&BLOCK_JOB_DEVICE),
+        ret: None,
+        handler: handler!(block_job_pause),
+    },
+    Command {
+        name: "block-job-resume",
+        args: Args::Fields(&BLOCK_JOB_DEVICE),
+        ret: None,
+        handler: handler!(block_job_resume),
+    },
+    Command {
+        name: "block-job-cancel",
+        args: Args::Fields(&BLOCK_JOB_CANCEL),
+        ret: None,
+        handler: handler!(block_job_cancel),
+    },
+    Command {
+        name: "block-job-complete",
+        args: Args::Fields(&BLOCK_JOB_DEVICE),
+        ret: None,
+        handler: handler!(block_job_complete),
+    },
+    Command {
+        name: "block-job-finalize",
+        args: Args::Fields(&JOB_ID),
+        ret: None,
+        handler: handler!(block_job_finalize),
+    },
     Command { name: "block-job-dismiss", args: Args::Fields(&JOB_ID), ret: None, handler: handler!(block_job_dismiss) },
-    Command { name: "block-job-set-speed", args: Args::Fields(&BLOCK_JOB_SPEED), ret: None, handler: handler!(block_job_set_speed) },
+    Command {
+        name: "block-job-set-speed",
+        args: Args::Fields(&BLOCK_JOB_SPEED),
+        ret: None,
+        handler: handler!(block_job_set_speed),
+    },
     Command { name: "block-job-change", args: Args::Fields(&JOB_CHANGE), ret: None, handler: handler!(job_change) },
-    Command { name: "migrate", args: Args::Fields(&[req("uri", Ty::Str), opt("detach", Ty::Bool), opt("resume", Ty::Bool)]), ret: None, handler: handler!(migrate) },
+    Command {
+        name: "migrate",
+        args: Args::Fields(&[req("uri", Ty::Str), opt("detach", Ty::Bool), opt("resume", Ty::Bool)]),
+        ret: None,
+        handler: handler!(migrate),
+    },
     Command { name: "migrate_cancel", args: Args::Fields(&[]), ret: None, handler: handler!(migrate_cancel) },
     // baton's first releases spelled it with a dash; kept as an alias.
     Command { name: "migrate-cancel", args: Args::Fields(&[]), ret: None, handler: handler!(migrate_cancel) },
-    Command { name: "migrate-continue", args: Args::Fields(&[req("state", Ty::Enum(&["pre-switchover"]))]), ret: None, handler: handler!(migrate_continue) },
-    Command { name: "migrate-set-capabilities", args: Args::Fields(&[req("capabilities", Ty::Array(&Ty::Obj(&MIG_CAP)))]), ret: None, handler: handler!(migrate_set_capabilities) },
+    Command {
+        name: "migrate-continue",
+        args: Args::Fields(&[req("state", Ty::Enum(&["pre-switchover"]))]),
+        ret: None,
+        handler: handler!(migrate_continue),
+    },
+    Command {
+        name: "migrate-set-capabilities",
+        args: Args::Fields(&[req("capabilities", Ty::Array(&Ty::Obj(&MIG_CAP)))]),
+        ret: None,
+        handler: handler!(migrate_set_capabilities),
+    },
     Command { name: "query-migrate", args: Args::Fields(&[]), ret: Some(&ANY_RET), handler: handler!(query_migrate) },
-    Command { name: "query-migrate-capabilities", args: Args::Fields(&[]), ret: Some(&ANY_RET), handler: handler!(query_migrate_capabilities) },
-    Command { name: "migrate-set-parameters", args: Args::Open(&MIG_PARAMS), ret: None, handler: handler!(migrate_set_parameters) },
-    Command { name: "query-migrate-parameters", args: Args::Fields(&[]), ret: Some(&ANY_RET), handler: handler!(query_migrate_parameters) },
-    Command { name: "x-baton-migrate-decide", args: Args::Fields(&MIG_DECIDE), ret: None, handler: handler!(migrate_decide) },
+    Command {
+        name: "query-migrate-capabilities",
+        args: Args::Fields(&[]),
+        ret: Some(&ANY_RET),
+        handler: handler!(query_migrate_capabilities),
+    },
+    Command {
+        name: "migrate-set-parameters",
+        args: Args::Open(&MIG_PARAMS),
+        ret: None,
+        handler: handler!(migrate_set_parameters),
+    },
+    Command {
+        name: "query-migrate-parameters",
+        args: Args::Fields(&[]),
+        ret: Some(&ANY_RET),
+        handler: handler!(query_migrate_parameters),
+    },
+    Command {
+        name: "x-baton-migrate-decide",
+        args: Args::Fields(&MIG_DECIDE),
+        ret: None,
+        handler: handler!(migrate_decide),
+    },
     Command { name: "x-baton-failpoint", args: Args::Fields(&FAILPOINT), ret: None, handler: handler!(failpoint) },
     Command { name: "stop", args: Args::Fields(&[]), ret: None, handler: handler!(stop) },
     Command { name: "cont", args: Args::Fields(&[]), ret: None, handler: handler!(cont) },
     Command { name: "query-status", args: Args::Fields(&[]), ret: Some(&STATUS_RET), handler: handler!(query_status) },
-    Command { name: "x-baton-guest-stats", args: Args::Fields(&[]), ret: Some(&ANY_RET), handler: handler!(guest_stats) },
-    Command { name: "x-baton-guest-verify", args: Args::Fields(&[opt("timeout-ms", Ty::Int)]), ret: Some(&ANY_RET), handler: handler!(guest_verify) },
+    Command {
+        name: "x-baton-guest-stats",
+        args: Args::Fields(&[]),
+        ret: Some(&ANY_RET),
+        handler: handler!(guest_stats),
+    },
+    Command {
+        name: "x-baton-guest-verify",
+        args: Args::Fields(&[opt("timeout-ms", Ty::Int)]),
+        ret: Some(&ANY_RET),
+        handler: handler!(guest_verify),
+    },
 ];
 
 pub fn find(name: &str) -> Option<&'static Command> {
@@ -266,7 +519,8 @@ async fn query_version(_: Arc<Daemon>, _: Map<String, Value>) -> Reply {
 }
 
 async fn query_qmp_schema(_: Arc<Daemon>, _: Map<String, Value>) -> Reply {
-    let cmds: Vec<(&'static str, &Args, Option<&'static Ty>)> = COMMANDS.iter().map(|c| (c.name, &c.args, c.ret)).collect();
+    let cmds: Vec<(&'static str, &Args, Option<&'static Ty>)> =
+        COMMANDS.iter().map(|c| (c.name, &c.args, c.ret)).collect();
     Ok(introspect(&cmds, EVENTS))
 }
 
@@ -399,7 +653,10 @@ async fn bitmap_add(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
 
 fn not_busy(bm: &DirtyBitmap) -> Result<(), QmpError> {
     if bm.is_busy() {
-        return Err(QmpError::generic(format!("Bitmap '{}' is currently in use by another operation and cannot be used", bm.name())));
+        return Err(QmpError::generic(format!(
+            "Bitmap '{}' is currently in use by another operation and cannot be used",
+            bm.name()
+        )));
     }
     Ok(())
 }
@@ -447,11 +704,16 @@ async fn bitmap_merge(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
     let node = s(&a, "node");
     let target = bitmap_of(&d, &node, &s(&a, "target"))?;
     not_busy(&target)?;
-    let sources = merge_sources(&d, &node, a.get("bitmaps").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default())?;
+    let sources =
+        merge_sources(&d, &node, a.get("bitmaps").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default())?;
     // Check every source first so that a bad one changes nothing.
     for src in &sources {
         if src.size() != target.size() {
-            return Err(QmpError::generic(format!("Bitmap '{}' is of a different size than '{}'", src.name(), target.name())));
+            return Err(QmpError::generic(format!(
+                "Bitmap '{}' is of a different size than '{}'",
+                src.name(),
+                target.name()
+            )));
         }
     }
     for src in &sources {
@@ -493,7 +755,11 @@ async fn nbd_server_start(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
     };
     let max = match a.get("max-connections") {
         None => 0,
-        Some(v) => v.as_u64().filter(|&n| n <= u64::from(u32::MAX)).ok_or_else(|| QmpError::generic("Parameter 'max-connections' expects uint32"))? as usize,
+        Some(v) => {
+            v.as_u64()
+                .filter(|&n| n <= u64::from(u32::MAX))
+                .ok_or_else(|| QmpError::generic("Parameter 'max-connections' expects uint32"))? as usize
+        }
     };
     d.nbd_start(addr, max).await?;
     Ok(json!({}))
@@ -560,10 +826,13 @@ async fn query_block_exports(d: Arc<Daemon>, _: Map<String, Value>) -> Reply {
 
 async fn blkdebug_set_rules(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
     let node = d.graph.find(&s(&a, "node-name"))?;
-    let dbg = node.blkdebug().ok_or_else(|| QmpError::generic(format!("node '{}' is not a blkdebug node", node.name())))?;
+    let dbg =
+        node.blkdebug().ok_or_else(|| QmpError::generic(format!("node '{}' is not a blkdebug node", node.name())))?;
     let parse = |k: &str| -> Result<Value, QmpError> { Ok(a.get(k).cloned().unwrap_or(json!([]))) };
-    let errors = serde_json::from_value(parse("inject-error")?).map_err(|e| QmpError::generic(format!("inject-error: {e}")))?;
-    let delays = serde_json::from_value(parse("x-baton-inject-delay")?).map_err(|e| QmpError::generic(format!("x-baton-inject-delay: {e}")))?;
+    let errors =
+        serde_json::from_value(parse("inject-error")?).map_err(|e| QmpError::generic(format!("inject-error: {e}")))?;
+    let delays = serde_json::from_value(parse("x-baton-inject-delay")?)
+        .map_err(|e| QmpError::generic(format!("x-baton-inject-delay: {e}")))?;
     dbg.set_rules(errors, delays);
     Ok(json!({}))
 }
@@ -594,11 +863,19 @@ fn apply_action(d: &Daemon, kind: &str, a: &Map<String, Value>) -> Result<Undo, 
             let node = s(a, "node");
             let target = bitmap_of(d, &node, &s(a, "target"))?;
             not_busy(&target)?;
-            let sources = merge_sources(d, &node, a.get("bitmaps").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default())?;
+            let sources = merge_sources(
+                d,
+                &node,
+                a.get("bitmaps").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default(),
+            )?;
             // Check every source before changing anything.
             for src in &sources {
                 if src.size() != target.size() {
-                    return Err(QmpError::generic(format!("Bitmap '{}' is of a different size than '{}'", src.name(), target.name())));
+                    return Err(QmpError::generic(format!(
+                        "Bitmap '{}' is of a different size than '{}'",
+                        src.name(),
+                        target.name()
+                    )));
                 }
             }
             let copy = copy_of(&target)?;
@@ -717,7 +994,11 @@ async fn blockdev_mirror(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
     if let Some(bs) = a.get("buf-size").and_then(Value::as_u64) {
         m.buf_size = bs;
     }
-    m.copy_mode = if a.get("copy-mode").and_then(Value::as_str) == Some("write-blocking") { CopyMode::WriteBlocking } else { CopyMode::Background };
+    m.copy_mode = if a.get("copy-mode").and_then(Value::as_str) == Some("write-blocking") {
+        CopyMode::WriteBlocking
+    } else {
+        CopyMode::Background
+    };
     m.on_source_error = on_error(&a, "on-source-error")?;
     m.on_target_error = on_error(&a, "on-target-error")?;
     m.auto_converge = b(&a, "x-baton-auto-converge").unwrap_or(false);
@@ -728,7 +1009,12 @@ async fn blockdev_mirror(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {
         None => 0,
         Some(v) => v.as_u64().ok_or_else(|| QmpError::generic("Parameter 'speed' expects a non-negative value"))?,
     };
-    let job = jobs::JobOptions { id, speed, auto_finalize: b(&a, "auto-finalize").unwrap_or(true), auto_dismiss: b(&a, "auto-dismiss").unwrap_or(true) };
+    let job = jobs::JobOptions {
+        id,
+        speed,
+        auto_finalize: b(&a, "auto-finalize").unwrap_or(true),
+        auto_dismiss: b(&a, "auto-dismiss").unwrap_or(true),
+    };
     jobs::mirror::start(&d.graph, &d.jobs, job, m).map_err(|e| QmpError::generic(e.to_string()))?;
     Ok(json!({}))
 }
@@ -838,14 +1124,24 @@ async fn stop(d: Arc<Daemon>, _: Map<String, Value>) -> Reply {
 async fn cont(d: Arc<Daemon>, _: Map<String, Value>) -> Reply {
     let vm = the_vm(&d)?;
     // I8: a prepared destination cannot know whether the source committed.
-    if matches!(d.migration.handover(), vmm::migration::Handover::Prepared | vmm::migration::Handover::DecisionUnknown) && d.migration.role() == Some(vmm::migration::Role::Destination) {
+    if matches!(d.migration.handover(), vmm::migration::Handover::Prepared | vmm::migration::Handover::DecisionUnknown)
+        && d.migration.role() == Some(vmm::migration::Role::Destination)
+    {
         return Err(QmpError::generic(format!("cannot run the guest: {}", vmm::migration::VerbError::PreparedWaiting)));
     }
     // The source's switchover owns a stopped guest (pre-switchover, device): a
     // `cont` there would run it on disks being handed over.
     let status = d.migration.status();
-    if d.migration.role() == Some(vmm::migration::Role::Source) && matches!(status, vmm::migration::Status::PreSwitchover | vmm::migration::Status::Device | vmm::migration::Status::Cancelling) {
-        return Err(QmpError::generic(format!("cannot run the guest while its migration is in '{}': use migrate-continue or migrate_cancel", status.as_str())));
+    if d.migration.role() == Some(vmm::migration::Role::Source)
+        && matches!(
+            status,
+            vmm::migration::Status::PreSwitchover | vmm::migration::Status::Device | vmm::migration::Status::Cancelling
+        )
+    {
+        return Err(QmpError::generic(format!(
+            "cannot run the guest while its migration is in '{}': use migrate-continue or migrate_cancel",
+            status.as_str()
+        )));
     }
     vm.cont().await.map_err(|e| QmpError::generic(e.to_string()))?;
     Ok(json!({}))
@@ -909,7 +1205,16 @@ async fn migrate_set_capabilities(d: Arc<Daemon>, a: Map<String, Value>) -> Repl
     let caps: Vec<(String, bool)> = a
         .get("capabilities")
         .and_then(Value::as_array)
-        .map(|l| l.iter().map(|c| (c.get("capability").and_then(Value::as_str).unwrap_or_default().to_string(), c.get("state").and_then(Value::as_bool).unwrap_or(false))).collect())
+        .map(|l| {
+            l.iter()
+                .map(|c| {
+                    (
+                        c.get("capability").and_then(Value::as_str).unwrap_or_default().to_string(),
+                        c.get("state").and_then(Value::as_bool).unwrap_or(false),
+                    )
+                })
+                .collect()
+        })
         .unwrap_or_default();
     d.migration.set_capabilities(&caps).map_err(mig_err)?;
     Ok(json!({}))

@@ -115,7 +115,10 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
         if m.file_type().is_socket() {
             std::fs::remove_file(path)?;
         } else {
-            return Err(std::io::Error::new(std::io::ErrorKind::AlreadyExists, format!("{} exists and is not a socket", path.display())));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ));
         }
     }
     // Create it 0600 from the start: no window in which others may connect.
@@ -301,7 +304,10 @@ async fn handle(d: &Arc<Daemon>, v: Value, negotiated: &mut bool) -> Value {
     };
     let id = m.remove("id");
     if m.contains_key("exec-oob") {
-        return error_reply(&QmpError::generic("QMP input member 'exec-oob' is unexpected: out-of-band execution is not supported"), id);
+        return error_reply(
+            &QmpError::generic("QMP input member 'exec-oob' is unexpected: out-of-band execution is not supported"),
+            id,
+        );
     }
     let name = match m.remove("execute") {
         None => return error_reply(&QmpError::generic("QMP input lacks member 'execute'"), id),
@@ -318,7 +324,13 @@ async fn handle(d: &Arc<Daemon>, v: Value, negotiated: &mut bool) -> Value {
     }
     if name == "qmp_capabilities" {
         if *negotiated {
-            return error_reply(&QmpError::new(ErrorClass::CommandNotFound, "Capabilities negotiation is already complete, command ignored"), id);
+            return error_reply(
+                &QmpError::new(
+                    ErrorClass::CommandNotFound,
+                    "Capabilities negotiation is already complete, command ignored",
+                ),
+                id,
+            );
         }
         if let Some(cmd) = commands::find(&name) {
             if let Err(e) = commands::dispatch(d, cmd, args).await {
@@ -329,7 +341,10 @@ async fn handle(d: &Arc<Daemon>, v: Value, negotiated: &mut bool) -> Value {
         return with_id(json!({"return": {}}), id);
     }
     if !*negotiated {
-        return error_reply(&QmpError::new(ErrorClass::CommandNotFound, "Expecting capabilities negotiation with 'qmp_capabilities'"), id);
+        return error_reply(
+            &QmpError::new(ErrorClass::CommandNotFound, "Expecting capabilities negotiation with 'qmp_capabilities'"),
+            id,
+        );
     }
     let Some(cmd) = commands::find(&name) else {
         return error_reply(&commands::not_found(&name), id);

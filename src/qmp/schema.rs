@@ -122,7 +122,10 @@ pub fn check_fields(fields: &[Field], m: &Map<String, Value>, prefix: &str, open
 
 /// `query-qmp-schema`: SchemaInfo entries for `commands` and `events`.
 /// Like QEMU, non-builtin type names are opaque numbers.
-pub fn introspect(commands: &[(&'static str, &Args, Option<&'static Ty>)], events: &[(&'static str, &'static [Field])]) -> Value {
+pub fn introspect(
+    commands: &[(&'static str, &Args, Option<&'static Ty>)],
+    events: &[(&'static str, &'static [Field])],
+) -> Value {
     let mut out: Vec<Value> = Vec::new();
     let mut next = 0u32;
     let mut fresh = |out: &mut Vec<Value>, v: Value| -> String {
@@ -135,7 +138,11 @@ pub fn introspect(commands: &[(&'static str, &Args, Option<&'static Ty>)], event
         out.push(v);
         name
     };
-    fn members(fields: &[Field], out: &mut Vec<Value>, fresh: &mut dyn FnMut(&mut Vec<Value>, Value) -> String) -> Vec<Value> {
+    fn members(
+        fields: &[Field],
+        out: &mut Vec<Value>,
+        fresh: &mut dyn FnMut(&mut Vec<Value>, Value) -> String,
+    ) -> Vec<Value> {
         fields
             .iter()
             .map(|f| {
@@ -180,7 +187,8 @@ pub fn introspect(commands: &[(&'static str, &Args, Option<&'static Ty>)], event
     let empty = fresh(&mut out, json!({"meta-type": "object", "members": []}));
     for (name, args, ret) in commands {
         let m = members(args.fields(), &mut out, &mut fresh);
-        let arg = if m.is_empty() { empty.clone() } else { fresh(&mut out, json!({"meta-type": "object", "members": m})) };
+        let arg =
+            if m.is_empty() { empty.clone() } else { fresh(&mut out, json!({"meta-type": "object", "members": m})) };
         let ret = match ret {
             Some(t) => ty_ref(t, &mut out, &mut fresh),
             None => empty.clone(),
@@ -213,7 +221,9 @@ mod tests {
         assert_eq!(e.desc, "Parameter 'node-name' is missing");
         let e = check_fields(&ARGS, json!({"node-name": 1}).as_object().unwrap(), "", false).unwrap_err();
         assert_eq!(e.desc, "Invalid parameter type for 'node-name', expected: string");
-        let e = check_fields(&ARGS, json!({"node-name": "a", "addr": {"type": "vsock"}}).as_object().unwrap(), "", false).unwrap_err();
+        let e =
+            check_fields(&ARGS, json!({"node-name": "a", "addr": {"type": "vsock"}}).as_object().unwrap(), "", false)
+                .unwrap_err();
         assert_eq!(e.desc, "Parameter 'addr.type' does not accept value 'vsock'");
     }
 

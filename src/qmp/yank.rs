@@ -99,7 +99,9 @@ pub(super) async fn yank(d: Arc<Daemon>, a: Map<String, Value>) -> Result<Value,
     let list = a.get("instances").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
     let mut nodes = Vec::with_capacity(list.len());
     for (i, v) in list.iter().enumerate() {
-        let m = v.as_object().ok_or_else(|| QmpError::generic(format!("Invalid parameter type for 'instances[{i}]', expected: object")))?;
+        let m = v.as_object().ok_or_else(|| {
+            QmpError::generic(format!("Invalid parameter type for 'instances[{i}]', expected: object"))
+        })?;
         nodes.push(resolve(&d, m, &format!("instances[{i}]"))?);
     }
     for t in nodes {
@@ -119,7 +121,13 @@ pub(super) async fn yank(d: Arc<Daemon>, a: Map<String, Value>) -> Result<Value,
 
 /// `query-yank`: every instance `yank` accepts now.
 pub(super) async fn query_yank(d: Arc<Daemon>, _: Map<String, Value>) -> Result<Value, QmpError> {
-    let mut v: Vec<Value> = d.graph.nodes().iter().filter(|n| yankable(n)).map(|n| json!({"type": "block-node", "node-name": n.name()})).collect();
+    let mut v: Vec<Value> = d
+        .graph
+        .nodes()
+        .iter()
+        .filter(|n| yankable(n))
+        .map(|n| json!({"type": "block-node", "node-name": n.name()}))
+        .collect();
     if d.migration.yankable() {
         v.push(json!({"type": "migration"}));
     }
@@ -136,14 +144,21 @@ mod tests {
 
     #[test]
     fn each_instance_type_has_exactly_its_own_members() {
-        assert!(check_members("block-node", &members(json!({"type": "block-node", "node-name": "n"})), "instances[0]").is_ok());
+        assert!(check_members("block-node", &members(json!({"type": "block-node", "node-name": "n"})), "instances[0]")
+            .is_ok());
         assert!(check_members("chardev", &members(json!({"type": "chardev", "id": "c"})), "instances[0]").is_ok());
         assert!(check_members("migration", &members(json!({"type": "migration"})), "instances[0]").is_ok());
         let e = check_members("block-node", &members(json!({"type": "block-node"})), "instances[2]").unwrap_err();
         assert_eq!(e.desc, "Parameter 'instances[2].node-name' is missing");
-        let e = check_members("block-node", &members(json!({"type": "block-node", "node-name": "n", "id": "x"})), "instances[0]").unwrap_err();
+        let e = check_members(
+            "block-node",
+            &members(json!({"type": "block-node", "node-name": "n", "id": "x"})),
+            "instances[0]",
+        )
+        .unwrap_err();
         assert_eq!(e.desc, "Parameter 'instances[0].id' is unexpected");
-        let e = check_members("migration", &members(json!({"type": "migration", "node-name": "n"})), "instances[1]").unwrap_err();
+        let e = check_members("migration", &members(json!({"type": "migration", "node-name": "n"})), "instances[1]")
+            .unwrap_err();
         assert_eq!(e.desc, "Parameter 'instances[1].node-name' is unexpected");
         let e = check_members("chardev", &members(json!({"type": "chardev"})), "instances[0]").unwrap_err();
         assert_eq!(e.desc, "Parameter 'instances[0].id' is missing");

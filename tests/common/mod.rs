@@ -39,7 +39,9 @@ pub fn locked_bytes(path: &std::path::Path) -> std::collections::BTreeSet<u64> {
 pub fn require_tools(tools: &[&str]) {
     for t in tools {
         let found = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).chain([std::path::PathBuf::from("/usr/sbin")]).any(|d| d.join(t).is_file()))
+            .map(|p| {
+                std::env::split_paths(&p).chain([std::path::PathBuf::from("/usr/sbin")]).any(|d| d.join(t).is_file())
+            })
             .unwrap_or(false);
         assert!(found, "{t} is not installed; run ./scripts/test, which installs the peers");
     }
@@ -88,7 +90,11 @@ impl Qmp {
 
     /// The statuses of the MIGRATION events seen so far.
     pub fn migration_events(&self) -> Vec<String> {
-        self.events.iter().filter(|e| e["event"] == "MIGRATION").map(|e| e["data"]["status"].as_str().unwrap_or("").to_string()).collect()
+        self.events
+            .iter()
+            .filter(|e| e["event"] == "MIGRATION")
+            .map(|e| e["data"]["status"].as_str().unwrap_or("").to_string())
+            .collect()
     }
 
     /// Run a command; returns the reply (`return` or `error`), events kept in `events`.

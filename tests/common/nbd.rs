@@ -132,7 +132,13 @@ pub fn output(cmd: &mut Command) -> Output {
 /// Run, insist on success, return stdout.
 pub fn run(cmd: &mut Command) -> String {
     let out = output(cmd);
-    assert!(out.status.success(), "{cmd:?} failed ({}):\nstdout:\n{}\nstderr:\n{}", out.status, text(&out.stdout), text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
     text(&out.stdout)
 }
 

@@ -251,7 +251,14 @@ impl Framer {
     }
 }
 
-async fn pump(ctl: Arc<Ctl>, dir: Dir, mut r: tokio::net::unix::OwnedReadHalf, mut w: tokio::net::unix::OwnedWriteHalf, gen: u64, framed: bool) {
+async fn pump(
+    ctl: Arc<Ctl>,
+    dir: Dir,
+    mut r: tokio::net::unix::OwnedReadHalf,
+    mut w: tokio::net::unix::OwnedWriteHalf,
+    gen: u64,
+    framed: bool,
+) {
     let d = dir as usize;
     let mut buf = vec![0u8; 64 << 10];
     let mut framer = Framer::new(dir);

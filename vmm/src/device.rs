@@ -185,12 +185,20 @@ impl BlockDevice {
             OP_WRITE => {
                 let mut buf = IoBuf::zeroed(len as usize);
                 match self.mem.read_slice(&mut buf, GuestAddress(u64::from(d.buf))) {
-                    Ok(()) => self.backend.write(off, buf, WriteFlags::default()).await.map(|_| ()).map_err(|e| ("write", e.chain())),
+                    Ok(()) => self
+                        .backend
+                        .write(off, buf, WriteFlags::default())
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| ("write", e.chain())),
                     Err(e) => Err(("write", format!("bad guest buffer {:#x}: {e}", d.buf))),
                 }
             }
             OP_READ => match self.backend.read(off, IoBuf::zeroed(len as usize)).await {
-                Ok(buf) => self.mem.write_slice(&buf, GuestAddress(u64::from(d.buf))).map_err(|e| ("read", format!("bad guest buffer {:#x}: {e}", d.buf))),
+                Ok(buf) => self
+                    .mem
+                    .write_slice(&buf, GuestAddress(u64::from(d.buf)))
+                    .map_err(|e| ("read", format!("bad guest buffer {:#x}: {e}", d.buf))),
                 Err(e) => Err(("read", e.chain())),
             },
             OP_FLUSH => self.backend.flush().await.map_err(|e| ("flush", e.chain())),

@@ -44,7 +44,9 @@ pub fn take_dirty_log(vm: &VmFd, mem: &Mem) -> Result<Vec<u64>, VmmError> {
     let mut out = Vec::new();
     for (slot, region) in mem.iter().enumerate() {
         let pages = (region.len() / PAGE_SIZE) as usize;
-        let mut words = vm.get_dirty_log(slot as u32, region.len() as usize).map_err(|e| VmmError::Kvm("KVM_GET_DIRTY_LOG", e.errno()))?;
+        let mut words = vm
+            .get_dirty_log(slot as u32, region.len() as usize)
+            .map_err(|e| VmmError::Kvm("KVM_GET_DIRTY_LOG", e.errno()))?;
         words.resize(pages.div_ceil(64), 0);
         // The region's whole AtomicBitmap (not the trait's slice view).
         let bm: &AtomicBitmap = std::ops::Deref::deref(region).bitmap();

@@ -74,12 +74,22 @@ pub enum StreamError {
 #[derive(Debug)]
 pub enum Section {
     Hello(Hello),
-    Ram { first_page: u64, data: Vec<u8> },
-    Vcpu { id: u32, state: Box<VcpuState> },
-    Device { consumed: u32 },
+    Ram {
+        first_page: u64,
+        data: Vec<u8>,
+    },
+    Vcpu {
+        id: u32,
+        state: Box<VcpuState>,
+    },
+    Device {
+        consumed: u32,
+    },
     /// The end marker; `running`: the guest was running before the
     /// switchover (the destination runs it after COMMIT only then, as QEMU).
-    End { running: bool },
+    End {
+        running: bool,
+    },
     Commit,
     Abort(String),
     KeepAlive,
@@ -288,7 +298,10 @@ pub async fn read_section<R: AsyncRead + Unpin>(r: &mut R) -> Result<Section, St
 pub async fn write_reply<W: AsyncWrite + Unpin>(w: &mut W, reply: &Reply) -> std::io::Result<()> {
     let (tag, payload) = match reply {
         Reply::Welcome(targets) => {
-            let t: Vec<serde_json::Value> = targets.iter().map(|t| serde_json::json!({"node": t.node, "export": t.export, "size": t.size})).collect();
+            let t: Vec<serde_json::Value> = targets
+                .iter()
+                .map(|t| serde_json::json!({"node": t.node, "export": t.export, "size": t.size}))
+                .collect();
             (REPLY_WELCOME, serde_json::json!({"targets": t}).to_string().into_bytes())
         }
         Reply::Refused(why) => {
@@ -315,8 +328,14 @@ fn parse_targets(p: &[u8]) -> Result<Vec<Target>, StreamError> {
     let mut out = Vec::with_capacity(list.len());
     for t in list {
         let o = t.as_object().filter(|o| o.len() == 3).ok_or_else(|| bad("a target is not {node, export, size}"))?;
-        let s = |k: &str| o.get(k).and_then(|v| v.as_str()).map(str::to_string).ok_or_else(|| bad(&format!("target '{k}' missing or not a string")));
-        let size = o.get("size").and_then(|v| v.as_u64()).ok_or_else(|| bad("target 'size' missing or not a number"))?;
+        let s = |k: &str| {
+            o.get(k)
+                .and_then(|v| v.as_str())
+                .map(str::to_string)
+                .ok_or_else(|| bad(&format!("target '{k}' missing or not a string")))
+        };
+        let size =
+            o.get("size").and_then(|v| v.as_u64()).ok_or_else(|| bad("target 'size' missing or not a number"))?;
         out.push(Target { node: s("node")?, export: s("export")?, size });
     }
     Ok(out)
@@ -386,7 +405,9 @@ mod tests {
     fn replies_round_trip_and_bad_ones_are_named() {
         rt().block_on(async {
             let targets = vec![Target { node: "disk".into(), export: "e".into(), size: 4096 }];
-            for reply in [Reply::Welcome(targets.clone()), Reply::Refused("no".into()), Reply::Prepared, Reply::Welcome(vec![])] {
+            for reply in
+                [Reply::Welcome(targets.clone()), Reply::Refused("no".into()), Reply::Prepared, Reply::Welcome(vec![])]
+            {
                 let mut w = Vec::new();
                 write_reply(&mut w, &reply).await.unwrap();
                 assert_eq!(read_reply(&mut &w[..]).await.unwrap(), reply);
@@ -400,7 +421,9 @@ mod tests {
             w.extend_from_slice(body);
             assert!(matches!(read_reply(&mut &w[..]).await, Err(StreamError::BadReply(m)) if m.contains("target")));
             let w = [9u8, 0, 0, 0, 0];
-            assert!(matches!(read_reply(&mut &w[..]).await, Err(StreamError::BadReply(m)) if m.contains("unknown reply 9")));
+            assert!(
+                matches!(read_reply(&mut &w[..]).await, Err(StreamError::BadReply(m)) if m.contains("unknown reply 9"))
+            );
         });
     }
 

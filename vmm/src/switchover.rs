@@ -77,7 +77,13 @@ impl Default for Bounds {
 /// Run the switchover with the mirror jobs `mirrors` (by id) carrying the
 /// disks and default bounds; `handover` delivers the guest state and
 /// resolves once the destination has it (one process, two graphs: tests).
-pub async fn switchover<F, Fut>(graph: &Arc<Graph>, jobs: &Arc<JobManager>, vm: &Arc<Vm>, mirrors: &[String], handover: F) -> Result<(), SwitchoverError>
+pub async fn switchover<F, Fut>(
+    graph: &Arc<Graph>,
+    jobs: &Arc<JobManager>,
+    vm: &Arc<Vm>,
+    mirrors: &[String],
+    handover: F,
+) -> Result<(), SwitchoverError>
 where
     F: FnOnce(VmState) -> Fut,
     Fut: Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>>,
@@ -129,7 +135,14 @@ fn step_err(step: &'static str, e: impl std::error::Error + Send + Sync + 'stati
     (step, Box::new(e))
 }
 
-async fn steps<C, F, Fut>(graph: &Arc<Graph>, vm: &Arc<Vm>, bounds: Bounds, mut in_sync: C, cancelled: &(dyn Fn() -> bool + Sync), handover: F) -> Result<(), Step>
+async fn steps<C, F, Fut>(
+    graph: &Arc<Graph>,
+    vm: &Arc<Vm>,
+    bounds: Bounds,
+    mut in_sync: C,
+    cancelled: &(dyn Fn() -> bool + Sync),
+    handover: F,
+) -> Result<(), Step>
 where
     C: FnMut() -> Result<bool, String>,
     F: FnOnce(VmState) -> Fut,
@@ -145,7 +158,10 @@ where
         match in_sync() {
             Ok(true) => break,
             Ok(false) if Instant::now() > deadline => {
-                return Err(("jobs", Box::new(StepError(format!("the mirrors did not get in sync within {:?}", bounds.sync)))));
+                return Err((
+                    "jobs",
+                    Box::new(StepError(format!("the mirrors did not get in sync within {:?}", bounds.sync))),
+                ));
             }
             Ok(false) => {}
             Err(e) => return Err(("jobs", Box::new(StepError(e)))),
@@ -170,7 +186,13 @@ where
     Ok(())
 }
 
-async fn rollback(graph: &Arc<Graph>, vm: &Arc<Vm>, was_running: bool, step: &'static str, cause: Box<dyn std::error::Error + Send + Sync>) -> Result<(), SwitchoverError> {
+async fn rollback(
+    graph: &Arc<Graph>,
+    vm: &Arc<Vm>,
+    was_running: bool,
+    step: &'static str,
+    cause: Box<dyn std::error::Error + Send + Sync>,
+) -> Result<(), SwitchoverError> {
     tracing::warn!(step, error = %crate::error_text(cause.as_ref()), "switchover failed: rolling back");
     if let Err(reactivate) = graph.activate_all().await {
         // I3/I8: never run on an inactive node; stay paused and say so.
@@ -180,7 +202,10 @@ async fn rollback(graph: &Arc<Graph>, vm: &Arc<Vm>, was_running: bool, step: &'s
     vm.set_state(RunState::Paused);
     if was_running {
         if let Err(e) = vm.cont().await {
-            return Err(SwitchoverError::RolledBack { step, cause: format!("{}; and resuming failed: {e}", crate::error_text(cause.as_ref())).into() });
+            return Err(SwitchoverError::RolledBack {
+                step,
+                cause: format!("{}; and resuming failed: {e}", crate::error_text(cause.as_ref())).into(),
+            });
         }
     }
     Err(SwitchoverError::RolledBack { step, cause })

@@ -161,7 +161,9 @@ impl Vcpus {
                     }
                     // A kick: KVM leaves immediate_exit set, so clear it or every
                     // later KVM_RUN returns at once; then the loop re-checks the flag.
-                    Err(e) if e.errno() == nix::libc::EINTR || e.errno() == nix::libc::EAGAIN => vcpu.set_kvm_immediate_exit(0),
+                    Err(e) if e.errno() == nix::libc::EINTR || e.errno() == nix::libc::EAGAIN => {
+                        vcpu.set_kvm_immediate_exit(0)
+                    }
                     Err(e) => {
                         handler.fatal(id, format!("KVM_RUN failed: {e}"));
                         halted = true;
@@ -256,7 +258,8 @@ impl Vcpus {
             if c.in_run == 0 {
                 break;
             }
-            let (g, _) = self.cond.wait_timeout(c, std::time::Duration::from_millis(5)).unwrap_or_else(|p| p.into_inner());
+            let (g, _) =
+                self.cond.wait_timeout(c, std::time::Duration::from_millis(5)).unwrap_or_else(|p| p.into_inner());
             c = g;
         }
     }

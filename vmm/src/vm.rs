@@ -158,7 +158,21 @@ fn setup_vcpu(vm: &VmFd, id: u64, rip: u64) -> Result<kvm_ioctls::VcpuFd, VmmErr
     let vcpu = vm.create_vcpu(id).map_err(|e| VmmError::Kvm("KVM_CREATE_VCPU", e.errno()))?;
     let mut sregs = vcpu.get_sregs().map_err(|e| VmmError::Kvm("KVM_GET_SREGS", e.errno()))?;
     // 32-bit protected mode, flat 4 GiB segments, no paging.
-    let code = kvm_bindings::kvm_segment { base: 0, limit: 0xffff_ffff, selector: 0x8, type_: 0xb, present: 1, dpl: 0, db: 1, s: 1, l: 0, g: 1, avl: 0, unusable: 0, padding: 0 };
+    let code = kvm_bindings::kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector: 0x8,
+        type_: 0xb,
+        present: 1,
+        dpl: 0,
+        db: 1,
+        s: 1,
+        l: 0,
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    };
     let data = kvm_bindings::kvm_segment { selector: 0x10, type_: 0x3, ..code };
     sregs.cs = code;
     sregs.ds = data;
@@ -176,7 +190,13 @@ fn setup_vcpu(vm: &VmFd, id: u64, rip: u64) -> Result<kvm_ioctls::VcpuFd, VmmErr
 
 impl Vm {
     /// Build the VM (vCPUs parked in `prelaunch`, or `inmigrate` if `incoming`).
-    pub fn new(config: VmConfig, disk: BlockBackend, rt: tokio::runtime::Handle, events: VmEvents, incoming: bool) -> Result<Arc<Vm>, VmmError> {
+    pub fn new(
+        config: VmConfig,
+        disk: BlockBackend,
+        rt: tokio::runtime::Handle,
+        events: VmEvents,
+        incoming: bool,
+    ) -> Result<Arc<Vm>, VmmError> {
         if !std::path::Path::new("/dev/kvm").exists() {
             return Err(VmmError::NoKvm);
         }
@@ -199,7 +219,10 @@ impl Vm {
         let mem = memory::create(&vm, config.memory)?;
         let ev = events.clone();
         let on_error: ErrorSink = Arc::new(move |node: &str, op: &str, msg: &str| {
-            ev("BLOCK_IO_ERROR", json!({"device": "disk0", "node-name": node, "operation": op, "action": "report", "nospace": msg.contains("space"), "reason": msg}));
+            ev(
+                "BLOCK_IO_ERROR",
+                json!({"device": "disk0", "node-name": node, "operation": op, "action": "report", "nospace": msg.contains("space"), "reason": msg}),
+            );
         });
         let device = BlockDevice::new(mem.clone(), disk, rt, on_error);
         if device.blocks() == 0 {
@@ -217,7 +240,9 @@ impl Vm {
         let vcpus = Arc::new(Vcpus::default());
         for id in 0..u64::from(config.vcpus) {
             let vcpu = setup_vcpu(&vm, id, if id == 0 { CODE } else { IDLE_CODE })?;
-            vcpus.spawn(id, vcpu, exits.clone()).map_err(|e| VmmError::Config(format!("cannot start vcpu thread: {e}")))?;
+            vcpus
+                .spawn(id, vcpu, exits.clone())
+                .map_err(|e| VmmError::Config(format!("cannot start vcpu thread: {e}")))?;
         }
         let state = if incoming { RunState::InMigrate } else { RunState::Prelaunch };
         Ok(Arc::new(Vm {
@@ -288,10 +313,19 @@ impl Vm {
             RunState::Running => return Ok(()),
             RunState::InMigrate => return Err(VmmError::State("guest is waiting for an incoming migration".into())),
             // I8: the guest now runs on the destination; running it here too is never allowed.
-            RunState::PostMigrate => return Err(VmmError::State("the guest was migrated away and runs on the destination".into())),
+            RunState::PostMigrate => {
+                return Err(VmmError::State("the guest was migrated away and runs on the destination".into()))
+            }
             // The switchover owns the guest: its disks are being handed over.
-            RunState::FinishMigrate => return Err(VmmError::State("the guest is stopped for a migration's switchover".into())),
-            RunState::InternalError => return Err(VmmError::State(format!("guest stopped with an error: {}", self.fatal_error().unwrap_or_default()))),
+            RunState::FinishMigrate => {
+                return Err(VmmError::State("the guest is stopped for a migration's switchover".into()))
+            }
+            RunState::InternalError => {
+                return Err(VmmError::State(format!(
+                    "guest stopped with an error: {}",
+                    self.fatal_error().unwrap_or_default()
+                )))
+            }
             _ => {}
         }
         self.check_active()?;
@@ -299,7 +333,8 @@ impl Vm {
         // (the disk was the mirror's target): take the exclusive writer now.
         let be = self.device.backend();
         if be.perms() != block::PermSet::GUEST_WRITER {
-            be.set_perms(block::PermSet::GUEST_WRITER, true).map_err(|e| VmmError::State(format!("the guest cannot take its disk: {}", e.chain())))?;
+            be.set_perms(block::PermSet::GUEST_WRITER, true)
+                .map_err(|e| VmmError::State(format!("the guest cannot take its disk: {}", e.chain())))?;
         }
         self.set_state(RunState::Running);
         self.runs.fetch_add(1, Ordering::SeqCst);
@@ -359,7 +394,9 @@ impl Vm {
             None => self.device.drain().await,
             Some(limit) => {
                 if tokio::time::timeout(limit, self.device.drain()).await.is_err() {
-                    return Err(VmmError::State(format!("the disk's requests in flight did not complete within {limit:?}")));
+                    return Err(VmmError::State(format!(
+                        "the disk's requests in flight did not complete within {limit:?}"
+                    )));
                 }
             }
         }
@@ -438,14 +475,25 @@ impl Vm {
     /// configuration). A state that does not fit is refused whole (I9).
     pub async fn restore(&self, st: &VmState) -> Result<(), VmmError> {
         let _c = self.control.lock().await;
-        if !matches!(self.state(), RunState::Prelaunch | RunState::InMigrate | RunState::Paused | RunState::FinishMigrate) {
+        if !matches!(
+            self.state(),
+            RunState::Prelaunch | RunState::InMigrate | RunState::Paused | RunState::FinishMigrate
+        ) {
             return Err(VmmError::State(format!("cannot load a guest into a VM that is {}", self.state().as_str())));
         }
         if st.memory != self.config.memory || st.ram.len() as u64 != st.memory {
-            return Err(VmmError::State(format!("saved RAM is {} bytes, this VM has {}", st.ram.len(), self.config.memory)));
+            return Err(VmmError::State(format!(
+                "saved RAM is {} bytes, this VM has {}",
+                st.ram.len(),
+                self.config.memory
+            )));
         }
         if st.vcpus.len() != self.config.vcpus as usize {
-            return Err(VmmError::State(format!("saved state has {} vCPUs, this VM has {}", st.vcpus.len(), self.config.vcpus)));
+            return Err(VmmError::State(format!(
+                "saved state has {} vCPUs, this VM has {}",
+                st.vcpus.len(),
+                self.config.vcpus
+            )));
         }
         self.mem.write_slice(&st.ram, GuestAddress(0)).map_err(|e| VmmError::Memory(e.to_string()))?;
         for (id, v) in st.vcpus.iter().enumerate() {

@@ -18,7 +18,11 @@ fn kvm_or_skip() -> bool {
     false
 }
 
-async fn vm_on_file(disk_mb: u64, extra: Value, cfg: VmConfig) -> (Arc<Graph>, Arc<Vm>, tempfile::TempDir, std::path::PathBuf, Events) {
+async fn vm_on_file(
+    disk_mb: u64,
+    extra: Value,
+    cfg: VmConfig,
+) -> (Arc<Graph>, Arc<Vm>, tempfile::TempDir, std::path::PathBuf, Events) {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("disk.img");
     std::fs::File::create(&p).unwrap().set_len(disk_mb << 20).unwrap();
@@ -32,7 +36,14 @@ async fn vm_on_file(disk_mb: u64, extra: Value, cfg: VmConfig) -> (Arc<Graph>, A
     let be = g.attach("disk0", "guest disk", PermSet::GUEST_WRITER, true).unwrap();
     let events: Events = Arc::default();
     let ev = events.clone();
-    let vm = Vm::new(cfg, be, tokio::runtime::Handle::current(), Arc::new(move |n: &str, d| ev.lock().unwrap().push((n.to_string(), d))), false).unwrap();
+    let vm = Vm::new(
+        cfg,
+        be,
+        tokio::runtime::Handle::current(),
+        Arc::new(move |n: &str, d| ev.lock().unwrap().push((n.to_string(), d))),
+        false,
+    )
+    .unwrap();
     (g, vm, dir, p, events)
 }
 
@@ -118,7 +129,10 @@ async fn injected_write_error_reaches_the_guest_as_an_error_status() {
     assert_eq!(s.mismatches, 0, "failed writes never corrupt the guest's view: {s:?}");
     assert!(vm.device().errors.load(std::sync::atomic::Ordering::SeqCst) > 0);
     assert!(vm.device().last_error().unwrap().contains("blkdebug"), "{:?}", vm.device().last_error());
-    assert!(events.lock().unwrap().iter().any(|(n, d)| n == "BLOCK_IO_ERROR" && d["operation"] == "write"), "reported as an event");
+    assert!(
+        events.lock().unwrap().iter().any(|(n, d)| n == "BLOCK_IO_ERROR" && d["operation"] == "write"),
+        "reported as an event"
+    );
     let v = vm.verify(Duration::from_secs(60)).await.unwrap();
     assert_eq!(v.bad, 0, "{v:?}");
     assert_eq!(vm.state(), RunState::Running, "the guest keeps running");
@@ -158,7 +172,12 @@ async fn guest_io_marks_bitmaps_and_a_mirror_copies_the_running_guests_disk() {
     mgr.cancel("m0", false).unwrap();
     job.wait_finished().await;
     // -U: the guest still holds its disk (paused), as a QEMU guest would.
-    let out = std::process::Command::new("qemu-img").args(["compare", "-U", "-f", "raw", "-F", "raw"]).arg(&src).arg(&tgt).output().unwrap();
+    let out = std::process::Command::new("qemu-img")
+        .args(["compare", "-U", "-f", "raw", "-F", "raw"])
+        .arg(&src)
+        .arg(&tgt)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{} {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     vm.shutdown().await;
 }
@@ -222,7 +241,12 @@ async fn hostile_descriptors_get_an_error_status_and_nothing_else() {
     let disk = std::fs::read(&path).unwrap();
     let mem = vm.memory();
     // (op, sector, count, buffer): a 2 TiB request, zero sectors, past the end, a buffer outside RAM.
-    let bad: [(u32, u64, u32, u32); 4] = [(2, 0, u32::MAX, BUFFERS as u32), (2, 0, 0, BUFFERS as u32), (1, u64::MAX / 512, 8, BUFFERS as u32), (2, 0, 8, 0xffff_f000)];
+    let bad: [(u32, u64, u32, u32); 4] = [
+        (2, 0, u32::MAX, BUFFERS as u32),
+        (2, 0, 0, BUFFERS as u32),
+        (1, u64::MAX / 512, 8, BUFFERS as u32),
+        (2, 0, 8, 0xffff_f000),
+    ];
     let submit = mem.read_obj::<u32>(GuestAddress(RING_SUBMIT)).unwrap();
     for (i, (op, sector, count, buf)) in bad.iter().enumerate() {
         let d = RING_DESCS + u64::from((submit + i as u32) % RING_SLOTS as u32) * DESC_SIZE;
@@ -301,7 +325,8 @@ async fn a_handover_that_loses_writes_is_caught_by_the_guest() {
     let g2 = Arc::new(Graph::new());
     g2.blockdev_add(&json!({"driver": "file", "node-name": "d", "filename": stale})).await.unwrap();
     let be = g2.attach("d", "guest disk", PermSet::GUEST_WRITER, true).unwrap();
-    let vm2 = Vm::new(VmConfig::default(), be, tokio::runtime::Handle::current(), Arc::new(|_: &str, _| {}), true).unwrap();
+    let vm2 =
+        Vm::new(VmConfig::default(), be, tokio::runtime::Handle::current(), Arc::new(|_: &str, _| {}), true).unwrap();
     vm2.restore(&state).await.unwrap();
     vm2.set_state(RunState::Paused);
     vm2.cont().await.unwrap();

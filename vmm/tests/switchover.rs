@@ -21,7 +21,9 @@ async fn guest_and_disk_move_and_the_guest_finds_every_write() {
     let before = site.vm.stats();
     let landed = Arc::new(Mutex::new(None));
     let (dst, server, out) = (site.dst.clone(), site.server.clone(), landed.clone());
-    switchover(&site.src, &site.mgr, &site.vm, &["m0".to_string()], move |st| receive(dst, server, st, out)).await.unwrap();
+    switchover(&site.src, &site.mgr, &site.vm, &["m0".to_string()], move |st| receive(dst, server, st, out))
+        .await
+        .unwrap();
     // I8: exactly one side runs.
     assert_eq!(site.vm.state(), RunState::PostMigrate);
     assert!(!site.vm.vcpus_in_run());
@@ -43,7 +45,11 @@ async fn a_destination_that_refuses_leaves_the_source_running_as_before() {
         return;
     }
     let site = setup().await;
-    let e = switchover(&site.src, &site.mgr, &site.vm, &["m0".to_string()], |_st| async { Err("destination refused".into()) }).await.unwrap_err();
+    let e = switchover(&site.src, &site.mgr, &site.vm, &["m0".to_string()], |_st| async {
+        Err("destination refused".into())
+    })
+    .await
+    .unwrap_err();
     assert!(matches!(e, SwitchoverError::RolledBack { step: "handover", .. }), "{e}");
     // I7: same nodes (active), same job (ready), same run state.
     assert_eq!(site.vm.state(), RunState::Running);
@@ -55,11 +61,12 @@ async fn a_destination_that_refuses_leaves_the_source_running_as_before() {
     // A second attempt works.
     let landed = Arc::new(Mutex::new(None));
     let (dst, server, out) = (site.dst.clone(), site.server.clone(), landed.clone());
-    switchover(&site.src, &site.mgr, &site.vm, &["m0".to_string()], move |st| receive(dst, server, st, out)).await.unwrap();
+    switchover(&site.src, &site.mgr, &site.vm, &["m0".to_string()], move |st| receive(dst, server, st, out))
+        .await
+        .unwrap();
     let vm2 = landed.lock().unwrap().clone().unwrap();
     let v = vm2.verify(Duration::from_secs(60)).await.unwrap();
     assert_eq!(v.bad, 0, "{v:?}");
     vm2.shutdown().await;
     site.vm.shutdown().await;
 }
-

@@ -17,9 +17,16 @@ async fn every_switchover_step_rolls_back_when_it_fails() {
         return;
     }
     let site = setup().await;
-    for fp in ["switchover::after-stop", "switchover::after-jobs", "switchover::after-inactivate", "switchover::before-handover", "block::inactivate-all::after-flush"] {
+    for fp in [
+        "switchover::after-stop",
+        "switchover::after-jobs",
+        "switchover::after-inactivate",
+        "switchover::before-handover",
+        "block::inactivate-all::after-flush",
+    ] {
         fail::cfg(fp, "return").unwrap();
-        let e = switchover(&site.src, &site.mgr, &site.vm, &["m0".to_string()], |_st| async { Ok(()) }).await.unwrap_err();
+        let e =
+            switchover(&site.src, &site.mgr, &site.vm, &["m0".to_string()], |_st| async { Ok(()) }).await.unwrap_err();
         fail::remove(fp);
         assert!(matches!(e, SwitchoverError::RolledBack { .. }), "{fp}: {e}");
         assert_eq!(site.vm.state(), RunState::Running, "{fp}: the guest runs again");

@@ -74,7 +74,11 @@ impl Fx {
         let sink: jobs::EventSink = Arc::new(move |name: &str, data| {
             if name == "BLOCK_JOB_COMPLETED" || name == "BLOCK_JOB_CANCELLED" {
                 if let Some(g) = g.upgrade() {
-                    let users = g.nodes().iter().map(|n| (n.name().to_string(), n.users().into_iter().map(|u| u.name).collect())).collect();
+                    let users = g
+                        .nodes()
+                        .iter()
+                        .map(|n| (n.name().to_string(), n.users().into_iter().map(|u| u.name).collect()))
+                        .collect();
                     u2.lock().unwrap().push((name.to_string(), users));
                 }
             }
@@ -109,7 +113,12 @@ impl Fx {
     }
 
     pub fn start(&self, id: &str, speed: u64, opts: MirrorOptions) -> Result<(Arc<Job>, Mirror), MirrorError> {
-        jobs::mirror::start(&self.graph, &self.mgr, JobOptions { id: id.into(), speed, auto_finalize: true, auto_dismiss: true }, opts)
+        jobs::mirror::start(
+            &self.graph,
+            &self.mgr,
+            JobOptions { id: id.into(), speed, auto_finalize: true, auto_dismiss: true },
+            opts,
+        )
     }
 
     pub fn events_named(&self, name: &str) -> Vec<Value> {
@@ -134,7 +143,13 @@ impl Fx {
         self.graph
             .nodes()
             .iter()
-            .flat_map(|n| n.users().into_iter().filter(|u| u.name.starts_with("job ")).map(|u| (n.name().to_string(), u.name)).collect::<Vec<_>>())
+            .flat_map(|n| {
+                n.users()
+                    .into_iter()
+                    .filter(|u| u.name.starts_with("job "))
+                    .map(|u| (n.name().to_string(), u.name))
+                    .collect::<Vec<_>>()
+            })
             .collect()
     }
 
@@ -147,7 +162,8 @@ impl Fx {
     /// Wait (bounded) until `job` concluded and, auto-dismissed, left the job list.
     pub async fn wait_done(&self, job: &Job) {
         wait_finished(job, secs(5)).await;
-        wait_until("the concluded job to be dismissed", secs(1), || !self.mgr.jobs().iter().any(|j| j.id == job.id)).await;
+        wait_until("the concluded job to be dismissed", secs(1), || !self.mgr.jobs().iter().any(|j| j.id == job.id))
+            .await;
     }
 
     pub fn snapshot(&self) -> Vec<NodeSnap> {
@@ -215,7 +231,12 @@ pub fn allocated(p: &Path) -> u64 {
 
 /// `qemu-img compare` (the real one), with force-share since baton may still hold the images.
 pub fn qemu_img_compare(a: &Path, b: &Path) -> (bool, String) {
-    let out = Command::new("qemu-img").args(["compare", "-U", "-f", "raw", "-F", "raw"]).arg(a).arg(b).output().expect("run qemu-img");
+    let out = Command::new("qemu-img")
+        .args(["compare", "-U", "-f", "raw", "-F", "raw"])
+        .arg(a)
+        .arg(b)
+        .output()
+        .expect("run qemu-img");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     (out.status.success(), text)
 }
@@ -227,7 +248,11 @@ pub fn assert_identical(a: &Path, b: &Path) {
 
 /// The data extents `qemu-img map` reports, merged, as `(start, len)`.
 pub fn data_map(p: &Path) -> Vec<(u64, u64)> {
-    let out = Command::new("qemu-img").args(["map", "-U", "--output=json", "-f", "raw"]).arg(p).output().expect("run qemu-img map");
+    let out = Command::new("qemu-img")
+        .args(["map", "-U", "--output=json", "-f", "raw"])
+        .arg(p)
+        .output()
+        .expect("run qemu-img map");
     assert!(out.status.success(), "qemu-img map: {}", String::from_utf8_lossy(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     let mut m: Vec<(u64, u64)> = Vec::new();
@@ -256,7 +281,13 @@ pub async fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bo
 pub async fn wait_status(job: &Job, status: Status, timeout: Duration) {
     let t0 = Instant::now();
     while job.status() != status {
-        assert!(t0.elapsed() < timeout, "job '{}' did not become {status:?} in {timeout:?}; it is {:?} (error {:?})", job.id, job.status(), job.error());
+        assert!(
+            t0.elapsed() < timeout,
+            "job '{}' did not become {status:?} in {timeout:?}; it is {:?} (error {:?})",
+            job.id,
+            job.status(),
+            job.error()
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -270,7 +301,14 @@ pub async fn wait_finished(job: &Job, timeout: Duration) {
 
 /// A task writing random `bs`-sized blocks at random `bs`-aligned offsets
 /// through `guest` until `stop`; returns how many writes it made.
-pub fn spawn_writer(guest: Arc<BlockBackend>, size: u64, bs: u64, seed: u64, stop: Arc<AtomicBool>, pause: Duration) -> tokio::task::JoinHandle<u64> {
+pub fn spawn_writer(
+    guest: Arc<BlockBackend>,
+    size: u64,
+    bs: u64,
+    seed: u64,
+    stop: Arc<AtomicBool>,
+    pause: Duration,
+) -> tokio::task::JoinHandle<u64> {
     tokio::spawn(async move {
         let mut rng = Rng::new(seed);
         let mut n = 0u64;
@@ -349,7 +387,8 @@ pub async fn serve_baton_export(graph: &Arc<Graph>, node: &str, name: &str, sock
 
 pub fn require_tools(tools: &[&str]) {
     for t in tools {
-        let found = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(t).is_file())).unwrap_or(false);
+        let found =
+            std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(t).is_file())).unwrap_or(false);
         assert!(found, "{t} is not installed (qemu-utils)");
     }
 }

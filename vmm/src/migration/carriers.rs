@@ -32,9 +32,14 @@ pub fn bind(jobs: &JobManager, vm: &Vm, targets: &[Target]) -> Result<Vec<Carrie
     for t in targets {
         let job = jobs.jobs().into_iter().find(|j| {
             j.kind() == "mirror"
-                && matches!(j.status(), jobs::Status::Running | jobs::Status::Ready | jobs::Status::Paused | jobs::Status::Standby)
+                && matches!(
+                    j.status(),
+                    jobs::Status::Running | jobs::Status::Ready | jobs::Status::Paused | jobs::Status::Standby
+                )
                 && j.nodes().is_some_and(|(src, tgt)| {
-                    let src_is_disk = Arc::ptr_eq(&src, &disk) || std::iter::successors(Some(disk.clone()), |n| n.child().cloned()).any(|n| Arc::ptr_eq(&n, &src));
+                    let src_is_disk = Arc::ptr_eq(&src, &disk)
+                        || std::iter::successors(Some(disk.clone()), |n| n.child().cloned())
+                            .any(|n| Arc::ptr_eq(&n, &src));
                     src_is_disk && tgt.remote_export().as_deref() == Some(t.export.as_str()) && tgt.length() == t.size
                 })
         });
@@ -82,7 +87,14 @@ pub fn in_sync(carriers: &[Carrier], vm: &Vm) -> Result<bool, String> {
                     };
                     return Err(format!("mirror job '{}' carrying {} {how}", j.id, describe(&c.target)));
                 }
-                None => return Err(format!("mirror job '{}' carrying {} is {}", j.id, describe(&c.target), j.status().as_str())),
+                None => {
+                    return Err(format!(
+                        "mirror job '{}' carrying {} is {}",
+                        j.id,
+                        describe(&c.target),
+                        j.status().as_str()
+                    ))
+                }
             },
         }
     }

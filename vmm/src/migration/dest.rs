@@ -32,12 +32,19 @@ pub enum Landing {
 /// Refuse a connection while another attempt holds the slot.
 pub async fn refuse_busy<S: AsyncRead + AsyncWrite + Unpin>(conn: S, why: &str) {
     let (_r, mut w) = tokio::io::split(conn);
-    let _ = tokio::time::timeout(Duration::from_secs(1), stream::write_reply(&mut w, &Reply::Refused(why.to_string()))).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream::write_reply(&mut w, &Reply::Refused(why.to_string())))
+        .await;
 }
 
 /// One incoming attempt on `conn`. `targets` are this side's disks exported
 /// writable for the source's mirror. Opens and ends the attempt in `mig`.
-pub async fn migrate_in<S>(mig: &Arc<Migration>, graph: &Arc<Graph>, vm: &Arc<Vm>, targets: Vec<Target>, conn: S) -> Landing
+pub async fn migrate_in<S>(
+    mig: &Arc<Migration>,
+    graph: &Arc<Graph>,
+    vm: &Arc<Vm>,
+    targets: Vec<Target>,
+    conn: S,
+) -> Landing
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -69,7 +76,8 @@ where
         Err(e) => {
             // Tell the source why (best effort): its error says what we refused.
             let why = crate::error_text(&e);
-            let _ = tokio::time::timeout(Duration::from_secs(1), stream::write_reply(&mut w, &Reply::Refused(why))).await;
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), stream::write_reply(&mut w, &Reply::Refused(why))).await;
             e
         }
     };
@@ -107,7 +115,12 @@ async fn roll_back(graph: &Arc<Graph>, vm: &Arc<Vm>, activated: &[String]) -> Re
 
 /// Read a section within `bound`.
 /// Read a section within `bound`; `migrate_cancel` (or yank) ends the wait.
-async fn section<R: AsyncRead + Unpin>(mig: &Migration, r: &mut R, bound: Duration, what: &'static str) -> Result<Section, MigrationError> {
+async fn section<R: AsyncRead + Unpin>(
+    mig: &Migration,
+    r: &mut R,
+    bound: Duration,
+    what: &'static str,
+) -> Result<Section, MigrationError> {
     let read = tokio::select! {
         biased;
         _ = mig.cancelled() => return Err(mig.stop_reason()),
@@ -115,20 +128,34 @@ async fn section<R: AsyncRead + Unpin>(mig: &Migration, r: &mut R, bound: Durati
     };
     match read {
         Err(_) => Err(MigrationError::Timeout(what, bound)),
-        Ok(Err(StreamError::Io(e))) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(MigrationError::LinkLost(format!("the stream ended early while waiting for {what}"))),
+        Ok(Err(StreamError::Io(e))) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Err(MigrationError::LinkLost(format!("the stream ended early while waiting for {what}")))
+        }
         Ok(r) => Ok(r?),
     }
 }
 
 #[allow(clippy::too_many_arguments)]
 /// Everything up to PREPARED. Returns whether the guest ran on the source.
-async fn receive<R, W>(mig: &Migration, graph: &Arc<Graph>, vm: &Arc<Vm>, targets: &[Target], p: &Parameters, r: &mut R, w: &mut W, activated: &mut Vec<String>) -> Result<bool, MigrationError>
+async fn receive<R, W>(
+    mig: &Migration,
+    graph: &Arc<Graph>,
+    vm: &Arc<Vm>,
+    targets: &[Target],
+    p: &Parameters,
+    r: &mut R,
+    w: &mut W,
+    activated: &mut Vec<String>,
+) -> Result<bool, MigrationError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     if vm.state() != RunState::InMigrate {
-        return Err(MigrationError::Invalid(format!("the guest here is {}, not waiting for a migration", vm.state().as_str())));
+        return Err(MigrationError::Invalid(format!(
+            "the guest here is {}, not waiting for a migration",
+            vm.state().as_str()
+        )));
     }
     // Setup: the header and HELLO within the HELLO bound (a silent peer frees the slot).
     let hello = tokio::select! {
@@ -151,7 +178,10 @@ where
         )));
     }
     if h.disk_size != disk {
-        return Err(MigrationError::Invalid(format!("the source's guest disk has {} bytes, this one {disk}", h.disk_size)));
+        return Err(MigrationError::Invalid(format!(
+            "the source's guest disk has {} bytes, this one {disk}",
+            h.disk_size
+        )));
     }
     point("migration::incoming-hello").await?;
     tokio::time::timeout(p.io_timeout, stream::write_reply(w, &Reply::Welcome(targets.to_vec())))
@@ -172,9 +202,12 @@ where
             Section::Ram { first_page, data } => {
                 let n = (data.len() / PAGE) as u64;
                 if first_page.checked_add(n).is_none_or(|end| end > pages) {
-                    return Err(MigrationError::Invalid(format!("RAM pages {first_page}+{n} are outside the guest's {pages} pages")));
+                    return Err(MigrationError::Invalid(format!(
+                        "RAM pages {first_page}+{n} are outside the guest's {pages} pages"
+                    )));
                 }
-                mem.write_slice(&data, GuestAddress(first_page * PAGE as u64)).map_err(|e| VmmError::Memory(e.to_string()))?;
+                mem.write_slice(&data, GuestAddress(first_page * PAGE as u64))
+                    .map_err(|e| VmmError::Memory(e.to_string()))?;
                 for pg in first_page..first_page + n {
                     if let Some(word) = arrived.get_mut((pg / 64) as usize) {
                         *word |= 1 << (pg % 64);
@@ -200,8 +233,12 @@ where
     };
     let missing = pages - crate::memory::count(&arrived).min(pages);
     if missing > 0 {
-        let first = (0..pages).find(|pg| arrived.get((pg / 64) as usize).is_some_and(|w| w & (1 << (pg % 64)) == 0)).unwrap_or(0);
-        return Err(MigrationError::Invalid(format!("the stream ended with {missing} of {pages} RAM pages never sent (the first is page {first})")));
+        let first = (0..pages)
+            .find(|pg| arrived.get((pg / 64) as usize).is_some_and(|w| w & (1 << (pg % 64)) == 0))
+            .unwrap_or(0);
+        return Err(MigrationError::Invalid(format!(
+            "the stream ended with {missing} of {pages} RAM pages never sent (the first is page {first})"
+        )));
     }
     let Some(vcpus) = vcpus.into_iter().collect::<Option<Vec<_>>>() else {
         return Err(MigrationError::Invalid("the stream ended without every vCPU's state".into()));
@@ -212,7 +249,10 @@ where
 
     // Everything arrived and fits: take over the disks, load the guest, do NOT run it.
     activated.extend(graph.nodes().iter().filter(|n| !n.is_active()).map(|n| n.name().to_string()));
-    graph.activate_all().await.map_err(|e| MigrationError::Invalid(format!("activating the disks failed: {}", e.chain())))?;
+    graph
+        .activate_all()
+        .await
+        .map_err(|e| MigrationError::Invalid(format!("activating the disks failed: {}", e.chain())))?;
     point("migration::incoming-before-ack").await?;
     vm.load_cpu_state(&vcpus, device).await?;
     point("migration::incoming-before-prepared").await?;

@@ -105,7 +105,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Link<S> {
 }
 
 /// Write through `f` within the I/O bound; a cancel ends the wait.
-async fn guarded<F: Future<Output = std::io::Result<()>>>(mig: &Migration, io: Duration, f: F) -> Result<(), MigrationError> {
+async fn guarded<F: Future<Output = std::io::Result<()>>>(
+    mig: &Migration,
+    io: Duration,
+    f: F,
+) -> Result<(), MigrationError> {
     tokio::select! {
         biased;
         _ = mig.cancelled() => Err(mig.stop_reason()),
@@ -137,7 +141,8 @@ where
         while i < pages && dirty(i) && buf.len() < RUN * PAGE {
             let at = buf.len();
             buf.resize(at + PAGE, 0);
-            mem.read_slice(&mut buf[at..], GuestAddress(i * PAGE as u64)).map_err(|e| VmmError::Memory(e.to_string()))?;
+            mem.read_slice(&mut buf[at..], GuestAddress(i * PAGE as u64))
+                .map_err(|e| VmmError::Memory(e.to_string()))?;
             i += 1;
         }
         if let Some(why) = link.refusal() {
@@ -156,8 +161,13 @@ where
 /// `connect` opens the connection. Ends the attempt: completed, failed or
 /// cancelled. On failure the source is as before (the switchover rolled
 /// back, or never started) and the destination was told (ABORT, best effort).
-pub async fn migrate_out<C, S>(mig: &Arc<Migration>, graph: &Arc<Graph>, jobs: &Arc<JobManager>, vm: &Arc<Vm>, connect: C)
-where
+pub async fn migrate_out<C, S>(
+    mig: &Arc<Migration>,
+    graph: &Arc<Graph>,
+    jobs: &Arc<JobManager>,
+    vm: &Arc<Vm>,
+    connect: C,
+) where
     C: Future<Output = std::io::Result<S>> + Send,
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -177,7 +187,15 @@ where
     }
 }
 
-async fn outgoing<C, S>(mig: &Arc<Migration>, graph: &Arc<Graph>, jobs: &Arc<JobManager>, vm: &Arc<Vm>, connect: C, p: &Parameters, slot: &mut Option<Link<S>>) -> Result<(), MigrationError>
+async fn outgoing<C, S>(
+    mig: &Arc<Migration>,
+    graph: &Arc<Graph>,
+    jobs: &Arc<JobManager>,
+    vm: &Arc<Vm>,
+    connect: C,
+    p: &Parameters,
+    slot: &mut Option<Link<S>>,
+) -> Result<(), MigrationError>
 where
     C: Future<Output = std::io::Result<S>> + Send,
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -194,7 +212,11 @@ where
     };
     let link = slot.insert(Link::new(conn, p.io_timeout));
     point("migration::setup").await?;
-    let hello = Hello { memory: vm.config().memory, vcpus: vm.config().vcpus, disk_size: vm.device().backend().node().length() };
+    let hello = Hello {
+        memory: vm.config().memory,
+        vcpus: vm.config().vcpus,
+        disk_size: vm.device().backend().node().length(),
+    };
     guarded(mig, p.hello_timeout, async {
         stream::write_header(&mut link.w).await?;
         stream::write_hello(&mut link.w, &hello).await
@@ -203,7 +225,9 @@ where
     let targets = match link.expect(mig, p.hello_timeout, "answer to HELLO").await? {
         Reply::Welcome(t) => t,
         Reply::Refused(why) => return Err(MigrationError::Refused(why)),
-        Reply::Prepared => return Err(MigrationError::Stream(StreamError::BadReply("PREPARED before anything was sent".into()))),
+        Reply::Prepared => {
+            return Err(MigrationError::Stream(StreamError::BadReply("PREPARED before anything was sent".into())))
+        }
     };
     let carriers = carriers::bind(jobs, vm, &targets).map_err(MigrationError::Disk)?;
     if !matches!(vm.state(), RunState::Running | RunState::Paused) {
@@ -261,7 +285,9 @@ where
     let cancelled = || mig.is_stopping();
     let prepared_timeout = p.prepared_timeout;
     let handover = |st: crate::vm::VmState| async move {
-        hand_over(link, mig, vm, st, was_running, prepared_timeout).await.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+        hand_over(link, mig, vm, st, was_running, prepared_timeout)
+            .await
+            .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
     };
     let r = switchover::run(graph, vm, was_running, bounds, sync, &cancelled, handover).await;
     if let Err(e) = r {
@@ -326,7 +352,14 @@ fn keep_carriers(carriers: &[Carrier]) {
 
 /// The guest is stopped and every node inactive: the last dirty pages, the
 /// vCPUs, the device, END; then PREPARED, and the commit point.
-async fn hand_over<S>(link: &mut Link<S>, mig: &Migration, vm: &Vm, st: crate::vm::VmState, was_running: bool, prepared_timeout: Duration) -> Result<(), MigrationError>
+async fn hand_over<S>(
+    link: &mut Link<S>,
+    mig: &Migration,
+    vm: &Vm,
+    st: crate::vm::VmState,
+    was_running: bool,
+    prepared_timeout: Duration,
+) -> Result<(), MigrationError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {

@@ -179,7 +179,9 @@ struct Attempt {
 impl Attempt {
     /// An attempt runs and has not reached the decision (its connection may be yanked).
     fn yankable(&self) -> bool {
-        !(self.status.is_final() || self.committed || matches!(self.handover, Handover::Prepared | Handover::DecisionUnknown | Handover::Committed))
+        !(self.status.is_final()
+            || self.committed
+            || matches!(self.handover, Handover::Prepared | Handover::DecisionUnknown | Handover::Committed))
     }
 
     fn idle() -> Self {
@@ -281,7 +283,12 @@ impl Migration {
                 return Err(VerbError::PreparedWaiting);
             }
             *a = Attempt { role: Some(role), started: Some(Instant::now()), status: a.status, ..Attempt::idle() };
-            for c in [&self.counters.pages_sent, &self.counters.pages_received, &self.counters.passes, &self.counters.dirty_pages] {
+            for c in [
+                &self.counters.pages_sent,
+                &self.counters.pages_received,
+                &self.counters.passes,
+                &self.counters.dirty_pages,
+            ] {
                 c.store(0, Ordering::SeqCst);
             }
             // Checked and taken in one step: two connections never both begin.
@@ -455,7 +462,8 @@ impl Migration {
 
     /// Wait at pre-switchover: Ok on migrate-continue, Err on cancel.
     pub async fn wait_proceed(&self) -> Result<(), ()> {
-        self.wait_for(|a| if a.cancel_requested || a.yanked { Some(Err(())) } else { a.proceed.then_some(Ok(())) }).await
+        self.wait_for(|a| if a.cancel_requested || a.yanked { Some(Err(())) } else { a.proceed.then_some(Ok(())) })
+            .await
     }
 
     /// The source's commit point: one step, refused if a cancel came first.
@@ -505,7 +513,8 @@ impl Migration {
                 return Err(VerbError::NotPrepared(a.handover.as_str()));
             }
             a.decision = Some(d);
-            a.decision_note = Some(format!("{} by the operator", if d == Decision::Commit { "committed" } else { "aborted" }));
+            a.decision_note =
+                Some(format!("{} by the operator", if d == Decision::Commit { "committed" } else { "aborted" }));
         }
         self.wake.notify_waiters();
         Ok(())
@@ -610,7 +619,8 @@ impl Migration {
         let mut v = json!({"x-baton-handover": a.handover.as_str()});
         if matches!(a.handover, Handover::Prepared | Handover::DecisionUnknown) {
             v["x-baton-waiting"] = json!(match &a.decision_note {
-                Some(n) => format!("prepared; the source's decision is unknown ({n}): resolve with x-baton-migrate-decide"),
+                Some(n) =>
+                    format!("prepared; the source's decision is unknown ({n}): resolve with x-baton-migrate-decide"),
                 None => "prepared; waiting for the source's decision".to_string(),
             });
         }
@@ -625,7 +635,9 @@ mod tests {
     fn counting() -> (Arc<Migration>, Arc<Mutex<Vec<String>>>) {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s = seen.clone();
-        let m = Migration::new(Some(Arc::new(move |_: &str, d: Value| s.lock().unwrap().push(d["status"].as_str().unwrap().to_string()))));
+        let m = Migration::new(Some(Arc::new(move |_: &str, d: Value| {
+            s.lock().unwrap().push(d["status"].as_str().unwrap().to_string())
+        })));
         m.set_capabilities(&[("events".into(), true)]).unwrap();
         (m, seen)
     }
@@ -678,7 +690,10 @@ mod tests {
         assert!(matches!(m.decide(Decision::Abort), Err(VerbError::NotPrepared("transfer"))));
         m.set_handover(Handover::Prepared);
         assert_eq!(m.cancel(), Err(VerbError::PreparedWaiting));
-        assert!(matches!(m.decide(Decision::Abort), Err(VerbError::NotPrepared("prepared"))), "the source's decision may still come");
+        assert!(
+            matches!(m.decide(Decision::Abort), Err(VerbError::NotPrepared("prepared"))),
+            "the source's decision may still come"
+        );
         m.decision_unknown("link lost".into());
         assert_eq!(m.handover(), Handover::DecisionUnknown);
         m.decide(Decision::Commit).unwrap();

@@ -61,9 +61,14 @@ pub async fn setup() -> Site {
     let src = Arc::new(Graph::new());
     nbd_server::client::register(&src);
     src.blockdev_add(&json!({"driver": "file", "node-name": "disk", "filename": s})).await.unwrap();
-    src.blockdev_add(&json!({"driver": "nbd", "node-name": "tgt", "server": {"type": "unix", "path": sock}, "export": "disk"})).await.unwrap();
+    src.blockdev_add(
+        &json!({"driver": "nbd", "node-name": "tgt", "server": {"type": "unix", "path": sock}, "export": "disk"}),
+    )
+    .await
+    .unwrap();
     let be = src.attach("disk", "guest disk", PermSet::GUEST_WRITER, true).unwrap();
-    let vm = Vm::new(VmConfig::default(), be, tokio::runtime::Handle::current(), Arc::new(|_: &str, _| {}), false).unwrap();
+    let vm =
+        Vm::new(VmConfig::default(), be, tokio::runtime::Handle::current(), Arc::new(|_: &str, _| {}), false).unwrap();
     vm.cont().await.unwrap();
     let mgr = jobs::JobManager::new(Arc::new(|_: &str, _| {}));
     let (job, _m) = jobs::mirror::start(
@@ -84,7 +89,12 @@ pub async fn setup() -> Site {
 
 /// The destination's side of the handover: close the mirror's export, attach
 /// the guest to the disk, load the state, run.
-pub async fn receive(dst: Arc<Graph>, server: Arc<nbd_server::Server>, state: vmm::vm::VmState, out: Arc<Mutex<Option<Arc<Vm>>>>) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+pub async fn receive(
+    dst: Arc<Graph>,
+    server: Arc<nbd_server::Server>,
+    state: vmm::vm::VmState,
+    out: Arc<Mutex<Option<Arc<Vm>>>>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     if let Some(e) = server.exports.remove("e") {
         e.close();
         e.wait_idle().await;
@@ -109,4 +119,3 @@ pub async fn receive(dst: Arc<Graph>, server: Arc<nbd_server::Server>, state: vm
     *out.lock().unwrap() = Some(vm);
     Ok(())
 }
-

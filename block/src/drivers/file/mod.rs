@@ -104,7 +104,8 @@ impl FileDriver {
         if opts.direct {
             oo.custom_flags(nix::libc::O_DIRECT);
         }
-        let file = oo.open(&opts.filename).map_err(|source| BlockError::Open { path: opts.filename.clone(), source })?;
+        let file =
+            oo.open(&opts.filename).map_err(|source| BlockError::Open { path: opts.filename.clone(), source })?;
         let fd: Arc<OwnedFd> = Arc::new(file.into());
         let len = nix::unistd::lseek(fd.as_fd(), 0, Whence::SeekEnd)
             .map_err(|e| BlockError::Open { path: opts.filename.clone(), source: e.into() })?;
@@ -144,7 +145,10 @@ impl FileDriver {
         match &self.lock {
             Some(l) => match l.lock() {
                 Ok(mut l) => l.apply(perm, shared),
-                Err(_) => Err(BlockError::Lock { path: self.opts.filename.clone(), source: std::io::Error::other("lock state poisoned") }),
+                Err(_) => Err(BlockError::Lock {
+                    path: self.opts.filename.clone(),
+                    source: std::io::Error::other("lock state poisoned"),
+                }),
             },
             None => Ok(()),
         }
@@ -162,7 +166,11 @@ impl FileDriver {
         self.lock.as_ref().and_then(|l| l.lock().ok().map(|l| l.held()))
     }
 
-    async fn blocking<T: Send + 'static>(&self, op: Op, f: impl FnOnce(Arc<OwnedFd>) -> std::io::Result<T> + Send + 'static) -> Result<T> {
+    async fn blocking<T: Send + 'static>(
+        &self,
+        op: Op,
+        f: impl FnOnce(Arc<OwnedFd>) -> std::io::Result<T> + Send + 'static,
+    ) -> Result<T> {
         let fd = self.fd.clone();
         match tokio::task::spawn_blocking(move || f(fd)).await {
             Ok(r) => r.map_err(|e| io_err(&self.opts.filename, op, e)),
@@ -172,10 +180,9 @@ impl FileDriver {
 
     async fn fallocate(&self, op: Op, mode: FallocateFlags, offset: u64, len: u64) -> Result<()> {
         match &self.engine {
-            Engine::Uring(r) => r
-                .fallocate(&self.fd, offset, len, mode.bits())
-                .await
-                .map_err(|e| io_err(&self.opts.filename, op, e)),
+            Engine::Uring(r) => {
+                r.fallocate(&self.fd, offset, len, mode.bits()).await.map_err(|e| io_err(&self.opts.filename, op, e))
+            }
             Engine::Threads => {
                 self.blocking(op, move |fd| {
                     nix::fcntl::fallocate(fd.as_fd(), mode, offset as i64, len as i64).map_err(std::io::Error::from)
@@ -266,10 +273,18 @@ impl LeafInfo for FileDriver {
         self.align
     }
     fn caps(&self) -> Caps {
-        Caps { native_zeroes: true, discard: self.opts.discard_unmap, fast_zero: true, fua: true, block_status: true, parallel: true }
+        Caps {
+            native_zeroes: true,
+            discard: self.opts.discard_unmap,
+            fast_zero: true,
+            fua: true,
+            block_status: true,
+            parallel: true,
+        }
     }
     fn refresh(&self) -> Result<()> {
-        let len = nix::unistd::lseek(self.fd.as_fd(), 0, Whence::SeekEnd).map_err(|e| io_err(&self.opts.filename, Op::Read, e))?;
+        let len = nix::unistd::lseek(self.fd.as_fd(), 0, Whence::SeekEnd)
+            .map_err(|e| io_err(&self.opts.filename, Op::Read, e))?;
         self.length.store(len as u64, Ordering::Release);
         Ok(())
     }
@@ -290,7 +305,9 @@ impl BlockRead for FileDriver {
                             break;
                         }
                         Ok(n) => done += n,
-                        Err(e) if e.raw_os_error() == Some(Errno::EINTR as i32) || e.raw_os_error() == Some(Errno::EAGAIN as i32) => {}
+                        Err(e)
+                            if e.raw_os_error() == Some(Errno::EINTR as i32)
+                                || e.raw_os_error() == Some(Errno::EAGAIN as i32) => {}
                         Err(e) => return Err(io_err(&self.opts.filename, Op::Read, e)),
                     }
                 }
@@ -316,7 +333,9 @@ impl BlockWrite for FileDriver {
                     match res {
                         Ok(0) => return Err(io_err(&self.opts.filename, Op::Write, Errno::ENOSPC)),
                         Ok(n) => done += n,
-                        Err(e) if e.raw_os_error() == Some(Errno::EINTR as i32) || e.raw_os_error() == Some(Errno::EAGAIN as i32) => {}
+                        Err(e)
+                            if e.raw_os_error() == Some(Errno::EINTR as i32)
+                                || e.raw_os_error() == Some(Errno::EAGAIN as i32) => {}
                         Err(e) => return Err(io_err(&self.opts.filename, Op::Write, e)),
                     }
                 }
@@ -356,7 +375,15 @@ impl WriteZeroes for FileDriver {
                 Err(e) => return Err(e),
             }
         }
-        match self.fallocate(Op::WriteZeroes, FallocateFlags::FALLOC_FL_ZERO_RANGE | FallocateFlags::FALLOC_FL_KEEP_SIZE, offset, len).await {
+        match self
+            .fallocate(
+                Op::WriteZeroes,
+                FallocateFlags::FALLOC_FL_ZERO_RANGE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            )
+            .await
+        {
             Ok(()) => return self.fua_sync(flags.fua).await,
             Err(e) if is_unsupported(&e) => {}
             Err(e) => return Err(e),
@@ -418,7 +445,10 @@ impl BlockStatus for FileDriver {
 
 impl Resize for FileDriver {
     async fn truncate(&self, len: u64) -> Result<()> {
-        self.blocking(Op::Truncate, move |fd| nix::unistd::ftruncate(fd.as_fd(), len as i64).map_err(std::io::Error::from)).await?;
+        self.blocking(Op::Truncate, move |fd| {
+            nix::unistd::ftruncate(fd.as_fd(), len as i64).map_err(std::io::Error::from)
+        })
+        .await?;
         self.length.store(len, Ordering::Release);
         Ok(())
     }

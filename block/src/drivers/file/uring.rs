@@ -127,12 +127,7 @@ struct Slot {
 
 impl Slab {
     fn with_capacity(n: usize) -> Self {
-        Self {
-            slots: Vec::with_capacity(n),
-            free: Vec::with_capacity(n),
-            in_flight: 0,
-            sq_full: 0,
-        }
+        Self { slots: Vec::with_capacity(n), free: Vec::with_capacity(n), in_flight: 0, sq_full: 0 }
     }
 
     /// A slot in `Submitted` holding `buf` and `fd`. Grows the slab only if none is free.
@@ -140,19 +135,11 @@ impl Slab {
         let phase = Phase::Submitted { waker: None };
         if let Some(idx) = self.free.pop() {
             if let Some(slot) = self.slots.get_mut(idx) {
-                *slot = Slot {
-                    phase,
-                    buf,
-                    fd: Some(fd),
-                };
+                *slot = Slot { phase, buf, fd: Some(fd) };
                 return idx;
             }
         }
-        self.slots.push(Slot {
-            phase,
-            buf,
-            fd: Some(fd),
-        });
+        self.slots.push(Slot { phase, buf, fd: Some(fd) });
         let cap = self.slots.capacity();
         if self.free.capacity() < cap {
             self.free.reserve(cap - self.free.len());
@@ -201,9 +188,7 @@ impl State {
         #[cfg(test)]
         if self.inject_submit_eagain > 0 {
             self.inject_submit_eagain -= 1;
-            return Err(io::Error::from_raw_os_error(
-                nix::errno::Errno::EAGAIN as i32,
-            ));
+            return Err(io::Error::from_raw_os_error(nix::errno::Errno::EAGAIN as i32));
         }
         self.ring.submit()
     }
@@ -267,9 +252,7 @@ thread_local! {
 }
 
 fn take_scratch() -> Vec<Waker> {
-    WAKER_SCRATCH
-        .try_with(std::cell::Cell::take)
-        .unwrap_or_default()
+    WAKER_SCRATCH.try_with(std::cell::Cell::take).unwrap_or_default()
 }
 
 /// Wake everything in `wakers` and keep its capacity for the next submission on this thread.
@@ -298,23 +281,12 @@ impl Uring {
 
         let mut probe = Probe::new();
         ring.submitter().register_probe(&mut probe)?;
-        let needed = [
-            opcode::Read::CODE,
-            opcode::Write::CODE,
-            opcode::Fsync::CODE,
-            opcode::Fallocate::CODE,
-        ];
+        let needed = [opcode::Read::CODE, opcode::Write::CODE, opcode::Fsync::CODE, opcode::Fallocate::CODE];
         if !needed.iter().all(|&op| probe.is_supported(op)) {
-            return Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                "io_uring lacks read/write/fsync/fallocate",
-            ));
+            return Err(io::Error::new(io::ErrorKind::Unsupported, "io_uring lacks read/write/fsync/fallocate"));
         }
 
-        let efd = Arc::new(EventFd::from_value_and_flags(
-            0,
-            EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK,
-        )?);
+        let efd = Arc::new(EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?);
         ring.submitter().register_eventfd(efd.as_raw_fd())?;
         let n = usize::try_from(entries).unwrap_or(0);
         let uring = Arc::new_cyclic(|me| Self {
@@ -346,14 +318,9 @@ impl Uring {
         };
         let len = u32::try_from(len.min(MAX_RW)).unwrap_or(0);
         let ptr = buf.as_mut_ptr().wrapping_add(buf_off);
-        let entry = opcode::Read::new(types::Fd(fd.as_raw_fd()), ptr, len)
-            .offset(offset)
-            .build();
+        let entry = opcode::Read::new(types::Fd(fd.as_raw_fd()), ptr, len).offset(offset).build();
         let (buf, res) = self.run(entry, Some(buf), fd).await;
-        (
-            buf.unwrap_or_else(|| IoBuf::zeroed(0)),
-            res.and_then(result_len),
-        )
+        (buf.unwrap_or_else(|| IoBuf::zeroed(0)), res.and_then(result_len))
     }
 
     /// Write buf[buf_off..] at `offset`; `dsync` sets RWF_DSYNC (FUA). Returns bytes written (may be short).
@@ -375,46 +342,20 @@ impl Uring {
             .rw_flags(if dsync { RWF_DSYNC } else { 0 })
             .build();
         let (buf, res) = self.run(entry, Some(buf), fd).await;
-        (
-            buf.unwrap_or_else(|| IoBuf::zeroed(0)),
-            res.and_then(result_len),
-        )
+        (buf.unwrap_or_else(|| IoBuf::zeroed(0)), res.and_then(result_len))
     }
 
     /// `fsync(2)`, or `fdatasync(2)` when `datasync`.
     pub async fn fsync(&self, fd: &Arc<OwnedFd>, datasync: bool) -> io::Result<()> {
-        let flags = if datasync {
-            types::FsyncFlags::DATASYNC
-        } else {
-            types::FsyncFlags::empty()
-        };
-        let entry = opcode::Fsync::new(types::Fd(fd.as_raw_fd()))
-            .flags(flags)
-            .build();
-        self.run(entry, None, fd)
-            .await
-            .1
-            .and_then(result_len)
-            .map(drop)
+        let flags = if datasync { types::FsyncFlags::DATASYNC } else { types::FsyncFlags::empty() };
+        let entry = opcode::Fsync::new(types::Fd(fd.as_raw_fd())).flags(flags).build();
+        self.run(entry, None, fd).await.1.and_then(result_len).map(drop)
     }
 
     /// `fallocate(2)` with `mode` (`FALLOC_FL_*` bits).
-    pub async fn fallocate(
-        &self,
-        fd: &Arc<OwnedFd>,
-        offset: u64,
-        len: u64,
-        mode: i32,
-    ) -> io::Result<()> {
-        let entry = opcode::Fallocate::new(types::Fd(fd.as_raw_fd()), len)
-            .offset(offset)
-            .mode(mode)
-            .build();
-        self.run(entry, None, fd)
-            .await
-            .1
-            .and_then(result_len)
-            .map(drop)
+    pub async fn fallocate(&self, fd: &Arc<OwnedFd>, offset: u64, len: u64, mode: i32) -> io::Result<()> {
+        let entry = opcode::Fallocate::new(types::Fd(fd.as_raw_fd()), len).offset(offset).mode(mode).build();
+        self.run(entry, None, fd).await.1.and_then(result_len).map(drop)
     }
 
     /// Operations submitted and not yet completed (for tests and drain assertions).
@@ -439,10 +380,7 @@ impl Uring {
     /// Make sure some reaper will deliver this submission's completion.
     fn ensure_reaper(&self) -> io::Result<()> {
         if self.reaper_alive.load(Ordering::Acquire)
-            || self
-                .reaper_alive
-                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-                .is_err()
+            || self.reaper_alive.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_err()
         {
             return Ok(());
         }
@@ -528,11 +466,7 @@ impl Uring {
                     st.drain(&mut wakers);
                     drop(st);
                     wake_and_keep(wakers);
-                    return Ok(Op {
-                        uring: self,
-                        idx,
-                        done: false,
-                    });
+                    return Ok(Op { uring: self, idx, done: false });
                 }
             }
             wake_all(&mut wakers);
@@ -738,20 +672,13 @@ mod tests {
     use std::time::Duration;
 
     fn pattern(seed: u8, len: usize) -> IoBuf {
-        let v: Vec<u8> = (0..len)
-            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-            .collect();
+        let v: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
         IoBuf::from_slice(&v)
     }
 
     fn rw_file(dir: &tempfile::TempDir, name: &str, len: u64) -> Arc<OwnedFd> {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.path().join(name))
-            .unwrap();
+        let f =
+            OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.path().join(name)).unwrap();
         f.set_len(len).unwrap();
         Arc::new(OwnedFd::from(f))
     }
@@ -762,22 +689,16 @@ mod tests {
         let fd = rw_file(&dir, "img", 0);
         let ring = Uring::new(32).unwrap();
         for i in 0..16u8 {
-            let (_, r) = ring
-                .write_at(&fd, u64::from(i) * 8192, pattern(i, 8192), 0, false)
-                .await;
+            let (_, r) = ring.write_at(&fd, u64::from(i) * 8192, pattern(i, 8192), 0, false).await;
             assert_eq!(r.unwrap(), 8192);
         }
         for i in (0..16u8).rev() {
-            let (buf, r) = ring
-                .read_at(&fd, u64::from(i) * 8192, IoBuf::zeroed(8192), 0)
-                .await;
+            let (buf, r) = ring.read_at(&fd, u64::from(i) * 8192, IoBuf::zeroed(8192), 0).await;
             assert_eq!(r.unwrap(), 8192);
             assert_eq!(&buf[..], &pattern(i, 8192)[..], "block {i}");
         }
         // buf_off: read into the tail of a buffer, write from the tail of another.
-        let (_, r) = ring
-            .write_at(&fd, 0, pattern(99, 4096 + 512), 4096, false)
-            .await;
+        let (_, r) = ring.write_at(&fd, 0, pattern(99, 4096 + 512), 4096, false).await;
         assert_eq!(r.unwrap(), 512);
         let (buf, r) = ring.read_at(&fd, 0, IoBuf::zeroed(1024), 512).await;
         assert_eq!(r.unwrap(), 512);
@@ -823,8 +744,7 @@ mod tests {
         let ring = Uring::new(8).unwrap();
         let (_, r) = ring.write_at(&fd, 0, pattern(5, 65536), 0, false).await;
         assert_eq!(r.unwrap(), 65536);
-        let mode =
-            (FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE).bits();
+        let mode = (FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE).bits();
         ring.fallocate(&fd, 8192, 16384, mode).await.unwrap();
         let (buf, r) = ring.read_at(&fd, 0, IoBuf::zeroed(65536), 0).await;
         assert_eq!(r.unwrap(), 65536);
@@ -832,16 +752,10 @@ mod tests {
         assert_eq!(&buf[..8192], &want[..8192]);
         assert!(buf[8192..24576].iter().all(|&b| b == 0));
         assert_eq!(&buf[24576..], &want[24576..]);
-        assert_eq!(
-            std::fs::metadata(dir.path().join("img")).unwrap().len(),
-            65536
-        );
+        assert_eq!(std::fs::metadata(dir.path().join("img")).unwrap().len(), 65536);
         // Plain fallocate past EOF grows the file.
         ring.fallocate(&fd, 65536, 4096, 0).await.unwrap();
-        assert_eq!(
-            std::fs::metadata(dir.path().join("img")).unwrap().len(),
-            65536 + 4096
-        );
+        assert_eq!(std::fs::metadata(dir.path().join("img")).unwrap().len(), 65536 + 4096);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -850,25 +764,16 @@ mod tests {
         let ring = Uring::new(8).unwrap();
         let dirfd = Arc::new(OwnedFd::from(File::open(dir.path()).unwrap()));
         let (buf, r) = ring.read_at(&dirfd, 0, IoBuf::zeroed(4096), 0).await;
-        assert_eq!(
-            r.unwrap_err().raw_os_error(),
-            Some(nix::errno::Errno::EISDIR as i32)
-        );
+        assert_eq!(r.unwrap_err().raw_os_error(), Some(nix::errno::Errno::EISDIR as i32));
         assert_eq!(buf.len(), 4096, "buffer handed back on error");
 
         let path = dir.path().join("ro");
         File::create(&path).unwrap().write_all(b"x").unwrap();
         let ro = Arc::new(OwnedFd::from(File::open(&path).unwrap()));
         let (_, r) = ring.write_at(&ro, 0, pattern(1, 4096), 0, false).await;
-        assert_eq!(
-            r.unwrap_err().raw_os_error(),
-            Some(nix::errno::Errno::EBADF as i32)
-        );
+        assert_eq!(r.unwrap_err().raw_os_error(), Some(nix::errno::Errno::EBADF as i32));
         let r = ring.fallocate(&ro, 0, 4096, 0).await;
-        assert_eq!(
-            r.unwrap_err().raw_os_error(),
-            Some(nix::errno::Errno::EBADF as i32)
-        );
+        assert_eq!(r.unwrap_err().raw_os_error(), Some(nix::errno::Errno::EBADF as i32));
         assert_eq!(ring.in_flight(), 0);
     }
 
@@ -906,18 +811,12 @@ mod tests {
                         break;
                     }
                 }
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "SQ never filled: {ring:?}"
-                );
+                assert!(tokio::time::Instant::now() < deadline, "SQ never filled: {ring:?}");
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
         }
         for t in tasks {
-            tokio::time::timeout(Duration::from_secs(20), t)
-                .await
-                .unwrap()
-                .unwrap();
+            tokio::time::timeout(Duration::from_secs(20), t).await.unwrap().unwrap();
         }
         assert_eq!(ring.in_flight(), 0);
         let (total, free) = ring.slab_stats();
@@ -966,18 +865,10 @@ mod tests {
             }
             assert_eq!(ring.in_flight(), 32);
             let (total, free) = ring.slab_stats();
-            assert_eq!(
-                (total, free),
-                (32, 0),
-                "abandoned slots stay owned until their CQE"
-            );
+            assert_eq!((total, free), (32, 0), "abandoned slots stay owned until their CQE");
             // The CQEs arrive: the reaper frees every slot (and drops the buffers).
             feed_until_idle(&ring, &mut w).await;
-            assert_eq!(
-                ring.slab_stats(),
-                (32, 32),
-                "the slab is reused, not regrown"
-            );
+            assert_eq!(ring.slab_stats(), (32, 32), "the slab is reused, not regrown");
         }
 
         // Completed but never collected: dropping the future frees the slot.
@@ -1028,29 +919,18 @@ mod tests {
         });
         let t0 = std::time::Instant::now();
         drop(ring); // must block until the kernel is done with all 16 buffers
-        assert!(
-            t0.elapsed() >= Duration::from_millis(100),
-            "drop did not wait"
-        );
+        assert!(t0.elapsed() >= Duration::from_millis(100), "drop did not wait");
         writer.join().unwrap();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while Arc::strong_count(&efd) > 1 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "reaper did not exit"
-            );
+            assert!(tokio::time::Instant::now() < deadline, "reaper did not exit");
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
 
     #[test]
     fn ring_outlives_its_runtime_and_respawns_the_reaper() {
-        let rt = || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-        };
+        let rt = || tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let ring = rt().block_on(async { Uring::new(8).unwrap() }); // runtime dropped here
         assert!(!ring.reaper_alive.load(Ordering::Acquire));
         let (r, mut w) = pipe();
@@ -1061,9 +941,7 @@ mod tests {
                 w.write_all(b"hello").unwrap();
             });
             let read = ring.read_at(&r, 0, IoBuf::zeroed(4096), 0);
-            let (buf, n) = tokio::time::timeout(Duration::from_secs(5), read)
-                .await
-                .unwrap();
+            let (buf, n) = tokio::time::timeout(Duration::from_secs(5), read).await.unwrap();
             assert_eq!(&buf[..n.unwrap()], b"hello");
             writer.join().unwrap();
         });
@@ -1142,10 +1020,7 @@ mod tests {
                 total += t.await.unwrap();
             }
             let secs = t0.elapsed().as_secs_f64();
-            println!(
-                "{name}: 4 KiB random read QD{QD}: {:.0} IOPS",
-                total as f64 / secs
-            );
+            println!("{name}: 4 KiB random read QD{QD}: {:.0} IOPS", total as f64 / secs);
         }
     }
 }
