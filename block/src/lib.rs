@@ -21,6 +21,7 @@ pub mod lock;
 pub mod node;
 pub mod options;
 pub mod perm;
+pub mod schema;
 pub mod sync;
 
 pub use backend::BlockBackend;
