@@ -12,6 +12,8 @@
 #   benches/mirror_peers.sh                        # REPS=5
 #   REPS=1 WRITER_IOPS=2000 READY_TIMEOUT=30 benches/mirror_peers.sh
 #   CONVERT_FLAGS="-W -m 16" benches/mirror_peers.sh   # out-of-order convert: ~2x faster here
+#   BATON_BASE=/path/to/older/baton benches/mirror_peers.sh # adds "baton-base" (another
+#       build of baton, e.g. before a change) to every repetition, with a baton/base ratio
 #
 # Both mirrors flush the target before they report READY; the "+flush" row
 # (blockdev-mirror -> BLOCK_JOB_COMPLETED after the cancel) also counts the
@@ -183,6 +185,7 @@ fresh_target() { # starts qemu-nbd on a new sparse target
 
 daemon_cmd() { # impl
     case $1 in
+        baton-base) echo "$BATON_BASE daemon --blockdev driver=file,node-name=src,filename=$SRC --qmp unix:$QMP" ;;
         baton) echo "$BATON daemon --blockdev driver=file,node-name=src,filename=$SRC --qmp unix:$QMP" ;;
         qsd) echo "qemu-storage-daemon --blockdev driver=file,node-name=src,filename=$SRC --chardev socket,path=$QMP,server=on,wait=off,id=m --monitor chardev=m" ;;
     esac
@@ -228,16 +231,16 @@ run_convert() { # rep
 for rep in $(seq "$REPS"); do
     run_convert "$rep"
     # Alternate who goes first, so neither always runs on a warmer machine.
-    if [ $((rep % 2)) = 1 ]; then order="baton qsd"; else order="qsd baton"; fi
+    if [ $((rep % 2)) = 1 ]; then order="baton ${BATON_BASE:+baton-base }qsd"; else order="qsd ${BATON_BASE:+baton-base }baton"; fi
     for c in plain writer; do
         for impl in $order; do run_mirror "$impl" "$c" "$rep"; done
     done
 done
 
 # ---------------------------------------------------------------- summary
-"$PY" - "$CSV" "$SIZE" "$READY_TIMEOUT" "$WRITER_IOPS" <<'EOF'
+"$PY" - "$CSV" "$SIZE" "$READY_TIMEOUT" "$WRITER_IOPS" "${BATON_BASE:+1}" <<'EOF'
 import csv, statistics, sys
-path, size, timeout, wiops = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+path, size, timeout, wiops, base = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5] == "1"
 rows = list(csv.reader(open(path)))
 def runs(impl, case):
     return [r for r in rows if r[0] == impl and r[1] == case]
@@ -249,7 +252,8 @@ def fmt(x):
 print(f"\nmirror of 1 GiB into qemu-nbd (unix socket), median GiB/s; writer: fio 4k randwrite at {wiops} IOPS on the source's export")
 print("  'READY': blockdev-mirror -> BLOCK_JOB_READY;  '+flush': -> BLOCK_JOB_COMPLETED after block-job-cancel (the target flushed),")
 print("  comparable with qemu-img convert -n, which ends with a flush")
-print(f"{'case':<16} {'baton':>7} {'QSD':>7} {'convert':>8} {'baton/QSD':>10} {'baton/convert':>14}")
+print(f"{'case':<16} {'baton':>7} {'QSD':>7} {'convert':>8} {'baton/QSD':>10} {'baton/convert':>14}"
+      + (f" {'base':>7} {'baton/base':>11}" if base else ""))
 conv = gibps(runs("convert", "plain"))
 for case in ("plain", "writer"):
     for col, what in ((3, "READY"), (7, "+flush")):
@@ -258,8 +262,12 @@ for case in ("plain", "writer"):
         b, s = gibps(runs("baton", case), col), gibps(runs("qsd", case), col)
         r1 = b / s if b and s else None
         r2 = b / conv if b and conv else None
-        print(f"{case + ' ' + what:<16} {fmt(b):>7} {fmt(s):>7} {fmt(conv):>8} {fmt(r1):>10} {fmt(r2):>14}")
-for impl in ("baton", "qsd"):
+        line = f"{case + ' ' + what:<16} {fmt(b):>7} {fmt(s):>7} {fmt(conv):>8} {fmt(r1):>10} {fmt(r2):>14}"
+        if base:
+            o = gibps(runs("baton-base", case), col)
+            line += f" {fmt(o):>7} {fmt(b / o if b and o else None):>11}"
+        print(line)
+for impl in ("baton", "baton-base", "qsd") if base else ("baton", "qsd"):
     rs = runs(impl, "writer")
     ok = sum(r[4] == "1" for r in rs)
     lens = [int(r[5]) / 2**30 for r in rs]

@@ -7,13 +7,15 @@
 #
 #   benches/nbd_peers.sh            # REPS=5 FIO_RT=5 by default
 #   REPS=3 FIO_RT=3 TRANSPORTS=unix benches/nbd_peers.sh
+#   BATON_BASE=/path/to/older/baton benches/nbd_peers.sh   # adds "baton-base":
+#       another build of baton (e.g. before a change), interleaved with the rest
 #
 # Uses only 127.0.0.1:10950 and unix sockets under $DATA.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${REPS:=5}" "${FIO_RT:=5}" "${TRANSPORTS:=tcp unix}" "${PORT:=10950}"
 : "${DATA:=${TMPDIR:-/tmp}/baton-nbd-bench}"
-: "${SERVERS:=baton qemu-nbd nbdkit}"
+: "${SERVERS:=baton ${BATON_BASE:+baton-base }qemu-nbd nbdkit}"
 export PATH="$PATH:/usr/sbin"
 mkdir -p "$DATA"
 IMG=$DATA/disk.raw SRC=$DATA/src.raw SOCK=$DATA/nbd.sock CSV=$DATA/results.csv
@@ -29,6 +31,7 @@ server_cmd() { # server transport
     case $2 in tcp) addr="-b 127.0.0.1 -p $PORT" ;; unix) addr="-k $SOCK" ;; esac
     case $1 in
         baton) echo "$BATON serve $addr -e 16 $IMG" ;;
+        baton-base) echo "$BATON_BASE serve $addr -e 16 $IMG" ;;
         qemu-nbd) echo "qemu-nbd -f raw -t -x '' -e 4 --aio=io_uring $addr $IMG" ;;
         nbdkit)
             case $2 in tcp) echo "nbdkit -f --exit-with-parent -i 127.0.0.1 -p $PORT file $IMG" ;;
