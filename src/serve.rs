@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use block::Graph;
-use nbd_server::{Export, ExportConfig, Listener, Server, ServerConfig};
+use baton_nbd::{Export, ExportConfig, Listener, Server, ServerConfig};
 use serde_json::json;
 use tokio::net::{TcpListener, UnixListener};
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use block::bitmap::DirtyBitmap;
 use block::Node;
-use nbd_server::ExportConfig;
+use baton_nbd::ExportConfig;
 use serde_json::{json, Map, Value};
 
 use super::error::{ErrorClass, QmpError};

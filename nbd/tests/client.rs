@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use block::driver::{BlockRead, BlockStatus, BlockWrite, Discard, Flush, LeafInfo, WriteZeroes};
 use block::{BlockError, ErrorKind, Graph, IoBuf, PermSet, WriteFlags, ZeroFlags};
-use nbd_server::client::{self, NbdClient, NbdClientOptions, NbdServer};
-use nbd_server::proto;
+use baton_nbd::client::{self, NbdClient, NbdClientOptions, NbdServer};
+use baton_nbd::proto;
 use serde_json::json;
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
