@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use block::Graph;
 use baton_nbd::{Export, ExportConfig, Listener, Server, ServerConfig};
+use block::Graph;
 use serde_json::{json, Value};
 use tokio::sync::{broadcast, Mutex, Notify};
 
@@ -390,7 +390,7 @@ impl Daemon {
             return Err(DaemonError::Export(format!("NBD server already has export named '{}'", config.name)));
         }
         let export = Export::open(&self.graph, config).await?;
-        svc.server.exports.add(export).map_err(DaemonError::Export)
+        svc.server.exports.add(export).map_err(|e| DaemonError::Export(e.to_string()))
     }
 
     /// `block-export-del`.
