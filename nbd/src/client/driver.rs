@@ -14,7 +14,7 @@ use block::driver::{
     BlockRead, BlockStatus, BlockWrite, Caps, Discard, DynDriver, Extent, Flush, LeafInfo, Resize, WriteFlags,
     WriteZeroes, ZeroFlags,
 };
-use block::error::{BlockError, ErrorKind, Op, Result};
+use block::error::{BlockError, Op, Result};
 use block::graph::DriverCtor;
 use serde_json::{Map, Value};
 use tokio::task::JoinHandle;
@@ -340,11 +340,7 @@ impl WriteZeroes for NbdClient {
         }
         match self.effect_only(proto::CMD_WRITE_ZEROES, cmd_flags, offset, len).await {
             Ok(()) => Ok(()),
-            Err(Failure::Server { errno, .. })
-                if flags.fast && proto::errno::to_kind(errno) == ErrorKind::Unsupported =>
-            {
-                Err(unsupported_fast())
-            }
+            Err(Failure::Server { errno: proto::ENOTSUP, .. }) if flags.fast => Err(unsupported_fast()),
             Err(f) => Err(self.error(Op::WriteZeroes, f)),
         }
     }
