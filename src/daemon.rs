@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use baton_nbd::{Export, ExportConfig, Listener, Server, ServerConfig};
 use block::Graph;
-use nbd_server::{Export, ExportConfig, Listener, Server, ServerConfig};
 use serde_json::{json, Value};
 use tokio::sync::{broadcast, Mutex, Notify};
 
@@ -98,7 +98,7 @@ pub fn timestamp() -> Value {
 impl Daemon {
     pub fn new() -> Arc<Self> {
         let graph = Arc::new(Graph::new());
-        nbd_server::client::register(&graph);
+        baton_nbd::client::register(&graph);
         let (events, _) = broadcast::channel::<Value>(1024);
         let sink = |tx: broadcast::Sender<Value>| {
             move |event: &str, data: Value| {
@@ -390,7 +390,7 @@ impl Daemon {
             return Err(DaemonError::Export(format!("NBD server already has export named '{}'", config.name)));
         }
         let export = Export::open(&self.graph, config).await?;
-        svc.server.exports.add(export).map_err(DaemonError::Export)
+        svc.server.exports.add(export).map_err(|e| DaemonError::Export(e.to_string()))
     }
 
     /// `block-export-del`.

@@ -6,8 +6,8 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use baton_nbd::{Export, ExportConfig, Listener, Server, ServerConfig};
 use block::Graph;
-use nbd_server::{Export, ExportConfig, Listener, Server, ServerConfig};
 use serde_json::json;
 use tokio::net::{TcpListener, UnixListener};
 
@@ -142,7 +142,7 @@ pub async fn run(a: Args) -> Result<(), ServeError> {
     )
     .await?;
     let server = Server::new(ServerConfig { max_connections: a.shared, ..Default::default() });
-    server.exports.add(export.clone()).map_err(ServeError::Setup)?;
+    server.exports.add(export.clone()).map_err(|e| ServeError::Setup(e.to_string()))?;
 
     let listener = match &a.socket {
         Some(path) => {

@@ -6,9 +6,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use baton_nbd::ExportConfig;
 use block::bitmap::DirtyBitmap;
 use block::Node;
-use nbd_server::ExportConfig;
 use serde_json::{json, Map, Value};
 
 use super::error::{ErrorClass, QmpError};

@@ -65,7 +65,7 @@ pub struct Fx {
 impl Fx {
     pub fn new() -> Fx {
         let graph = Arc::new(Graph::new());
-        nbd_server::client::register(&graph);
+        baton_nbd::client::register(&graph);
         let events: Events = Arc::new(Mutex::new(Vec::new()));
         let e2 = events.clone();
         let users_at_end: UsersAtEnd = Arc::new(Mutex::new(Vec::new()));
@@ -365,8 +365,8 @@ impl Drop for QemuNbd {
 }
 
 /// Serve node `node` of `graph` as export `name` through baton's own NBD server on `sock`.
-pub async fn serve_baton_export(graph: &Arc<Graph>, node: &str, name: &str, sock: &Path) -> Arc<nbd_server::Server> {
-    let cfg = nbd_server::ExportConfig {
+pub async fn serve_baton_export(graph: &Arc<Graph>, node: &str, name: &str, sock: &Path) -> Arc<baton_nbd::Server> {
+    let cfg = baton_nbd::ExportConfig {
         name: name.into(),
         description: String::new(),
         node: node.into(),
@@ -377,11 +377,11 @@ pub async fn serve_baton_export(graph: &Arc<Graph>, node: &str, name: &str, sock
         multi_conn: true,
         id: String::new(),
     };
-    let export = nbd_server::Export::open(graph, cfg).await.unwrap();
-    let server = nbd_server::Server::new(nbd_server::ServerConfig::default());
+    let export = baton_nbd::Export::open(graph, cfg).await.unwrap();
+    let server = baton_nbd::Server::new(baton_nbd::ServerConfig::default());
     server.exports.add(export).unwrap();
     let listener = tokio::net::UnixListener::bind(sock).unwrap();
-    tokio::spawn(server.clone().serve(nbd_server::Listener::Unix(listener)));
+    tokio::spawn(server.clone().serve(baton_nbd::Listener::Unix(listener)));
     server
 }
 
@@ -415,7 +415,7 @@ impl BlackHoleNbd {
     /// A `size`-byte writable export; `flush` says whether it advertises
     /// `NBD_CMD_FLUSH` (without it the client's flushes never reach the wire).
     pub fn start(sock: &Path, size: u64, flush: bool) -> BlackHoleNbd {
-        use nbd_server::proto;
+        use baton_nbd::proto;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::UnixListener::bind(sock).unwrap();
         let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));

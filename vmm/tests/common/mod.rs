@@ -24,7 +24,7 @@ pub struct Site {
     pub vm: Arc<Vm>,
     pub mgr: Arc<jobs::JobManager>,
     pub dst: Arc<Graph>,
-    pub server: Arc<nbd_server::Server>,
+    pub server: Arc<baton_nbd::Server>,
 }
 
 pub async fn setup() -> Site {
@@ -36,9 +36,9 @@ pub async fn setup() -> Site {
     // Destination: an empty disk exported writable for the mirror.
     let dst = Arc::new(Graph::new());
     dst.blockdev_add(&json!({"driver": "file", "node-name": "disk", "filename": d})).await.unwrap();
-    let export = nbd_server::Export::open(
+    let export = baton_nbd::Export::open(
         &dst,
-        nbd_server::ExportConfig {
+        baton_nbd::ExportConfig {
             name: "disk".into(),
             description: String::new(),
             node: "disk".into(),
@@ -52,14 +52,14 @@ pub async fn setup() -> Site {
     )
     .await
     .unwrap();
-    let server = nbd_server::Server::new(nbd_server::ServerConfig::default());
+    let server = baton_nbd::Server::new(baton_nbd::ServerConfig::default());
     server.exports.add(export).unwrap();
     let sock = dir.path().join("nbd.sock");
-    tokio::spawn(server.clone().serve(nbd_server::Listener::Unix(tokio::net::UnixListener::bind(&sock).unwrap())));
+    tokio::spawn(server.clone().serve(baton_nbd::Listener::Unix(tokio::net::UnixListener::bind(&sock).unwrap())));
 
     // Source: the running guest, and a mirror of its disk into the destination.
     let src = Arc::new(Graph::new());
-    nbd_server::client::register(&src);
+    baton_nbd::client::register(&src);
     src.blockdev_add(&json!({"driver": "file", "node-name": "disk", "filename": s})).await.unwrap();
     src.blockdev_add(
         &json!({"driver": "nbd", "node-name": "tgt", "server": {"type": "unix", "path": sock}, "export": "disk"}),
@@ -91,7 +91,7 @@ pub async fn setup() -> Site {
 /// the guest to the disk, load the state, run.
 pub async fn receive(
     dst: Arc<Graph>,
-    server: Arc<nbd_server::Server>,
+    server: Arc<baton_nbd::Server>,
     state: vmm::vm::VmState,
     out: Arc<Mutex<Option<Arc<Vm>>>>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {

@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::Duration;
 
-use nbd_server::proto;
+use baton_nbd::proto;
 use serde_json::json;
 
 fn handshake(s: &mut std::os::unix::net::UnixStream) {
@@ -42,9 +42,9 @@ async fn server_stop_drops_a_client_that_stopped_reading() {
         .blockdev_add(&json!({"driver": "null-co", "node-name": "n", "size": 1u64 << 30, "read-zeroes": true}))
         .await
         .unwrap();
-    let export = nbd_server::Export::open(
+    let export = baton_nbd::Export::open(
         &graph,
-        nbd_server::ExportConfig {
+        baton_nbd::ExportConfig {
             name: String::new(),
             description: String::new(),
             node: "n".into(),
@@ -58,11 +58,11 @@ async fn server_stop_drops_a_client_that_stopped_reading() {
     )
     .await
     .unwrap();
-    let server = nbd_server::Server::new(nbd_server::ServerConfig::default());
+    let server = baton_nbd::Server::new(baton_nbd::ServerConfig::default());
     server.exports.add(export).unwrap();
     let sock = dir.path().join("s.sock");
     let listener = tokio::net::UnixListener::bind(&sock).unwrap();
-    let serving = tokio::spawn(server.clone().serve(nbd_server::Listener::Unix(listener)));
+    let serving = tokio::spawn(server.clone().serve(baton_nbd::Listener::Unix(listener)));
 
     let sock2 = sock.clone();
     let client = std::thread::spawn(move || {

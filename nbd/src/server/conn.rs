@@ -21,8 +21,8 @@ use block::{BlockError, BufPool, IoBuf, WriteFlags, ZeroFlags};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{Mutex, Notify};
 
-use crate::export::Export;
-use crate::handshake::{Context, Negotiated};
+use super::export::Export;
+use super::handshake::{Context, Negotiated};
 use crate::proto::{self, Request};
 
 /// Requests a connection works on at once.

@@ -9,10 +9,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use baton_nbd::client::{self, NbdClient, NbdClientOptions, NbdServer};
+use baton_nbd::proto;
 use block::driver::{BlockRead, BlockStatus, BlockWrite, Discard, Flush, LeafInfo, WriteZeroes};
 use block::{BlockError, ErrorKind, Graph, IoBuf, PermSet, WriteFlags, ZeroFlags};
-use nbd_server::client::{self, NbdClient, NbdClientOptions, NbdServer};
-use nbd_server::proto;
 use serde_json::json;
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nbd_server::proto::{self, Request};
-use nbd_server::{Export, ExportConfig, Listener, Server, ServerConfig};
+use baton_nbd::proto::{self, Request};
+use baton_nbd::{Export, ExportConfig, Listener, Server, ServerConfig};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;

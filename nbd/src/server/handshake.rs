@@ -22,9 +22,9 @@ use std::sync::Arc;
 use block::bitmap::DirtyBitmap;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::export::Export;
+use super::export::Export;
+use super::Exports;
 use crate::proto::{self, Cursor};
-use crate::server::Exports;
 
 /// Most options one client may send before we give up on it.
 const MAX_OPTIONS: usize = 1024;

@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use nbd_server::proto::{self, Request};
-use nbd_server::{Export, ExportConfig, Listener, Server, ServerConfig};
+use baton_nbd::proto::{self, Request};
+use baton_nbd::{Export, ExportConfig, Listener, Server, ServerConfig};
 use serde_json::json;
 
 struct Counting;

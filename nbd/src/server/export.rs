@@ -151,15 +151,7 @@ impl Export {
 
     /// Wait until no client uses the export.
     pub async fn wait_idle(&self) {
-        loop {
-            let n = self.idle.notified();
-            tokio::pin!(n);
-            n.as_mut().enable();
-            if self.client_count() == 0 {
-                return;
-            }
-            n.await;
-        }
+        block::sync::wait_for(&self.idle, || self.client_count() == 0).await
     }
 }
 

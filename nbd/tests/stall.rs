@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use baton_nbd::client::{self, NbdClient, NbdClientOptions, NbdServer};
+use baton_nbd::proto;
 use block::driver::{BlockRead, BlockWrite, Flush};
 use block::{BlockBackend, BlockError, ErrorKind, Graph, IoBuf, PermSet, WriteFlags};
-use nbd_server::client::{self, NbdClient, NbdClientOptions, NbdServer};
-use nbd_server::proto;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};

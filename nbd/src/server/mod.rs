@@ -1,17 +1,25 @@
 //! The NBD server: listeners (TCP and unix), a bounded number of
 //! connections, a handshake timeout, and the set of exports.
+//!
+//! A connection goes through [`handshake`] (the fixed newstyle negotiation,
+//! server side) and then `conn` (the transmission phase); both serve the
+//! [`export`]s this module's [`Exports`] holds.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use block::sync::{lock, read, wait_for, write};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Notify;
 
-use crate::conn::Conn;
-use crate::export::Export;
-use crate::handshake;
+mod conn;
+pub mod export;
+pub mod handshake;
+
+use conn::Conn;
+pub use export::{Export, ExportConfig};
 
 /// The exports of a server, by name.
 #[derive(Debug, Default)]
@@ -19,23 +27,32 @@ pub struct Exports {
     list: RwLock<Vec<Arc<Export>>>,
 }
 
+/// Why [`Exports::add`] refused an export.
+#[derive(Debug, thiserror::Error)]
+pub enum AddExportError {
+    #[error("an export named '{0}' already exists")]
+    NameTaken(String),
+    #[error("an export with id '{0}' already exists")]
+    IdTaken(String),
+}
+
 impl Exports {
     pub fn get(&self, name: &str) -> Option<Arc<Export>> {
-        self.list.read().ok()?.iter().find(|e| e.name() == name && !e.is_closing()).cloned()
+        read(&self.list).iter().find(|e| e.name() == name && !e.is_closing()).cloned()
     }
 
     pub fn list(&self) -> Vec<Arc<Export>> {
-        self.list.read().map(|l| l.iter().filter(|e| !e.is_closing()).cloned().collect()).unwrap_or_default()
+        read(&self.list).iter().filter(|e| !e.is_closing()).cloned().collect()
     }
 
     /// Add an export; fails if the name or id is taken.
-    pub fn add(&self, e: Arc<Export>) -> Result<(), String> {
-        let mut l = self.list.write().map_err(|_| "export list poisoned".to_string())?;
+    pub fn add(&self, e: Arc<Export>) -> Result<(), AddExportError> {
+        let mut l = write(&self.list);
         if l.iter().any(|x| x.name() == e.name()) {
-            return Err(format!("an export named '{}' already exists", e.name()));
+            return Err(AddExportError::NameTaken(e.name().to_string()));
         }
         if !e.config.id.is_empty() && l.iter().any(|x| x.config.id == e.config.id) {
-            return Err(format!("an export with id '{}' already exists", e.config.id));
+            return Err(AddExportError::IdTaken(e.config.id.clone()));
         }
         l.push(e);
         Ok(())
@@ -43,13 +60,13 @@ impl Exports {
 
     /// Remove by QMP id (or name when ids are empty).
     pub fn remove(&self, id: &str) -> Option<Arc<Export>> {
-        let mut l = self.list.write().ok()?;
+        let mut l = write(&self.list);
         let i = l.iter().position(|x| x.config.id == id || (x.config.id.is_empty() && x.name() == id))?;
         Some(l.remove(i))
     }
 
     pub fn find_id(&self, id: &str) -> Option<Arc<Export>> {
-        self.list.read().ok()?.iter().find(|x| x.config.id == id || (x.config.id.is_empty() && x.name() == id)).cloned()
+        read(&self.list).iter().find(|x| x.config.id == id || (x.config.id.is_empty() && x.name() == id)).cloned()
     }
 }
 
@@ -207,7 +224,8 @@ impl Server {
         };
         let _client = n.export.client_enter();
         let conn = Conn::new(r, w, fd, n);
-        if let Ok(mut live) = self.live.lock() {
+        {
+            let mut live = lock(&self.live);
             live.retain(|c| c.strong_count() > 0);
             let c: Arc<dyn Closable> = conn.clone();
             live.push(Arc::downgrade(&c));
@@ -218,24 +236,14 @@ impl Server {
     /// Stop accepting, close every connection (requests in flight finish).
     pub fn stop(&self) {
         self.stop.notify_waiters();
-        if let Ok(live) = self.live.lock() {
-            for c in live.iter().filter_map(|c| c.upgrade()) {
-                c.close();
-            }
+        for c in lock(&self.live).iter().filter_map(|c| c.upgrade()) {
+            c.close();
         }
     }
 
     /// Wait until no connection is left.
     pub async fn wait_idle(&self) {
-        loop {
-            let n = self.idle.notified();
-            tokio::pin!(n);
-            n.as_mut().enable();
-            if self.connections() == 0 {
-                return;
-            }
-            n.await;
-        }
+        wait_for(&self.idle, || self.connections() == 0).await
     }
 }
 
