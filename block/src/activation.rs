@@ -27,6 +27,7 @@ use crate::drivers::blkdebug::Event;
 use crate::error::{BlockError, Result};
 use crate::graph::{Graph, GraphState};
 use crate::node::Node;
+use crate::sync;
 
 /// Holds a set of nodes quiesced; releases them (and their held requests) on drop.
 struct Quiesced(Vec<Arc<Node>>);
@@ -119,9 +120,7 @@ impl Graph {
         if new_len != old_len {
             // Another host may have resized the image: bitmaps follow, and a
             // grown tail is dirty (nothing is known about what it holds).
-            for bm in
-                node.bitmaps().iter().chain(node.internal_bitmaps.read().map(|l| l.clone()).unwrap_or_default().iter())
-            {
+            for bm in node.bitmaps().iter().chain(sync::read(&node.internal_bitmaps).clone().iter()) {
                 bm.resize(new_len);
                 if new_len > old_len {
                     bm.mark_force(old_len, new_len - old_len);

@@ -23,6 +23,7 @@ use crate::error::{BlockError, Result};
 use crate::node::{Child, Kind, Node, User, UserId};
 use crate::options::Opts;
 use crate::perm::{Perm, PermSet};
+use crate::sync;
 
 /// Builds a driver registered from another crate from the node's name (for
 /// its messages) and its remaining options.
@@ -123,23 +124,19 @@ impl Graph {
 
     pub(crate) fn lock_state(&self) -> MutexGuard<'_, GraphState> {
         // A panic while holding the lock cannot leave the node list half-edited
-        // (every edit is a single push/remove), so recover from poisoning.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        // (every edit is a single push/remove): the lock is taken over.
+        sync::lock(&self.state)
     }
 
     /// Register a driver implemented outside this crate (e.g. `nbd`).
     pub fn register_driver(&self, name: &str, ctor: DriverCtor) {
-        if let Ok(mut d) = self.drivers.write() {
-            d.insert(name.to_string(), ctor);
-        }
+        sync::write(&self.drivers).insert(name.to_string(), ctor);
     }
 
     /// Names of every driver `blockdev-add` accepts.
     pub fn driver_names(&self) -> Vec<String> {
         let mut v: Vec<String> = ["blkdebug", "file", "null-co", "raw"].iter().map(|s| s.to_string()).collect();
-        if let Ok(d) = self.drivers.read() {
-            v.extend(d.keys().cloned());
-        }
+        v.extend(sync::read(&self.drivers).keys().cloned());
         v.sort();
         v
     }
@@ -293,7 +290,7 @@ impl Graph {
                     Spec::Blkdebug { errors, delays }
                 }
                 other => {
-                    let ctor = self.drivers.read().ok().and_then(|d| d.get(other).cloned());
+                    let ctor = sync::read(&self.drivers).get(other).cloned();
                     match ctor {
                         Some(c) => Spec::Dyn(c, std::mem::replace(&mut o, Opts::from_map(Map::new())).into_map()),
                         None => return Err(BlockError::UnknownDriver(other.to_string())),
@@ -342,10 +339,14 @@ impl Graph {
             }
             {
                 let mut st = self.lock_state();
-                st.nodes.push(node.clone());
-                if let Err(e) = self.refresh_perms(&st) {
-                    st.nodes.pop();
-                    let _ = self.refresh_perms(&st);
+                let added = self.change_users(
+                    &mut st,
+                    |st| st.nodes.push(node.clone()),
+                    |st, ()| {
+                        st.nodes.pop();
+                    },
+                );
+                if let Err(e) = added {
                     release_node(&node);
                     return Err(e);
                 }
@@ -410,14 +411,12 @@ impl Graph {
         let id = UserId(st.next_user);
         let backend = BlockBackend::new(self.clone(), node.clone(), id, user_name.to_string(), perms);
         let user = User { id, backend: backend.weak(), name: user_name.to_string(), perms, allow_inactive };
-        if let Ok(mut u) = node.users.lock() {
-            u.push(user);
-        }
-        if let Err(e) = self.refresh_perms(&st) {
-            if let Ok(mut u) = node.users.lock() {
-                u.retain(|u| u.id != id);
-            }
-            let _ = self.refresh_perms(&st);
+        let attached = self.change_users(
+            &mut st,
+            |_| sync::lock(&node.users).push(user),
+            |_, ()| sync::lock(&node.users).retain(|u| u.id != id),
+        );
+        if let Err(e) = attached {
             drop(st);
             // The backend's drop detaches a user that no longer exists: harmless.
             drop(backend);
@@ -449,7 +448,7 @@ impl Graph {
     /// bdrv_replace_node for a mirror's pivot). Call with the users quiesced.
     /// Parent nodes of `from` cannot be moved (their child is fixed).
     pub fn move_users(&self, from: &Arc<Node>, to: &Arc<Node>, except: &[UserId]) -> Result<()> {
-        let st = self.lock_state();
+        let mut st = self.lock_state();
         if !st.parents(from).is_empty() {
             return Err(BlockError::Unsupported {
                 node: from.name.clone(),
@@ -457,24 +456,19 @@ impl Graph {
             });
         }
         let moving: Vec<User> = from.users().into_iter().filter(|u| !except.contains(&u.id)).collect();
-        let take = |list: &Mutex<Vec<User>>, ids: &[UserId]| {
-            if let Ok(mut l) = list.lock() {
-                l.retain(|u| !ids.contains(&u.id));
-            }
-        };
+        let take = |list: &Mutex<Vec<User>>, ids: &[UserId]| sync::lock(list).retain(|u| !ids.contains(&u.id));
         let ids: Vec<UserId> = moving.iter().map(|u| u.id).collect();
-        take(&from.users, &ids);
-        if let Ok(mut l) = to.users.lock() {
-            l.extend(moving.iter().cloned());
-        }
-        if let Err(e) = self.refresh_perms(&st) {
-            take(&to.users, &ids);
-            if let Ok(mut l) = from.users.lock() {
-                l.extend(moving);
-            }
-            let _ = self.refresh_perms(&st);
-            return Err(e);
-        }
+        self.change_users(
+            &mut st,
+            |_| {
+                take(&from.users, &ids);
+                sync::lock(&to.users).extend(moving.iter().cloned());
+            },
+            |_, ()| {
+                take(&to.users, &ids);
+                sync::lock(&from.users).extend(moving.iter().cloned());
+            },
+        )?;
         for u in &moving {
             if let Some(b) = u.backend.upgrade() {
                 b.set_node(to.clone());
@@ -486,9 +480,7 @@ impl Graph {
     /// Detach a user (called when its BlockBackend is dropped).
     pub(crate) fn detach(&self, node: &Node, id: UserId) {
         let st = self.lock_state();
-        if let Ok(mut u) = node.users.lock() {
-            u.retain(|u| u.id != id);
-        }
+        sync::lock(&node.users).retain(|u| u.id != id);
         if let Err(e) = self.refresh_perms(&st) {
             tracing::warn!(node = %node.name, error = %e, "refreshing permissions after detach failed");
         }
@@ -496,23 +488,42 @@ impl Graph {
 
     /// Change what a user may do / lets others do on the node it uses.
     pub(crate) fn set_user_perms(&self, node: &Node, id: UserId, perms: PermSet, allow_inactive: bool) -> Result<()> {
-        let st = self.lock_state();
-        let old = node.users.lock().ok().and_then(|mut u| {
-            u.iter_mut().find(|u| u.id == id).map(|u| {
+        let mut st = self.lock_state();
+        let set = |perms, allow_inactive| {
+            sync::lock(&node.users).iter_mut().find(|u| u.id == id).map(|u| {
                 let old = (u.perms, u.allow_inactive);
                 u.perms = perms;
                 u.allow_inactive = allow_inactive;
                 old
             })
-        });
-        if let Err(e) = self.refresh_perms(&st) {
-            if let (Some((p, a)), Ok(mut u)) = (old, node.users.lock()) {
-                if let Some(u) = u.iter_mut().find(|u| u.id == id) {
-                    u.perms = p;
-                    u.allow_inactive = a;
+        };
+        self.change_users(
+            &mut st,
+            |_| set(perms, allow_inactive),
+            |_, old| {
+                if let Some((p, a)) = old {
+                    set(p, a);
                 }
+            },
+        )
+    }
+
+    /// The one way to change who uses what: apply `change` (users or nodes),
+    /// recompute permissions and image locks; if they conflict, apply `undo`
+    /// to what `change` returned, recompute again (back to the locks held
+    /// before) and return the conflict.
+    fn change_users<T>(
+        &self,
+        st: &mut GraphState,
+        change: impl FnOnce(&mut GraphState) -> T,
+        undo: impl FnOnce(&mut GraphState, T),
+    ) -> Result<()> {
+        let done = change(st);
+        if let Err(e) = self.refresh_perms(st) {
+            undo(st, done);
+            if let Err(again) = self.refresh_perms(st) {
+                tracing::warn!(error = %again, "restoring permissions after a refused change failed");
             }
-            let _ = self.refresh_perms(&st);
             return Err(e);
         }
         Ok(())
@@ -570,9 +581,7 @@ impl Graph {
                     f.release_lock();
                 }
             }
-            if let Ok(mut a) = node.applied.lock() {
-                *a = *total;
-            }
+            *sync::lock(&node.applied) = *total;
         }
         Ok(())
     }
@@ -586,7 +595,7 @@ impl Graph {
         disabled: bool,
     ) -> Result<Arc<DirtyBitmap>> {
         let node = self.find(node)?;
-        let mut list = node.bitmaps.write().map_err(|_| BlockError::NodeNotFound(node.name.clone()))?;
+        let mut list = sync::write(&node.bitmaps);
         if list.iter().any(|b| b.name() == name) {
             return Err(BlockError::BitmapExists { node: node.name.clone(), bitmap: name.to_string() });
         }
@@ -603,7 +612,7 @@ impl Graph {
     /// Put back a bitmap removed earlier (transaction rollback).
     pub fn bitmap_insert(&self, node: &str, bitmap: Arc<DirtyBitmap>) -> Result<()> {
         let node = self.find(node)?;
-        let mut list = node.bitmaps.write().map_err(|_| BlockError::NodeNotFound(node.name.clone()))?;
+        let mut list = sync::write(&node.bitmaps);
         if list.iter().any(|b| b.name() == bitmap.name()) {
             return Err(BlockError::BitmapExists { node: node.name.clone(), bitmap: bitmap.name().to_string() });
         }
@@ -618,9 +627,7 @@ impl Graph {
         if bm.is_busy() {
             return Err(BlockError::BitmapBusy { bitmap: name.to_string() });
         }
-        if let Ok(mut list) = node.bitmaps.write() {
-            list.retain(|b| !Arc::ptr_eq(b, &bm));
-        }
+        sync::write(&node.bitmaps).retain(|b| !Arc::ptr_eq(b, &bm));
         Ok(bm)
     }
 }

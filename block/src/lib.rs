@@ -7,9 +7,14 @@
 //! [`BlockBackend`] to do I/O through), [`Graph::inactivate_all`] and
 //! friends in [`activation`], [`Graph::bitmap_add`].
 
+// `unsafe` only where a module says why it needs it (`buf`, the io_uring
+// wrapper `drivers::file::uring`), each block with its `// SAFETY:` argument.
+#![deny(unsafe_code)]
+
 pub mod activation;
 pub mod backend;
 pub mod bitmap;
+#[allow(unsafe_code)] // an aligned, zero-initialised allocation
 pub mod buf;
 pub mod driver;
 pub mod drivers;

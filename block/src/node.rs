@@ -13,6 +13,7 @@ use crate::drivers::raw::RawFilter;
 use crate::error::{BlockError, Result};
 use crate::inflight::Inflight;
 use crate::perm::{Perm, PermSet};
+use crate::sync;
 
 /// What a node does with requests.
 pub(crate) enum Kind {
@@ -262,70 +263,63 @@ impl Node {
 
     /// The users attached directly to this node.
     pub fn users(&self) -> Vec<User> {
-        self.users.lock().map(|u| u.clone()).unwrap_or_default()
+        sync::lock(&self.users).clone()
     }
 
     /// The permissions currently applied (cumulative over users and parents).
     pub fn applied_perms(&self) -> PermSet {
-        self.applied.lock().map(|p| *p).unwrap_or(PermSet::new(Perm::NONE, Perm::ALL))
+        *sync::lock(&self.applied)
     }
 
     /// A bitmap by name.
     pub fn bitmap(&self, name: &str) -> Result<Arc<DirtyBitmap>> {
-        self.bitmaps
-            .read()
-            .ok()
-            .and_then(|b| b.iter().find(|b| b.name() == name).cloned())
+        sync::read(&self.bitmaps)
+            .iter()
+            .find(|b| b.name() == name)
+            .cloned()
             .ok_or_else(|| BlockError::BitmapNotFound { node: self.name.clone(), bitmap: name.to_string() })
     }
 
     /// Every bitmap of this node.
     pub fn bitmaps(&self) -> Vec<Arc<DirtyBitmap>> {
-        self.bitmaps.read().map(|b| b.clone()).unwrap_or_default()
+        sync::read(&self.bitmaps).clone()
     }
 
     /// Mark the enabled bitmaps for a modification of `[offset, offset+len)`.
     pub(crate) fn mark_dirty(&self, offset: u64, len: u64) {
         for list in [&self.bitmaps, &self.internal_bitmaps] {
-            if let Ok(b) = list.read() {
-                for bm in b.iter() {
-                    bm.mark(offset, len);
-                }
+            for bm in sync::read(list).iter() {
+                bm.mark(offset, len);
             }
         }
     }
 
     /// Add a job's own bitmap: marked by every modification, not listed by queries.
     pub fn add_internal_bitmap(&self, bm: Arc<DirtyBitmap>) {
-        if let Ok(mut l) = self.internal_bitmaps.write() {
-            l.push(bm);
-        }
+        sync::write(&self.internal_bitmaps).push(bm);
     }
 
     /// Whether a job's own bitmap is attached (the node is in a job).
     pub fn has_internal_bitmaps(&self) -> bool {
-        self.internal_bitmaps.read().map(|l| !l.is_empty()).unwrap_or(false)
+        !sync::read(&self.internal_bitmaps).is_empty()
     }
 
     pub fn remove_internal_bitmap(&self, bm: &Arc<DirtyBitmap>) {
-        if let Ok(mut l) = self.internal_bitmaps.write() {
-            l.retain(|b| !Arc::ptr_eq(b, bm));
-        }
+        sync::write(&self.internal_bitmaps).retain(|b| !Arc::ptr_eq(b, bm));
     }
 
     /// Install or remove the write hook.
     pub fn set_write_hook(&self, hook: Option<Arc<dyn WriteHook>>) {
-        if let Ok(mut h) = self.write_hook.write() {
-            self.has_hook.store(hook.is_some(), Ordering::SeqCst);
-            *h = hook;
-        }
+        let mut h = sync::write(&self.write_hook);
+        self.has_hook.store(hook.is_some(), Ordering::SeqCst);
+        *h = hook;
     }
 
     pub(crate) fn write_hook(&self) -> Option<Arc<dyn WriteHook>> {
         if !self.has_hook.load(Ordering::SeqCst) {
             return None;
         }
-        self.write_hook.read().ok().and_then(|h| h.clone())
+        sync::read(&self.write_hook).clone()
     }
 
     /// The remote export under this node's chain of filters, if its leaf is

@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{libc_errno, BlockError, Op, Result};
+use crate::sync;
 
 /// Events a rule can fire on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,19 +124,16 @@ impl Blkdebug {
 
     /// Replace every rule at once.
     pub fn set_rules(&self, errors: Vec<InjectError>, delays: Vec<InjectDelay>) {
-        if let Ok(mut r) = self.rules.lock() {
-            let armed = !errors.is_empty() || !delays.is_empty();
-            *r = Rules { errors, delays };
-            self.armed.store(armed, Ordering::SeqCst);
-        }
+        let mut r = sync::lock(&self.rules);
+        let armed = !errors.is_empty() || !delays.is_empty();
+        *r = Rules { errors, delays };
+        self.armed.store(armed, Ordering::SeqCst);
     }
 
     /// The current rules.
     pub fn rules(&self) -> (Vec<InjectError>, Vec<InjectDelay>) {
-        match self.rules.lock() {
-            Ok(r) => (r.errors.clone(), r.delays.clone()),
-            Err(_) => (Vec::new(), Vec::new()),
-        }
+        let r = sync::lock(&self.rules);
+        (r.errors.clone(), r.delays.clone())
     }
 
     fn rearm(&self, r: &Rules) {
@@ -144,7 +142,7 @@ impl Blkdebug {
 
     /// The delay to apply to this request, consuming `once` rules.
     fn take_delay(&self, event: Event, offset: u64, len: u64) -> Option<Duration> {
-        let mut r = self.rules.lock().ok()?;
+        let mut r = sync::lock(&self.rules);
         let i = r.delays.iter().position(|d| d.event == event && covers(d.sector, offset, len))?;
         let ms = r.delays[i].ms;
         if r.delays[i].once {
@@ -159,7 +157,7 @@ impl Blkdebug {
         if !self.armed.load(Ordering::SeqCst) {
             return Ok(());
         }
-        let Ok(mut r) = self.rules.lock() else { return Ok(()) };
+        let mut r = sync::lock(&self.rules);
         let Some(i) = r.errors.iter().position(|e| e.event == event && covers(e.sector, offset, len)) else {
             return Ok(());
         };

@@ -6,6 +6,7 @@
 //! kernel refuses a ring. Block status uses SEEK_DATA/SEEK_HOLE; zeroes and
 //! discards use fallocate.
 
+#[allow(unsafe_code)] // submission entries and the eventfd registration
 pub mod uring;
 
 use std::fs::OpenOptions;
@@ -23,6 +24,7 @@ use crate::driver::*;
 use crate::error::{BlockError, Op, Result};
 use crate::lock::ImageLock;
 use crate::perm::Perm;
+use crate::sync;
 use uring::Uring;
 
 /// QEMU's `aio` option.
@@ -143,27 +145,21 @@ impl FileDriver {
     /// Hold lock bytes for `perm` taken and `shared` shared (no-op with locking=off).
     pub fn set_lock(&self, perm: Perm, shared: Perm) -> Result<()> {
         match &self.lock {
-            Some(l) => match l.lock() {
-                Ok(mut l) => l.apply(perm, shared),
-                Err(_) => Err(BlockError::Lock {
-                    path: self.opts.filename.clone(),
-                    source: std::io::Error::other("lock state poisoned"),
-                }),
-            },
+            Some(l) => sync::lock(l).apply(perm, shared),
             None => Ok(()),
         }
     }
 
     /// Drop every lock byte.
     pub fn release_lock(&self) {
-        if let Some(Ok(mut l)) = self.lock.as_ref().map(|l| l.lock()) {
-            l.release();
+        if let Some(l) = &self.lock {
+            sync::lock(l).release();
         }
     }
 
     /// Bytes held, as (perm, unshared); for tests and query commands.
     pub fn held_lock(&self) -> Option<(Perm, Perm)> {
-        self.lock.as_ref().and_then(|l| l.lock().ok().map(|l| l.held()))
+        self.lock.as_ref().map(|l| sync::lock(l).held())
     }
 
     async fn blocking<T: Send + 'static>(
