@@ -2,15 +2,17 @@
 //! `bdrv_inactivate_all`), with DESIGN.md's invariants I3–I5.
 //!
 //! ```text
-//!              activate: children first; run the `activate` hook,
-//!              re-read the size, take the image lock, then admit writes
+//!              activate: children first; run the driver's `activate`
+//!              hook (a leaf re-reads its size), take the image lock,
+//!              then admit writes
 //!   ┌────────┐ ─────────────────────────────────────────────> ┌──────────┐
 //!   │inactive│                                                │  active  │
 //!   └────────┘ <───────────────────────────────────────────── └──────────┘
 //!              inactivate (all or nothing, for a whole set):
 //!              1 quiesce the set and its ancestors, drain
 //!              2 flush every node, parents first
-//!              3 flip every node (the `inactivate` hook), then drop locks
+//!              3 flip every node (the driver's `inactivate` hook),
+//!                then drop locks
 //!              any failure: flip back what was flipped, release the
 //!              held requests, return the error naming the node
 //! ```
@@ -23,7 +25,6 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::drivers::blkdebug::Event;
 use crate::error::{BlockError, Result};
 use crate::graph::{Graph, GraphState};
 use crate::node::Node;
@@ -111,11 +112,8 @@ impl Graph {
             event: "activate",
             errno: 5
         }));
-        if let Some(b) = node.blkdebug() {
-            b.take_error(&node.name, Event::Activate, 0, 0)?;
-        }
         let old_len = node.length();
-        node.refresh()?;
+        node.driver_activate()?;
         let new_len = node.length();
         if new_len != old_len {
             // Another host may have resized the image: bitmaps follow, and a
@@ -219,11 +217,7 @@ impl Graph {
         // to re-take one.
         let mut flipped: Vec<&Arc<Node>> = Vec::with_capacity(set.len());
         for n in &set {
-            let hook = match n.blkdebug() {
-                Some(b) => b.take_error(&n.name, Event::Inactivate, 0, 0),
-                None => Ok(()),
-            };
-            if let Err(e) = hook {
+            if let Err(e) = n.driver_inactivate() {
                 for f in flipped.iter().rev() {
                     f.active.store(true, Ordering::SeqCst);
                 }

@@ -5,24 +5,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::bitmap::DirtyBitmap;
-use crate::driver::{Caps, DynDriver, LeafInfo};
+use crate::driver::{Caps, Filter};
 use crate::drivers::blkdebug::Blkdebug;
 use crate::drivers::file::FileDriver;
-use crate::drivers::null::NullDriver;
-use crate::drivers::raw::RawFilter;
+use crate::drivers::Leaf;
 use crate::error::{BlockError, Result};
 use crate::inflight::Inflight;
 use crate::perm::{Perm, PermSet};
 use crate::sync;
 
-/// What a node does with requests.
+/// What a node does with requests: serve them from storage, or transform
+/// them on their way to its one child.
 pub(crate) enum Kind {
-    File(FileDriver),
-    Null(NullDriver),
-    /// A driver registered from another crate (e.g. the NBD client).
-    Dyn(Arc<dyn DynDriver>),
-    Raw(RawFilter),
-    Blkdebug(Blkdebug),
+    Leaf(Leaf),
+    Filter(Box<dyn Filter>, Child),
 }
 
 impl std::fmt::Debug for Kind {
@@ -34,11 +30,8 @@ impl std::fmt::Debug for Kind {
 impl Kind {
     pub(crate) fn driver_name(&self) -> &'static str {
         match self {
-            Kind::File(_) => "file",
-            Kind::Null(_) => "null-co",
-            Kind::Dyn(d) => d.driver_name(),
-            Kind::Raw(_) => "raw",
-            Kind::Blkdebug(_) => "blkdebug",
+            Kind::Leaf(d) => d.driver_name(),
+            Kind::Filter(f, _) => f.driver_name(),
         }
     }
 }
@@ -106,7 +99,6 @@ pub trait WriteHook: Send + Sync + std::fmt::Debug {
 pub struct Node {
     pub(crate) name: String,
     pub(crate) kind: Kind,
-    pub(crate) child: Option<Child>,
     pub(crate) read_only: bool,
     /// Created implicitly as a nested child in `blockdev-add` (deleted with its parent).
     pub(crate) implicit: bool,
@@ -145,18 +137,10 @@ pub struct NodeInfo {
 }
 
 impl Node {
-    pub(crate) fn new(
-        name: String,
-        kind: Kind,
-        child: Option<Child>,
-        read_only: bool,
-        active: bool,
-        implicit: bool,
-    ) -> Self {
+    pub(crate) fn new(name: String, kind: Kind, read_only: bool, active: bool, implicit: bool) -> Self {
         Self {
             name,
             kind,
-            child,
             read_only,
             implicit,
             active: AtomicBool::new(active),
@@ -188,71 +172,81 @@ impl Node {
     }
 
     pub fn child(&self) -> Option<&Arc<Node>> {
-        self.child.as_ref().map(|c| &c.node)
+        self.child_edge().map(|c| &c.node)
+    }
+
+    /// The edge to the child, with its role.
+    pub(crate) fn child_edge(&self) -> Option<&Child> {
+        match &self.kind {
+            Kind::Filter(_, c) => Some(c),
+            Kind::Leaf(_) => None,
+        }
     }
 
     /// The file driver, if this is a `file` node.
     pub fn file(&self) -> Option<&FileDriver> {
         match &self.kind {
-            Kind::File(f) => Some(f),
-            _ => None,
+            Kind::Leaf(d) => d.as_any().downcast_ref(),
+            Kind::Filter(..) => None,
         }
     }
 
     /// The blkdebug filter, if this is a `blkdebug` node.
     pub fn blkdebug(&self) -> Option<&Blkdebug> {
         match &self.kind {
-            Kind::Blkdebug(b) => Some(b),
-            _ => None,
+            Kind::Filter(f, _) => f.as_any().downcast_ref(),
+            Kind::Leaf(_) => None,
+        }
+    }
+
+    /// The leaf at the bottom of the filter chain, and its driver.
+    pub(crate) fn leaf_driver(&self) -> (&Node, &Leaf) {
+        let mut n = self;
+        loop {
+            match &n.kind {
+                Kind::Leaf(d) => return (n, d),
+                Kind::Filter(_, c) => n = &c.node,
+            }
         }
     }
 
     /// The leaf at the bottom of the filter chain.
     pub fn leaf(&self) -> &Node {
-        let mut n = self;
-        while let Some(c) = &n.child {
-            n = &c.node;
-        }
-        n
+        self.leaf_driver().0
     }
 
     /// Current length in bytes.
     pub fn length(&self) -> u64 {
         match &self.kind {
-            Kind::File(f) => LeafInfo::length(f),
-            Kind::Null(n) => LeafInfo::length(n),
-            Kind::Dyn(d) => d.length(),
-            Kind::Raw(r) => r.length(self.child().map(|c| c.length()).unwrap_or(0)),
-            Kind::Blkdebug(_) => self.child().map(|c| c.length()).unwrap_or(0),
+            Kind::Leaf(d) => d.length(),
+            Kind::Filter(f, c) => f.length(c.node.length()),
         }
     }
 
     /// Capabilities of the leaf under this node.
     pub fn caps(&self) -> Caps {
-        match &self.leaf().kind {
-            Kind::File(f) => LeafInfo::caps(f),
-            Kind::Null(n) => LeafInfo::caps(n),
-            Kind::Dyn(d) => d.caps(),
-            Kind::Raw(_) | Kind::Blkdebug(_) => Caps::default(),
-        }
+        self.leaf_driver().1.caps()
     }
 
     /// Required request alignment of the leaf.
     pub fn alignment(&self) -> u32 {
-        match &self.leaf().kind {
-            Kind::File(f) => LeafInfo::alignment(f),
-            Kind::Null(n) => LeafInfo::alignment(n),
-            Kind::Dyn(d) => d.alignment(),
-            Kind::Raw(_) | Kind::Blkdebug(_) => 1,
+        self.leaf_driver().1.alignment()
+    }
+
+    /// The driver's activation hook: a leaf re-reads what it caches (its
+    /// size), a filter may refuse (blkdebug's `activate` rules).
+    pub(crate) fn driver_activate(&self) -> Result<()> {
+        match &self.kind {
+            Kind::Leaf(d) => d.refresh(),
+            Kind::Filter(f, _) => f.activate(&self.name),
         }
     }
 
-    /// Re-read what the driver caches (on activation).
-    pub(crate) fn refresh(&self) -> Result<()> {
+    /// The driver's inactivation hook (the node is quiesced and flushed).
+    pub(crate) fn driver_inactivate(&self) -> Result<()> {
         match &self.kind {
-            Kind::File(f) => LeafInfo::refresh(f),
-            Kind::Dyn(d) => d.refresh(),
-            _ => Ok(()),
+            Kind::Leaf(_) => Ok(()),
+            Kind::Filter(f, _) => f.inactivate(&self.name),
         }
     }
 
@@ -325,19 +319,14 @@ impl Node {
     /// The remote export under this node's chain of filters, if its leaf is
     /// a network client (`nbd`): what a migration matches destination disks by.
     pub fn remote_export(&self) -> Option<String> {
-        match &self.leaf().kind {
-            Kind::Dyn(d) => d.remote_export(),
-            _ => None,
-        }
+        self.leaf_driver().1.remote_export()
     }
 
     /// Abort the network connection under this node's chain of filters at
     /// once (QMP `yank`): its requests in flight and later ones fail without
     /// waiting for the remote side. Does nothing for local storage.
     pub fn yank(&self) {
-        if let Kind::Dyn(d) = &self.leaf().kind {
-            d.yank();
-        }
+        self.leaf_driver().1.yank();
     }
 
     pub fn info(&self) -> NodeInfo {
@@ -348,7 +337,7 @@ impl Node {
             read_only: self.read_only,
             active: self.is_active(),
             length: self.length(),
-            child: self.child.as_ref().map(|c| (c.role.to_string(), c.node.name.clone())),
+            child: self.child_edge().map(|c| (c.role.to_string(), c.node.name.clone())),
             perms: self.applied_perms(),
             users: self.users().into_iter().map(|u| u.name).collect(),
             implicit: self.implicit,

@@ -27,6 +27,55 @@ use crate::perm::Perm;
 use crate::sync;
 use uring::Uring;
 
+crate::qapi_enum! {
+    /// QEMU's `BlockdevAioOptions` (`native` is served by the thread pool).
+    pub enum BlockdevAioOptions { "threads" Threads, "native" Native, "io_uring" IoUring }
+}
+
+crate::qapi_enum! {
+    /// QEMU's `OnOffAuto`, for `locking`.
+    pub enum OnOffAuto { "auto" Auto, "on" On, "off" Off }
+}
+
+crate::qapi_struct! {
+    /// QEMU's `BlockdevOptionsFile`, the members baton implements.
+    pub struct BlockdevOptionsFile {
+        "filename" filename: String,
+        "aio" aio: Option<BlockdevAioOptions>,
+        "locking" locking: Option<OnOffAuto>,
+        /// Accepted; the ring batches what it is given.
+        "aio-max-batch" aio_max_batch: Option<u64>,
+    }
+}
+
+/// The `file` driver (also `host_device`: a block device is a file here).
+#[derive(Debug)]
+pub struct FileBdrv;
+
+impl Driver for FileBdrv {
+    const NAME: &'static str = "file";
+    const ALIASES: &'static [&'static str] = &["host_device"];
+    type Options = BlockdevOptionsFile;
+    async fn open<'a>(&'a self, ctx: OpenCtx<'a>, o: BlockdevOptionsFile) -> Result<Opened> {
+        let opts = FileOptions {
+            filename: o.filename,
+            aio: match o.aio {
+                Some(BlockdevAioOptions::IoUring) => AioMode::IoUring,
+                Some(BlockdevAioOptions::Threads | BlockdevAioOptions::Native) | None => AioMode::Threads,
+            },
+            direct: ctx.direct,
+            discard_unmap: ctx.discard_unmap,
+            locking: match o.locking {
+                Some(OnOffAuto::On) => Locking::On,
+                Some(OnOffAuto::Off) => Locking::Off,
+                Some(OnOffAuto::Auto) | None => Locking::Auto,
+            },
+            read_only: ctx.read_only,
+        };
+        Ok(Opened::Leaf(super::Leaf::File(FileDriver::open(opts)?)))
+    }
+}
+
 /// QEMU's `aio` option.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AioMode {
