@@ -20,6 +20,7 @@ pub mod raw;
 
 crate::driver::leaves! {
     File(file::FileDriver),
+    Null(null::NullDriver),
 }
 
 /// Every built-in driver, one line each.
@@ -29,6 +30,6 @@ pub fn builtin() -> Vec<Arc<dyn BlockDriver>> {
         Arc::new(file::FileBdrv),
         Arc::new(raw::RawBdrv),
         Arc::new(blkdebug::BlkdebugBdrv),
-        Arc::new(external::External::new("null-co", &["null-aio"], null::legacy_ctor())),
+        Arc::new(null::NullBdrv),
     ]
 }

@@ -4,29 +4,32 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use std::sync::Arc;
-
-use serde_json::{Map, Value};
-
 use crate::buf::IoBuf;
 use crate::driver::*;
 use crate::error::Result;
-use crate::graph::DriverCtor;
-use crate::options::Opts;
 
-/// `null-co` through the constructor adapter, until it declares its options.
-pub fn legacy_ctor() -> DriverCtor {
-    Arc::new(|_node: String, map: Map<String, Value>| {
-        Box::pin(async move {
-            let mut o = Opts::from_map(map);
-            let size = o.u64("size")?.unwrap_or(DEFAULT_SIZE);
-            let read_zeroes = o.bool("read-zeroes")?.unwrap_or(false);
-            let latency_ns = o.u64("latency-ns")?.unwrap_or(0);
-            o.finish("")?;
-            let d: Arc<dyn DynDriver> = Arc::new(NullDriver::new(size, read_zeroes, latency_ns));
-            Ok(d)
-        })
-    })
+crate::qapi_struct! {
+    /// QEMU's `BlockdevOptionsNull`.
+    pub struct BlockdevOptionsNull {
+        "size" size: Option<u64>,
+        "latency-ns" latency_ns: Option<u64>,
+        "read-zeroes" read_zeroes: Option<bool>,
+    }
+}
+
+/// The `null-co` driver (also `null-aio`).
+#[derive(Debug)]
+pub struct NullBdrv;
+
+impl Driver for NullBdrv {
+    const NAME: &'static str = "null-co";
+    const ALIASES: &'static [&'static str] = &["null-aio"];
+    type Options = BlockdevOptionsNull;
+    async fn open<'a>(&'a self, _ctx: OpenCtx<'a>, o: BlockdevOptionsNull) -> Result<Opened> {
+        let size = o.size.unwrap_or(DEFAULT_SIZE);
+        let d = NullDriver::new(size, o.read_zeroes.unwrap_or(false), o.latency_ns.unwrap_or(0));
+        Ok(Opened::Leaf(super::Leaf::Null(d)))
+    }
 }
 
 /// QEMU's default size for null-co: 1 GiB.
