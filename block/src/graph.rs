@@ -161,9 +161,9 @@ impl Graph {
             let fields: Vec<Field> = driver.options().unwrap_or_default();
             m = schema::coerce_members(&fields, m, path)?;
             if let Some(key) = driver.child_member() {
-                if let Some(child @ Value::Object(_)) = m.remove(key) {
+                if let Some(child) = m.get_mut(key).filter(|c| c.is_object()) {
                     let at = if path.is_empty() { key.to_string() } else { format!("{path}.{key}") };
-                    m.insert(key.to_string(), self.coerce_keyval_at(child, &at)?);
+                    *child = self.coerce_keyval_at(child.take(), &at)?;
                 }
             }
         }
@@ -627,5 +627,50 @@ impl Drop for UsersQuiesced {
         for b in &self.0 {
             b.io.end_quiesce();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn keyval_coercion_follows_the_common_and_the_drivers_schemas_into_inline_children() {
+        let g = Graph::new();
+        let kv = json!({"driver": "blkdebug", "node-name": "d", "read-only": "on",
+            "inject-error": [{"event": "read_aio", "errno": "5", "once": "on"}],
+            "image": {"driver": "raw", "offset": "4k",
+                      "file": {"driver": "null-co", "size": "1M", "read-zeroes": "yes", "cache": {"direct": "off"}}},
+            "unknown": "on"});
+        let typed = g.coerce_keyval(kv).unwrap();
+        assert_eq!(
+            typed,
+            json!({"driver": "blkdebug", "node-name": "d", "read-only": true,
+                "inject-error": [{"event": "read_aio", "errno": 5, "once": true}],
+                "image": {"driver": "raw", "offset": 4096,
+                          "file": {"driver": "null-co", "size": 1048576, "read-zeroes": true, "cache": {"direct": false}}},
+                "unknown": "on"})
+        );
+        let by_name = json!({"driver": "raw", "file": "n", "size": "512"});
+        assert_eq!(g.coerce_keyval(by_name).unwrap(), json!({"driver": "raw", "file": "n", "size": 512}));
+        let e = g.coerce_keyval(json!({"driver": "raw", "file": {"driver": "null-co", "size": "big"}})).unwrap_err();
+        assert!(e.to_string().contains("'file.size'"), "{e}");
+        // A driver without a schema (registered with a constructor) gets its strings as they are.
+        g.register_driver("ext", Arc::new(|_, _| Box::pin(async { Err(BlockError::UnknownDriver("ext".into())) })));
+        let kv = json!({"driver": "ext", "read-only": "off", "port": "10809"});
+        assert_eq!(g.coerce_keyval(kv).unwrap(), json!({"driver": "ext", "read-only": false, "port": "10809"}));
+    }
+
+    #[tokio::test]
+    async fn blockdev_add_takes_json_types_only_and_every_driver_is_registered_once() {
+        let g = Graph::new();
+        let e = g.blockdev_add(&json!({"driver": "null-co", "node-name": "n", "read-zeroes": "on"})).await.unwrap_err();
+        assert_eq!(e.to_string(), "Invalid parameter type for 'read-zeroes', expected: boolean");
+        let e = g.blockdev_add(&json!({"driver": "null-co", "node-name": "n", "bogus": 1})).await.unwrap_err();
+        assert_eq!(e.to_string(), "Parameter 'bogus' is unexpected");
+        let n = g.blockdev_add(&json!({"driver": "null-aio", "node-name": "n", "size": 4096})).await.unwrap();
+        assert_eq!((n.driver_name(), n.length()), ("null-co", 4096));
+        assert_eq!(g.driver_names(), ["blkdebug", "file", "null-co", "raw"]);
     }
 }
