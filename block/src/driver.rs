@@ -307,7 +307,7 @@ impl std::fmt::Debug for Opened {
 macro_rules! leaves {
     ($($(#[$meta:meta])* $variant:ident($ty:ty)),* $(,)?) => {
         /// A leaf's runtime: a built-in driver called directly (nothing
-        /// allocated per request), or any other through [`DynDriver`].
+        /// allocated per request), or any other through `DynDriver`.
         pub enum Leaf {
             $($(#[$meta])* $variant($ty),)*
             Dyn(std::sync::Arc<dyn $crate::driver::DynDriver>),
