@@ -116,9 +116,13 @@ fn keyval_bools(o: &mut Map<String, Value>, option: &'static str, keys: &[&str])
 pub async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
     let d = Daemon::new();
     for b in &a.blockdevs {
-        let mut opts = parse_option(b, None).map_err(|e| opt_err("--blockdev", e))?;
-        // The generic members are checked as booleans before the driver sees them.
-        keyval_bools(&mut opts, "--blockdev", &["read-only", "auto-read-only", "force-share", "active"])?;
+        let opts = parse_option(b, None).map_err(|e| opt_err("--blockdev", e))?;
+        // Keyval's strings become the types the common members' and the
+        // driver's schemas ask for (inline children included).
+        let Value::Object(opts) = d.graph.coerce_keyval(Value::Object(opts)).map_err(|e| opt_err("--blockdev", e))?
+        else {
+            return Err(opt_err("--blockdev", "expected an object").into());
+        };
         run_command(&d, "--blockdev", "blockdev-add", opts).await?;
     }
     if let Some(n) = &a.nbd_server {

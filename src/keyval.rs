@@ -17,7 +17,8 @@
 //! ```
 //!
 //! The result is a JSON object whose leaves are all *strings*: the
-//! consumer converts `"on"`, `"off"`, `"5"` according to its schema.
+//! consumer converts `"on"`, `"off"`, `"5"` according to its schema
+//! (for `--blockdev`, `block::Graph::coerce_keyval` with the drivers' schemas).
 //! A dotted key is a path from the root: `cache.direct=on` gives
 //! `{"cache": {"direct": "on"}}`.  An object whose members are all
 //! indexes becomes an array, and its indexes must be exactly `0..n`

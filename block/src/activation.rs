@@ -2,15 +2,17 @@
 //! `bdrv_inactivate_all`), with DESIGN.md's invariants I3–I5.
 //!
 //! ```text
-//!              activate: children first; run the `activate` hook,
-//!              re-read the size, take the image lock, then admit writes
+//!              activate: children first; run the driver's `activate`
+//!              hook (a leaf re-reads its size), take the image lock,
+//!              then admit writes
 //!   ┌────────┐ ─────────────────────────────────────────────> ┌──────────┐
 //!   │inactive│                                                │  active  │
 //!   └────────┘ <───────────────────────────────────────────── └──────────┘
 //!              inactivate (all or nothing, for a whole set):
 //!              1 quiesce the set and its ancestors, drain
 //!              2 flush every node, parents first
-//!              3 flip every node (the `inactivate` hook), then drop locks
+//!              3 flip every node (the driver's `inactivate` hook),
+//!                then drop locks
 //!              any failure: flip back what was flipped, release the
 //!              held requests, return the error naming the node
 //! ```
@@ -23,10 +25,10 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::drivers::blkdebug::Event;
 use crate::error::{BlockError, Result};
 use crate::graph::{Graph, GraphState};
 use crate::node::Node;
+use crate::sync;
 
 /// Holds a set of nodes quiesced; releases them (and their held requests) on drop.
 struct Quiesced(Vec<Arc<Node>>);
@@ -110,18 +112,13 @@ impl Graph {
             event: "activate",
             errno: 5
         }));
-        if let Some(b) = node.blkdebug() {
-            b.take_error(&node.name, Event::Activate, 0, 0)?;
-        }
         let old_len = node.length();
-        node.refresh()?;
+        node.driver_activate()?;
         let new_len = node.length();
         if new_len != old_len {
             // Another host may have resized the image: bitmaps follow, and a
             // grown tail is dirty (nothing is known about what it holds).
-            for bm in
-                node.bitmaps().iter().chain(node.internal_bitmaps.read().map(|l| l.clone()).unwrap_or_default().iter())
-            {
+            for bm in node.bitmaps().iter().chain(sync::read(&node.internal_bitmaps).clone().iter()) {
                 bm.resize(new_len);
                 if new_len > old_len {
                     bm.mark_force(old_len, new_len - old_len);
@@ -220,11 +217,7 @@ impl Graph {
         // to re-take one.
         let mut flipped: Vec<&Arc<Node>> = Vec::with_capacity(set.len());
         for n in &set {
-            let hook = match n.blkdebug() {
-                Some(b) => b.take_error(&n.name, Event::Inactivate, 0, 0),
-                None => Ok(()),
-            };
-            if let Err(e) = hook {
+            if let Err(e) = n.driver_inactivate() {
                 for f in flipped.iter().rev() {
                     f.active.store(true, Ordering::SeqCst);
                 }

@@ -12,6 +12,7 @@ use crate::graph::Graph;
 use crate::inflight::Inflight;
 use crate::node::{Node, UserId};
 use crate::perm::{Perm, PermSet};
+use crate::sync;
 
 #[derive(Debug)]
 pub(crate) struct BackendInner {
@@ -27,17 +28,11 @@ pub(crate) struct BackendInner {
 
 impl BackendInner {
     pub(crate) fn node(&self) -> Arc<Node> {
-        match self.node.read() {
-            Ok(n) => n.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
+        sync::read(&self.node).clone()
     }
 
     pub(crate) fn set_node(&self, node: Arc<Node>) {
-        match self.node.write() {
-            Ok(mut n) => *n = node,
-            Err(p) => *p.into_inner() = node,
-        }
+        *sync::write(&self.node) = node;
     }
 }
 
@@ -91,16 +86,14 @@ impl BlockBackend {
     }
 
     pub fn perms(&self) -> PermSet {
-        self.inner.perms.read().map(|p| *p).unwrap_or(PermSet::new(Perm::NONE, Perm::ALL))
+        *sync::read(&self.inner.perms)
     }
 
     /// Change this user's permissions (checked against every other user).
     pub fn set_perms(&self, perms: PermSet, allow_inactive: bool) -> Result<()> {
         let node = self.node();
         self.inner.graph.set_user_perms(&node, self.inner.id, perms, allow_inactive)?;
-        if let Ok(mut p) = self.inner.perms.write() {
-            *p = perms;
-        }
+        *sync::write(&self.inner.perms) = perms;
         Ok(())
     }
 

@@ -137,14 +137,14 @@ impl BufPool {
     /// A buffer of exactly `len` visible bytes (contents unspecified).
     pub fn get(&self, len: usize) -> IoBuf {
         if len <= self.max_cached {
-            if let Ok(mut free) = self.free.lock() {
-                if let Some(i) = free.iter().rposition(|b| b.capacity() >= len) {
-                    let mut b = free.swap_remove(i);
-                    // cannot fail: capacity checked above
-                    let _ = b.set_len(len);
-                    return b;
-                }
+            let mut free = crate::sync::lock(&self.free);
+            if let Some(i) = free.iter().rposition(|b| b.capacity() >= len) {
+                let mut b = free.swap_remove(i);
+                // cannot fail: capacity checked above
+                let _ = b.set_len(len);
+                return b;
             }
+            drop(free);
             // Round small buffers up so that one buffer serves many sizes.
             let mut b = IoBuf::zeroed(len.max(64 * 1024).min(self.max_cached));
             let _ = b.set_len(len);
@@ -158,10 +158,9 @@ impl BufPool {
         if buf.capacity() == 0 || buf.capacity() > self.max_cached {
             return;
         }
-        if let Ok(mut free) = self.free.lock() {
-            if free.len() < self.max_buffers {
-                free.push(buf);
-            }
+        let mut free = crate::sync::lock(&self.free);
+        if free.len() < self.max_buffers {
+            free.push(buf);
         }
     }
 }

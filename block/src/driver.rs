@@ -1,20 +1,40 @@
 //! The driver interface, split into small capabilities.
 //!
-//! A *leaf* driver owns storage (a file, memory, a remote NBD export) and
-//! implements the capability traits below. A *filter* driver (`raw`,
-//! `blkdebug`) has one child and only transforms a request on its way down
-//! (shifts the offset, injects an error, delays it); the node layer walks the
-//! chain of filters iteratively, so requests never recurse through boxed
-//! futures and built-in drivers allocate nothing per request.
+//! Two kinds of node runtime, and one description of a driver:
 //!
-//! Drivers that live in other crates (the NBD client) implement the same
-//! traits and plug in through [`DynDriver`], whose futures are boxed.
+//! - A *leaf* driver owns storage (a file, memory, a remote NBD export) and
+//!   implements the capability traits below. The node holds it as a
+//!   [`Leaf`](crate::drivers::Leaf): built-in leaves are called directly, so
+//!   they allocate nothing per request; any other goes through [`DynDriver`]
+//!   (blanket-implemented for every [`LeafDriver`]), one boxed future per
+//!   request.
+//! - A *filter* ([`Filter`]: `raw`, `blkdebug`) has one child and only
+//!   transforms a request on its way down (shifts the offset, injects an
+//!   error, delays it), synchronously except for a delay the node layer
+//!   sleeps; the node layer walks the chain of filters iteratively, so
+//!   requests never recurse through boxed futures.
+//! - A [`BlockDriver`] describes a driver as QEMU's `BlockDriver` does: its
+//!   name, whether it is a leaf or a filter (and the member naming a filter's
+//!   child), the schema of its own options, and `open`. Built-in drivers
+//!   implement the typed [`Driver`], whose options are a `qapi_struct!`
+//!   parsed and checked by the schema before `open` sees them; the graph
+//!   parses the options common to every driver (`node-name`, `read-only`,
+//!   `cache`, ...) once, see [`crate::options::BlockdevOptionsBase`].
+//!   Activation hooks are the opened runtime's ([`Filter::activate`],
+//!   [`LeafInfo::refresh`]), as QEMU's take the `BlockDriverState`.
 
+use std::any::Any;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
 
 use crate::buf::IoBuf;
-use crate::error::Result;
+use crate::error::{Op, Result};
+use crate::node::Node;
+use crate::schema::{Field, QapiObject};
 
 /// Flags of a write.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -163,6 +183,8 @@ pub trait DynDriver: Send + Sync + 'static {
     fn remote_export(&self) -> Option<String>;
     /// See [`LeafInfo::yank`].
     fn yank(&self);
+    /// The concrete driver, for accessors such as [`Node::file`].
+    fn as_any(&self) -> &dyn Any;
 }
 
 impl<T: LeafDriver> DynDriver for T {
@@ -210,5 +232,201 @@ impl<T: LeafDriver> DynDriver for T {
     }
     fn yank(&self) {
         LeafInfo::yank(self)
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// A filter's runtime: what it does to a request on its way to the child.
+/// Every method but `driver_name` and `as_any` has a pass-through default.
+pub trait Filter: Send + Sync + std::fmt::Debug + 'static {
+    /// Driver name as `blockdev-add` spells it.
+    fn driver_name(&self) -> &'static str;
+    /// This node's length given its child's.
+    fn length(&self, child_len: u64) -> u64 {
+        child_len
+    }
+    /// The child offset of a request at `offset` (already checked against `length`).
+    fn map(&self, offset: u64) -> u64 {
+        offset
+    }
+    /// How long to hold a request before it goes on (blkdebug's delay rules).
+    fn delay(&self, _op: Op, _offset: u64, _len: u64) -> Option<Duration> {
+        None
+    }
+    /// Fail a request passing through `node` (blkdebug's error rules).
+    fn check(&self, _node: &str, _op: Op, _offset: u64, _len: u64) -> Result<()> {
+        Ok(())
+    }
+    /// The node is being activated (children are active already); an error refuses it.
+    fn activate(&self, _node: &str) -> Result<()> {
+        Ok(())
+    }
+    /// The node is being inactivated (quiesced and flushed); an error refuses it.
+    fn inactivate(&self, _node: &str) -> Result<()> {
+        Ok(())
+    }
+    /// The concrete filter, for accessors such as [`Node::blkdebug`].
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// What the graph hands a driver's `open`, besides the driver's own options:
+/// the common options it parsed, and a filter's child, already opened.
+#[derive(Debug, Clone, Copy)]
+pub struct OpenCtx<'a> {
+    /// The node being opened (for messages).
+    pub node_name: &'a str,
+    pub read_only: bool,
+    /// `cache.direct`: bypass the host page cache.
+    pub direct: bool,
+    /// `discard=unmap`: discards may deallocate.
+    pub discard_unmap: bool,
+    /// A filter's child; `None` for a leaf.
+    pub child: Option<&'a Arc<Node>>,
+}
+
+/// An opened node's runtime.
+pub enum Opened {
+    Leaf(crate::drivers::Leaf),
+    Filter(Box<dyn Filter>),
+}
+
+impl std::fmt::Debug for Opened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Opened::Leaf(d) => write!(f, "Leaf({})", d.driver_name()),
+            Opened::Filter(d) => write!(f, "Filter({})", d.driver_name()),
+        }
+    }
+}
+
+/// Declare the leaf runtimes called without boxing, as `Variant(Type)`: this
+/// writes the enum `Leaf` with those variants plus `Dyn(Arc<dyn DynDriver>)`,
+/// and its one dispatch per operation.
+macro_rules! leaves {
+    ($($(#[$meta:meta])* $variant:ident($ty:ty)),* $(,)?) => {
+        /// A leaf's runtime: a built-in driver called directly (nothing
+        /// allocated per request), or any other through `DynDriver`.
+        pub enum Leaf {
+            $($(#[$meta])* $variant($ty),)*
+            Dyn(std::sync::Arc<dyn $crate::driver::DynDriver>),
+        }
+
+        impl std::fmt::Debug for Leaf {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.driver_name())
+            }
+        }
+
+        #[allow(dead_code)]
+        impl Leaf {
+            pub fn driver_name(&self) -> &'static str {
+                match self { $(Leaf::$variant(d) => $crate::driver::LeafInfo::driver_name(d),)* Leaf::Dyn(d) => d.driver_name() }
+            }
+            pub fn length(&self) -> u64 {
+                match self { $(Leaf::$variant(d) => $crate::driver::LeafInfo::length(d),)* Leaf::Dyn(d) => d.length() }
+            }
+            pub fn alignment(&self) -> u32 {
+                match self { $(Leaf::$variant(d) => $crate::driver::LeafInfo::alignment(d),)* Leaf::Dyn(d) => d.alignment() }
+            }
+            pub fn caps(&self) -> $crate::driver::Caps {
+                match self { $(Leaf::$variant(d) => $crate::driver::LeafInfo::caps(d),)* Leaf::Dyn(d) => d.caps() }
+            }
+            pub fn refresh(&self) -> $crate::error::Result<()> {
+                match self { $(Leaf::$variant(d) => $crate::driver::LeafInfo::refresh(d),)* Leaf::Dyn(d) => d.refresh() }
+            }
+            pub fn close(&self) {
+                match self { $(Leaf::$variant(d) => $crate::driver::LeafInfo::close(d),)* Leaf::Dyn(d) => d.close() }
+            }
+            pub fn remote_export(&self) -> Option<String> {
+                match self { $(Leaf::$variant(d) => $crate::driver::LeafInfo::remote_export(d),)* Leaf::Dyn(d) => d.remote_export() }
+            }
+            pub fn yank(&self) {
+                match self { $(Leaf::$variant(d) => $crate::driver::LeafInfo::yank(d),)* Leaf::Dyn(d) => d.yank() }
+            }
+            pub fn as_any(&self) -> &dyn std::any::Any {
+                match self { $(Leaf::$variant(d) => d,)* Leaf::Dyn(d) => d.as_any() }
+            }
+            pub async fn read(&self, offset: u64, buf: $crate::buf::IoBuf) -> $crate::error::Result<$crate::buf::IoBuf> {
+                match self { $(Leaf::$variant(d) => $crate::driver::BlockRead::read(d, offset, buf).await,)* Leaf::Dyn(d) => d.read(offset, buf).await }
+            }
+            pub async fn write(&self, offset: u64, buf: $crate::buf::IoBuf, flags: $crate::driver::WriteFlags) -> $crate::error::Result<$crate::buf::IoBuf> {
+                match self { $(Leaf::$variant(d) => $crate::driver::BlockWrite::write(d, offset, buf, flags).await,)* Leaf::Dyn(d) => d.write(offset, buf, flags).await }
+            }
+            pub async fn flush(&self) -> $crate::error::Result<()> {
+                match self { $(Leaf::$variant(d) => $crate::driver::Flush::flush(d).await,)* Leaf::Dyn(d) => d.flush().await }
+            }
+            pub async fn write_zeroes(&self, offset: u64, len: u64, flags: $crate::driver::ZeroFlags) -> $crate::error::Result<()> {
+                match self { $(Leaf::$variant(d) => $crate::driver::WriteZeroes::write_zeroes(d, offset, len, flags).await,)* Leaf::Dyn(d) => d.write_zeroes(offset, len, flags).await }
+            }
+            pub async fn discard(&self, offset: u64, len: u64) -> $crate::error::Result<()> {
+                match self { $(Leaf::$variant(d) => $crate::driver::Discard::discard(d, offset, len).await,)* Leaf::Dyn(d) => d.discard(offset, len).await }
+            }
+            pub async fn block_status(&self, offset: u64, len: u64) -> $crate::error::Result<$crate::driver::Extent> {
+                match self { $(Leaf::$variant(d) => $crate::driver::BlockStatus::block_status(d, offset, len).await,)* Leaf::Dyn(d) => d.block_status(offset, len).await }
+            }
+            pub async fn truncate(&self, len: u64) -> $crate::error::Result<()> {
+                match self { $(Leaf::$variant(d) => $crate::driver::Resize::truncate(d, len).await,)* Leaf::Dyn(d) => d.truncate(len).await }
+            }
+        }
+    };
+}
+pub(crate) use leaves;
+
+/// A driver as the graph's registry sees it (QEMU's `BlockDriver`). Built-in
+/// drivers implement [`Driver`] instead and get this for free; drivers
+/// registered with a constructor (`Graph::register_driver`) go through an
+/// adapter that checks nothing (their constructor parses its options).
+pub trait BlockDriver: Send + Sync + 'static {
+    /// The name `blockdev-add` selects the driver by.
+    fn name(&self) -> &str;
+    /// Other names accepted for it (`host_device` for `file`).
+    fn aliases(&self) -> &'static [&'static str] {
+        &[]
+    }
+    /// For a filter, the member holding its child (a node name or an inline
+    /// definition): `file` for `raw`, `image` for `blkdebug`. `None`: a leaf.
+    fn child_member(&self) -> Option<&'static str> {
+        None
+    }
+    /// The schema of the driver's own members (not the common ones), for
+    /// keyval coercion; `None` if the driver checks an untyped map itself.
+    fn options(&self) -> Option<Vec<Field>>;
+    /// Check the driver's own `options` and open the node.
+    fn open<'a>(&'a self, ctx: OpenCtx<'a>, options: Map<String, Value>) -> BoxFuture<'a, Result<Opened>>;
+}
+
+/// A driver that declares its options as a QAPI struct: the one thing a new
+/// built-in driver implements (plus its registry line in [`crate::drivers`]).
+pub trait Driver: Send + Sync + 'static {
+    const NAME: &'static str;
+    const ALIASES: &'static [&'static str] = &[];
+    /// See [`BlockDriver::child_member`].
+    const CHILD: Option<&'static str> = None;
+    /// The driver's own members, declared with `qapi_struct!`.
+    type Options: QapiObject + Send + 'static;
+    fn open<'a>(&'a self, ctx: OpenCtx<'a>, options: Self::Options)
+        -> impl Future<Output = Result<Opened>> + Send + 'a;
+}
+
+impl<D: Driver> BlockDriver for D {
+    fn name(&self) -> &str {
+        D::NAME
+    }
+    fn aliases(&self) -> &'static [&'static str] {
+        D::ALIASES
+    }
+    fn child_member(&self) -> Option<&'static str> {
+        D::CHILD
+    }
+    fn options(&self) -> Option<Vec<Field>> {
+        Some(D::Options::fields())
+    }
+    fn open<'a>(&'a self, ctx: OpenCtx<'a>, options: Map<String, Value>) -> BoxFuture<'a, Result<Opened>> {
+        Box::pin(async move {
+            let options = crate::schema::parse::<D::Options>(Value::Object(options))?;
+            Driver::open(self, ctx, options).await
+        })
     }
 }

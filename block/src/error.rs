@@ -116,6 +116,10 @@ pub enum BlockError {
     InvalidOption { option: String, reason: String },
     #[error("unknown driver '{0}'")]
     UnknownDriver(String),
+    /// Options that do not match their schema, worded as QEMU words it
+    /// ("Parameter 'x' is unexpected").
+    #[error("{0}")]
+    Schema(#[from] crate::schema::SchemaError),
     #[error("could not open '{path}'")]
     Open {
         path: String,
@@ -206,6 +210,7 @@ impl BlockError {
             | InvalidNodeName(_)
             | InvalidOption { .. }
             | UnknownDriver(_)
+            | Schema(_)
             | BitmapExists { .. }
             | Bitmap { .. } => ErrorKind::InvalidArgument,
             Misaligned { .. } => ErrorKind::InvalidArgument,

@@ -5,7 +5,6 @@
 //! the graph's own state sits behind a plain mutex that is never held across
 //! an `.await`. The I/O path touches neither.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -14,18 +13,18 @@ use serde_json::{Map, Value};
 
 use crate::backend::BlockBackend;
 use crate::bitmap::DirtyBitmap;
-use crate::driver::DynDriver;
-use crate::drivers::blkdebug::{Blkdebug, InjectDelay, InjectError};
-use crate::drivers::file::{AioMode, FileDriver, FileOptions, Locking};
-use crate::drivers::null::{NullDriver, DEFAULT_SIZE};
-use crate::drivers::raw::RawFilter;
+use crate::driver::{BlockDriver, DynDriver, OpenCtx, Opened};
+use crate::drivers::external::External;
 use crate::error::{BlockError, Result};
 use crate::node::{Child, Kind, Node, User, UserId};
-use crate::options::Opts;
+use crate::options::{BlockdevDiscardOptions, BlockdevOptionsBase};
 use crate::perm::{Perm, PermSet};
+use crate::schema::{self, Field, QapiObject, SchemaError};
+use crate::sync;
 
-/// Builds a driver registered from another crate from the node's name (for
-/// its messages) and its remaining options.
+/// Builds a leaf driver registered from another crate from the node's name
+/// (for its messages) and the members the graph did not consume; see
+/// [`External`] for how it is registered.
 pub type DriverCtor = Arc<
     dyn Fn(String, Map<String, Value>) -> Pin<Box<dyn Future<Output = Result<Arc<dyn DynDriver>>> + Send>>
         + Send
@@ -80,7 +79,8 @@ pub struct Graph {
     pub(crate) state: Mutex<GraphState>,
     /// Serialises control-plane operations that await (activation, drain).
     pub(crate) control: tokio::sync::Mutex<()>,
-    drivers: RwLock<HashMap<String, DriverCtor>>,
+    /// The registry: every driver `blockdev-add` can open.
+    drivers: RwLock<Vec<Arc<dyn BlockDriver>>>,
 }
 
 impl std::fmt::Debug for Graph {
@@ -97,15 +97,6 @@ pub fn valid_node_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
 }
 
-/// What a `blockdev-add` describes, parsed before anything is opened.
-enum Spec {
-    File(FileOptions),
-    Null { size: u64, read_zeroes: bool, latency_ns: u64 },
-    Raw { offset: u64, size: Option<u64> },
-    Blkdebug { errors: Vec<InjectError>, delays: Vec<InjectDelay> },
-    Dyn(DriverCtor, Map<String, Value>),
-}
-
 impl Default for Graph {
     fn default() -> Self {
         Self::new()
@@ -117,31 +108,66 @@ impl Graph {
         Self {
             state: Mutex::new(GraphState::default()),
             control: tokio::sync::Mutex::new(()),
-            drivers: RwLock::new(HashMap::new()),
+            drivers: RwLock::new(crate::drivers::builtin()),
         }
     }
 
     pub(crate) fn lock_state(&self) -> MutexGuard<'_, GraphState> {
         // A panic while holding the lock cannot leave the node list half-edited
-        // (every edit is a single push/remove), so recover from poisoning.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        // (every edit is a single push/remove): the lock is taken over.
+        sync::lock(&self.state)
     }
 
-    /// Register a driver implemented outside this crate (e.g. `nbd`).
+    /// Add a driver to the registry (replacing one of the same name).
+    pub fn register(&self, driver: Arc<dyn BlockDriver>) {
+        let mut drivers = sync::write(&self.drivers);
+        drivers.retain(|d| d.name() != driver.name());
+        drivers.push(driver);
+    }
+
+    /// Register a leaf driver implemented outside this crate (e.g. `nbd`) by
+    /// its constructor, which parses its own options.
     pub fn register_driver(&self, name: &str, ctor: DriverCtor) {
-        if let Ok(mut d) = self.drivers.write() {
-            d.insert(name.to_string(), ctor);
-        }
+        self.register(Arc::new(External::new(name, &[], ctor)));
     }
 
-    /// Names of every driver `blockdev-add` accepts.
+    /// The driver `blockdev-add` opens for `name` (a name or an alias).
+    pub fn driver(&self, name: &str) -> Option<Arc<dyn BlockDriver>> {
+        sync::read(&self.drivers).iter().find(|d| d.name() == name || d.aliases().contains(&name)).cloned()
+    }
+
+    /// Names of every driver `blockdev-add` accepts (aliases aside), sorted.
     pub fn driver_names(&self) -> Vec<String> {
-        let mut v: Vec<String> = ["blkdebug", "file", "null-co", "raw"].iter().map(|s| s.to_string()).collect();
-        if let Ok(d) = self.drivers.read() {
-            v.extend(d.keys().cloned());
-        }
+        let mut v: Vec<String> = sync::read(&self.drivers).iter().map(|d| d.name().to_string()).collect();
         v.sort();
         v
+    }
+
+    /// Keyval's coercion for `--blockdev`: turn the strings of a command-line
+    /// definition into the types the schema asks for, for the common members
+    /// and the named driver's own, recursing into an inline child definition
+    /// (`file.driver=file,file.filename=...`). Members no schema knows are
+    /// left alone for `blockdev-add` to judge; so are the members of a driver
+    /// registered with a constructor (it accepts strings itself).
+    pub fn coerce_keyval(&self, options: Value) -> Result<Value> {
+        Ok(self.coerce_keyval_at(options, "")?)
+    }
+
+    fn coerce_keyval_at(&self, options: Value, path: &str) -> std::result::Result<Value, SchemaError> {
+        let Value::Object(m) = options else { return Ok(options) };
+        let driver = m.get("driver").and_then(Value::as_str).and_then(|d| self.driver(d));
+        let mut m = schema::coerce_members(&BlockdevOptionsBase::fields(), m, path)?;
+        if let Some(driver) = driver {
+            let fields: Vec<Field> = driver.options().unwrap_or_default();
+            m = schema::coerce_members(&fields, m, path)?;
+            if let Some(key) = driver.child_member() {
+                if let Some(child) = m.get_mut(key).filter(|c| c.is_object()) {
+                    let at = if path.is_empty() { key.to_string() } else { format!("{path}.{key}") };
+                    *child = self.coerce_keyval_at(child.take(), &at)?;
+                }
+            }
+        }
+        Ok(Value::Object(m))
     }
 
     pub fn find(&self, name: &str) -> Result<Arc<Node>> {
@@ -162,7 +188,13 @@ impl Graph {
     pub async fn blockdev_add(&self, options: &Value) -> Result<Arc<Node>> {
         let _ctl = self.control.lock().await;
         let mut created = Vec::new();
-        let res = self.add_locked(Opts::new(options)?, false, &mut created).await;
+        let Value::Object(options) = options else {
+            return Err(BlockError::InvalidOption {
+                option: "options".into(),
+                reason: "expected a JSON object".into(),
+            });
+        };
+        let res = self.add_locked(options.clone(), false, &mut created).await;
         if res.is_err() {
             // Undo nested children created before the failure.
             let mut st = self.lock_state();
@@ -176,13 +208,13 @@ impl Graph {
 
     fn add_locked<'a>(
         &'a self,
-        mut o: Opts,
+        options: Map<String, Value>,
         implicit: bool,
         created: &'a mut Vec<Arc<Node>>,
     ) -> Pin<Box<dyn Future<Output = Result<Arc<Node>>> + Send + 'a>> {
         Box::pin(async move {
-            let driver = o.req_str("driver")?;
-            let name = match o.str("node-name")? {
+            let (base, mut rest) = BlockdevOptionsBase::split(options)?;
+            let name = match base.node_name {
                 Some(n) => {
                     if !valid_node_name(&n) {
                         return Err(BlockError::InvalidNodeName(n));
@@ -198,143 +230,57 @@ impl Graph {
             if self.lock_state().find(&name).is_ok() {
                 return Err(BlockError::DuplicateNode(name));
             }
-            let read_only = o.bool("read-only")?.unwrap_or(false);
-            let _auto_read_only = o.bool("auto-read-only")?;
-            let active = o.bool("active")?.unwrap_or(true);
-            let discard = o.choice("discard", &["ignore", "unmap"])?;
-            let mut cache = o.object("cache")?;
-            let direct = cache.bool("direct")?.unwrap_or(false);
-            let _no_flush = cache.bool("no-flush")?;
-            cache.finish("cache.")?;
-            let _force_share = o.bool("force-share")?;
-            let _detect_zeroes = o.choice("detect-zeroes", &["off", "on", "unmap"])?;
+            let driver = self.driver(&base.driver).ok_or_else(|| BlockError::UnknownDriver(base.driver.clone()))?;
+            let read_only = base.read_only.unwrap_or(false);
+            let active = base.active.unwrap_or(true);
 
-            // The child, for filters: a node-name or nested options.
-            let child_key = match driver.as_str() {
-                "raw" => Some("file"),
-                "blkdebug" => Some("image"),
-                _ => None,
-            };
-            let child = match child_key {
+            // A filter's child: a node-name or an inline definition.
+            let child = match driver.child_member() {
                 Some(key) => {
-                    let node = match o.take(key) {
-                        None => {
-                            return Err(BlockError::InvalidOption {
-                                option: key.into(),
-                                reason: "parameter is missing".into(),
-                            })
-                        }
-                        Some(Value::String(r)) => self.lock_state().find(&r)?,
-                        Some(v @ Value::Object(_)) => {
-                            let mut nested = Opts::new(&v)?;
-                            // Nested children inherit read-only, as in QEMU.
-                            if read_only && nested.bool("read-only")?.is_none() {
-                                nested = Opts::from_map({
-                                    let mut m = nested.into_map();
-                                    m.insert("read-only".into(), Value::Bool(true));
-                                    m
-                                });
-                            }
-                            self.add_locked(nested, true, created).await?
-                        }
-                        Some(_) => {
-                            return Err(BlockError::InvalidOption {
-                                option: key.into(),
-                                reason: "expected a node name or an object".into(),
-                            })
-                        }
-                    };
+                    let node = self.child_locked(key, rest.remove(key), read_only, created).await?;
+                    if !read_only && node.read_only {
+                        return Err(BlockError::InvalidOption {
+                            option: "read-only".into(),
+                            reason: format!("child '{}' is read-only; open '{name}' with read-only=on", node.name),
+                        });
+                    }
                     Some(Child { role: key, node })
                 }
                 None => None,
             };
-
-            let spec = match driver.as_str() {
-                "file" | "host_device" => {
-                    let aio = match o.choice("aio", &["threads", "io_uring", "native"])?.as_deref() {
-                        Some("io_uring") => AioMode::IoUring,
-                        _ => AioMode::Threads,
-                    };
-                    let locking = match o.choice("locking", &["auto", "on", "off"])?.as_deref() {
-                        Some("on") => Locking::On,
-                        Some("off") => Locking::Off,
-                        _ => Locking::Auto,
-                    };
-                    let _aio_max_batch = o.u64("aio-max-batch")?;
-                    Spec::File(FileOptions {
-                        filename: o.req_str("filename")?,
-                        aio,
-                        direct,
-                        discard_unmap: discard.as_deref() == Some("unmap"),
-                        locking,
-                        read_only,
+            let ctx = OpenCtx {
+                node_name: &name,
+                read_only,
+                direct: base.cache.as_ref().and_then(|c| c.direct).unwrap_or(false),
+                discard_unmap: base.discard == Some(BlockdevDiscardOptions::Unmap),
+                child: child.as_ref().map(|c| &c.node),
+            };
+            let kind = match (driver.open(ctx, rest).await?, child) {
+                (Opened::Leaf(d), None) => Kind::Leaf(d),
+                (Opened::Filter(f), Some(c)) => Kind::Filter(f, c),
+                (_, child) => {
+                    return Err(BlockError::InvalidOption {
+                        option: "driver".into(),
+                        reason: format!(
+                            "driver '{}' opened a {} though it {}",
+                            driver.name(),
+                            if child.is_some() { "leaf" } else { "filter" },
+                            if child.is_some() { "declares a child" } else { "declares no child" },
+                        ),
                     })
                 }
-                "null-co" | "null-aio" => Spec::Null {
-                    size: o.u64("size")?.unwrap_or(DEFAULT_SIZE),
-                    read_zeroes: o.bool("read-zeroes")?.unwrap_or(false),
-                    latency_ns: o.u64("latency-ns")?.unwrap_or(0),
-                },
-                "raw" => Spec::Raw { offset: o.u64("offset")?.unwrap_or(0), size: o.u64("size")? },
-                "blkdebug" => {
-                    let errors = match o.take("inject-error") {
-                        None => Vec::new(),
-                        Some(v) => serde_json::from_value(keyval_scalars(v)).map_err(|e| {
-                            BlockError::InvalidOption { option: "inject-error".into(), reason: e.to_string() }
-                        })?,
-                    };
-                    let delays = match o.take("x-baton-inject-delay") {
-                        None => Vec::new(),
-                        Some(v) => serde_json::from_value(keyval_scalars(v)).map_err(|e| {
-                            BlockError::InvalidOption { option: "x-baton-inject-delay".into(), reason: e.to_string() }
-                        })?,
-                    };
-                    let _align = o.u64("align")?;
-                    Spec::Blkdebug { errors, delays }
-                }
-                other => {
-                    let ctor = self.drivers.read().ok().and_then(|d| d.get(other).cloned());
-                    match ctor {
-                        Some(c) => Spec::Dyn(c, std::mem::replace(&mut o, Opts::from_map(Map::new())).into_map()),
-                        None => return Err(BlockError::UnknownDriver(other.to_string())),
-                    }
-                }
             };
-            o.finish("")?;
-
-            if let Some(c) = &child {
-                if !read_only && c.node.read_only {
-                    return Err(BlockError::InvalidOption {
-                        option: "read-only".into(),
-                        reason: format!("child '{}' is read-only; open '{name}' with read-only=on", c.node.name),
-                    });
-                }
-            }
-            let kind = match spec {
-                Spec::File(f) => Kind::File(FileDriver::open(f)?),
-                Spec::Null { size, read_zeroes, latency_ns } => {
-                    Kind::Null(NullDriver::new(size, read_zeroes, latency_ns))
-                }
-                Spec::Raw { offset, size } => {
-                    let child_len = child.as_ref().map(|c| c.node.length()).unwrap_or(0);
-                    Kind::Raw(RawFilter::new(&name, offset, size, child_len)?)
-                }
-                Spec::Blkdebug { errors, delays } => Kind::Blkdebug(Blkdebug::new(errors, delays)),
-                Spec::Dyn(ctor, rest) => Kind::Dyn(ctor(name.clone(), rest).await?),
-            };
-            let node = Arc::new(Node::new(name, kind, child, read_only, active, implicit));
+            let node = Arc::new(Node::new(name, kind, read_only, active, implicit));
 
             // An active parent needs an active child (QEMU refuses the same).
             if active {
-                if let Some(c) = node.child() {
-                    if !c.is_active() {
+                if let Some(c) = node.child_edge() {
+                    if !c.node.is_active() {
                         return Err(BlockError::InvalidOption {
                             option: "active".into(),
                             reason: format!(
                                 "inactive '{}' can't be a {} child of active '{}'",
-                                c.name,
-                                node.child.as_ref().map(|c| c.role).unwrap_or("file"),
-                                node.name
+                                c.node.name, c.role, node.name
                             ),
                         });
                     }
@@ -342,10 +288,14 @@ impl Graph {
             }
             {
                 let mut st = self.lock_state();
-                st.nodes.push(node.clone());
-                if let Err(e) = self.refresh_perms(&st) {
-                    st.nodes.pop();
-                    let _ = self.refresh_perms(&st);
+                let added = self.change_users(
+                    &mut st,
+                    |st| st.nodes.push(node.clone()),
+                    |st, ()| {
+                        st.nodes.pop();
+                    },
+                );
+                if let Err(e) = added {
                     release_node(&node);
                     return Err(e);
                 }
@@ -353,6 +303,31 @@ impl Graph {
             created.push(node.clone());
             Ok(node)
         })
+    }
+
+    /// A filter's child member `key`: an existing node by name, or a node
+    /// defined inline (it inherits `read-only`, as in QEMU).
+    async fn child_locked(
+        &self,
+        key: &str,
+        value: Option<Value>,
+        read_only: bool,
+        created: &mut Vec<Arc<Node>>,
+    ) -> Result<Arc<Node>> {
+        match value {
+            None => Err(BlockError::InvalidOption { option: key.into(), reason: "parameter is missing".into() }),
+            Some(Value::String(r)) => self.lock_state().find(&r),
+            Some(Value::Object(mut nested)) => {
+                if read_only && !nested.contains_key("read-only") {
+                    nested.insert("read-only".into(), Value::Bool(true));
+                }
+                self.add_locked(nested, true, created).await
+            }
+            Some(_) => Err(BlockError::InvalidOption {
+                option: key.into(),
+                reason: "expected a node name or an object".into(),
+            }),
+        }
     }
 
     /// `blockdev-del`: remove a node nobody uses, with its implicit children.
@@ -410,14 +385,12 @@ impl Graph {
         let id = UserId(st.next_user);
         let backend = BlockBackend::new(self.clone(), node.clone(), id, user_name.to_string(), perms);
         let user = User { id, backend: backend.weak(), name: user_name.to_string(), perms, allow_inactive };
-        if let Ok(mut u) = node.users.lock() {
-            u.push(user);
-        }
-        if let Err(e) = self.refresh_perms(&st) {
-            if let Ok(mut u) = node.users.lock() {
-                u.retain(|u| u.id != id);
-            }
-            let _ = self.refresh_perms(&st);
+        let attached = self.change_users(
+            &mut st,
+            |_| sync::lock(&node.users).push(user),
+            |_, ()| sync::lock(&node.users).retain(|u| u.id != id),
+        );
+        if let Err(e) = attached {
             drop(st);
             // The backend's drop detaches a user that no longer exists: harmless.
             drop(backend);
@@ -449,7 +422,7 @@ impl Graph {
     /// bdrv_replace_node for a mirror's pivot). Call with the users quiesced.
     /// Parent nodes of `from` cannot be moved (their child is fixed).
     pub fn move_users(&self, from: &Arc<Node>, to: &Arc<Node>, except: &[UserId]) -> Result<()> {
-        let st = self.lock_state();
+        let mut st = self.lock_state();
         if !st.parents(from).is_empty() {
             return Err(BlockError::Unsupported {
                 node: from.name.clone(),
@@ -457,24 +430,19 @@ impl Graph {
             });
         }
         let moving: Vec<User> = from.users().into_iter().filter(|u| !except.contains(&u.id)).collect();
-        let take = |list: &Mutex<Vec<User>>, ids: &[UserId]| {
-            if let Ok(mut l) = list.lock() {
-                l.retain(|u| !ids.contains(&u.id));
-            }
-        };
+        let take = |list: &Mutex<Vec<User>>, ids: &[UserId]| sync::lock(list).retain(|u| !ids.contains(&u.id));
         let ids: Vec<UserId> = moving.iter().map(|u| u.id).collect();
-        take(&from.users, &ids);
-        if let Ok(mut l) = to.users.lock() {
-            l.extend(moving.iter().cloned());
-        }
-        if let Err(e) = self.refresh_perms(&st) {
-            take(&to.users, &ids);
-            if let Ok(mut l) = from.users.lock() {
-                l.extend(moving);
-            }
-            let _ = self.refresh_perms(&st);
-            return Err(e);
-        }
+        self.change_users(
+            &mut st,
+            |_| {
+                take(&from.users, &ids);
+                sync::lock(&to.users).extend(moving.iter().cloned());
+            },
+            |_, ()| {
+                take(&to.users, &ids);
+                sync::lock(&from.users).extend(moving.iter().cloned());
+            },
+        )?;
         for u in &moving {
             if let Some(b) = u.backend.upgrade() {
                 b.set_node(to.clone());
@@ -486,9 +454,7 @@ impl Graph {
     /// Detach a user (called when its BlockBackend is dropped).
     pub(crate) fn detach(&self, node: &Node, id: UserId) {
         let st = self.lock_state();
-        if let Ok(mut u) = node.users.lock() {
-            u.retain(|u| u.id != id);
-        }
+        sync::lock(&node.users).retain(|u| u.id != id);
         if let Err(e) = self.refresh_perms(&st) {
             tracing::warn!(node = %node.name, error = %e, "refreshing permissions after detach failed");
         }
@@ -496,23 +462,42 @@ impl Graph {
 
     /// Change what a user may do / lets others do on the node it uses.
     pub(crate) fn set_user_perms(&self, node: &Node, id: UserId, perms: PermSet, allow_inactive: bool) -> Result<()> {
-        let st = self.lock_state();
-        let old = node.users.lock().ok().and_then(|mut u| {
-            u.iter_mut().find(|u| u.id == id).map(|u| {
+        let mut st = self.lock_state();
+        let set = |perms, allow_inactive| {
+            sync::lock(&node.users).iter_mut().find(|u| u.id == id).map(|u| {
                 let old = (u.perms, u.allow_inactive);
                 u.perms = perms;
                 u.allow_inactive = allow_inactive;
                 old
             })
-        });
-        if let Err(e) = self.refresh_perms(&st) {
-            if let (Some((p, a)), Ok(mut u)) = (old, node.users.lock()) {
-                if let Some(u) = u.iter_mut().find(|u| u.id == id) {
-                    u.perms = p;
-                    u.allow_inactive = a;
+        };
+        self.change_users(
+            &mut st,
+            |_| set(perms, allow_inactive),
+            |_, old| {
+                if let Some((p, a)) = old {
+                    set(p, a);
                 }
+            },
+        )
+    }
+
+    /// The one way to change who uses what: apply `change` (users or nodes),
+    /// recompute permissions and image locks; if they conflict, apply `undo`
+    /// to what `change` returned, recompute again (back to the locks held
+    /// before) and return the conflict.
+    fn change_users<T>(
+        &self,
+        st: &mut GraphState,
+        change: impl FnOnce(&mut GraphState) -> T,
+        undo: impl FnOnce(&mut GraphState, T),
+    ) -> Result<()> {
+        let done = change(st);
+        if let Err(e) = self.refresh_perms(st) {
+            undo(st, done);
+            if let Err(again) = self.refresh_perms(st) {
+                tracing::warn!(error = %again, "restoring permissions after a refused change failed");
             }
-            let _ = self.refresh_perms(&st);
             return Err(e);
         }
         Ok(())
@@ -570,9 +555,7 @@ impl Graph {
                     f.release_lock();
                 }
             }
-            if let Ok(mut a) = node.applied.lock() {
-                *a = *total;
-            }
+            *sync::lock(&node.applied) = *total;
         }
         Ok(())
     }
@@ -586,7 +569,7 @@ impl Graph {
         disabled: bool,
     ) -> Result<Arc<DirtyBitmap>> {
         let node = self.find(node)?;
-        let mut list = node.bitmaps.write().map_err(|_| BlockError::NodeNotFound(node.name.clone()))?;
+        let mut list = sync::write(&node.bitmaps);
         if list.iter().any(|b| b.name() == name) {
             return Err(BlockError::BitmapExists { node: node.name.clone(), bitmap: name.to_string() });
         }
@@ -603,7 +586,7 @@ impl Graph {
     /// Put back a bitmap removed earlier (transaction rollback).
     pub fn bitmap_insert(&self, node: &str, bitmap: Arc<DirtyBitmap>) -> Result<()> {
         let node = self.find(node)?;
-        let mut list = node.bitmaps.write().map_err(|_| BlockError::NodeNotFound(node.name.clone()))?;
+        let mut list = sync::write(&node.bitmaps);
         if list.iter().any(|b| b.name() == bitmap.name()) {
             return Err(BlockError::BitmapExists { node: node.name.clone(), bitmap: bitmap.name().to_string() });
         }
@@ -618,25 +601,8 @@ impl Graph {
         if bm.is_busy() {
             return Err(BlockError::BitmapBusy { bitmap: name.to_string() });
         }
-        if let Ok(mut list) = node.bitmaps.write() {
-            list.retain(|b| !Arc::ptr_eq(b, &bm));
-        }
+        sync::write(&node.bitmaps).retain(|b| !Arc::ptr_eq(b, &bm));
         Ok(bm)
-    }
-}
-
-/// Turn keyval's strings ("5", "on") into numbers and booleans inside rule
-/// lists, so `--blockdev ...,inject-error.0.errno=5` works as in QEMU.
-fn keyval_scalars(v: Value) -> Value {
-    match v {
-        Value::Array(a) => Value::Array(a.into_iter().map(keyval_scalars).collect()),
-        Value::Object(m) => Value::Object(m.into_iter().map(|(k, v)| (k, keyval_scalars(v))).collect()),
-        Value::String(s) => match s.as_str() {
-            "on" | "true" | "yes" => Value::Bool(true),
-            "off" | "false" | "no" => Value::Bool(false),
-            _ => s.parse::<i64>().map(Value::from).unwrap_or(Value::String(s)),
-        },
-        other => other,
     }
 }
 
@@ -645,7 +611,7 @@ fn release_node(node: &Node) {
     if let Some(f) = node.file() {
         f.release_lock();
     }
-    if let Kind::Dyn(d) = &node.kind {
+    if let Kind::Leaf(d) = &node.kind {
         d.close();
     }
 }
@@ -661,5 +627,50 @@ impl Drop for UsersQuiesced {
         for b in &self.0 {
             b.io.end_quiesce();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn keyval_coercion_follows_the_common_and_the_drivers_schemas_into_inline_children() {
+        let g = Graph::new();
+        let kv = json!({"driver": "blkdebug", "node-name": "d", "read-only": "on",
+            "inject-error": [{"event": "read_aio", "errno": "5", "once": "on"}],
+            "image": {"driver": "raw", "offset": "4k",
+                      "file": {"driver": "null-co", "size": "1M", "read-zeroes": "yes", "cache": {"direct": "off"}}},
+            "unknown": "on"});
+        let typed = g.coerce_keyval(kv).unwrap();
+        assert_eq!(
+            typed,
+            json!({"driver": "blkdebug", "node-name": "d", "read-only": true,
+                "inject-error": [{"event": "read_aio", "errno": 5, "once": true}],
+                "image": {"driver": "raw", "offset": 4096,
+                          "file": {"driver": "null-co", "size": 1048576, "read-zeroes": true, "cache": {"direct": false}}},
+                "unknown": "on"})
+        );
+        let by_name = json!({"driver": "raw", "file": "n", "size": "512"});
+        assert_eq!(g.coerce_keyval(by_name).unwrap(), json!({"driver": "raw", "file": "n", "size": 512}));
+        let e = g.coerce_keyval(json!({"driver": "raw", "file": {"driver": "null-co", "size": "big"}})).unwrap_err();
+        assert!(e.to_string().contains("'file.size'"), "{e}");
+        // A driver without a schema (registered with a constructor) gets its strings as they are.
+        g.register_driver("ext", Arc::new(|_, _| Box::pin(async { Err(BlockError::UnknownDriver("ext".into())) })));
+        let kv = json!({"driver": "ext", "read-only": "off", "port": "10809"});
+        assert_eq!(g.coerce_keyval(kv).unwrap(), json!({"driver": "ext", "read-only": false, "port": "10809"}));
+    }
+
+    #[tokio::test]
+    async fn blockdev_add_takes_json_types_only_and_every_driver_is_registered_once() {
+        let g = Graph::new();
+        let e = g.blockdev_add(&json!({"driver": "null-co", "node-name": "n", "read-zeroes": "on"})).await.unwrap_err();
+        assert_eq!(e.to_string(), "Invalid parameter type for 'read-zeroes', expected: boolean");
+        let e = g.blockdev_add(&json!({"driver": "null-co", "node-name": "n", "bogus": 1})).await.unwrap_err();
+        assert_eq!(e.to_string(), "Parameter 'bogus' is unexpected");
+        let n = g.blockdev_add(&json!({"driver": "null-aio", "node-name": "n", "size": 4096})).await.unwrap();
+        assert_eq!((n.driver_name(), n.length()), ("null-co", 4096));
+        assert_eq!(g.driver_names(), ["blkdebug", "file", "null-co", "raw"]);
     }
 }

@@ -23,6 +23,8 @@ use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 
 use tokio::sync::Notify;
 
+use crate::sync::wait_for;
+
 #[derive(Debug, Default)]
 pub struct Inflight {
     /// Requests currently counted on this node.
@@ -37,20 +39,12 @@ impl Inflight {
     /// Enter as a new request, waiting while the node is quiesced.
     pub async fn enter(&self) {
         loop {
+            wait_for(&self.resumed, || self.quiesce.load(SeqCst) == 0).await;
+            self.count.fetch_add(1, SeqCst);
             if self.quiesce.load(SeqCst) == 0 {
-                self.count.fetch_add(1, SeqCst);
-                if self.quiesce.load(SeqCst) == 0 {
-                    return;
-                }
-                self.exit();
+                return;
             }
-            let resumed = self.resumed.notified();
-            tokio::pin!(resumed);
-            resumed.as_mut().enable();
-            if self.quiesce.load(SeqCst) == 0 {
-                continue;
-            }
-            resumed.await;
+            self.exit();
         }
     }
 
@@ -80,15 +74,7 @@ impl Inflight {
 
     /// Wait until no request is counted. Call inside a quiesce section.
     pub async fn wait_drained(&self) {
-        loop {
-            let drained = self.drained.notified();
-            tokio::pin!(drained);
-            drained.as_mut().enable();
-            if self.count.load(SeqCst) == 0 {
-                return;
-            }
-            drained.await;
-        }
+        wait_for(&self.drained, || self.count.load(SeqCst) == 0).await
     }
 
     pub fn in_flight(&self) -> usize {

@@ -6,12 +6,12 @@
 //! down through filters iteratively: each level is counted in flight, checked
 //! for activity, and given the chance to shift the offset (raw), delay or
 //! fail the request (blkdebug). Writes mark the enabled bitmaps of every
-//! level they passed, once the leaf has answered. Nothing here allocates.
+//! level they passed, once the leaf has answered. Nothing here allocates
+//! (a leaf outside `drivers::leaves!` boxes its future).
 
 use crate::buf::IoBuf;
-use crate::driver::{
-    BlockRead, BlockStatus, BlockWrite, Discard, Extent, Flush, Resize, WriteFlags, WriteZeroes, ZeroFlags,
-};
+use crate::driver::{Extent, WriteFlags, ZeroFlags};
+use crate::drivers::Leaf;
 use crate::error::{BlockError, Op, Result};
 use crate::node::{Kind, Node, Written};
 
@@ -121,17 +121,31 @@ impl Node {
         Ok(())
     }
 
-    /// Walk from `path`'s top to the leaf, running filters; returns the leaf and its offset.
-    async fn descend<'a>(&'a self, path: &mut Path<'a>, op: Op, offset: u64, len: u64) -> Result<(&'a Node, u64)> {
+    /// Walk from `path`'s top to the leaf, running filters; returns the
+    /// leaf, its driver and the request's offset there.
+    async fn descend<'a>(
+        &'a self,
+        path: &mut Path<'a>,
+        op: Op,
+        offset: u64,
+        len: u64,
+    ) -> Result<(&'a Node, &'a Leaf, u64)> {
         let mut node: &'a Node = self;
         let mut off = offset;
         loop {
             node.check_state(op)?;
             match &node.kind {
-                Kind::Raw(r) => off = r.map(off),
-                Kind::Blkdebug(b) => b.check(&node.name, op, off, len).await?,
-                Kind::File(_) | Kind::Null(_) | Kind::Dyn(_) => {
-                    let align = u64::from(node.alignment());
+                Kind::Filter(f, child) => {
+                    if let Some(d) = f.delay(op, off, len) {
+                        tokio::time::sleep(d).await;
+                    }
+                    f.check(&node.name, op, off, len)?;
+                    off = f.map(off);
+                    node = &child.node;
+                    path.push(node, off)?;
+                }
+                Kind::Leaf(d) => {
+                    let align = u64::from(d.alignment());
                     if align > 1 && (off % align != 0 || len % align != 0) {
                         return Err(BlockError::Misaligned {
                             node: node.name.clone(),
@@ -141,17 +155,9 @@ impl Node {
                             align: align as u32,
                         });
                     }
-                    return Ok((node, off));
+                    return Ok((node, d, off));
                 }
             }
-            let Some(child) = &node.child else {
-                return Err(BlockError::InvalidOption {
-                    option: "file".into(),
-                    reason: format!("filter '{}' has no child", node.name),
-                });
-            };
-            node = &child.node;
-            path.push(node, off)?;
         }
     }
 
@@ -160,13 +166,8 @@ impl Node {
         let len = buf.len() as u64;
         let mut path = Path::enter(self, offset).await;
         self.check_range(Op::Read, offset, len)?;
-        let (leaf, off) = self.descend(&mut path, Op::Read, offset, len).await?;
-        match &leaf.kind {
-            Kind::File(d) => d.read(off, buf).await,
-            Kind::Null(d) => d.read(off, buf).await,
-            Kind::Dyn(d) => crate::driver::DynDriver::read(&**d, off, buf).await,
-            Kind::Raw(_) | Kind::Blkdebug(_) => Err(not_leaf(leaf)),
-        }
+        let (_, d, off) = self.descend(&mut path, Op::Read, offset, len).await?;
+        d.read(off, buf).await
     }
 
     /// Write all of `buf` at `offset`.
@@ -174,16 +175,11 @@ impl Node {
         let len = buf.len() as u64;
         let mut path = Path::enter(self, offset).await;
         self.check_range(Op::Write, offset, len)?;
-        let (leaf, off) = self.descend(&mut path, Op::Write, offset, len).await?;
-        let native_fua = leaf.caps().fua;
+        let (_, d, off) = self.descend(&mut path, Op::Write, offset, len).await?;
+        let native_fua = d.caps().fua;
         let leaf_flags = WriteFlags { fua: flags.fua && native_fua };
         path.hooks_before(len).await;
-        let res = match &leaf.kind {
-            Kind::File(d) => d.write(off, buf, leaf_flags).await,
-            Kind::Null(d) => d.write(off, buf, leaf_flags).await,
-            Kind::Dyn(d) => crate::driver::DynDriver::write(&**d, off, buf, leaf_flags).await,
-            Kind::Raw(_) | Kind::Blkdebug(_) => Err(not_leaf(leaf)),
-        };
+        let res = d.write(off, buf, leaf_flags).await;
         path.mark_dirty(len);
         let buf = match res {
             Ok(b) => b,
@@ -193,7 +189,7 @@ impl Node {
             }
         };
         if flags.fua && !native_fua {
-            if let Err(e) = leaf_flush(leaf).await {
+            if let Err(e) = d.flush().await {
                 path.hooks_after(len, None).await;
                 return Err(e);
             }
@@ -209,14 +205,9 @@ impl Node {
         if len == 0 {
             return Ok(());
         }
-        let (leaf, off) = self.descend(&mut path, Op::WriteZeroes, offset, len).await?;
+        let (_, d, off) = self.descend(&mut path, Op::WriteZeroes, offset, len).await?;
         path.hooks_before(len).await;
-        let res = match &leaf.kind {
-            Kind::File(d) => d.write_zeroes(off, len, flags).await,
-            Kind::Null(d) => d.write_zeroes(off, len, flags).await,
-            Kind::Dyn(d) => crate::driver::DynDriver::write_zeroes(&**d, off, len, flags).await,
-            Kind::Raw(_) | Kind::Blkdebug(_) => Err(not_leaf(leaf)),
-        };
+        let res = d.write_zeroes(off, len, flags).await;
         // A fast-zero refusal changed nothing.
         if !matches!(res, Err(BlockError::Unsupported { .. })) {
             path.mark_dirty(len);
@@ -233,14 +224,9 @@ impl Node {
         if len == 0 {
             return Ok(());
         }
-        let (leaf, off) = self.descend(&mut path, Op::Discard, offset, len).await?;
+        let (_, d, off) = self.descend(&mut path, Op::Discard, offset, len).await?;
         path.hooks_before(len).await;
-        let res = match &leaf.kind {
-            Kind::File(d) => d.discard(off, len).await,
-            Kind::Null(d) => d.discard(off, len).await,
-            Kind::Dyn(d) => crate::driver::DynDriver::discard(&**d, off, len).await,
-            Kind::Raw(_) | Kind::Blkdebug(_) => Err(not_leaf(leaf)),
-        };
+        let res = d.discard(off, len).await;
         path.mark_dirty(len);
         path.hooks_after(len, res.is_ok().then_some(Written::Discard)).await;
         res
@@ -249,28 +235,23 @@ impl Node {
     /// Flush this node and every node below it.
     pub async fn flush(&self) -> Result<()> {
         let mut path = Path::enter(self, 0).await;
-        let (leaf, _) = self.descend(&mut path, Op::Flush, 0, 0).await?;
-        leaf_flush(leaf).await
+        let (_, d, _) = self.descend(&mut path, Op::Flush, 0, 0).await?;
+        d.flush().await
     }
 
     /// Flush while the caller holds this node quiesced (inactivation).
     pub(crate) async fn flush_quiesced(&self) -> Result<()> {
         let mut path = Path::enter_quiesced(self, 0);
-        let (leaf, _) = self.descend(&mut path, Op::Flush, 0, 0).await?;
-        leaf_flush(leaf).await
+        let (_, d, _) = self.descend(&mut path, Op::Flush, 0, 0).await?;
+        d.flush().await
     }
 
     /// The allocation state of the extent at `offset` (at most `len` bytes).
     pub async fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
         let mut path = Path::enter(self, offset).await;
         self.check_range(Op::BlockStatus, offset, len)?;
-        let (leaf, off) = self.descend(&mut path, Op::BlockStatus, offset, len).await?;
-        let ext = match &leaf.kind {
-            Kind::File(d) => d.block_status(off, len).await?,
-            Kind::Null(d) => d.block_status(off, len).await?,
-            Kind::Dyn(d) => crate::driver::DynDriver::block_status(&**d, off, len).await?,
-            Kind::Raw(_) | Kind::Blkdebug(_) => return Err(not_leaf(leaf)),
-        };
+        let (_, d, off) = self.descend(&mut path, Op::BlockStatus, offset, len).await?;
+        let ext = d.block_status(off, len).await?;
         // A driver must make progress and stay inside the request.
         Ok(Extent { len: ext.len.clamp(1.min(len), len), ..ext })
     }
@@ -278,28 +259,10 @@ impl Node {
     /// Change the size (only nodes without filters in between).
     pub async fn truncate(&self, len: u64) -> Result<()> {
         let mut path = Path::enter(self, 0).await;
-        let (leaf, _) = self.descend(&mut path, Op::Truncate, 0, 0).await?;
+        let (leaf, d, _) = self.descend(&mut path, Op::Truncate, 0, 0).await?;
         if !std::ptr::eq(leaf, self) {
             return Err(BlockError::Unsupported { node: self.name.clone(), what: "resize through a filter" });
         }
-        match &leaf.kind {
-            Kind::File(d) => d.truncate(len).await,
-            Kind::Null(d) => d.truncate(len).await,
-            Kind::Dyn(d) => crate::driver::DynDriver::truncate(&**d, len).await,
-            Kind::Raw(_) | Kind::Blkdebug(_) => Err(not_leaf(leaf)),
-        }
+        d.truncate(len).await
     }
-}
-
-async fn leaf_flush(leaf: &Node) -> Result<()> {
-    match &leaf.kind {
-        Kind::File(d) => d.flush().await,
-        Kind::Null(d) => d.flush().await,
-        Kind::Dyn(d) => crate::driver::DynDriver::flush(&**d).await,
-        Kind::Raw(_) | Kind::Blkdebug(_) => Err(not_leaf(leaf)),
-    }
-}
-
-fn not_leaf(node: &Node) -> BlockError {
-    BlockError::InvalidOption { option: "driver".into(), reason: format!("'{}' is not a leaf", node.name) }
 }

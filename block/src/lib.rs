@@ -3,13 +3,22 @@
 //! permission model and image locks, per-node activation whose
 //! `inactivate_all` is all or nothing, and named dirty bitmaps.
 //!
+//! Drivers live in [`drivers`], one module each, and are registered in
+//! [`drivers::builtin`] (or with [`Graph::register_driver`] from other
+//! crates); see [`driver`] for their shape.
+//!
 //! Entry points: [`Graph::blockdev_add`], [`Graph::attach`] (returns a
 //! [`BlockBackend`] to do I/O through), [`Graph::inactivate_all`] and
 //! friends in [`activation`], [`Graph::bitmap_add`].
 
+// `unsafe` only where a module says why it needs it (`buf`, the io_uring
+// wrapper `drivers::file::uring`), each block with its `// SAFETY:` argument.
+#![deny(unsafe_code)]
+
 pub mod activation;
 pub mod backend;
 pub mod bitmap;
+#[allow(unsafe_code)] // an aligned, zero-initialised allocation
 pub mod buf;
 pub mod driver;
 pub mod drivers;

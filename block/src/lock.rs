@@ -36,14 +36,10 @@ pub struct ImageLock {
     held_unshared: Perm,
 }
 
+/// The one-byte range `byte` with lock type `kind`, built field by field
+/// (`l_pid` must be 0 for OFD locks).
 fn flock(kind: libc::c_short, byte: i64) -> libc::flock {
-    // SAFETY: libc::flock is a plain C struct for which all-zeroes is a valid value.
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = kind;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    fl.l_start = byte;
-    fl.l_len = 1;
-    fl
+    libc::flock { l_type: kind, l_whence: libc::SEEK_SET as libc::c_short, l_start: byte, l_len: 1, l_pid: 0 }
 }
 
 impl ImageLock {

@@ -5,23 +5,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::bitmap::DirtyBitmap;
-use crate::driver::{Caps, DynDriver, LeafInfo};
+use crate::driver::{Caps, Filter};
 use crate::drivers::blkdebug::Blkdebug;
 use crate::drivers::file::FileDriver;
-use crate::drivers::null::NullDriver;
-use crate::drivers::raw::RawFilter;
+use crate::drivers::Leaf;
 use crate::error::{BlockError, Result};
 use crate::inflight::Inflight;
 use crate::perm::{Perm, PermSet};
+use crate::sync;
 
-/// What a node does with requests.
+/// What a node does with requests: serve them from storage, or transform
+/// them on their way to its one child.
 pub(crate) enum Kind {
-    File(FileDriver),
-    Null(NullDriver),
-    /// A driver registered from another crate (e.g. the NBD client).
-    Dyn(Arc<dyn DynDriver>),
-    Raw(RawFilter),
-    Blkdebug(Blkdebug),
+    Leaf(Leaf),
+    Filter(Box<dyn Filter>, Child),
 }
 
 impl std::fmt::Debug for Kind {
@@ -33,11 +30,8 @@ impl std::fmt::Debug for Kind {
 impl Kind {
     pub(crate) fn driver_name(&self) -> &'static str {
         match self {
-            Kind::File(_) => "file",
-            Kind::Null(_) => "null-co",
-            Kind::Dyn(d) => d.driver_name(),
-            Kind::Raw(_) => "raw",
-            Kind::Blkdebug(_) => "blkdebug",
+            Kind::Leaf(d) => d.driver_name(),
+            Kind::Filter(f, _) => f.driver_name(),
         }
     }
 }
@@ -105,7 +99,6 @@ pub trait WriteHook: Send + Sync + std::fmt::Debug {
 pub struct Node {
     pub(crate) name: String,
     pub(crate) kind: Kind,
-    pub(crate) child: Option<Child>,
     pub(crate) read_only: bool,
     /// Created implicitly as a nested child in `blockdev-add` (deleted with its parent).
     pub(crate) implicit: bool,
@@ -144,18 +137,10 @@ pub struct NodeInfo {
 }
 
 impl Node {
-    pub(crate) fn new(
-        name: String,
-        kind: Kind,
-        child: Option<Child>,
-        read_only: bool,
-        active: bool,
-        implicit: bool,
-    ) -> Self {
+    pub(crate) fn new(name: String, kind: Kind, read_only: bool, active: bool, implicit: bool) -> Self {
         Self {
             name,
             kind,
-            child,
             read_only,
             implicit,
             active: AtomicBool::new(active),
@@ -187,71 +172,81 @@ impl Node {
     }
 
     pub fn child(&self) -> Option<&Arc<Node>> {
-        self.child.as_ref().map(|c| &c.node)
+        self.child_edge().map(|c| &c.node)
+    }
+
+    /// The edge to the child, with its role.
+    pub(crate) fn child_edge(&self) -> Option<&Child> {
+        match &self.kind {
+            Kind::Filter(_, c) => Some(c),
+            Kind::Leaf(_) => None,
+        }
     }
 
     /// The file driver, if this is a `file` node.
     pub fn file(&self) -> Option<&FileDriver> {
         match &self.kind {
-            Kind::File(f) => Some(f),
-            _ => None,
+            Kind::Leaf(d) => d.as_any().downcast_ref(),
+            Kind::Filter(..) => None,
         }
     }
 
     /// The blkdebug filter, if this is a `blkdebug` node.
     pub fn blkdebug(&self) -> Option<&Blkdebug> {
         match &self.kind {
-            Kind::Blkdebug(b) => Some(b),
-            _ => None,
+            Kind::Filter(f, _) => f.as_any().downcast_ref(),
+            Kind::Leaf(_) => None,
+        }
+    }
+
+    /// The leaf at the bottom of the filter chain, and its driver.
+    pub(crate) fn leaf_driver(&self) -> (&Node, &Leaf) {
+        let mut n = self;
+        loop {
+            match &n.kind {
+                Kind::Leaf(d) => return (n, d),
+                Kind::Filter(_, c) => n = &c.node,
+            }
         }
     }
 
     /// The leaf at the bottom of the filter chain.
     pub fn leaf(&self) -> &Node {
-        let mut n = self;
-        while let Some(c) = &n.child {
-            n = &c.node;
-        }
-        n
+        self.leaf_driver().0
     }
 
     /// Current length in bytes.
     pub fn length(&self) -> u64 {
         match &self.kind {
-            Kind::File(f) => LeafInfo::length(f),
-            Kind::Null(n) => LeafInfo::length(n),
-            Kind::Dyn(d) => d.length(),
-            Kind::Raw(r) => r.length(self.child().map(|c| c.length()).unwrap_or(0)),
-            Kind::Blkdebug(_) => self.child().map(|c| c.length()).unwrap_or(0),
+            Kind::Leaf(d) => d.length(),
+            Kind::Filter(f, c) => f.length(c.node.length()),
         }
     }
 
     /// Capabilities of the leaf under this node.
     pub fn caps(&self) -> Caps {
-        match &self.leaf().kind {
-            Kind::File(f) => LeafInfo::caps(f),
-            Kind::Null(n) => LeafInfo::caps(n),
-            Kind::Dyn(d) => d.caps(),
-            Kind::Raw(_) | Kind::Blkdebug(_) => Caps::default(),
-        }
+        self.leaf_driver().1.caps()
     }
 
     /// Required request alignment of the leaf.
     pub fn alignment(&self) -> u32 {
-        match &self.leaf().kind {
-            Kind::File(f) => LeafInfo::alignment(f),
-            Kind::Null(n) => LeafInfo::alignment(n),
-            Kind::Dyn(d) => d.alignment(),
-            Kind::Raw(_) | Kind::Blkdebug(_) => 1,
+        self.leaf_driver().1.alignment()
+    }
+
+    /// The driver's activation hook: a leaf re-reads what it caches (its
+    /// size), a filter may refuse (blkdebug's `activate` rules).
+    pub(crate) fn driver_activate(&self) -> Result<()> {
+        match &self.kind {
+            Kind::Leaf(d) => d.refresh(),
+            Kind::Filter(f, _) => f.activate(&self.name),
         }
     }
 
-    /// Re-read what the driver caches (on activation).
-    pub(crate) fn refresh(&self) -> Result<()> {
+    /// The driver's inactivation hook (the node is quiesced and flushed).
+    pub(crate) fn driver_inactivate(&self) -> Result<()> {
         match &self.kind {
-            Kind::File(f) => LeafInfo::refresh(f),
-            Kind::Dyn(d) => d.refresh(),
-            _ => Ok(()),
+            Kind::Leaf(_) => Ok(()),
+            Kind::Filter(f, _) => f.inactivate(&self.name),
         }
     }
 
@@ -262,88 +257,76 @@ impl Node {
 
     /// The users attached directly to this node.
     pub fn users(&self) -> Vec<User> {
-        self.users.lock().map(|u| u.clone()).unwrap_or_default()
+        sync::lock(&self.users).clone()
     }
 
     /// The permissions currently applied (cumulative over users and parents).
     pub fn applied_perms(&self) -> PermSet {
-        self.applied.lock().map(|p| *p).unwrap_or(PermSet::new(Perm::NONE, Perm::ALL))
+        *sync::lock(&self.applied)
     }
 
     /// A bitmap by name.
     pub fn bitmap(&self, name: &str) -> Result<Arc<DirtyBitmap>> {
-        self.bitmaps
-            .read()
-            .ok()
-            .and_then(|b| b.iter().find(|b| b.name() == name).cloned())
+        sync::read(&self.bitmaps)
+            .iter()
+            .find(|b| b.name() == name)
+            .cloned()
             .ok_or_else(|| BlockError::BitmapNotFound { node: self.name.clone(), bitmap: name.to_string() })
     }
 
     /// Every bitmap of this node.
     pub fn bitmaps(&self) -> Vec<Arc<DirtyBitmap>> {
-        self.bitmaps.read().map(|b| b.clone()).unwrap_or_default()
+        sync::read(&self.bitmaps).clone()
     }
 
     /// Mark the enabled bitmaps for a modification of `[offset, offset+len)`.
     pub(crate) fn mark_dirty(&self, offset: u64, len: u64) {
         for list in [&self.bitmaps, &self.internal_bitmaps] {
-            if let Ok(b) = list.read() {
-                for bm in b.iter() {
-                    bm.mark(offset, len);
-                }
+            for bm in sync::read(list).iter() {
+                bm.mark(offset, len);
             }
         }
     }
 
     /// Add a job's own bitmap: marked by every modification, not listed by queries.
     pub fn add_internal_bitmap(&self, bm: Arc<DirtyBitmap>) {
-        if let Ok(mut l) = self.internal_bitmaps.write() {
-            l.push(bm);
-        }
+        sync::write(&self.internal_bitmaps).push(bm);
     }
 
     /// Whether a job's own bitmap is attached (the node is in a job).
     pub fn has_internal_bitmaps(&self) -> bool {
-        self.internal_bitmaps.read().map(|l| !l.is_empty()).unwrap_or(false)
+        !sync::read(&self.internal_bitmaps).is_empty()
     }
 
     pub fn remove_internal_bitmap(&self, bm: &Arc<DirtyBitmap>) {
-        if let Ok(mut l) = self.internal_bitmaps.write() {
-            l.retain(|b| !Arc::ptr_eq(b, bm));
-        }
+        sync::write(&self.internal_bitmaps).retain(|b| !Arc::ptr_eq(b, bm));
     }
 
     /// Install or remove the write hook.
     pub fn set_write_hook(&self, hook: Option<Arc<dyn WriteHook>>) {
-        if let Ok(mut h) = self.write_hook.write() {
-            self.has_hook.store(hook.is_some(), Ordering::SeqCst);
-            *h = hook;
-        }
+        let mut h = sync::write(&self.write_hook);
+        self.has_hook.store(hook.is_some(), Ordering::SeqCst);
+        *h = hook;
     }
 
     pub(crate) fn write_hook(&self) -> Option<Arc<dyn WriteHook>> {
         if !self.has_hook.load(Ordering::SeqCst) {
             return None;
         }
-        self.write_hook.read().ok().and_then(|h| h.clone())
+        sync::read(&self.write_hook).clone()
     }
 
     /// The remote export under this node's chain of filters, if its leaf is
     /// a network client (`nbd`): what a migration matches destination disks by.
     pub fn remote_export(&self) -> Option<String> {
-        match &self.leaf().kind {
-            Kind::Dyn(d) => d.remote_export(),
-            _ => None,
-        }
+        self.leaf_driver().1.remote_export()
     }
 
     /// Abort the network connection under this node's chain of filters at
     /// once (QMP `yank`): its requests in flight and later ones fail without
     /// waiting for the remote side. Does nothing for local storage.
     pub fn yank(&self) {
-        if let Kind::Dyn(d) = &self.leaf().kind {
-            d.yank();
-        }
+        self.leaf_driver().1.yank();
     }
 
     pub fn info(&self) -> NodeInfo {
@@ -354,7 +337,7 @@ impl Node {
             read_only: self.read_only,
             active: self.is_active(),
             length: self.length(),
-            child: self.child.as_ref().map(|c| (c.role.to_string(), c.node.name.clone())),
+            child: self.child_edge().map(|c| (c.role.to_string(), c.node.name.clone())),
             perms: self.applied_perms(),
             users: self.users().into_iter().map(|u| u.name).collect(),
             implicit: self.implicit,

@@ -6,13 +6,42 @@
 //! `sector` rule fires for any request that covers that sector. baton adds
 //! the events `activate` and `inactivate`, and delay rules.
 
+use std::any::Any;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::driver::{Driver, Filter, OpenCtx, Opened};
 use crate::error::{libc_errno, BlockError, Op, Result};
+use crate::schema::{Field, Qapi, QapiObject, Ty};
+use crate::sync;
+
+crate::qapi_struct! {
+    /// QEMU's `BlockdevOptionsBlkdebug`, the members baton implements (the
+    /// child, `image`, is the graph's), and baton's delay rules.
+    pub struct BlockdevOptionsBlkdebug {
+        "inject-error" inject_error: Option<Vec<InjectError>>,
+        "x-baton-inject-delay" inject_delay: Option<Vec<InjectDelay>>,
+        /// Accepted; requests are not split to an alignment.
+        "align" align: Option<u64>,
+    }
+}
+
+/// The `blkdebug` driver.
+#[derive(Debug)]
+pub struct BlkdebugBdrv;
+
+impl Driver for BlkdebugBdrv {
+    const NAME: &'static str = "blkdebug";
+    const CHILD: Option<&'static str> = Some("image");
+    type Options = BlockdevOptionsBlkdebug;
+    async fn open<'a>(&'a self, _ctx: OpenCtx<'a>, o: BlockdevOptionsBlkdebug) -> Result<Opened> {
+        let b = Blkdebug::new(o.inject_error.unwrap_or_default(), o.inject_delay.unwrap_or_default());
+        Ok(Opened::Filter(Box::new(b)))
+    }
+}
 
 /// Events a rule can fire on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,6 +59,10 @@ pub enum Event {
 }
 
 impl Event {
+    /// Every event's name, in declaration order.
+    pub const NAMES: &'static [&'static str] =
+        &["read_aio", "write_aio", "flush_to_disk", "pwritev_zero", "pdiscard", "activate", "inactivate"];
+
     pub fn name(self) -> &'static str {
         match self {
             Event::ReadAio => "read_aio",
@@ -75,6 +108,49 @@ pub struct InjectError {
     /// Accepted for compatibility; rules always fire on the request itself.
     #[serde(default)]
     pub immediately: bool,
+}
+
+impl Qapi for Event {
+    fn ty() -> Ty {
+        Ty::Enum(Event::NAMES)
+    }
+}
+
+// The rule types keep their serde defaults (QMP's x-baton-blkdebug-set-rules
+// decodes them directly), so their schemas are written out here.
+impl Qapi for InjectError {
+    fn ty() -> Ty {
+        Ty::Obj(Self::fields())
+    }
+}
+
+impl QapiObject for InjectError {
+    fn fields() -> Vec<Field> {
+        vec![
+            Field::of::<Event>("event"),
+            Field::of::<Option<i32>>("errno"),
+            Field::of::<Option<i64>>("sector"),
+            Field::of::<Option<bool>>("once"),
+            Field::of::<Option<bool>>("immediately"),
+        ]
+    }
+}
+
+impl Qapi for InjectDelay {
+    fn ty() -> Ty {
+        Ty::Obj(Self::fields())
+    }
+}
+
+impl QapiObject for InjectDelay {
+    fn fields() -> Vec<Field> {
+        vec![
+            Field::of::<Event>("event"),
+            Field::of::<u64>("ms"),
+            Field::of::<Option<i64>>("sector"),
+            Field::of::<Option<bool>>("once"),
+        ]
+    }
 }
 
 /// A baton delay rule: matching requests wait `ms` milliseconds before they proceed.
@@ -123,19 +199,16 @@ impl Blkdebug {
 
     /// Replace every rule at once.
     pub fn set_rules(&self, errors: Vec<InjectError>, delays: Vec<InjectDelay>) {
-        if let Ok(mut r) = self.rules.lock() {
-            let armed = !errors.is_empty() || !delays.is_empty();
-            *r = Rules { errors, delays };
-            self.armed.store(armed, Ordering::SeqCst);
-        }
+        let mut r = sync::lock(&self.rules);
+        let armed = !errors.is_empty() || !delays.is_empty();
+        *r = Rules { errors, delays };
+        self.armed.store(armed, Ordering::SeqCst);
     }
 
     /// The current rules.
     pub fn rules(&self) -> (Vec<InjectError>, Vec<InjectDelay>) {
-        match self.rules.lock() {
-            Ok(r) => (r.errors.clone(), r.delays.clone()),
-            Err(_) => (Vec::new(), Vec::new()),
-        }
+        let r = sync::lock(&self.rules);
+        (r.errors.clone(), r.delays.clone())
     }
 
     fn rearm(&self, r: &Rules) {
@@ -144,7 +217,7 @@ impl Blkdebug {
 
     /// The delay to apply to this request, consuming `once` rules.
     fn take_delay(&self, event: Event, offset: u64, len: u64) -> Option<Duration> {
-        let mut r = self.rules.lock().ok()?;
+        let mut r = sync::lock(&self.rules);
         let i = r.delays.iter().position(|d| d.event == event && covers(d.sector, offset, len))?;
         let ms = r.delays[i].ms;
         if r.delays[i].once {
@@ -159,7 +232,7 @@ impl Blkdebug {
         if !self.armed.load(Ordering::SeqCst) {
             return Ok(());
         }
-        let Ok(mut r) = self.rules.lock() else { return Ok(()) };
+        let mut r = sync::lock(&self.rules);
         let Some(i) = r.errors.iter().position(|e| e.event == event && covers(e.sector, offset, len)) else {
             return Ok(());
         };
@@ -170,17 +243,34 @@ impl Blkdebug {
         }
         Err(BlockError::Injected { node: node.to_string(), event: event.name(), errno })
     }
+}
 
-    /// Apply the rules to an I/O request passing through: wait out a delay, then fail if a rule says so.
-    pub async fn check(&self, node: &str, op: Op, offset: u64, len: u64) -> Result<()> {
+/// An I/O request passing through waits out a delay rule's delay, then fails
+/// if an error rule says so; activation and inactivation fire their events.
+impl Filter for Blkdebug {
+    fn driver_name(&self) -> &'static str {
+        "blkdebug"
+    }
+    fn delay(&self, op: Op, offset: u64, len: u64) -> Option<Duration> {
         if !self.armed.load(Ordering::SeqCst) {
-            return Ok(());
+            return None;
         }
-        let Some(event) = Event::for_op(op) else { return Ok(()) };
-        if let Some(d) = self.take_delay(event, offset, len) {
-            tokio::time::sleep(d).await;
+        self.take_delay(Event::for_op(op)?, offset, len)
+    }
+    fn check(&self, node: &str, op: Op, offset: u64, len: u64) -> Result<()> {
+        match Event::for_op(op) {
+            Some(event) => self.take_error(node, event, offset, len),
+            None => Ok(()),
         }
-        self.take_error(node, event, offset, len)
+    }
+    fn activate(&self, node: &str) -> Result<()> {
+        self.take_error(node, Event::Activate, 0, 0)
+    }
+    fn inactivate(&self, node: &str) -> Result<()> {
+        self.take_error(node, Event::Inactivate, 0, 0)
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
     }
 }
 

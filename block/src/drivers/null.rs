@@ -8,6 +8,30 @@ use crate::buf::IoBuf;
 use crate::driver::*;
 use crate::error::Result;
 
+crate::qapi_struct! {
+    /// QEMU's `BlockdevOptionsNull`.
+    pub struct BlockdevOptionsNull {
+        "size" size: Option<u64>,
+        "latency-ns" latency_ns: Option<u64>,
+        "read-zeroes" read_zeroes: Option<bool>,
+    }
+}
+
+/// The `null-co` driver (also `null-aio`).
+#[derive(Debug)]
+pub struct NullBdrv;
+
+impl Driver for NullBdrv {
+    const NAME: &'static str = "null-co";
+    const ALIASES: &'static [&'static str] = &["null-aio"];
+    type Options = BlockdevOptionsNull;
+    async fn open<'a>(&'a self, _ctx: OpenCtx<'a>, o: BlockdevOptionsNull) -> Result<Opened> {
+        let size = o.size.unwrap_or(DEFAULT_SIZE);
+        let d = NullDriver::new(size, o.read_zeroes.unwrap_or(false), o.latency_ns.unwrap_or(0));
+        Ok(Opened::Leaf(super::Leaf::Null(d)))
+    }
+}
+
 /// QEMU's default size for null-co: 1 GiB.
 pub const DEFAULT_SIZE: u64 = 1 << 30;
 

@@ -2,7 +2,33 @@
 //! `offset`/`size` it passes requests through unchanged; with them it exposes
 //! a window of its child.
 
+use std::any::Any;
+
+use crate::driver::{Driver, Filter, OpenCtx, Opened};
 use crate::error::{BlockError, Result};
+
+crate::qapi_struct! {
+    /// QEMU's `BlockdevOptionsRaw` (the child, `file`, is the graph's).
+    pub struct BlockdevOptionsRaw {
+        "offset" offset: Option<u64>,
+        "size" size: Option<u64>,
+    }
+}
+
+/// The `raw` driver.
+#[derive(Debug)]
+pub struct RawBdrv;
+
+impl Driver for RawBdrv {
+    const NAME: &'static str = "raw";
+    const CHILD: Option<&'static str> = Some("file");
+    type Options = BlockdevOptionsRaw;
+    async fn open<'a>(&'a self, ctx: OpenCtx<'a>, o: BlockdevOptionsRaw) -> Result<Opened> {
+        let child_len = ctx.child.map(|c| c.length()).unwrap_or(0);
+        let raw = RawFilter::new(ctx.node_name, o.offset.unwrap_or(0), o.size, child_len)?;
+        Ok(Opened::Filter(Box::new(raw)))
+    }
+}
 
 #[derive(Debug, Clone, Copy)]
 pub struct RawFilter {
@@ -27,17 +53,22 @@ impl RawFilter {
             }),
         }
     }
+}
 
-    /// This node's length given the child's.
-    pub fn length(&self, child_len: u64) -> u64 {
+impl Filter for RawFilter {
+    fn driver_name(&self) -> &'static str {
+        "raw"
+    }
+    fn length(&self, child_len: u64) -> u64 {
         match self.size {
             Some(s) => s,
             None => child_len.saturating_sub(self.offset),
         }
     }
-
-    /// The child offset for a request at `offset` (bounds were checked against `length`).
-    pub fn map(&self, offset: u64) -> u64 {
+    fn map(&self, offset: u64) -> u64 {
         offset.saturating_add(self.offset)
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
     }
 }

@@ -6,6 +6,7 @@
 //! kernel refuses a ring. Block status uses SEEK_DATA/SEEK_HOLE; zeroes and
 //! discards use fallocate.
 
+#[allow(unsafe_code)] // submission entries and the eventfd registration
 pub mod uring;
 
 use std::fs::OpenOptions;
@@ -23,7 +24,57 @@ use crate::driver::*;
 use crate::error::{BlockError, Op, Result};
 use crate::lock::ImageLock;
 use crate::perm::Perm;
+use crate::sync;
 use uring::Uring;
+
+crate::qapi_enum! {
+    /// QEMU's `BlockdevAioOptions` (`native` is served by the thread pool).
+    pub enum BlockdevAioOptions { "threads" Threads, "native" Native, "io_uring" IoUring }
+}
+
+crate::qapi_enum! {
+    /// QEMU's `OnOffAuto`, for `locking`.
+    pub enum OnOffAuto { "auto" Auto, "on" On, "off" Off }
+}
+
+crate::qapi_struct! {
+    /// QEMU's `BlockdevOptionsFile`, the members baton implements.
+    pub struct BlockdevOptionsFile {
+        "filename" filename: String,
+        "aio" aio: Option<BlockdevAioOptions>,
+        "locking" locking: Option<OnOffAuto>,
+        /// Accepted; the ring batches what it is given.
+        "aio-max-batch" aio_max_batch: Option<u64>,
+    }
+}
+
+/// The `file` driver (also `host_device`: a block device is a file here).
+#[derive(Debug)]
+pub struct FileBdrv;
+
+impl Driver for FileBdrv {
+    const NAME: &'static str = "file";
+    const ALIASES: &'static [&'static str] = &["host_device"];
+    type Options = BlockdevOptionsFile;
+    async fn open<'a>(&'a self, ctx: OpenCtx<'a>, o: BlockdevOptionsFile) -> Result<Opened> {
+        let opts = FileOptions {
+            filename: o.filename,
+            aio: match o.aio {
+                Some(BlockdevAioOptions::IoUring) => AioMode::IoUring,
+                Some(BlockdevAioOptions::Threads | BlockdevAioOptions::Native) | None => AioMode::Threads,
+            },
+            direct: ctx.direct,
+            discard_unmap: ctx.discard_unmap,
+            locking: match o.locking {
+                Some(OnOffAuto::On) => Locking::On,
+                Some(OnOffAuto::Off) => Locking::Off,
+                Some(OnOffAuto::Auto) | None => Locking::Auto,
+            },
+            read_only: ctx.read_only,
+        };
+        Ok(Opened::Leaf(super::Leaf::File(FileDriver::open(opts)?)))
+    }
+}
 
 /// QEMU's `aio` option.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,27 +194,21 @@ impl FileDriver {
     /// Hold lock bytes for `perm` taken and `shared` shared (no-op with locking=off).
     pub fn set_lock(&self, perm: Perm, shared: Perm) -> Result<()> {
         match &self.lock {
-            Some(l) => match l.lock() {
-                Ok(mut l) => l.apply(perm, shared),
-                Err(_) => Err(BlockError::Lock {
-                    path: self.opts.filename.clone(),
-                    source: std::io::Error::other("lock state poisoned"),
-                }),
-            },
+            Some(l) => sync::lock(l).apply(perm, shared),
             None => Ok(()),
         }
     }
 
     /// Drop every lock byte.
     pub fn release_lock(&self) {
-        if let Some(Ok(mut l)) = self.lock.as_ref().map(|l| l.lock()) {
-            l.release();
+        if let Some(l) = &self.lock {
+            sync::lock(l).release();
         }
     }
 
     /// Bytes held, as (perm, unshared); for tests and query commands.
     pub fn held_lock(&self) -> Option<(Perm, Perm)> {
-        self.lock.as_ref().and_then(|l| l.lock().ok().map(|l| l.held()))
+        self.lock.as_ref().map(|l| sync::lock(l).held())
     }
 
     async fn blocking<T: Send + 'static>(

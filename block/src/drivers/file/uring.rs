@@ -49,7 +49,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 
 use io_uring::{opcode, squeue, types, IoUring, Probe};
@@ -57,6 +57,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use tokio::io::unix::AsyncFd;
 
 use crate::buf::IoBuf;
+use crate::sync;
 
 /// `RWF_DSYNC` from `<linux/fs.h>`: per-write O_DSYNC, i.e. FUA semantics.
 const RWF_DSYNC: i32 = 0x2;
@@ -395,7 +396,7 @@ impl Uring {
     fn lock(&self) -> MutexGuard<'_, State> {
         // Nothing panics while holding the lock; if something did, the slab is still
         // consistent at every unlock point, so carry on rather than propagate the poison.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        sync::lock(&self.state)
     }
 
     /// Push `entry` (whose pointers, if any, point into `buf` and name `fd`) and wait for its
@@ -606,7 +607,7 @@ fn runtime() -> io::Result<tokio::runtime::Handle> {
 
 impl Drop for Uring {
     fn drop(&mut self) {
-        let st = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
+        let st = sync::get_mut(&mut self.state);
         // Only abandoned operations can be in flight (a live `Op` borrows `self`). Their
         // buffers must outlive the kernel's use: wait for the completions.
         let mut wakers = Vec::new();
