@@ -714,13 +714,23 @@ pub struct BitmapRef {
 #[derive(Debug, Clone)]
 pub enum Action {
     /// `block-dirty-bitmap-add`; `granularity` as given (`Some(0)` for a negative one).
-    Add { node: String, name: String, granularity: Option<u64>, persistent: bool, disabled: bool },
+    Add {
+        node: String,
+        name: String,
+        granularity: Option<u64>,
+        persistent: bool,
+        disabled: bool,
+    },
     Remove(BitmapRef),
     Clear(BitmapRef),
     Enable(BitmapRef),
     Disable(BitmapRef),
     /// `block-dirty-bitmap-merge`: OR every source into `target` of `node`.
-    Merge { node: String, target: String, sources: Vec<BitmapRef> },
+    Merge {
+        node: String,
+        target: String,
+        sources: Vec<BitmapRef>,
+    },
 }
 
 /// Why a user command on a bitmap was refused, in QEMU's words.
@@ -812,8 +822,7 @@ impl Action {
             Action::Merge { node, target, sources } => {
                 let target = lookup(graph, node, target)?;
                 check_user_may_use(&target)?;
-                let sources =
-                    sources.iter().map(|r| lookup(graph, &r.node, &r.name)).collect::<Result<Vec<_>, _>>()?;
+                let sources = sources.iter().map(|r| lookup(graph, &r.node, &r.name)).collect::<Result<Vec<_>, _>>()?;
                 // Check every source before changing anything.
                 if let Some(src) = sources.iter().find(|s| s.size() != target.size()) {
                     return Err(ActionError::SizeMismatch { from: src.name().into(), target: target.name().into() });
