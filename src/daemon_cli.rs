@@ -69,7 +69,7 @@ pub enum CliError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    #[error("{option}: {source}")]
+    #[error("{option}")]
     Qmp {
         option: &'static str,
         #[source]
