@@ -1226,6 +1226,64 @@ mod tests {
         assert_eq!(err.as_deref(), Some("bitmap 'job' is in use by another operation"));
     }
 
+    async fn graph_with_node() -> crate::Graph {
+        let g = crate::Graph::new();
+        g.blockdev_add(&serde_json::json!({"driver": "null-co", "node-name": "n", "size": MIB})).await.unwrap();
+        g
+    }
+
+    fn r(name: &str) -> BitmapRef {
+        BitmapRef { node: "n".into(), name: name.into() }
+    }
+
+    fn add(name: &str, granularity: Option<u64>) -> Action {
+        Action::Add { node: "n".into(), name: name.into(), granularity, persistent: false, disabled: false }
+    }
+
+    #[tokio::test]
+    async fn user_commands_follow_the_rules_in_qemus_words() {
+        let g = graph_with_node().await;
+        let err = |a: Action| transaction(&g, &[a]).err().map(|e| crate::error::chain(&e)).unwrap_or_default();
+        assert_eq!(err(add("", None)), "Bitmap name cannot be empty");
+        assert_eq!(err(add(&"x".repeat(MAX_NAME_LEN + 1), None)), "Bitmap name too long");
+        assert_eq!(err(add("b", Some(1000))), "Granularity must be power of 2 and at least 512");
+        assert_eq!(err(add("b", Some(256))), "Granularity must be power of 2 and at least 512");
+        // The upper bound is the same rule as DirtyBitmap::new's.
+        assert!(err(add("b", Some(MAX_GRANULARITY * 2))).contains("between 512 B and 2 GiB"));
+        assert!(transaction(&g, &[add(&"x".repeat(MAX_NAME_LEN), Some(MAX_GRANULARITY))]).is_ok());
+        assert!(transaction(&g, &[add("b", None)]).is_ok());
+        assert_eq!(err(add("b", None)), "Bitmap already exists: b");
+        assert_eq!(err(Action::Clear(r("nosuch"))), "Dirty bitmap 'nosuch' not found");
+        lookup(&g, "n", "b").unwrap().set_busy(true);
+        for a in [Action::Remove(r("b")), Action::Clear(r("b")), Action::Enable(r("b")), Action::Disable(r("b"))] {
+            assert_eq!(err(a), "Bitmap 'b' is currently in use by another operation and cannot be used");
+        }
+        let merge = Action::Merge { node: "n".into(), target: "b".into(), sources: vec![] };
+        assert_eq!(err(merge), "Bitmap 'b' is currently in use by another operation and cannot be used");
+    }
+
+    #[tokio::test]
+    async fn a_failing_action_undoes_the_ones_before_it() {
+        let g = graph_with_node().await;
+        transaction(&g, &[add("keep", Some(512)), add("gone", None)]).unwrap();
+        let keep = lookup(&g, "n", "keep").unwrap();
+        keep.mark(0, 512);
+        let actions = [
+            add("new", None),
+            Action::Clear(r("keep")),
+            Action::Disable(r("keep")),
+            Action::Remove(r("gone")),
+            Action::Merge { node: "n".into(), target: "keep".into(), sources: vec![r("nosuch")] },
+        ];
+        assert!(transaction(&g, &actions).is_err());
+        assert!(lookup(&g, "n", "new").is_err(), "the added bitmap is removed again");
+        assert!(keep.is_dirty(0) && keep.is_enabled(), "cleared bits and the enabled state come back");
+        assert!(lookup(&g, "n", "gone").is_ok(), "the removed bitmap is put back");
+        transaction(&g, &actions[..4]).unwrap();
+        assert!(lookup(&g, "n", "new").is_ok() && lookup(&g, "n", "gone").is_err());
+        assert!(!keep.is_dirty(0) && !keep.is_enabled());
+    }
+
     /// What a model and the real thing are asked to do.
     #[derive(Debug, Clone)]
     enum Op {
