@@ -106,7 +106,9 @@ fn parse<T: QapiObject>(option: &'static str, o: Map<String, Value>) -> Result<T
 
 block::qapi_struct! {
     /// `--chardev socket,id=X,path=P[,server=on][,wait=off]` (the backend,
-    /// the implied first member, is checked before).
+    /// the implied first member, is checked before). `wait` is accepted and
+    /// has no effect: the monitor never waits for a client.
+    #[allow(dead_code)]
     struct ChardevSocket {
         "id" id: Option<String>,
         "path" path: Option<String>,
@@ -116,7 +118,9 @@ block::qapi_struct! {
 }
 
 block::qapi_struct! {
-    /// `--monitor [chardev=]X[,mode=control]`; QSD's other members are ignored.
+    /// `--monitor [chardev=]X[,mode=control]`; `pretty` and `id` are accepted
+    /// and have no effect, QSD's other members are ignored.
+    #[allow(dead_code)]
     struct MonitorOptions {
         "chardev" chardev: Option<String>,
         "mode" mode: Option<String>,
@@ -259,8 +263,6 @@ pub async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         if c.server == Some(false) {
             return Err(opt_err("--chardev", "server=off is not supported").into());
         }
-        // wait=off is what a server socket does anyway.
-        let _ = c.wait;
         chardevs.insert(id, path.into());
     }
     let mut sockets: Vec<PathBuf> = Vec::new();
@@ -271,7 +273,6 @@ pub async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         if m.mode.as_deref().is_some_and(|mode| mode != "control") {
             return Err(opt_err("--monitor", "only mode=control is supported").into());
         }
-        let (_, _) = (m.pretty, m.id);
         let id = m.chardev.unwrap_or_default();
         let path = chardevs.get(&id).ok_or_else(|| opt_err("--monitor", format!("chardev '{id}' not found")))?;
         sockets.push(path.clone());
