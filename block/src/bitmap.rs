@@ -49,7 +49,7 @@ pub enum BitmapError {
     #[error("bitmap name cannot be empty")]
     EmptyName,
     /// QEMU refuses names longer than [`MAX_NAME_LEN`] bytes.
-    #[error("bitmap name is too long: {len} bytes, at most 1023")]
+    #[error("bitmap name is too long: {len} bytes, at most {max}", max = MAX_NAME_LEN)]
     NameTooLong { len: usize },
     /// The bitmap is owned by an operation (a job, an export) and cannot be changed by the user.
     #[error("bitmap '{name}' is in use by another operation")]
