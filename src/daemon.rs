@@ -24,12 +24,31 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{0}")]
-    Export(String),
+    #[error("Block export id '{0}' is already in use")]
+    ExportIdInUse(String),
+    #[error("NBD server already has export named '{0}'")]
+    ExportNameInUse(String),
+    #[error("Export '{0}' is not found")]
+    ExportNotFound(String),
+    #[error("Export '{0}' is already shutting down")]
+    ExportShuttingDown(String),
+    #[error("export '{0}' still in use (use mode='hard' to force client disconnect)")]
+    ExportInUse(String),
+    /// The server's export list refused the export.
+    #[error(transparent)]
+    ExportList(#[from] baton_nbd::AddExportError),
     #[error(transparent)]
     Block(#[from] block::BlockError),
-    #[error("{0}")]
-    Vm(String),
+    #[error("migration URI '{0}' is not unix:PATH or tcp:HOST:PORT")]
+    BadUri(String),
+    #[error("there is no guest to migrate")]
+    NoGuest,
+    #[error("cannot migrate a guest that is {0}")]
+    GuestState(&'static str),
+    #[error(transparent)]
+    Migration(#[from] vmm::migration::VerbError),
+    #[error(transparent)]
+    Vm(#[from] vmm::VmmError),
 }
 
 /// How long a safe `block-export-del` waits for clients that already left.
@@ -56,7 +75,7 @@ fn parse_uri(uri: &str) -> Result<NbdAddr, DaemonError> {
     if let Some((host, port)) = uri.strip_prefix("tcp:").and_then(|r| r.rsplit_once(':')) {
         return Ok(NbdAddr::Inet { host: host.trim_matches(['[', ']']).to_string(), port: port.to_string() });
     }
-    Err(DaemonError::Vm(format!("migration URI '{uri}' is not unix:PATH or tcp:HOST:PORT")))
+    Err(DaemonError::BadUri(uri.to_string()))
 }
 
 struct NbdService {
@@ -123,7 +142,7 @@ impl Daemon {
 
     /// The guest, if any.
     pub fn vm(&self) -> Option<Arc<vmm::Vm>> {
-        self.vm.lock().ok().and_then(|v| v.clone())
+        block::sync::lock(&self.vm).clone()
     }
 
     /// Create the guest on `disk` (`--vm`); it stays in prelaunch (or
@@ -139,26 +158,23 @@ impl Daemon {
         let events: vmm::vm::VmEvents = Arc::new(move |event: &str, data: Value| {
             let _ = tx.send(json!({"event": event, "data": data, "timestamp": timestamp()}));
         });
-        let vm = vmm::Vm::new(config, backend, tokio::runtime::Handle::current(), events, incoming)
-            .map_err(|e| DaemonError::Vm(e.to_string()))?;
-        if let Ok(mut v) = self.vm.lock() {
-            *v = Some(vm.clone());
-        }
+        let vm = vmm::Vm::new(config, backend, tokio::runtime::Handle::current(), events, incoming)?;
+        *block::sync::lock(&self.vm) = Some(vm.clone());
         Ok(vm)
     }
 
     /// Start an outgoing migration to `uri` (unix:PATH or tcp:HOST:PORT).
     /// Refused, with no state change, while another attempt is not final.
     pub fn migrate(self: &Arc<Self>, uri: &str) -> Result<(), DaemonError> {
-        let vm = self.vm().ok_or_else(|| DaemonError::Vm("there is no guest to migrate".into()))?;
+        let vm = self.vm().ok_or(DaemonError::NoGuest)?;
         let target = parse_uri(uri)?;
         if !self.migration.status().is_final() {
-            return Err(DaemonError::Vm(vmm::migration::VerbError::InProgress.to_string()));
+            return Err(vmm::migration::VerbError::InProgress.into());
         }
         if !matches!(vm.state(), vmm::RunState::Running | vmm::RunState::Paused) {
-            return Err(DaemonError::Vm(format!("cannot migrate a guest that is {}", vm.state().as_str())));
+            return Err(DaemonError::GuestState(vm.state().as_str()));
         }
-        self.migration.begin(vmm::migration::Role::Source).map_err(|e| DaemonError::Vm(e.to_string()))?;
+        self.migration.begin(vmm::migration::Role::Source)?;
         let d = self.clone();
         // Not under the command lock: query-migrate and migrate_cancel work meanwhile.
         tokio::spawn(async move {
@@ -324,15 +340,7 @@ impl Daemon {
     }
 
     pub async fn wait_quit(&self) {
-        loop {
-            let n = self.quit.notified();
-            tokio::pin!(n);
-            n.as_mut().enable();
-            if self.quitting.load(Ordering::SeqCst) {
-                return;
-            }
-            n.await;
-        }
+        block::sync::wait_for(&self.quit, || self.quitting.load(Ordering::SeqCst)).await
     }
 
     /// `nbd-server-start`.
@@ -384,35 +392,29 @@ impl Daemon {
         let nbd = self.nbd.lock().await;
         let svc = nbd.as_ref().ok_or(DaemonError::NbdNotRunning)?;
         if svc.server.exports.find_id(&config.id).is_some() {
-            return Err(DaemonError::Export(format!("Block export id '{}' is already in use", config.id)));
+            return Err(DaemonError::ExportIdInUse(config.id));
         }
         if svc.server.exports.get(&config.name).is_some() {
-            return Err(DaemonError::Export(format!("NBD server already has export named '{}'", config.name)));
+            return Err(DaemonError::ExportNameInUse(config.name));
         }
         let export = Export::open(&self.graph, config).await?;
-        svc.server.exports.add(export).map_err(|e| DaemonError::Export(e.to_string()))
+        Ok(svc.server.exports.add(export)?)
     }
 
     /// `block-export-del`.
     pub async fn export_del(&self, id: &str, hard: bool) -> Result<(), DaemonError> {
         let e = {
             let nbd = self.nbd.lock().await;
-            let svc = nbd.as_ref().ok_or_else(|| DaemonError::Export(format!("Export '{id}' is not found")))?;
-            let e = svc
-                .server
-                .exports
-                .find_id(id)
-                .ok_or_else(|| DaemonError::Export(format!("Export '{id}' is not found")))?;
+            let svc = nbd.as_ref().ok_or_else(|| DaemonError::ExportNotFound(id.to_string()))?;
+            let e = svc.server.exports.find_id(id).ok_or_else(|| DaemonError::ExportNotFound(id.to_string()))?;
             if e.is_closing() {
-                return Err(DaemonError::Export(format!("Export '{id}' is already shutting down")));
+                return Err(DaemonError::ExportShuttingDown(id.to_string()));
             }
             // A client that just closed its socket is counted out by its
             // connection task, which may not have run yet on a busy machine
             // (QEMU counts it out in the same main-loop turn): grant it a moment.
             if !hard && e.client_count() > 0 && tokio::time::timeout(EXPORT_DEL_GRACE, e.wait_idle()).await.is_err() {
-                return Err(DaemonError::Export(format!(
-                    "export '{id}' still in use (use mode='hard' to force client disconnect)"
-                )));
+                return Err(DaemonError::ExportInUse(id.to_string()));
             }
             e.close();
             svc.server.exports.remove(id);
@@ -457,9 +459,7 @@ impl Daemon {
         if let Some(vm) = self.vm() {
             vm.shutdown().await;
         }
-        if let Ok(mut v) = self.vm.lock() {
-            v.take();
-        }
+        block::sync::lock(&self.vm).take();
         self.jobs.cancel_all().await;
         let _ = self.nbd_stop().await;
         for n in self.graph.nodes() {

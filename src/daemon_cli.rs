@@ -11,7 +11,8 @@ use serde_json::{Map, Value};
 
 use crate::daemon::Daemon;
 use crate::keyval::parse_option;
-use crate::qmp::{commands, monitor};
+use crate::qmp::{commands, monitor, nbd};
+use block::schema::QapiObject;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -54,7 +55,21 @@ pub struct Args {
 pub enum CliError {
     #[error("{option}: {reason}")]
     Option { option: &'static str, reason: String },
-    #[error("{option}: {source}")]
+    /// The option's value does not fit its schema (keyval coercion).
+    #[error("{option}")]
+    Schema {
+        option: &'static str,
+        #[source]
+        source: block::schema::SchemaError,
+    },
+    /// What the option asked for failed.
+    #[error("{option}")]
+    Failed {
+        option: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("{option}")]
     Qmp {
         option: &'static str,
         #[source]
@@ -70,6 +85,48 @@ pub enum CliError {
 
 fn opt_err(option: &'static str, reason: impl std::fmt::Display) -> CliError {
     CliError::Option { option, reason: reason.to_string() }
+}
+
+/// `option` failed because of `source` (kept as the error's cause).
+fn failed(option: &'static str) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> CliError {
+    move |source| CliError::Failed { option, source }
+}
+
+/// Keyval's one coercion for an option that is a QMP command's arguments:
+/// strings become what `T`'s schema asks for; unknown members are left for
+/// the command's own check.
+fn coerce<T: QapiObject>(option: &'static str, o: Map<String, Value>) -> Result<Map<String, Value>, CliError> {
+    block::schema::coerce_members(&T::fields(), o, "").map_err(|source| CliError::Schema { option, source })
+}
+
+/// Parse an option that is not a QMP command against its schema `T`.
+fn parse<T: QapiObject>(option: &'static str, o: Map<String, Value>) -> Result<T, CliError> {
+    block::schema::parse_keyval(o).map_err(|source| CliError::Schema { option, source })
+}
+
+block::qapi_struct! {
+    /// `--chardev socket,id=X,path=P[,server=on][,wait=off]` (the backend,
+    /// the implied first member, is checked before). `wait` is accepted and
+    /// has no effect: the monitor never waits for a client.
+    #[allow(dead_code)]
+    struct ChardevSocket {
+        "id" id: Option<String>,
+        "path" path: Option<String>,
+        "server" server: Option<bool>,
+        "wait" wait: Option<bool>,
+    }
+}
+
+block::qapi_struct! {
+    /// `--monitor [chardev=]X[,mode=control]`; `pretty` and `id` are accepted
+    /// and have no effect, QSD's other members are ignored.
+    #[allow(dead_code)]
+    struct MonitorOptions {
+        "chardev" chardev: Option<String>,
+        "mode" mode: Option<String>,
+        "pretty" pretty: Option<bool>,
+        "id" id: Option<String>,
+    }
 }
 
 /// Run a QMP command from the command line, through the same dispatch as a monitor.
@@ -91,24 +148,9 @@ pub fn is_daemonize_request(a: &Args) -> bool {
 
 /// `--daemonize`: start the same command line in a new session and return once it is set up.
 pub fn daemonize_and_wait() -> Result<(), CliError> {
-    let line = crate::run_detached(DAEMON_CHILD, "--daemonize").map_err(|e| opt_err("--daemonize", e))?;
+    let line = crate::run_detached(DAEMON_CHILD, "--daemonize").map_err(|e| failed("--daemonize")(e.into()))?;
     if line.trim() != "ready" {
         return Err(opt_err("--daemonize", format!("unexpected output from the daemon: {line}")));
-    }
-    Ok(())
-}
-
-/// Keyval's "on"/"off" for the boolean members `keys` of `o`.
-fn keyval_bools(o: &mut Map<String, Value>, option: &'static str, keys: &[&str]) -> Result<(), CliError> {
-    for k in keys {
-        if let Some(Value::String(s)) = o.get(*k) {
-            let b = match s.as_str() {
-                "on" | "true" | "yes" => true,
-                "off" | "false" | "no" => false,
-                other => return Err(opt_err(option, format!("{k}: expected on or off, got '{other}'"))),
-            };
-            o.insert((*k).into(), Value::Bool(b));
-        }
     }
     Ok(())
 }
@@ -131,37 +173,22 @@ pub async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         let addr = match o.remove("addr") {
             Some(Value::Object(mut addr)) => {
                 let ty = addr.remove("type").unwrap_or(Value::Null);
-                serde_json::json!({"type": ty, "data": addr})
+                let data = match ty.as_str() {
+                    Some("inet") => coerce::<nbd::InetSocketAddress>("--nbd-server", addr)?,
+                    Some("unix") => coerce::<nbd::UnixSocketAddress>("--nbd-server", addr)?,
+                    _ => addr,
+                };
+                serde_json::json!({"type": ty, "data": data})
             }
             _ => return Err(opt_err("--nbd-server", "addr.type is missing").into()),
         };
-        let mut args = Map::new();
-        args.insert("addr".into(), addr);
-        if let Some(v) = o.remove("max-connections") {
-            let n: u64 = v
-                .as_str()
-                .and_then(|s| s.parse().ok())
-                .or(v.as_u64())
-                .ok_or_else(|| opt_err("--nbd-server", "max-connections must be a number"))?;
-            args.insert("max-connections".into(), n.into());
-        }
-        for k in ["tls-creds", "tls-authz"] {
-            if let Some(v) = o.remove(k) {
-                args.insert(k.into(), v);
-            }
-        }
-        if let Some(k) = o.keys().next() {
-            return Err(opt_err("--nbd-server", format!("parameter '{k}' is unexpected")).into());
-        }
+        o.insert("addr".into(), addr);
+        let args = coerce::<nbd::NbdServerStart>("--nbd-server", o)?;
         run_command(&d, "--nbd-server", "nbd-server-start", args).await?;
     }
     for e in &a.exports {
-        let mut o = parse_option(e, None).map_err(|e| opt_err("--export", e))?;
-        keyval_bools(
-            &mut o,
-            "--export",
-            &["writable", "writethrough", "allow-inactive", "allocation-depth", "fixed-iothread", "x-baton-multi-conn"],
-        )?;
+        let o = parse_option(e, None).map_err(|e| opt_err("--export", e))?;
+        let o = coerce::<nbd::BlockExportAdd>("--export", o)?;
         run_command(&d, "--export", "block-export-add", o).await?;
     }
 
@@ -201,10 +228,10 @@ pub async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         if let Some(k) = o.keys().next() {
             return Err(opt_err("--vm", format!("parameter '{k}' is unexpected")).into());
         }
-        let vm = d.create_vm(cfg, &disk, a.incoming.is_some()).map_err(|e| opt_err("--vm", e))?;
+        let vm = d.create_vm(cfg, &disk, a.incoming.is_some()).map_err(|e| failed("--vm")(e.into()))?;
         match &a.incoming {
-            Some(uri) => d.listen_incoming(uri, a.start_paused).await.map_err(|e| opt_err("--incoming", e))?,
-            None if !a.start_paused => vm.cont().await.map_err(|e| opt_err("--vm", e))?,
+            Some(uri) => d.listen_incoming(uri, a.start_paused).await.map_err(|e| failed("--incoming")(e.into()))?,
+            None if !a.start_paused => vm.cont().await.map_err(|e| failed("--vm")(e.into()))?,
             None => {}
         }
     } else if a.incoming.is_some() {
@@ -218,34 +245,23 @@ pub async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         if backend != "socket" {
             return Err(opt_err("--chardev", format!("backend '{backend}' is not supported (only socket)")).into());
         }
-        let id = o
-            .remove("id")
-            .and_then(|v| v.as_str().map(String::from))
-            .ok_or_else(|| opt_err("--chardev", "id is missing"))?;
-        let path = o
-            .remove("path")
-            .and_then(|v| v.as_str().map(String::from))
-            .ok_or_else(|| opt_err("--chardev", "path is missing (only unix sockets)"))?;
-        if o.remove("server").and_then(|v| v.as_str().map(String::from)).as_deref() == Some("off") {
+        let c: ChardevSocket = parse("--chardev", o)?;
+        let id = c.id.ok_or_else(|| opt_err("--chardev", "id is missing"))?;
+        let path = c.path.ok_or_else(|| opt_err("--chardev", "path is missing (only unix sockets)"))?;
+        if c.server == Some(false) {
             return Err(opt_err("--chardev", "server=off is not supported").into());
-        }
-        o.remove("wait");
-        if let Some(k) = o.keys().next() {
-            return Err(opt_err("--chardev", format!("parameter '{k}' is unexpected")).into());
         }
         chardevs.insert(id, path.into());
     }
     let mut sockets: Vec<PathBuf> = Vec::new();
     for m in &a.monitors {
         let mut o = parse_option(m, Some("chardev")).map_err(|e| opt_err("--monitor", e))?;
-        let id = o.remove("chardev").and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
-        if let Some(mode) = o.remove("mode") {
-            if mode.as_str() != Some("control") {
-                return Err(opt_err("--monitor", "only mode=control is supported").into());
-            }
+        o.retain(|k, _| MonitorOptions::fields().iter().any(|f| f.name == k));
+        let m: MonitorOptions = parse("--monitor", o)?;
+        if m.mode.as_deref().is_some_and(|mode| mode != "control") {
+            return Err(opt_err("--monitor", "only mode=control is supported").into());
         }
-        o.remove("pretty");
-        o.remove("id");
+        let id = m.chardev.unwrap_or_default();
         let path = chardevs.get(&id).ok_or_else(|| opt_err("--monitor", format!("chardev '{id}' not found")))?;
         sockets.push(path.clone());
     }
@@ -261,7 +277,7 @@ pub async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     if let Some(p) = &a.pidfile {
-        std::fs::write(p, format!("{}\n", std::process::id())).map_err(|e| opt_err("--pidfile", e))?;
+        std::fs::write(p, format!("{}\n", std::process::id())).map_err(|e| failed("--pidfile")(e.into()))?;
     }
     if std::env::var_os(DAEMON_CHILD).is_some() {
         println!("ready");

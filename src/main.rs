@@ -1,5 +1,7 @@
 //! The `baton` command line.
 
+#![forbid(unsafe_code)]
+
 mod daemon;
 mod daemon_cli;
 mod demo;
@@ -94,13 +96,26 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     block::error::chain(e)
 }
 
+/// Why a detached run (`--fork`, `--daemonize`) could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum DetachError {
+    #[error("cannot find own executable")]
+    Exe(#[source] std::io::Error),
+    #[error("cannot start the background process")]
+    Spawn(#[source] std::io::Error),
+    #[error("cannot wait for the background process")]
+    Wait(#[source] std::io::Error),
+    #[error("the background process exited during setup ({0})")]
+    Exited(std::process::ExitStatus),
+}
+
 /// `--fork` / `--daemonize`: run this same command line again in a new
 /// session, marked by `marker` in its environment and without `flag`, and
 /// return the first line it prints once it is ready (it then detaches stdout).
-pub(crate) fn run_detached(marker: &str, flag: &str) -> Result<String, String> {
+pub(crate) fn run_detached(marker: &str, flag: &str) -> Result<String, DetachError> {
     use std::io::BufRead;
     use std::os::unix::process::CommandExt;
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find own executable: {e}"))?;
+    let exe = std::env::current_exe().map_err(DetachError::Exe)?;
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != flag).collect();
     let mut child = std::process::Command::new(exe)
         .args(args)
@@ -109,14 +124,14 @@ pub(crate) fn run_detached(marker: &str, flag: &str) -> Result<String, String> {
         .stdout(std::process::Stdio::piped())
         .process_group(0)
         .spawn()
-        .map_err(|e| format!("cannot start the background process: {e}"))?;
+        .map_err(DetachError::Spawn)?;
     let mut line = String::new();
     if let Some(out) = child.stdout.take() {
         let _ = std::io::BufReader::new(out).read_line(&mut line);
     }
     if line.is_empty() {
-        let status = child.wait().map_err(|e| e.to_string())?;
-        return Err(format!("the background process exited during setup ({status})"));
+        let status = child.wait().map_err(DetachError::Wait)?;
+        return Err(DetachError::Exited(status));
     }
     Ok(line)
 }

@@ -82,6 +82,18 @@ pub enum ServeError {
     },
     #[error("{0}")]
     Setup(String),
+    #[error(transparent)]
+    Export(#[from] baton_nbd::AddExportError),
+    #[error(transparent)]
+    Detach(#[from] crate::DetachError),
+    #[error("cannot handle signals")]
+    Signal(#[source] std::io::Error),
+    #[error("cannot write {path}")]
+    PidFile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 const FORK_CHILD: &str = "BATON_SERVE_FORKED_CHILD";
@@ -99,7 +111,7 @@ fn uri(a: &Args) -> String {
 
 /// `--fork`: run the same command in a new session without --fork, wait until it listens, print its URI.
 pub fn fork_and_wait() -> Result<(), ServeError> {
-    let line = crate::run_detached(FORK_CHILD, "--fork").map_err(ServeError::Setup)?;
+    let line = crate::run_detached(FORK_CHILD, "--fork")?;
     print!("{line}");
     Ok(())
 }
@@ -142,7 +154,7 @@ pub async fn run(a: Args) -> Result<(), ServeError> {
     )
     .await?;
     let server = Server::new(ServerConfig { max_connections: a.shared, ..Default::default() });
-    server.exports.add(export.clone()).map_err(|e| ServeError::Setup(e.to_string()))?;
+    server.exports.add(export.clone())?;
 
     let listener = match &a.socket {
         Some(path) => {
@@ -167,13 +179,13 @@ pub async fn run(a: Args) -> Result<(), ServeError> {
         }
     };
     // Handlers first: a signal arriving as soon as the URI is out must shut down cleanly.
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| ServeError::Setup(e.to_string()))?;
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .map_err(|e| ServeError::Setup(e.to_string()))?;
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(ServeError::Signal)?;
+    let mut int =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).map_err(ServeError::Signal)?;
     if let Some(p) = &a.pid_file {
         std::fs::write(p, format!("{}\n", std::process::id()))
-            .map_err(|e| ServeError::Setup(format!("cannot write {}: {e}", p.display())))?;
+            .map_err(|source| ServeError::PidFile { path: p.display().to_string(), source })?;
     }
     println!("{}", uri(&a));
     let _ = std::io::stdout().flush();

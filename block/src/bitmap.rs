@@ -19,7 +19,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use bitvec::order::Lsb0;
 use bitvec::vec::BitVec;
@@ -49,11 +49,30 @@ pub enum BitmapError {
     #[error("bitmap name cannot be empty")]
     EmptyName,
     /// QEMU refuses names longer than [`MAX_NAME_LEN`] bytes.
-    #[error("bitmap name is too long: {len} bytes, at most 1023")]
+    #[error("bitmap name is too long: {len} bytes, at most {max}", max = MAX_NAME_LEN)]
     NameTooLong { len: usize },
     /// The bitmap is owned by an operation (a job, an export) and cannot be changed by the user.
     #[error("bitmap '{name}' is in use by another operation")]
     Busy { name: String },
+}
+
+/// The granularity rule: a power of two in [`MIN_GRANULARITY`]`..=`[`MAX_GRANULARITY`].
+pub fn check_granularity(granularity: u64) -> Result<(), BitmapError> {
+    if !granularity.is_power_of_two() || !(MIN_GRANULARITY..=MAX_GRANULARITY).contains(&granularity) {
+        return Err(BitmapError::BadGranularity { granularity });
+    }
+    Ok(())
+}
+
+/// The name rule: not empty, at most [`MAX_NAME_LEN`] bytes.
+pub fn check_name(name: &str) -> Result<(), BitmapError> {
+    if name.is_empty() {
+        return Err(BitmapError::EmptyName);
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(BitmapError::NameTooLong { len: name.len() });
+    }
+    Ok(())
 }
 
 /// Number of words that hold `bits` bits.
@@ -430,15 +449,8 @@ impl fmt::Debug for DirtyBitmap {
 impl DirtyBitmap {
     /// An enabled, clean bitmap (QEMU's `block-dirty-bitmap-add` defaults).
     pub fn new(name: &str, size: u64, granularity: u64) -> Result<Self, BitmapError> {
-        if !granularity.is_power_of_two() || !(MIN_GRANULARITY..=MAX_GRANULARITY).contains(&granularity) {
-            return Err(BitmapError::BadGranularity { granularity });
-        }
-        if name.is_empty() {
-            return Err(BitmapError::EmptyName);
-        }
-        if name.len() > MAX_NAME_LEN {
-            return Err(BitmapError::NameTooLong { len: name.len() });
-        }
+        check_granularity(granularity)?;
+        check_name(name)?;
         let shift = granularity.trailing_zeros();
         Ok(Self {
             name: name.to_owned(),
@@ -687,6 +699,204 @@ impl DirtyBitmap {
     pub fn snapshot_bits(&self) -> Vec<u64> {
         self.lock().bits.as_words().to_vec()
     }
+}
+
+/// A bitmap named by its node and its name (QAPI's `BlockDirtyBitmap`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapRef {
+    pub node: String,
+    pub name: String,
+}
+
+/// One user command on the named bitmaps of a graph (`block-dirty-bitmap-*`), alone or as an
+/// action of a `transaction`. Every rule a user command must follow (names, granularity, busy
+/// bitmaps, sizes of merged bitmaps) is checked here, once, by [`Action::prepare`].
+#[derive(Debug, Clone)]
+pub enum Action {
+    /// `block-dirty-bitmap-add`; `granularity` as given (`Some(0)` for a negative one).
+    Add {
+        node: String,
+        name: String,
+        granularity: Option<u64>,
+        persistent: bool,
+        disabled: bool,
+    },
+    Remove(BitmapRef),
+    Clear(BitmapRef),
+    Enable(BitmapRef),
+    Disable(BitmapRef),
+    /// `block-dirty-bitmap-merge`: OR every source into `target` of `node`.
+    Merge {
+        node: String,
+        target: String,
+        sources: Vec<BitmapRef>,
+    },
+}
+
+/// Why a user command on a bitmap was refused, in QEMU's words.
+#[derive(Debug, thiserror::Error)]
+pub enum ActionError {
+    #[error(transparent)]
+    Block(#[from] crate::BlockError),
+    #[error("Dirty bitmap '{0}' not found")]
+    NotFound(String),
+    #[error("Bitmap name cannot be empty")]
+    EmptyName,
+    #[error("Bitmap name too long")]
+    NameTooLong,
+    #[error("persistent bitmaps are not supported yet (baton has no qcow2)")]
+    Persistent,
+    #[error("Granularity must be power of 2 and at least 512")]
+    Granularity,
+    #[error("Bitmap already exists: {0}")]
+    Exists(String),
+    #[error("Bitmap '{0}' is currently in use by another operation and cannot be used")]
+    Busy(String),
+    #[error("Bitmap '{from}' is of a different size than '{target}'")]
+    SizeMismatch { from: String, target: String },
+    #[error(transparent)]
+    Bitmap(#[from] BitmapError),
+}
+
+/// The busy rule for user commands: a bitmap an operation owns (a job's, an exported one) is
+/// neither changed nor handed to another user.
+pub fn check_user_may_use(bm: &DirtyBitmap) -> Result<(), ActionError> {
+    bm.check_not_busy().map_err(|_| ActionError::Busy(bm.name().to_owned()))
+}
+
+/// The bitmap `name` of `node`.
+pub fn lookup(graph: &crate::Graph, node: &str, name: &str) -> Result<Arc<DirtyBitmap>, ActionError> {
+    graph.find(node)?.bitmap(name).map_err(|_| ActionError::NotFound(name.to_owned()))
+}
+
+/// A copy of `bm`'s bits, to restore them on abort.
+fn copy_of(bm: &DirtyBitmap) -> Result<DirtyBitmap, ActionError> {
+    let c = DirtyBitmap::new(bm.name(), bm.size(), bm.granularity())?;
+    c.merge_from(bm)?;
+    Ok(c)
+}
+
+/// How to undo an applied action.
+#[derive(Debug)]
+enum Undo {
+    Remove { node: String, name: String },
+    Reinsert { node: String, bitmap: Arc<DirtyBitmap> },
+    Restore { bitmap: Arc<DirtyBitmap>, copy: DirtyBitmap },
+    Enabled { bitmap: Arc<DirtyBitmap>, was: bool },
+}
+
+/// An action applied by [`Action::prepare`]: [`Prepared::commit`] keeps it,
+/// [`Prepared::abort`] undoes it.
+#[derive(Debug)]
+#[must_use = "a prepared action is committed or aborted"]
+pub struct Prepared(Undo);
+
+impl Action {
+    /// Check the action's rules against `graph` and apply it; nothing changes when it fails.
+    pub fn prepare(&self, graph: &crate::Graph) -> Result<Prepared, ActionError> {
+        match self {
+            Action::Add { node, name, granularity, persistent, disabled } => {
+                check_name(name).map_err(|e| match e {
+                    BitmapError::EmptyName => ActionError::EmptyName,
+                    _ => ActionError::NameTooLong,
+                })?;
+                if *persistent {
+                    return Err(ActionError::Persistent);
+                }
+                let n = graph.find(node)?;
+                if let Some(g) = *granularity {
+                    check_granularity(g).map_err(|source| {
+                        if g < MIN_GRANULARITY || !g.is_power_of_two() {
+                            ActionError::Granularity
+                        } else {
+                            crate::BlockError::Bitmap { node: node.clone(), source }.into()
+                        }
+                    })?;
+                }
+                if n.bitmap(name).is_ok() {
+                    return Err(ActionError::Exists(name.clone()));
+                }
+                graph.bitmap_add(node, name, *granularity, *disabled)?;
+                Ok(Prepared(Undo::Remove { node: node.clone(), name: name.clone() }))
+            }
+            Action::Merge { node, target, sources } => {
+                let target = lookup(graph, node, target)?;
+                check_user_may_use(&target)?;
+                let sources = sources.iter().map(|r| lookup(graph, &r.node, &r.name)).collect::<Result<Vec<_>, _>>()?;
+                // Check every source before changing anything.
+                if let Some(src) = sources.iter().find(|s| s.size() != target.size()) {
+                    return Err(ActionError::SizeMismatch { from: src.name().into(), target: target.name().into() });
+                }
+                let copy = copy_of(&target)?;
+                for src in &sources {
+                    target.merge_from(src)?;
+                }
+                Ok(Prepared(Undo::Restore { bitmap: target, copy }))
+            }
+            Action::Remove(r) | Action::Clear(r) | Action::Enable(r) | Action::Disable(r) => {
+                let bm = lookup(graph, &r.node, &r.name)?;
+                check_user_may_use(&bm)?;
+                Ok(Prepared(match self {
+                    Action::Remove(_) => {
+                        graph.bitmap_remove(&r.node, &r.name)?;
+                        Undo::Reinsert { node: r.node.clone(), bitmap: bm }
+                    }
+                    Action::Clear(_) => {
+                        let copy = copy_of(&bm)?;
+                        bm.clear();
+                        Undo::Restore { bitmap: bm, copy }
+                    }
+                    _ => {
+                        let was = bm.is_enabled();
+                        bm.set_enabled(matches!(self, Action::Enable(_)));
+                        Undo::Enabled { bitmap: bm, was }
+                    }
+                }))
+            }
+        }
+    }
+}
+
+impl Prepared {
+    /// Keep the action.
+    pub fn commit(self) {}
+
+    /// Undo the action.
+    pub fn abort(self, graph: &crate::Graph) {
+        match self.0 {
+            Undo::Remove { node, name } => {
+                let _ = graph.bitmap_remove(&node, &name);
+            }
+            Undo::Reinsert { node, bitmap } => {
+                let _ = graph.bitmap_insert(&node, bitmap);
+            }
+            // OR the saved bits back rather than clear first: writes made since the action must
+            // stay recorded (a bit too many is safe, one too few is not).
+            Undo::Restore { bitmap, copy } => {
+                let _ = bitmap.merge_from(&copy);
+            }
+            Undo::Enabled { bitmap, was } => bitmap.set_enabled(was),
+        }
+    }
+}
+
+/// Apply every action or none (`transaction`); the first failure undoes the actions applied
+/// before it, newest first. A single command is a transaction of one action.
+pub fn transaction(graph: &crate::Graph, actions: &[Action]) -> Result<(), ActionError> {
+    let mut done: Vec<Prepared> = Vec::with_capacity(actions.len());
+    for a in actions {
+        match a.prepare(graph) {
+            Ok(p) => done.push(p),
+            Err(e) => {
+                for p in done.into_iter().rev() {
+                    p.abort(graph);
+                }
+                return Err(e);
+            }
+        }
+    }
+    done.into_iter().for_each(Prepared::commit);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1014,6 +1224,64 @@ mod tests {
         bm.set_busy(true);
         let err = bm.check_not_busy().err().map(|e| e.to_string());
         assert_eq!(err.as_deref(), Some("bitmap 'job' is in use by another operation"));
+    }
+
+    async fn graph_with_node() -> crate::Graph {
+        let g = crate::Graph::new();
+        g.blockdev_add(&serde_json::json!({"driver": "null-co", "node-name": "n", "size": MIB})).await.unwrap();
+        g
+    }
+
+    fn r(name: &str) -> BitmapRef {
+        BitmapRef { node: "n".into(), name: name.into() }
+    }
+
+    fn add(name: &str, granularity: Option<u64>) -> Action {
+        Action::Add { node: "n".into(), name: name.into(), granularity, persistent: false, disabled: false }
+    }
+
+    #[tokio::test]
+    async fn user_commands_follow_the_rules_in_qemus_words() {
+        let g = graph_with_node().await;
+        let err = |a: Action| transaction(&g, &[a]).err().map(|e| crate::error::chain(&e)).unwrap_or_default();
+        assert_eq!(err(add("", None)), "Bitmap name cannot be empty");
+        assert_eq!(err(add(&"x".repeat(MAX_NAME_LEN + 1), None)), "Bitmap name too long");
+        assert_eq!(err(add("b", Some(1000))), "Granularity must be power of 2 and at least 512");
+        assert_eq!(err(add("b", Some(256))), "Granularity must be power of 2 and at least 512");
+        // The upper bound is the same rule as DirtyBitmap::new's.
+        assert!(err(add("b", Some(MAX_GRANULARITY * 2))).contains("between 512 B and 2 GiB"));
+        assert!(transaction(&g, &[add(&"x".repeat(MAX_NAME_LEN), Some(MAX_GRANULARITY))]).is_ok());
+        assert!(transaction(&g, &[add("b", None)]).is_ok());
+        assert_eq!(err(add("b", None)), "Bitmap already exists: b");
+        assert_eq!(err(Action::Clear(r("nosuch"))), "Dirty bitmap 'nosuch' not found");
+        lookup(&g, "n", "b").unwrap().set_busy(true);
+        for a in [Action::Remove(r("b")), Action::Clear(r("b")), Action::Enable(r("b")), Action::Disable(r("b"))] {
+            assert_eq!(err(a), "Bitmap 'b' is currently in use by another operation and cannot be used");
+        }
+        let merge = Action::Merge { node: "n".into(), target: "b".into(), sources: vec![] };
+        assert_eq!(err(merge), "Bitmap 'b' is currently in use by another operation and cannot be used");
+    }
+
+    #[tokio::test]
+    async fn a_failing_action_undoes_the_ones_before_it() {
+        let g = graph_with_node().await;
+        transaction(&g, &[add("keep", Some(512)), add("gone", None)]).unwrap();
+        let keep = lookup(&g, "n", "keep").unwrap();
+        keep.mark(0, 512);
+        let actions = [
+            add("new", None),
+            Action::Clear(r("keep")),
+            Action::Disable(r("keep")),
+            Action::Remove(r("gone")),
+            Action::Merge { node: "n".into(), target: "keep".into(), sources: vec![r("nosuch")] },
+        ];
+        assert!(transaction(&g, &actions).is_err());
+        assert!(lookup(&g, "n", "new").is_err(), "the added bitmap is removed again");
+        assert!(keep.is_dirty(0) && keep.is_enabled(), "cleared bits and the enabled state come back");
+        assert!(lookup(&g, "n", "gone").is_ok(), "the removed bitmap is put back");
+        transaction(&g, &actions[..4]).unwrap();
+        assert!(lookup(&g, "n", "new").is_ok() && lookup(&g, "n", "gone").is_err());
+        assert!(!keep.is_dirty(0) && !keep.is_enabled());
     }
 
     /// What a model and the real thing are asked to do.

@@ -1,6 +1,6 @@
 //! QMP errors: QEMU's error classes and a human-readable `desc`.
 
-use block::BlockError;
+use block::schema::SchemaError;
 use serde_json::{json, Value};
 
 /// QEMU's error classes (qapi/error.json) that baton raises. QEMU also
@@ -43,20 +43,40 @@ impl QmpError {
         Self { class, desc: desc.into() }
     }
 
+    /// The one conversion of an error into a reply: a GenericError (QEMU
+    /// reports the failures of its subsystems so) whose desc is the error
+    /// and all of its sources, `a: b: c`.
+    pub fn chain<E: std::error::Error>(e: E) -> Self {
+        Self::generic(block::error::chain(&e))
+    }
+
     pub fn to_json(&self) -> Value {
         json!({"class": self.class.as_str(), "desc": self.desc})
     }
 }
 
-impl From<BlockError> for QmpError {
-    fn from(e: BlockError) -> Self {
-        // QEMU reports block-layer failures as GenericError.
-        QmpError { class: ErrorClass::GenericError, desc: e.chain() }
-    }
+/// `?` on the errors of the subsystems commands call: [`QmpError::chain`].
+macro_rules! from_chain {
+    ($($t:ty),* $(,)?) => {
+        $(impl From<$t> for QmpError {
+            fn from(e: $t) -> Self {
+                QmpError::chain(e)
+            }
+        })*
+    };
 }
+from_chain!(
+    block::BlockError,
+    block::bitmap::ActionError,
+    crate::daemon::DaemonError,
+    jobs::JobError,
+    jobs::mirror::MirrorError,
+    vmm::migration::VerbError,
+    vmm::VmmError,
+);
 
-impl From<crate::daemon::DaemonError> for QmpError {
-    fn from(e: crate::daemon::DaemonError) -> Self {
-        QmpError::generic(crate::error_chain(&e))
+impl From<SchemaError> for QmpError {
+    fn from(e: SchemaError) -> Self {
+        QmpError::generic(e.0)
     }
 }

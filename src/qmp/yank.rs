@@ -24,21 +24,41 @@
 
 use std::sync::Arc;
 
+use block::schema::{Qapi, Ty};
 use block::Node;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use super::error::{ErrorClass, QmpError};
-use super::schema::{opt, req, Field, Ty};
+use super::{NoArgs, Reply};
 use crate::daemon::Daemon;
 
-/// QEMU's YankInstance, flattened (the members of each type are checked by
-/// [`yank`]): `type`, plus `node-name` for `block-node` or `id` for `chardev`.
-pub(super) static INSTANCE: [Field; 3] =
-    [req("type", Ty::Enum(&["block-node", "chardev", "migration"])), opt("node-name", Ty::Str), opt("id", Ty::Str)];
-/// `yank`'s arguments.
-pub(super) static YANK_ARGS: [Field; 1] = [req("instances", Ty::Array(&Ty::Obj(&INSTANCE)))];
+block::qapi_enum! {
+    /// YankInstanceType.
+    pub enum YankInstanceType { "block-node" BlockNode, "chardev" Chardev, "migration" Migration }
+}
+
+block::qapi_struct! {
+    /// QEMU's YankInstance, flattened (the members of each type are checked
+    /// by [`check_members`]): `type`, plus `node-name` for `block-node` or
+    /// `id` for `chardev`.
+    pub struct YankInstance {
+        "type" kind: YankInstanceType,
+        "node-name" node_name: Option<String>,
+        "id" id: Option<String>,
+    }
+}
+
+block::qapi_struct! {
+    /// `yank`'s arguments.
+    pub struct Yank {
+        "instances" instances: Vec<YankInstance>,
+    }
+}
+
 /// `query-yank`'s return type.
-pub(super) static QUERY_YANK_RET: Ty = Ty::Array(&Ty::Obj(&INSTANCE));
+pub fn query_yank_ret() -> Ty {
+    Ty::Array(Box::new(YankInstance::ty()))
+}
 
 /// Commands the monitor runs without the command lock: they only cut
 /// connections or list them, and must work while another command is stuck.
@@ -55,16 +75,16 @@ fn not_found() -> QmpError {
     QmpError::new(ErrorClass::DeviceNotFound, "Instance not found")
 }
 
-/// The members an instance of `kind` must have and may have, checked as
+/// The members an instance of its type must have and may have, checked as
 /// QEMU's union visitor does: `path` is `instances[N]`.
-fn check_members(kind: &str, m: &Map<String, Value>, path: &str) -> Result<(), QmpError> {
-    let wanted: &[&str] = match kind {
-        "block-node" => &["node-name"],
-        "chardev" => &["id"],
-        _ => &[],
+fn check_members(i: &YankInstance, path: &str) -> Result<(), QmpError> {
+    let wanted: &[&str] = match i.kind {
+        YankInstanceType::BlockNode => &["node-name"],
+        YankInstanceType::Chardev => &["id"],
+        YankInstanceType::Migration => &[],
     };
-    for k in ["node-name", "id"] {
-        match (m.contains_key(k), wanted.contains(&k)) {
+    for (k, present) in [("node-name", i.node_name.is_some()), ("id", i.id.is_some())] {
+        match (present, wanted.contains(&k)) {
             (true, false) => return Err(QmpError::generic(format!("Parameter '{path}.{k}' is unexpected"))),
             (false, true) => return Err(QmpError::generic(format!("Parameter '{path}.{k}' is missing"))),
             _ => {}
@@ -79,30 +99,24 @@ enum Target {
     Migration,
 }
 
-/// Find the instance `m` names (checked against the schema already).
-fn resolve(d: &Daemon, m: &Map<String, Value>, path: &str) -> Result<Target, QmpError> {
-    let kind = m.get("type").and_then(Value::as_str).unwrap_or_default();
-    check_members(kind, m, path)?;
-    match kind {
-        "block-node" => {
-            let name = m.get("node-name").and_then(Value::as_str).unwrap_or_default();
+/// Find the instance `i` names.
+fn resolve(d: &Daemon, i: &YankInstance, path: &str) -> Result<Target, QmpError> {
+    check_members(i, path)?;
+    match (i.kind, &i.node_name) {
+        (YankInstanceType::BlockNode, Some(name)) => {
             d.graph.find(name).ok().filter(|n| yankable(n)).map(Target::Node).ok_or_else(not_found)
         }
-        "migration" if d.migration.yankable() => Ok(Target::Migration),
+        (YankInstanceType::Migration, _) if d.migration.yankable() => Ok(Target::Migration),
         // baton has no character devices.
         _ => Err(not_found()),
     }
 }
 
 /// `yank`: cut every named connection, or none if one of them does not exist.
-pub(super) async fn yank(d: Arc<Daemon>, a: Map<String, Value>) -> Result<Value, QmpError> {
-    let list = a.get("instances").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
-    let mut nodes = Vec::with_capacity(list.len());
-    for (i, v) in list.iter().enumerate() {
-        let m = v.as_object().ok_or_else(|| {
-            QmpError::generic(format!("Invalid parameter type for 'instances[{i}]', expected: object"))
-        })?;
-        nodes.push(resolve(&d, m, &format!("instances[{i}]"))?);
+pub(super) async fn yank(d: Arc<Daemon>, a: Yank) -> Reply {
+    let mut nodes = Vec::with_capacity(a.instances.len());
+    for (i, inst) in a.instances.iter().enumerate() {
+        nodes.push(resolve(&d, inst, &format!("instances[{i}]"))?);
     }
     for t in nodes {
         match t {
@@ -120,7 +134,7 @@ pub(super) async fn yank(d: Arc<Daemon>, a: Map<String, Value>) -> Result<Value,
 }
 
 /// `query-yank`: every instance `yank` accepts now.
-pub(super) async fn query_yank(d: Arc<Daemon>, _: Map<String, Value>) -> Result<Value, QmpError> {
+pub(super) async fn query_yank(d: Arc<Daemon>, _: NoArgs) -> Reply {
     let mut v: Vec<Value> = d
         .graph
         .nodes()
@@ -138,29 +152,23 @@ pub(super) async fn query_yank(d: Arc<Daemon>, _: Map<String, Value>) -> Result<
 mod tests {
     use super::*;
 
-    fn members(v: Value) -> Map<String, Value> {
-        v.as_object().cloned().unwrap()
+    /// [`check_members`] on an instance as a client sends it.
+    fn check(v: Value, path: &str) -> Result<(), QmpError> {
+        check_members(&block::schema::parse::<YankInstance>(v).unwrap(), path)
     }
 
     #[test]
     fn each_instance_type_has_exactly_its_own_members() {
-        assert!(check_members("block-node", &members(json!({"type": "block-node", "node-name": "n"})), "instances[0]")
-            .is_ok());
-        assert!(check_members("chardev", &members(json!({"type": "chardev", "id": "c"})), "instances[0]").is_ok());
-        assert!(check_members("migration", &members(json!({"type": "migration"})), "instances[0]").is_ok());
-        let e = check_members("block-node", &members(json!({"type": "block-node"})), "instances[2]").unwrap_err();
+        assert!(check(json!({"type": "block-node", "node-name": "n"}), "instances[0]").is_ok());
+        assert!(check(json!({"type": "chardev", "id": "c"}), "instances[0]").is_ok());
+        assert!(check(json!({"type": "migration"}), "instances[0]").is_ok());
+        let e = check(json!({"type": "block-node"}), "instances[2]").unwrap_err();
         assert_eq!(e.desc, "Parameter 'instances[2].node-name' is missing");
-        let e = check_members(
-            "block-node",
-            &members(json!({"type": "block-node", "node-name": "n", "id": "x"})),
-            "instances[0]",
-        )
-        .unwrap_err();
+        let e = check(json!({"type": "block-node", "node-name": "n", "id": "x"}), "instances[0]").unwrap_err();
         assert_eq!(e.desc, "Parameter 'instances[0].id' is unexpected");
-        let e = check_members("migration", &members(json!({"type": "migration", "node-name": "n"})), "instances[1]")
-            .unwrap_err();
+        let e = check(json!({"type": "migration", "node-name": "n"}), "instances[1]").unwrap_err();
         assert_eq!(e.desc, "Parameter 'instances[1].node-name' is unexpected");
-        let e = check_members("chardev", &members(json!({"type": "chardev"})), "instances[0]").unwrap_err();
+        let e = check(json!({"type": "chardev"}), "instances[0]").unwrap_err();
         assert_eq!(e.desc, "Parameter 'instances[0].id' is missing");
     }
 }
