@@ -16,6 +16,8 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
+use block::sync::{lock, wait, wait_timeout};
+
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
@@ -103,7 +105,7 @@ pub struct Vcpus {
 
 impl Vcpus {
     fn lock(&self) -> std::sync::MutexGuard<'_, Ctl> {
-        self.ctl.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.ctl)
     }
 
     /// Start a thread for `vcpu` (parked until `resume`).
@@ -118,9 +120,7 @@ impl Vcpus {
             KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
         })?;
         let tid = rx.recv().map_err(|e| std::io::Error::other(e.to_string()))?;
-        if let Ok(mut t) = self.threads.lock() {
-            t.push((tid, h));
-        }
+        lock(&self.threads).push((tid, h));
         Ok(())
     }
 
@@ -136,7 +136,7 @@ impl Vcpus {
                         self.cond.notify_all();
                         continue;
                     }
-                    c = self.cond.wait(c).unwrap_or_else(|p| p.into_inner());
+                    c = wait(&self.cond, c);
                 }
                 if c.exit {
                     return;
@@ -177,7 +177,7 @@ impl Vcpus {
                 // Idle until the next stop (then cont) or exit.
                 self.cond.notify_all();
                 while c.run && !c.exit {
-                    c = self.cond.wait(c).unwrap_or_else(|p| p.into_inner());
+                    c = wait(&self.cond, c);
                 }
             }
             self.cond.notify_all();
@@ -205,7 +205,7 @@ impl Vcpus {
         if c.run || c.in_run > 0 {
             return Err("the vCPUs must be stopped".into());
         }
-        let threads = self.threads.lock().map(|t| t.len()).unwrap_or(0) as u64;
+        let threads = lock(&self.threads).len() as u64;
         if id >= threads {
             return Err(format!("no vCPU {id}"));
         }
@@ -215,7 +215,7 @@ impl Vcpus {
             if let Some(i) = c.answers.iter().position(|(who, _)| *who == id) {
                 return c.answers.swap_remove(i).1;
             }
-            c = self.cond.wait(c).unwrap_or_else(|p| p.into_inner());
+            c = wait(&self.cond, c);
         }
     }
 
@@ -230,10 +230,8 @@ impl Vcpus {
     }
 
     fn kick_all(&self) {
-        if let Ok(t) = self.threads.lock() {
-            for (tid, _) in t.iter() {
-                let _ = nix::sys::pthread::pthread_kill(*tid, KICK_SIGNAL);
-            }
+        for (tid, _) in lock(&self.threads).iter() {
+            let _ = nix::sys::pthread::pthread_kill(*tid, KICK_SIGNAL);
         }
     }
 
@@ -258,9 +256,7 @@ impl Vcpus {
             if c.in_run == 0 {
                 break;
             }
-            let (g, _) =
-                self.cond.wait_timeout(c, std::time::Duration::from_millis(5)).unwrap_or_else(|p| p.into_inner());
-            c = g;
+            c = wait_timeout(&self.cond, c, std::time::Duration::from_millis(5));
         }
     }
 
@@ -277,7 +273,7 @@ impl Vcpus {
             c.exit = true;
             self.cond.notify_all();
         }
-        let threads = self.threads.lock().map(|mut t| std::mem::take(&mut *t)).unwrap_or_default();
+        let threads = std::mem::take(&mut *lock(&self.threads));
         for (_, h) in threads {
             let _ = h.join();
         }

@@ -12,6 +12,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use block::sync::lock;
 use block::BlockBackend;
 use kvm_ioctls::{Kvm, VmFd};
 use serde_json::{json, Value};
@@ -116,9 +117,7 @@ impl ExitHandler for Exits {
     }
     fn fatal(&self, vcpu: u64, why: String) {
         tracing::error!(vcpu, "guest stopped: {why}");
-        if let Ok(mut f) = self.fatal.lock() {
-            f.get_or_insert(format!("vcpu {vcpu}: {why}"));
-        }
+        lock(&self.fatal).get_or_insert(format!("vcpu {vcpu}: {why}"));
     }
 }
 
@@ -266,11 +265,11 @@ impl Vm {
         if self.fatal_error().is_some() {
             return RunState::InternalError;
         }
-        *self.state.lock().unwrap_or_else(|p| p.into_inner())
+        *lock(&self.state)
     }
 
     pub fn set_state(&self, s: RunState) {
-        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = s;
+        *lock(&self.state) = s;
     }
 
     pub fn is_running(&self) -> bool {
@@ -291,7 +290,7 @@ impl Vm {
 
     /// The guest stopped on its own (triple fault and the like).
     pub fn fatal_error(&self) -> Option<String> {
-        self.exits.fatal.lock().ok().and_then(|f| f.clone())
+        lock(&self.exits.fatal).clone()
     }
 
     /// I2: every node under the disk must be active before vCPUs run.
@@ -338,9 +337,7 @@ impl Vm {
         }
         self.set_state(RunState::Running);
         self.runs.fetch_add(1, Ordering::SeqCst);
-        if let Ok(mut l) = self.last_stop.lock() {
-            *l = None;
-        }
+        *lock(&self.last_stop) = None;
         self.vcpus.resume();
         (self.events)("RESUME", json!({}));
         Ok(())
@@ -351,7 +348,7 @@ impl Vm {
         if self.is_running() {
             return None;
         }
-        self.last_stop.lock().ok().and_then(|l| *l)
+        *lock(&self.last_stop)
     }
 
     /// `stop`: returns once every vCPU has left KVM_RUN and the device is drained.
@@ -401,9 +398,7 @@ impl Vm {
             }
         }
         // The guest's last write is complete only now.
-        if let Ok(mut l) = self.last_stop.lock() {
-            l.get_or_insert_with(Instant::now);
-        }
+        lock(&self.last_stop).get_or_insert_with(Instant::now);
         Ok(t.elapsed())
     }
 
@@ -428,7 +423,7 @@ impl Vm {
         let done_before = self.mem.read_obj::<u32>(GuestAddress(VERIFY_DONE)).unwrap_or(0);
         let req_before = self.mem.read_obj::<u32>(GuestAddress(VERIFY_REQ)).unwrap_or(0);
         let seq = {
-            let mut s = self.verify_nonce.lock().unwrap_or_else(|p| p.into_inner());
+            let mut s = lock(&self.verify_nonce);
             loop {
                 *s = next_nonce(*s);
                 let n = (*s >> 32) as u32;
