@@ -38,8 +38,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use block::bitmap::DirtyBitmap;
-use block::sync::{lock, wait_for};
 use block::node::{WriteHook, Written};
+use block::sync::{lock, wait_for};
 use block::{BlockBackend, BlockError, Graph, IoBuf, Node, Perm, PermSet, WriteFlags, ZeroFlags};
 use serde_json::{json, Value};
 use tokio::sync::Notify;

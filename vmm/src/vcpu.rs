@@ -22,6 +22,8 @@ use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 
+use crate::VmmError;
+
 /// The signal that kicks a vCPU out of KVM_RUN.
 pub const KICK_SIGNAL: Signal = Signal::SIGUSR2;
 
@@ -91,7 +93,7 @@ struct Ctl {
     /// Pending state requests, by vCPU id.
     requests: Vec<(u64, StateOp)>,
     /// Answers to them.
-    answers: Vec<(u64, Result<Box<VcpuState>, String>)>,
+    answers: Vec<(u64, Result<Box<VcpuState>, VmmError>)>,
 }
 
 /// Shared control of every vCPU thread.
@@ -119,7 +121,7 @@ impl Vcpus {
             me.thread_loop(id, &mut vcpu, &*handler);
             KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
         })?;
-        let tid = rx.recv().map_err(|e| std::io::Error::other(e.to_string()))?;
+        let tid = rx.recv().map_err(std::io::Error::other)?;
         lock(&self.threads).push((tid, h));
         Ok(())
     }
@@ -131,7 +133,7 @@ impl Vcpus {
                 while !c.run && !c.exit {
                     if let Some(i) = c.requests.iter().position(|(who, _)| *who == id) {
                         let (_, op) = c.requests.swap_remove(i);
-                        let answer = Self::state_op(vcpu, op);
+                        let answer = Self::state_op(id, vcpu, op);
                         c.answers.push((id, answer));
                         self.cond.notify_all();
                         continue;
@@ -184,30 +186,31 @@ impl Vcpus {
         }
     }
 
-    fn state_op(vcpu: &VcpuFd, op: StateOp) -> Result<Box<VcpuState>, String> {
+    fn state_op(id: u64, vcpu: &VcpuFd, op: StateOp) -> Result<Box<VcpuState>, VmmError> {
+        let failed = |op: &'static str| move |source| VmmError::VcpuState { vcpu: id, op, source };
         match op {
             StateOp::Save => {
-                let regs = vcpu.get_regs().map_err(|e| format!("KVM_GET_REGS: {e}"))?;
-                let sregs = vcpu.get_sregs().map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
+                let regs = vcpu.get_regs().map_err(failed("KVM_GET_REGS"))?;
+                let sregs = vcpu.get_sregs().map_err(failed("KVM_GET_SREGS"))?;
                 Ok(Box::new(VcpuState { regs, sregs }))
             }
             StateOp::Restore(st) => {
-                vcpu.set_sregs(&st.sregs).map_err(|e| format!("KVM_SET_SREGS: {e}"))?;
-                vcpu.set_regs(&st.regs).map_err(|e| format!("KVM_SET_REGS: {e}"))?;
+                vcpu.set_sregs(&st.sregs).map_err(failed("KVM_SET_SREGS"))?;
+                vcpu.set_regs(&st.regs).map_err(failed("KVM_SET_REGS"))?;
                 Ok(st)
             }
         }
     }
 
     /// Run a state request on vCPU `id`'s own thread; the vCPUs must be paused.
-    fn request(&self, id: u64, op: StateOp) -> Result<Box<VcpuState>, String> {
+    fn request(&self, id: u64, op: StateOp) -> Result<Box<VcpuState>, VmmError> {
         let mut c = self.lock();
         if c.run || c.in_run > 0 {
-            return Err("the vCPUs must be stopped".into());
+            return Err(VmmError::VcpusRunning);
         }
         let threads = lock(&self.threads).len() as u64;
         if id >= threads {
-            return Err(format!("no vCPU {id}"));
+            return Err(VmmError::NoVcpu(id));
         }
         c.requests.push((id, op));
         self.cond.notify_all();
@@ -220,12 +223,12 @@ impl Vcpus {
     }
 
     /// The state of vCPU `id` (stopped).
-    pub fn save(&self, id: u64) -> Result<VcpuState, String> {
+    pub fn save(&self, id: u64) -> Result<VcpuState, VmmError> {
         self.request(id, StateOp::Save).map(|b| *b)
     }
 
     /// Load a state into vCPU `id` (stopped).
-    pub fn restore(&self, id: u64, st: VcpuState) -> Result<(), String> {
+    pub fn restore(&self, id: u64, st: VcpuState) -> Result<(), VmmError> {
         self.request(id, StateOp::Restore(Box::new(st))).map(|_| ())
     }
 

@@ -424,7 +424,7 @@ impl Migration {
         if self.lock().cancel_requested {
             super::MigrationError::Cancelled
         } else {
-            super::MigrationError::LinkLost("the connection was yanked (QMP yank)".into())
+            super::MigrationError::LinkLost("the connection was yanked (QMP yank)")
         }
     }
 
