@@ -37,9 +37,15 @@ pub fn create(vm: &VmFd, size: u64) -> Result<Arc<Mem>, VmmError> {
             memory_size: region.len(),
             userspace_addr: host as u64,
         };
-        // SAFETY: the mapping [host, host+len) belongs to `mem`, which the
-        // VM keeps alive (Arc) for as long as the VM fd exists, and is not
-        // registered for any other slot.
+        // SAFETY: KVM needs `userspace_addr` to point to `memory_size` bytes
+        // of valid memory for as long as a guest can touch them, and slots
+        // that do not overlap. `host` is the start of the mapping vm-memory
+        // made for `region`, which is `region.len()` bytes long; slots are
+        // numbered by region and vm-memory refuses overlapping regions. The
+        // mapping lives in `mem` (an Arc) until the last clone goes, and a
+        // guest runs only in a `Vm`, which holds a clone and joins its vCPU
+        // threads (closing their VcpuFds) before its fields drop; `Vm::new`
+        // ends the threads it started before an error drops `mem`.
         unsafe { vm.set_user_memory_region(r) }
             .map_err(|source| VmmError::Kvm { op: "KVM_SET_USER_MEMORY_REGION", source })?;
     }

@@ -28,16 +28,39 @@ use crate::VmmError;
 pub const KICK_SIGNAL: Signal = Signal::SIGUSR2;
 
 thread_local! {
-    /// This thread's kvm_run mapping, for the kick handler (null on other threads).
+    /// This thread's kvm_run mapping, for the kick handler (null on other
+    /// threads). A const-initialised `Cell` of a pointer: no lazy
+    /// initialisation and no destructor, so the handler may read it.
     static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// Publishes a vCPU thread's kvm_run mapping to the kick handler for as long
+/// as it lives; its drop clears it, also when the thread unwinds.
+struct KickTarget;
+
+impl KickTarget {
+    fn set(run: *mut kvm_run) -> KickTarget {
+        KVM_RUN.with(|r| r.set(run));
+        KickTarget
+    }
+}
+
+impl Drop for KickTarget {
+    fn drop(&mut self) {
+        KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
+    }
 }
 
 extern "C" fn on_kick(_: nix::libc::c_int) {
     let p = KVM_RUN.with(|r| r.get());
     if !p.is_null() {
-        // SAFETY: `p` is this thread's own kvm_run mapping, set by the vCPU
-        // thread before its first KVM_RUN and cleared before the VcpuFd (and
-        // so the mapping) is dropped; a byte write is async-signal-safe.
+        // SAFETY: a non-null `p` is this thread's own kvm_run mapping: only
+        // `KickTarget::set` stores it, on the vCPU thread that owns the
+        // VcpuFd, and the `KickTarget` is dropped (pointer cleared) before
+        // that VcpuFd and so before the mapping goes (see `spawn`: declared
+        // after it, dropped first, also on unwind). The signal runs on the
+        // same thread, so the mapping cannot go while it writes; the write is
+        // one volatile byte store, async-signal-safe.
         unsafe { std::ptr::addr_of_mut!((*p).immediate_exit).write_volatile(1) };
     }
 }
@@ -48,8 +71,12 @@ pub fn install_kick_handler() -> Result<(), nix::Error> {
     *DONE.get_or_init(|| {
         // No SA_RESTART: KVM_RUN must come back with EINTR.
         let act = SigAction::new(SigHandler::Handler(on_kick), SaFlags::empty(), SigSet::empty());
-        // SAFETY: the handler only does a volatile byte store through a
-        // thread-local pointer, which is async-signal-safe.
+        // SAFETY: sigaction is unsafe because the handler runs at any point
+        // of any thread. `on_kick` only reads a const-initialised
+        // thread-local (no allocation, no lock, no lazy init) and does one
+        // volatile byte store through it: async-signal-safe. KICK_SIGNAL is
+        // baton's own (nothing else in the process handles SIGUSR2), and the
+        // OnceLock installs it once.
         unsafe { sigaction(KICK_SIGNAL, &act) }.map(|_| ())
     })
 }
@@ -111,15 +138,15 @@ impl Vcpus {
     }
 
     /// Start a thread for `vcpu` (parked until `resume`).
-    pub fn spawn(self: &Arc<Self>, id: u64, mut vcpu: VcpuFd, handler: Arc<dyn ExitHandler>) -> std::io::Result<()> {
+    pub fn spawn(self: &Arc<Self>, id: u64, vcpu: VcpuFd, handler: Arc<dyn ExitHandler>) -> std::io::Result<()> {
         let me = self.clone();
         let (tx, rx) = std::sync::mpsc::channel();
         let h = std::thread::Builder::new().name(format!("vcpu{id}")).spawn(move || {
             let _ = tx.send(nix::sys::pthread::pthread_self());
-            let run_ptr: *mut kvm_run = vcpu.get_kvm_run();
-            KVM_RUN.with(|r| r.set(run_ptr));
+            // A local of this body, declared before the kick target: dropped after it.
+            let mut vcpu = vcpu;
+            let _kick = KickTarget::set(vcpu.get_kvm_run());
             me.thread_loop(id, &mut vcpu, &*handler);
-            KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
         })?;
         let tid = rx.recv().map_err(std::io::Error::other)?;
         lock(&self.threads).push((tid, h));

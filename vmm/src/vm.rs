@@ -243,8 +243,14 @@ impl Vm {
         let exits = Arc::new(Exits { device: device.clone(), fatal: Mutex::new(None) });
         let vcpus = Arc::new(Vcpus::default());
         for id in 0..u64::from(config.vcpus) {
-            let vcpu = setup_vcpu(&vm, id, if id == 0 { CODE } else { IDLE_CODE })?;
-            vcpus.spawn(id, vcpu, exits.clone()).map_err(|source| VmmError::VcpuThread { vcpu: id, source })?;
+            let started = setup_vcpu(&vm, id, if id == 0 { CODE } else { IDLE_CODE }).and_then(|vcpu| {
+                vcpus.spawn(id, vcpu, exits.clone()).map_err(|source| VmmError::VcpuThread { vcpu: id, source })
+            });
+            if let Err(e) = started {
+                // No vCPU thread outlives a VM that was never made (nor its memory).
+                vcpus.shutdown();
+                return Err(e);
+            }
         }
         let state = if incoming { RunState::InMigrate } else { RunState::Prelaunch };
         Ok(Arc::new(Vm {
