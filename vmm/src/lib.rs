@@ -123,3 +123,18 @@ impl VmmError {
 pub(crate) fn error_text(e: &dyn std::error::Error) -> String {
     block::error::chain(e)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_says_what_failed_and_its_source_says_why() {
+        let e = VmmError::TakeDisk(block::BlockError::NodeNotFound("disk".into()));
+        assert_eq!(e.to_string(), "the guest cannot take its disk");
+        assert_eq!(e.chain(), "the guest cannot take its disk: cannot find node 'disk'");
+        let e = VmmError::VcpuState { vcpu: 1, op: "KVM_GET_REGS", source: kvm_ioctls::Error::new(5) };
+        assert!(std::error::Error::source(&e).is_some());
+        assert!(e.chain().starts_with("vCPU 1: KVM_GET_REGS failed with errno 5: "), "{}", e.chain());
+    }
+}
