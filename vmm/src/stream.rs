@@ -635,6 +635,11 @@ mod tests {
             write_vcpu(&mut w, 2, &st).await.unwrap();
             write_end(&mut w, false).await.unwrap();
             assert_eq!(w.len(), 12 + 9 + 4 + VCPU_STATE_LEN + 9 + 1);
+            // The layout is the format's, not this build's: spot-check it.
+            let state_bytes = &w[12 + 9 + 4..][..VCPU_STATE_LEN];
+            assert_eq!(state_bytes[16 * 8..17 * 8], st.regs.rip.to_le_bytes());
+            assert_eq!(state_bytes[18 * 8..19 * 8], st.sregs.cs.base.to_le_bytes());
+            assert_eq!(state_bytes[VCPU_STATE_LEN - 8..], st.sregs.interrupt_bitmap[3].to_le_bytes());
             let s = parse_all(&w).await.unwrap();
             let Section::Vcpu { id: 2, state } = &s[0] else { panic!("{:?}", s[0]) };
             assert_eq!(state.regs, st.regs);
