@@ -1,12 +1,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 //! `baton demo` runs the whole handover and checks the invariants itself.
 
+mod common;
+
 use std::process::Command;
 
 #[test]
 fn the_one_command_demo_moves_the_guest_and_loses_nothing() {
-    if !std::path::Path::new("/dev/kvm").exists() {
-        eprintln!("skipped: /dev/kvm is missing on this machine");
+    if !common::kvm_or_skip() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -23,7 +23,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -737,8 +737,7 @@ type Results = BTreeMap<(Phase, Fault), Result<Cell, String>>;
 
 #[test]
 fn the_handover_fault_matrix_holds_in_every_cell() {
-    if !Path::new("/dev/kvm").exists() {
-        eprintln!("skipped: /dev/kvm is missing on this machine");
+    if !common::kvm_or_skip() {
         return;
     }
     common::require_tools(&["qemu-img"]);
@@ -829,20 +828,12 @@ fn the_handover_fault_matrix_holds_in_every_cell() {
 // Regressions: the peers' known bugs in this area, and this project's own
 // ---------------------------------------------------------------------------
 
-fn kvm() -> bool {
-    let ok = Path::new("/dev/kvm").exists();
-    if !ok {
-        eprintln!("skipped: /dev/kvm is missing on this machine");
-    }
-    ok
-}
-
 /// QEMU issue 2395: migrating a paused guest twice (the first attempt
 /// fails after the source inactivated its nodes) asserted on a node left
 /// inactive. Here the second attempt completes and the guest arrives paused.
 #[test]
 fn a_paused_guest_migrates_twice_and_arrives_paused() {
-    if !kvm() {
+    if !common::kvm_or_skip() {
         return;
     }
     let mut rig = Rig::new();
@@ -873,7 +864,7 @@ fn a_paused_guest_migrates_twice_and_arrives_paused() {
 /// names the node, and a second attempt completes.
 #[test]
 fn a_flush_failure_on_node_k_of_n_at_inactivation_rolls_back_whole() {
-    if !kvm() {
+    if !common::kvm_or_skip() {
         return;
     }
     let mut extra = Vec::new();
@@ -909,7 +900,7 @@ fn a_flush_failure_on_node_k_of_n_at_inactivation_rolls_back_whole() {
 /// attempt ends `cancelled`, and the destination rolls back.
 #[test]
 fn a_cancel_with_the_link_stalled_stops_the_ram_at_once() {
-    if !kvm() {
+    if !common::kvm_or_skip() {
         return;
     }
     let mut rig = Rig::new();
@@ -953,7 +944,7 @@ fn a_cancel_with_the_link_stalled_stops_the_ram_at_once() {
 /// an error that names what is wrong; the destination stays ready for a real one.
 #[test]
 fn a_hostile_peer_fails_its_attempt_and_the_destination_stays_ready() {
-    if !kvm() {
+    if !common::kvm_or_skip() {
         return;
     }
     use std::io::{Read, Write};
@@ -964,7 +955,7 @@ fn a_hostile_peer_fails_its_attempt_and_the_destination_stays_ready() {
     let mem = 16u64 << 20;
     let hello = |w: &mut Vec<u8>, memory: u64| {
         w.extend_from_slice(b"BATONMIG");
-        w.extend_from_slice(&2u32.to_be_bytes());
+        w.extend_from_slice(&vmm::stream::VERSION.to_be_bytes());
         w.push(1);
         w.extend_from_slice(&20u64.to_be_bytes());
         w.extend_from_slice(&memory.to_be_bytes());
@@ -1047,7 +1038,7 @@ fn a_hostile_peer_fails_its_attempt_and_the_destination_stays_ready() {
 /// not the id, rolls back, and names the disk.
 #[test]
 fn a_new_job_reusing_the_mirrors_id_does_not_carry_the_disk() {
-    if !kvm() {
+    if !common::kvm_or_skip() {
         return;
     }
     let mut rig = Rig::new();
@@ -1082,7 +1073,7 @@ fn a_new_job_reusing_the_mirrors_id_does_not_carry_the_disk() {
 /// vCPUs are stopped, and the attempt rolls back with the reason.
 #[test]
 fn a_stalled_mirror_target_bounds_the_drain_and_the_run_state_tells_the_truth() {
-    if !kvm() {
+    if !common::kvm_or_skip() {
         return;
     }
     let mut rig = Rig::new();
@@ -1124,7 +1115,7 @@ fn a_stalled_mirror_target_bounds_the_drain_and_the_run_state_tells_the_truth() 
 /// (not cancelled) and both sides roll back; then a second attempt completes.
 #[test]
 fn yanking_the_migration_fails_the_attempt_and_both_sides_roll_back() {
-    if !kvm() {
+    if !common::kvm_or_skip() {
         return;
     }
     let mut rig = Rig::new();
@@ -1155,7 +1146,7 @@ fn yanking_the_migration_fails_the_attempt_and_both_sides_roll_back() {
 /// unable to hear a decision, never runs until the operator aborts it.
 #[test]
 fn a_return_path_reset_as_prepared_passes_never_runs_two_guests() {
-    if !kvm() {
+    if !common::kvm_or_skip() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -115,8 +115,7 @@ fn pair_with(dst_memory: &str, incoming: Option<String>, dst_env: &[(&str, &str)
 
 #[test]
 fn a_running_guest_and_its_disk_move_to_another_daemon() {
-    if !Path::new("/dev/kvm").exists() {
-        eprintln!("skipped: /dev/kvm is missing on this machine");
+    if !common::kvm_or_skip() {
         return;
     }
     let mut p = pair("64M");
@@ -151,8 +150,7 @@ fn a_running_guest_and_its_disk_move_to_another_daemon() {
 
 #[test]
 fn a_refused_migration_leaves_the_source_running_as_before() {
-    if !Path::new("/dev/kvm").exists() {
-        eprintln!("skipped: /dev/kvm is missing on this machine");
+    if !common::kvm_or_skip() {
         return;
     }
     // The destination's guest has less RAM: it refuses at the first section.
@@ -186,8 +184,7 @@ fn a_refused_migration_leaves_the_source_running_as_before() {
 
 #[test]
 fn pause_before_switchover_waits_for_continue_and_a_cancel_there_resumes_the_source() {
-    if !Path::new("/dev/kvm").exists() {
-        eprintln!("skipped: /dev/kvm is missing on this machine");
+    if !common::kvm_or_skip() {
         return;
     }
     let mut p = pair("64M");
@@ -221,8 +218,7 @@ fn pause_before_switchover_waits_for_continue_and_a_cancel_there_resumes_the_sou
 
 #[test]
 fn migration_over_tcp_on_loopback_completes() {
-    if !Path::new("/dev/kvm").exists() {
-        eprintln!("skipped: /dev/kvm is missing on this machine");
+    if !common::kvm_or_skip() {
         return;
     }
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -237,8 +233,7 @@ fn migration_over_tcp_on_loopback_completes() {
 
 #[test]
 fn a_destination_that_dies_at_the_switchover_leaves_the_source_running() {
-    if !Path::new("/dev/kvm").exists() {
-        eprintln!("skipped: /dev/kvm is missing on this machine");
+    if !common::kvm_or_skip() {
         return;
     }
     let mut p = pair("64M");
@@ -271,8 +266,7 @@ fn a_destination_that_dies_at_the_switchover_leaves_the_source_running() {
 #[cfg(feature = "failpoints")]
 #[test]
 fn a_destination_failing_after_activation_leaves_the_source_running_and_neither_runs_twice() {
-    if !Path::new("/dev/kvm").exists() {
-        eprintln!("skipped: /dev/kvm is missing on this machine");
+    if !common::kvm_or_skip() {
         return;
     }
     let mut p = pair_with("64M", None, &[("FAILPOINTS", "migration::incoming-before-ack=return")]);
@@ -298,8 +292,7 @@ fn a_destination_failing_after_activation_leaves_the_source_running_and_neither_
 /// side sends exactly one MIGRATION event per status change.
 #[test]
 fn libvirts_sequence_with_mirrors_cancelled_at_pre_switchover_completes() {
-    if !Path::new("/dev/kvm").exists() {
-        eprintln!("skipped: /dev/kvm is missing on this machine");
+    if !common::kvm_or_skip() {
         return;
     }
     let mut p = pair("64M");
@@ -338,8 +331,7 @@ fn libvirts_sequence_with_mirrors_cancelled_at_pre_switchover_completes() {
 /// `migrate` fails at once naming the disk, and the source keeps running.
 #[test]
 fn a_migration_whose_mirror_failed_is_refused_naming_the_disk() {
-    if !Path::new("/dev/kvm").exists() {
-        eprintln!("skipped: /dev/kvm is missing on this machine");
+    if !common::kvm_or_skip() {
         return;
     }
     let mut p = pair("64M");
@@ -360,8 +352,7 @@ fn a_migration_whose_mirror_failed_is_refused_naming_the_disk() {
 /// inactive (no export, no mirror); the handover moves the image lock.
 #[test]
 fn a_plain_shared_storage_migration_moves_the_guest_and_the_lock() {
-    if !Path::new("/dev/kvm").exists() {
-        eprintln!("skipped: /dev/kvm is missing on this machine");
+    if !common::kvm_or_skip() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

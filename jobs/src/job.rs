@@ -20,6 +20,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use block::sync::{lock, wait_for};
 use serde_json::{json, Value};
 use tokio::sync::Notify;
 
@@ -231,7 +232,7 @@ impl std::fmt::Debug for Job {
 
 impl Job {
     fn st(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.state)
     }
 
     pub fn status(&self) -> Status {
@@ -269,7 +270,7 @@ impl Job {
 
     /// How the job's work ended, once it has.
     pub fn ended(&self) -> Option<Ended> {
-        self.ended.lock().ok().and_then(|e| e.clone())
+        lock(&self.ended).clone()
     }
 
     /// The nodes the job reads and writes, while it runs.
@@ -318,39 +319,30 @@ impl Job {
 
     /// Wait here while paused (the job's pause point). Returns early on cancel.
     pub async fn pause_point(&self) {
-        loop {
-            let kicked = self.kick.notified();
-            tokio::pin!(kicked);
-            kicked.as_mut().enable();
+        wait_for(&self.kick, || {
             let (paused, status, cancelled) = {
                 let s = self.st();
                 (s.pause_count > 0, s.status, s.cancelled)
             };
-            if cancelled {
-                // Leave the pause so the job can wind down (paused -> aborting is not a transition).
-                match status {
-                    Status::Paused => self.transition(Status::Running),
-                    Status::Standby => self.transition(Status::Ready),
-                    _ => {}
-                }
-                return;
-            }
-            if paused {
+            if paused && !cancelled {
+                // Stay: enter the pause (once) and sleep until the next kick.
                 match status {
                     Status::Running => self.transition(Status::Paused),
                     Status::Ready => self.transition(Status::Standby),
                     _ => {}
                 }
-            } else {
-                match status {
-                    Status::Paused => self.transition(Status::Running),
-                    Status::Standby => self.transition(Status::Ready),
-                    _ => {}
-                }
-                return;
+                return false;
             }
-            kicked.await;
-        }
+            // Resumed, or cancelled: leave the pause (a cancelled job winds
+            // down from there; paused -> aborting is not a transition).
+            match status {
+                Status::Paused => self.transition(Status::Running),
+                Status::Standby => self.transition(Status::Ready),
+                _ => {}
+            }
+            true
+        })
+        .await
     }
 
     /// Pause for an error with action `stop` (as a user pause that resume lifts).
@@ -383,15 +375,7 @@ impl Job {
 
     /// Wait until the job is concluded or gone.
     pub async fn wait_finished(&self) {
-        loop {
-            let n = self.finished.notified();
-            tokio::pin!(n);
-            n.as_mut().enable();
-            if matches!(self.status(), Status::Concluded | Status::Null) {
-                return;
-            }
-            n.await;
-        }
+        wait_for(&self.finished, || matches!(self.status(), Status::Concluded | Status::Null)).await
     }
 }
 
@@ -433,7 +417,7 @@ impl JobManager {
     }
 
     fn list_lock(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Job>>> {
-        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.jobs)
     }
 
     pub fn jobs(&self) -> Vec<Arc<Job>> {
@@ -498,21 +482,19 @@ impl JobManager {
     }
 
     fn driver_of(job: &Job) -> Option<Arc<dyn JobDriver>> {
-        job.driver.lock().ok().and_then(|d| d.clone())
+        lock(&job.driver).clone()
     }
 
     /// Take the driver out of the job: once the caller drops it, the job's
     /// users leave their nodes (before the end event, as in QEMU).
     fn take_driver(job: &Job) -> Option<Arc<dyn JobDriver>> {
-        job.driver.lock().ok().and_then(|mut d| d.take())
+        lock(&job.driver).take()
     }
 
     /// The work ended: go through waiting/pending (or aborting) to concluded.
     fn conclude(&self, job: &Arc<Job>, outcome: Outcome) {
         let committed = Self::driver_of(job).is_some_and(|d| d.committed());
-        if let Ok(mut e) = job.ended.lock() {
-            *e = Some(Ended { outcome: outcome.clone(), at: std::time::Instant::now(), committed });
-        }
+        *lock(&job.ended) = Some(Ended { outcome: outcome.clone(), at: std::time::Instant::now(), committed });
         match outcome {
             Outcome::Done => {
                 job.transition(Status::Waiting);

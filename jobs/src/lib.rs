@@ -1,5 +1,7 @@
 //! baton's block jobs: QEMU's job state machine ([`job`]) and the mirror job ([`mirror`]).
 
+#![forbid(unsafe_code)]
+
 pub mod job;
 pub mod mirror;
 

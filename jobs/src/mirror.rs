@@ -39,6 +39,7 @@ use std::time::{Duration, Instant};
 
 use block::bitmap::DirtyBitmap;
 use block::node::{WriteHook, Written};
+use block::sync::{lock, wait_for};
 use block::{BlockBackend, BlockError, Graph, IoBuf, Node, Perm, PermSet, WriteFlags, ZeroFlags};
 use serde_json::{json, Value};
 use tokio::sync::Notify;
@@ -137,7 +138,7 @@ struct Inflight {
 
 impl Inflight {
     fn try_claim(&self, first: u64, last: u64) -> bool {
-        let Ok(mut c) = self.chunks.lock() else { return false };
+        let mut c = lock(&self.chunks);
         if (first..=last).any(|i| c.contains(&i)) {
             return false;
         }
@@ -146,41 +147,25 @@ impl Inflight {
     }
 
     async fn claim(&self, first: u64, last: u64) {
-        loop {
-            let n = self.released.notified();
-            tokio::pin!(n);
-            n.as_mut().enable();
-            if self.try_claim(first, last) {
-                return;
-            }
-            n.await;
-        }
+        wait_for(&self.released, || self.try_claim(first, last)).await
     }
 
     fn release(&self, first: u64, last: u64) {
-        if let Ok(mut c) = self.chunks.lock() {
-            for i in first..=last {
-                c.remove(&i);
-            }
+        let mut c = lock(&self.chunks);
+        for i in first..=last {
+            c.remove(&i);
         }
+        drop(c);
         self.released.notify_waiters();
     }
 
     fn is_empty(&self) -> bool {
-        self.chunks.lock().map(|c| c.is_empty()).unwrap_or(true)
+        lock(&self.chunks).is_empty()
     }
 
     /// Wait until no chunk is claimed.
     async fn drained(&self) {
-        loop {
-            let n = self.released.notified();
-            tokio::pin!(n);
-            n.as_mut().enable();
-            if self.is_empty() {
-                return;
-            }
-            n.await;
-        }
+        wait_for(&self.released, || self.is_empty()).await
     }
 }
 
@@ -435,9 +420,7 @@ impl WriteHook for Hook {
                 Ok(()) => {}
                 Err(e) => {
                     // Leave the range dirty; the job applies its error policy.
-                    if let Ok(mut h) = s.hook_error.lock() {
-                        *h = Some(e.chain());
-                    }
+                    *lock(&s.hook_error) = Some(e.chain());
                 }
             }
             s.inflight.release(first, last);
@@ -669,7 +652,8 @@ impl MirrorDriver {
                 }
                 job.pause_point().await;
             }
-            if let Some(msg) = s.hook_error.lock().ok().and_then(|mut h| h.take()) {
+            let hook_error = lock(&s.hook_error).take();
+            if let Some(msg) = hook_error {
                 if let Some(o) = self.on_error(job, "write", s.opts.on_target_error, msg, 0, 0) {
                     return self.wind_down(tasks, o).await;
                 }

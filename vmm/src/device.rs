@@ -12,6 +12,7 @@
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use block::sync::{lock, wait_for};
 use block::{BlockBackend, IoBuf, WriteFlags};
 use tokio::sync::Notify;
 use vm_memory::{Bytes, GuestAddress};
@@ -86,7 +87,7 @@ impl BlockDevice {
     }
 
     pub fn last_error(&self) -> Option<String> {
-        self.last_error.lock().ok().and_then(|e| e.clone())
+        lock(&self.last_error).clone()
     }
 
     pub fn in_flight(&self) -> usize {
@@ -95,13 +96,11 @@ impl BlockDevice {
 
     /// The device state to migrate.
     pub fn save(&self) -> u32 {
-        self.consumed.lock().map(|c| *c).unwrap_or(0)
+        *lock(&self.consumed)
     }
 
     pub fn restore(&self, consumed: u32) {
-        if let Ok(mut c) = self.consumed.lock() {
-            *c = consumed;
-        }
+        *lock(&self.consumed) = consumed;
     }
 
     fn done_one(&self) {
@@ -132,7 +131,7 @@ impl BlockDevice {
     }
 
     fn take_descriptors(self: &Arc<Self>) {
-        let Ok(mut consumed) = self.consumed.lock() else { return };
+        let mut consumed = lock(&self.consumed);
         let Ok(submit) = self.mem.read_obj::<u32>(GuestAddress(RING_SUBMIT)) else { return };
         // At most a ring's worth: a guest that claims more is ignored past that.
         let mut n = 0;
@@ -214,22 +213,12 @@ impl BlockDevice {
         self.errors.fetch_add(1, Ordering::SeqCst);
         tracing::warn!(operation = op, error = %msg, "guest disk I/O error");
         (self.on_error)(self.backend.node().name(), op, &msg);
-        if let Ok(mut l) = self.last_error.lock() {
-            *l = Some(msg);
-        }
+        *lock(&self.last_error) = Some(msg);
         STATUS_IOERR as u32
     }
 
     /// Wait until no request is in flight (the vCPUs are stopped, so none can start).
     pub async fn drain(&self) {
-        loop {
-            let n = self.drained.notified();
-            tokio::pin!(n);
-            n.as_mut().enable();
-            if self.inflight.load(Ordering::SeqCst) == 0 {
-                return;
-            }
-            n.await;
-        }
+        wait_for(&self.drained, || self.inflight.load(Ordering::SeqCst) == 0).await
     }
 }

@@ -17,11 +17,19 @@ pub type Mem = GuestMemoryMmap<AtomicBitmap>;
 
 pub const PAGE_SIZE: u64 = 4096;
 
+/// A failed access to guest RAM: `op` ("read", "write") of `len` bytes at `addr`.
+pub fn error(op: &'static str, addr: u64, len: usize, source: vm_memory::GuestMemoryError) -> VmmError {
+    VmmError::GuestMemory { op, addr, len, source }
+}
+
 /// Allocate `size` bytes of guest RAM at guest-physical 0 and register it as slot 0.
 pub fn create(vm: &VmFd, size: u64) -> Result<Arc<Mem>, VmmError> {
-    let mem = Mem::from_ranges(&[(GuestAddress(0), size as usize)]).map_err(|e| VmmError::Memory(e.to_string()))?;
+    let mem = Mem::from_ranges(&[(GuestAddress(0), size as usize)])
+        .map_err(|source| VmmError::AllocMemory { size, source })?;
     for (slot, region) in mem.iter().enumerate() {
-        let host = mem.get_host_address(region.start_addr()).map_err(|e| VmmError::Memory(e.to_string()))?;
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|source| error("map", region.start_addr().0, region.len() as usize, source))?;
         let r = kvm_userspace_memory_region {
             slot: slot as u32,
             flags: KVM_MEM_LOG_DIRTY_PAGES,
@@ -29,10 +37,17 @@ pub fn create(vm: &VmFd, size: u64) -> Result<Arc<Mem>, VmmError> {
             memory_size: region.len(),
             userspace_addr: host as u64,
         };
-        // SAFETY: the mapping [host, host+len) belongs to `mem`, which the
-        // VM keeps alive (Arc) for as long as the VM fd exists, and is not
-        // registered for any other slot.
-        unsafe { vm.set_user_memory_region(r) }.map_err(|e| VmmError::Kvm("KVM_SET_USER_MEMORY_REGION", e.errno()))?;
+        // SAFETY: KVM needs `userspace_addr` to point to `memory_size` bytes
+        // of valid memory for as long as a guest can touch them, and slots
+        // that do not overlap. `host` is the start of the mapping vm-memory
+        // made for `region`, which is `region.len()` bytes long; slots are
+        // numbered by region and vm-memory refuses overlapping regions. The
+        // mapping lives in `mem` (an Arc) until the last clone goes, and a
+        // guest runs only in a `Vm`, which holds a clone and joins its vCPU
+        // threads (closing their VcpuFds) before its fields drop; `Vm::new`
+        // ends the threads it started before an error drops `mem`.
+        unsafe { vm.set_user_memory_region(r) }
+            .map_err(|source| VmmError::Kvm { op: "KVM_SET_USER_MEMORY_REGION", source })?;
     }
     Ok(Arc::new(mem))
 }
@@ -46,7 +61,7 @@ pub fn take_dirty_log(vm: &VmFd, mem: &Mem) -> Result<Vec<u64>, VmmError> {
         let pages = (region.len() / PAGE_SIZE) as usize;
         let mut words = vm
             .get_dirty_log(slot as u32, region.len() as usize)
-            .map_err(|e| VmmError::Kvm("KVM_GET_DIRTY_LOG", e.errno()))?;
+            .map_err(|source| VmmError::Kvm { op: "KVM_GET_DIRTY_LOG", source })?;
         words.resize(pages.div_ceil(64), 0);
         // The region's whole AtomicBitmap (not the trait's slice view).
         let bm: &AtomicBitmap = std::ops::Deref::deref(region).bitmap();

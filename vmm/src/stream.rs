@@ -1,6 +1,8 @@
 //! The migration stream: a header, then typed, length-prefixed sections
 //! from the source; short replies from the destination on the same
-//! connection (its return path). Format 2 is the two-phase handover.
+//! connection (its return path). Format 2 is the two-phase handover; format 3
+//! encodes the vCPU state field by field. Integers are big-endian but for the
+//! vCPU state, which is little-endian (x86's own order).
 //!
 //! ```text
 //!  source -> destination
@@ -8,7 +10,7 @@
 //!  section: tag:u8 len:u64 payload[len]
 //!    1 HELLO   memory:u64 vcpus:u32 disk_size:u64   (first, exactly once)
 //!    2 RAM     first_page:u64 count:u32 pages[count * 4096]
-//!    3 VCPU    id:u32 kvm_regs kvm_sregs        (this build's layouts)
+//!    3 VCPU    id:u32 state[VCPU_STATE_LEN]      (field by field, see vcpu_bytes)
 //!    4 DEVICE  consumed:u32
 //!    255 END   running:u8                       (the guest ran when the source stopped it)
 //!    7 COMMIT  (empty)                          (after PREPARED: the decision)
@@ -33,7 +35,9 @@ use crate::vcpu::VcpuState;
 pub const MAGIC: &[u8; 8] = b"BATONMIG";
 /// The stream format this build speaks. Two builds that speak the same
 /// format migrate freely in both directions.
-pub const VERSION: u32 = 2;
+/// Format 3 encodes a vCPU's registers field by field (format 2 sent this
+/// build's in-memory struct layouts).
+pub const VERSION: u32 = 3;
 pub const PAGE: usize = 4096;
 
 pub const HELLO: u8 = 1;
@@ -153,31 +157,165 @@ pub struct Target {
     pub size: u64,
 }
 
-const REGS: usize = std::mem::size_of::<kvm_bindings::kvm_regs>();
-const SREGS: usize = std::mem::size_of::<kvm_bindings::kvm_sregs>();
+/// The bytes of a vCPU's state in a VCPU section (after its id).
+pub const VCPU_STATE_LEN: usize = 18 * 8 + 8 * SEGMENT_LEN + 2 * DTABLE_LEN + 7 * 8 + 4 * 8;
+/// base:u64 limit:u32 selector:u16, then type, present, dpl, db, s, l, g, avl, unusable (u8 each).
+const SEGMENT_LEN: usize = 8 + 4 + 2 + 9;
+/// base:u64 limit:u16.
+const DTABLE_LEN: usize = 8 + 2;
 
-fn vcpu_bytes(st: &VcpuState) -> Vec<u8> {
-    let mut v = Vec::with_capacity(REGS + SREGS);
-    // SAFETY: kvm_regs and kvm_sregs are plain C structs of integers with no
-    // padding-dependent invariants; reading their bytes is sound.
-    unsafe {
-        v.extend_from_slice(std::slice::from_raw_parts(std::ptr::addr_of!(st.regs).cast::<u8>(), REGS));
-        v.extend_from_slice(std::slice::from_raw_parts(std::ptr::addr_of!(st.sregs).cast::<u8>(), SREGS));
+/// Appends fields little-endian.
+struct Enc(Vec<u8>);
+
+impl Enc {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
     }
-    v
+    fn u16(&mut self, v: u16) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn segment(&mut self, s: &kvm_bindings::kvm_segment) {
+        self.u64(s.base);
+        self.u32(s.limit);
+        self.u16(s.selector);
+        for b in [s.type_, s.present, s.dpl, s.db, s.s, s.l, s.g, s.avl, s.unusable] {
+            self.u8(b);
+        }
+    }
+    fn dtable(&mut self, d: &kvm_bindings::kvm_dtable) {
+        self.u64(d.base);
+        self.u16(d.limit);
+    }
 }
 
-fn vcpu_from(b: &[u8]) -> Option<VcpuState> {
-    if b.len() != REGS + SREGS {
-        return None;
+/// Takes fields little-endian from a slice whose length was checked first
+/// (a short slice still gives zeros, never a panic).
+struct Dec<'a>(&'a [u8]);
+
+impl Dec<'_> {
+    fn take<const N: usize>(&mut self) -> [u8; N] {
+        let mut a = [0u8; N];
+        if let Some((head, rest)) = self.0.split_first_chunk::<N>() {
+            a = *head;
+            self.0 = rest;
+        }
+        a
     }
-    // SAFETY: the lengths match the structs exactly, the reads are unaligned
-    // reads of plain integer structs, and every bit pattern is a valid value.
-    unsafe {
-        let regs = std::ptr::read_unaligned(b.as_ptr().cast::<kvm_bindings::kvm_regs>());
-        let sregs = std::ptr::read_unaligned(b[REGS..].as_ptr().cast::<kvm_bindings::kvm_sregs>());
-        Some(VcpuState { regs, sregs })
+    fn u8(&mut self) -> u8 {
+        u8::from_le_bytes(self.take())
     }
+    fn u16(&mut self) -> u16 {
+        u16::from_le_bytes(self.take())
+    }
+    fn u32(&mut self) -> u32 {
+        u32::from_le_bytes(self.take())
+    }
+    fn u64(&mut self) -> u64 {
+        u64::from_le_bytes(self.take())
+    }
+    fn segment(&mut self) -> kvm_bindings::kvm_segment {
+        kvm_bindings::kvm_segment {
+            base: self.u64(),
+            limit: self.u32(),
+            selector: self.u16(),
+            type_: self.u8(),
+            present: self.u8(),
+            dpl: self.u8(),
+            db: self.u8(),
+            s: self.u8(),
+            l: self.u8(),
+            g: self.u8(),
+            avl: self.u8(),
+            unusable: self.u8(),
+            padding: 0,
+        }
+    }
+    fn dtable(&mut self) -> kvm_bindings::kvm_dtable {
+        kvm_bindings::kvm_dtable { base: self.u64(), limit: self.u16(), padding: [0; 3] }
+    }
+}
+
+/// A vCPU's state, field by field, little-endian, in a fixed order (format
+/// 3): kvm_regs (rax..r15, rip, rflags), then kvm_sregs (cs, ds, es, fs, gs,
+/// ss, tr, ldt, gdt, idt, cr0, cr2, cr3, cr4, cr8, efer, apic_base, the
+/// interrupt bitmap). Padding is not sent.
+fn vcpu_bytes(st: &VcpuState) -> Vec<u8> {
+    let mut e = Enc(Vec::with_capacity(VCPU_STATE_LEN));
+    let r = &st.regs;
+    for v in [
+        r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rsp, r.rbp, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15,
+        r.rip, r.rflags,
+    ] {
+        e.u64(v);
+    }
+    let s = &st.sregs;
+    for seg in [&s.cs, &s.ds, &s.es, &s.fs, &s.gs, &s.ss, &s.tr, &s.ldt] {
+        e.segment(seg);
+    }
+    e.dtable(&s.gdt);
+    e.dtable(&s.idt);
+    for v in [s.cr0, s.cr2, s.cr3, s.cr4, s.cr8, s.efer, s.apic_base] {
+        e.u64(v);
+    }
+    for w in s.interrupt_bitmap {
+        e.u64(w);
+    }
+    e.0
+}
+
+/// Decode [`vcpu_bytes`]; `Err` says why the bytes are not a vCPU state.
+fn vcpu_from(b: &[u8]) -> Result<VcpuState, String> {
+    if b.len() != VCPU_STATE_LEN {
+        return Err(format!("vCPU state of {} bytes (format {VERSION} has {VCPU_STATE_LEN})", b.len()));
+    }
+    let mut d = Dec(b);
+    let regs = kvm_bindings::kvm_regs {
+        rax: d.u64(),
+        rbx: d.u64(),
+        rcx: d.u64(),
+        rdx: d.u64(),
+        rsi: d.u64(),
+        rdi: d.u64(),
+        rsp: d.u64(),
+        rbp: d.u64(),
+        r8: d.u64(),
+        r9: d.u64(),
+        r10: d.u64(),
+        r11: d.u64(),
+        r12: d.u64(),
+        r13: d.u64(),
+        r14: d.u64(),
+        r15: d.u64(),
+        rip: d.u64(),
+        rflags: d.u64(),
+    };
+    let sregs = kvm_bindings::kvm_sregs {
+        cs: d.segment(),
+        ds: d.segment(),
+        es: d.segment(),
+        fs: d.segment(),
+        gs: d.segment(),
+        ss: d.segment(),
+        tr: d.segment(),
+        ldt: d.segment(),
+        gdt: d.dtable(),
+        idt: d.dtable(),
+        cr0: d.u64(),
+        cr2: d.u64(),
+        cr3: d.u64(),
+        cr4: d.u64(),
+        cr8: d.u64(),
+        efer: d.u64(),
+        apic_base: d.u64(),
+        interrupt_bitmap: [d.u64(), d.u64(), d.u64(), d.u64()],
+    };
+    Ok(VcpuState { regs, sregs })
 }
 
 pub async fn write_header<W: AsyncWrite + Unpin>(w: &mut W) -> std::io::Result<()> {
@@ -283,7 +421,7 @@ pub async fn read_section<R: AsyncRead + Unpin>(r: &mut R) -> Result<Section, St
         }
         VCPU => {
             let id = u32_at(0).ok_or_else(|| bad("short"))?;
-            let state = vcpu_from(&p[4..]).ok_or_else(|| bad("vCPU state of another layout"))?;
+            let state = vcpu_from(&p[4..]).map_err(|why| bad(&why))?;
             Ok(Section::Vcpu { id, state: Box::new(state) })
         }
         DEVICE if len == 4 => Ok(Section::Device { consumed: u32_at(0).ok_or_else(|| bad("short"))? }),
@@ -424,6 +562,105 @@ mod tests {
             assert!(
                 matches!(read_reply(&mut &w[..]).await, Err(StreamError::BadReply(m)) if m.contains("unknown reply 9"))
             );
+        });
+    }
+
+    /// A vCPU state where every field differs from its neighbours: a field
+    /// swapped, dropped or shifted in the encoding shows up.
+    fn odd_vcpu_state() -> VcpuState {
+        let seg = |n: u64| kvm_bindings::kvm_segment {
+            base: 0x1000_0000_0000 + n,
+            limit: 0xffff_0000 + n as u32,
+            selector: 0x8 * n as u16,
+            type_: 0xb,
+            present: 1,
+            dpl: 3,
+            db: 1,
+            s: 1,
+            l: 0,
+            g: 1,
+            avl: 1,
+            unusable: 0,
+            padding: 0,
+        };
+        let regs = kvm_bindings::kvm_regs {
+            rax: 1,
+            rbx: 2,
+            rcx: 3,
+            rdx: 4,
+            rsi: 5,
+            rdi: 6,
+            rsp: 0x7fff_0000,
+            rbp: 8,
+            r8: 9,
+            r9: 10,
+            r10: 11,
+            r11: 12,
+            r12: 13,
+            r13: 14,
+            r14: 15,
+            r15: u64::MAX,
+            rip: 0x10_0000,
+            rflags: 0x202,
+        };
+        let sregs = kvm_bindings::kvm_sregs {
+            cs: seg(1),
+            ds: seg(2),
+            es: seg(3),
+            fs: seg(4),
+            gs: seg(5),
+            ss: seg(6),
+            tr: seg(7),
+            ldt: seg(8),
+            gdt: kvm_bindings::kvm_dtable { base: 0xfee0_0000, limit: 0x27, padding: [0; 3] },
+            idt: kvm_bindings::kvm_dtable { base: 0xfed0_0000, limit: 0xfff, padding: [0; 3] },
+            cr0: 0x8005_0033,
+            cr2: 0xdead_beef,
+            cr3: 0x1234_5000,
+            cr4: 0x6f0,
+            cr8: 0xf,
+            efer: 0xd01,
+            apic_base: 0xfee0_0900,
+            interrupt_bitmap: [1 << 32, 0, 1 << 63, 0x5555],
+        };
+        VcpuState { regs, sregs }
+    }
+
+    #[test]
+    fn a_vcpu_state_round_trips_field_by_field() {
+        rt().block_on(async {
+            let st = odd_vcpu_state();
+            let mut w = Vec::new();
+            write_header(&mut w).await.unwrap();
+            write_vcpu(&mut w, 2, &st).await.unwrap();
+            write_end(&mut w, false).await.unwrap();
+            assert_eq!(w.len(), 12 + 9 + 4 + VCPU_STATE_LEN + 9 + 1);
+            // The layout is the format's, not this build's: spot-check it.
+            let state_bytes = &w[12 + 9 + 4..][..VCPU_STATE_LEN];
+            assert_eq!(state_bytes[16 * 8..17 * 8], st.regs.rip.to_le_bytes());
+            assert_eq!(state_bytes[18 * 8..19 * 8], st.sregs.cs.base.to_le_bytes());
+            assert_eq!(state_bytes[VCPU_STATE_LEN - 8..], st.sregs.interrupt_bitmap[3].to_le_bytes());
+            let s = parse_all(&w).await.unwrap();
+            let Section::Vcpu { id: 2, state } = &s[0] else { panic!("{:?}", s[0]) };
+            assert_eq!(state.regs, st.regs);
+            assert_eq!(state.sregs, st.sregs);
+            // Every truncation, and a section one byte too long, fails by name.
+            for cut in 12..w.len() - 10 {
+                assert!(parse_all(&w[..cut]).await.is_err(), "truncated at {cut}");
+            }
+            for delta in [-1i64, 1] {
+                let mut bad = Vec::new();
+                write_header(&mut bad).await.unwrap();
+                let body = (4 + VCPU_STATE_LEN as i64 + delta) as usize;
+                bad.push(VCPU);
+                bad.extend_from_slice(&(body as u64).to_be_bytes());
+                bad.resize(bad.len() + body, 0);
+                let e = parse_all(&bad).await.unwrap_err();
+                assert!(
+                    matches!(&e, StreamError::BadSection { tag: VCPU, why, .. } if why.contains("vCPU state of")),
+                    "{e}"
+                );
+            }
         });
     }
 

@@ -54,9 +54,17 @@ impl SwitchoverError {
     }
 }
 
+/// Why the carriers' step failed.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct StepError(String);
+enum StepError {
+    #[error("the mirrors did not get in sync within {0:?}")]
+    SyncTimeout(Duration),
+    /// A carrier can no longer get in sync (its own message: a job's state).
+    #[error("{0}")]
+    Carrier(String),
+    #[error("migration cancelled")]
+    Cancelled,
+}
 
 /// The bounded waits of the switchover.
 #[derive(Debug, Clone, Copy)]
@@ -158,16 +166,13 @@ where
         match in_sync() {
             Ok(true) => break,
             Ok(false) if Instant::now() > deadline => {
-                return Err((
-                    "jobs",
-                    Box::new(StepError(format!("the mirrors did not get in sync within {:?}", bounds.sync))),
-                ));
+                return Err(step_err("jobs", StepError::SyncTimeout(bounds.sync)));
             }
             Ok(false) => {}
-            Err(e) => return Err(("jobs", Box::new(StepError(e)))),
+            Err(e) => return Err(step_err("jobs", StepError::Carrier(e))),
         }
         if cancelled() {
-            return Err(("jobs", Box::new(StepError("migration cancelled".into()))));
+            return Err(step_err("jobs", StepError::Cancelled));
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }

@@ -16,24 +16,51 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
+use block::sync::{lock, wait, wait_timeout};
+
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+
+use crate::VmmError;
 
 /// The signal that kicks a vCPU out of KVM_RUN.
 pub const KICK_SIGNAL: Signal = Signal::SIGUSR2;
 
 thread_local! {
-    /// This thread's kvm_run mapping, for the kick handler (null on other threads).
+    /// This thread's kvm_run mapping, for the kick handler (null on other
+    /// threads). A const-initialised `Cell` of a pointer: no lazy
+    /// initialisation and no destructor, so the handler may read it.
     static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// Publishes a vCPU thread's kvm_run mapping to the kick handler for as long
+/// as it lives; its drop clears it, also when the thread unwinds.
+struct KickTarget;
+
+impl KickTarget {
+    fn set(run: *mut kvm_run) -> KickTarget {
+        KVM_RUN.with(|r| r.set(run));
+        KickTarget
+    }
+}
+
+impl Drop for KickTarget {
+    fn drop(&mut self) {
+        KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
+    }
 }
 
 extern "C" fn on_kick(_: nix::libc::c_int) {
     let p = KVM_RUN.with(|r| r.get());
     if !p.is_null() {
-        // SAFETY: `p` is this thread's own kvm_run mapping, set by the vCPU
-        // thread before its first KVM_RUN and cleared before the VcpuFd (and
-        // so the mapping) is dropped; a byte write is async-signal-safe.
+        // SAFETY: a non-null `p` is this thread's own kvm_run mapping: only
+        // `KickTarget::set` stores it, on the vCPU thread that owns the
+        // VcpuFd, and the `KickTarget` is dropped (pointer cleared) before
+        // that VcpuFd and so before the mapping goes (see `spawn`: declared
+        // after it, dropped first, also on unwind). The signal runs on the
+        // same thread, so the mapping cannot go while it writes; the write is
+        // one volatile byte store, async-signal-safe.
         unsafe { std::ptr::addr_of_mut!((*p).immediate_exit).write_volatile(1) };
     }
 }
@@ -44,8 +71,12 @@ pub fn install_kick_handler() -> Result<(), nix::Error> {
     *DONE.get_or_init(|| {
         // No SA_RESTART: KVM_RUN must come back with EINTR.
         let act = SigAction::new(SigHandler::Handler(on_kick), SaFlags::empty(), SigSet::empty());
-        // SAFETY: the handler only does a volatile byte store through a
-        // thread-local pointer, which is async-signal-safe.
+        // SAFETY: sigaction is unsafe because the handler runs at any point
+        // of any thread. `on_kick` only reads a const-initialised
+        // thread-local (no allocation, no lock, no lazy init) and does one
+        // volatile byte store through it: async-signal-safe. KICK_SIGNAL is
+        // baton's own (nothing else in the process handles SIGUSR2), and the
+        // OnceLock installs it once.
         unsafe { sigaction(KICK_SIGNAL, &act) }.map(|_| ())
     })
 }
@@ -89,7 +120,7 @@ struct Ctl {
     /// Pending state requests, by vCPU id.
     requests: Vec<(u64, StateOp)>,
     /// Answers to them.
-    answers: Vec<(u64, Result<Box<VcpuState>, String>)>,
+    answers: Vec<(u64, Result<Box<VcpuState>, VmmError>)>,
 }
 
 /// Shared control of every vCPU thread.
@@ -103,24 +134,22 @@ pub struct Vcpus {
 
 impl Vcpus {
     fn lock(&self) -> std::sync::MutexGuard<'_, Ctl> {
-        self.ctl.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.ctl)
     }
 
     /// Start a thread for `vcpu` (parked until `resume`).
-    pub fn spawn(self: &Arc<Self>, id: u64, mut vcpu: VcpuFd, handler: Arc<dyn ExitHandler>) -> std::io::Result<()> {
+    pub fn spawn(self: &Arc<Self>, id: u64, vcpu: VcpuFd, handler: Arc<dyn ExitHandler>) -> std::io::Result<()> {
         let me = self.clone();
         let (tx, rx) = std::sync::mpsc::channel();
         let h = std::thread::Builder::new().name(format!("vcpu{id}")).spawn(move || {
             let _ = tx.send(nix::sys::pthread::pthread_self());
-            let run_ptr: *mut kvm_run = vcpu.get_kvm_run();
-            KVM_RUN.with(|r| r.set(run_ptr));
+            // A local of this body, declared before the kick target: dropped after it.
+            let mut vcpu = vcpu;
+            let _kick = KickTarget::set(vcpu.get_kvm_run());
             me.thread_loop(id, &mut vcpu, &*handler);
-            KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
         })?;
-        let tid = rx.recv().map_err(|e| std::io::Error::other(e.to_string()))?;
-        if let Ok(mut t) = self.threads.lock() {
-            t.push((tid, h));
-        }
+        let tid = rx.recv().map_err(std::io::Error::other)?;
+        lock(&self.threads).push((tid, h));
         Ok(())
     }
 
@@ -131,12 +160,12 @@ impl Vcpus {
                 while !c.run && !c.exit {
                     if let Some(i) = c.requests.iter().position(|(who, _)| *who == id) {
                         let (_, op) = c.requests.swap_remove(i);
-                        let answer = Self::state_op(vcpu, op);
+                        let answer = Self::state_op(id, vcpu, op);
                         c.answers.push((id, answer));
                         self.cond.notify_all();
                         continue;
                     }
-                    c = self.cond.wait(c).unwrap_or_else(|p| p.into_inner());
+                    c = wait(&self.cond, c);
                 }
                 if c.exit {
                     return;
@@ -177,37 +206,38 @@ impl Vcpus {
                 // Idle until the next stop (then cont) or exit.
                 self.cond.notify_all();
                 while c.run && !c.exit {
-                    c = self.cond.wait(c).unwrap_or_else(|p| p.into_inner());
+                    c = wait(&self.cond, c);
                 }
             }
             self.cond.notify_all();
         }
     }
 
-    fn state_op(vcpu: &VcpuFd, op: StateOp) -> Result<Box<VcpuState>, String> {
+    fn state_op(id: u64, vcpu: &VcpuFd, op: StateOp) -> Result<Box<VcpuState>, VmmError> {
+        let failed = |op: &'static str| move |source| VmmError::VcpuState { vcpu: id, op, source };
         match op {
             StateOp::Save => {
-                let regs = vcpu.get_regs().map_err(|e| format!("KVM_GET_REGS: {e}"))?;
-                let sregs = vcpu.get_sregs().map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
+                let regs = vcpu.get_regs().map_err(failed("KVM_GET_REGS"))?;
+                let sregs = vcpu.get_sregs().map_err(failed("KVM_GET_SREGS"))?;
                 Ok(Box::new(VcpuState { regs, sregs }))
             }
             StateOp::Restore(st) => {
-                vcpu.set_sregs(&st.sregs).map_err(|e| format!("KVM_SET_SREGS: {e}"))?;
-                vcpu.set_regs(&st.regs).map_err(|e| format!("KVM_SET_REGS: {e}"))?;
+                vcpu.set_sregs(&st.sregs).map_err(failed("KVM_SET_SREGS"))?;
+                vcpu.set_regs(&st.regs).map_err(failed("KVM_SET_REGS"))?;
                 Ok(st)
             }
         }
     }
 
     /// Run a state request on vCPU `id`'s own thread; the vCPUs must be paused.
-    fn request(&self, id: u64, op: StateOp) -> Result<Box<VcpuState>, String> {
+    fn request(&self, id: u64, op: StateOp) -> Result<Box<VcpuState>, VmmError> {
         let mut c = self.lock();
         if c.run || c.in_run > 0 {
-            return Err("the vCPUs must be stopped".into());
+            return Err(VmmError::VcpusRunning);
         }
-        let threads = self.threads.lock().map(|t| t.len()).unwrap_or(0) as u64;
+        let threads = lock(&self.threads).len() as u64;
         if id >= threads {
-            return Err(format!("no vCPU {id}"));
+            return Err(VmmError::NoVcpu(id));
         }
         c.requests.push((id, op));
         self.cond.notify_all();
@@ -215,25 +245,23 @@ impl Vcpus {
             if let Some(i) = c.answers.iter().position(|(who, _)| *who == id) {
                 return c.answers.swap_remove(i).1;
             }
-            c = self.cond.wait(c).unwrap_or_else(|p| p.into_inner());
+            c = wait(&self.cond, c);
         }
     }
 
     /// The state of vCPU `id` (stopped).
-    pub fn save(&self, id: u64) -> Result<VcpuState, String> {
+    pub fn save(&self, id: u64) -> Result<VcpuState, VmmError> {
         self.request(id, StateOp::Save).map(|b| *b)
     }
 
     /// Load a state into vCPU `id` (stopped).
-    pub fn restore(&self, id: u64, st: VcpuState) -> Result<(), String> {
+    pub fn restore(&self, id: u64, st: VcpuState) -> Result<(), VmmError> {
         self.request(id, StateOp::Restore(Box::new(st))).map(|_| ())
     }
 
     fn kick_all(&self) {
-        if let Ok(t) = self.threads.lock() {
-            for (tid, _) in t.iter() {
-                let _ = nix::sys::pthread::pthread_kill(*tid, KICK_SIGNAL);
-            }
+        for (tid, _) in lock(&self.threads).iter() {
+            let _ = nix::sys::pthread::pthread_kill(*tid, KICK_SIGNAL);
         }
     }
 
@@ -258,9 +286,7 @@ impl Vcpus {
             if c.in_run == 0 {
                 break;
             }
-            let (g, _) =
-                self.cond.wait_timeout(c, std::time::Duration::from_millis(5)).unwrap_or_else(|p| p.into_inner());
-            c = g;
+            c = wait_timeout(&self.cond, c, std::time::Duration::from_millis(5));
         }
     }
 
@@ -277,7 +303,7 @@ impl Vcpus {
             c.exit = true;
             self.cond.notify_all();
         }
-        let threads = self.threads.lock().map(|mut t| std::mem::take(&mut *t)).unwrap_or_default();
+        let threads = std::mem::take(&mut *lock(&self.threads));
         for (_, h) in threads {
             let _ = h.join();
         }

@@ -12,6 +12,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use block::sync::lock;
 use block::BlockBackend;
 use kvm_ioctls::{Kvm, VmFd};
 use serde_json::{json, Value};
@@ -116,9 +117,7 @@ impl ExitHandler for Exits {
     }
     fn fatal(&self, vcpu: u64, why: String) {
         tracing::error!(vcpu, "guest stopped: {why}");
-        if let Ok(mut f) = self.fatal.lock() {
-            f.get_or_insert(format!("vcpu {vcpu}: {why}"));
-        }
+        lock(&self.fatal).get_or_insert(format!("vcpu {vcpu}: {why}"));
     }
 }
 
@@ -155,8 +154,8 @@ impl std::fmt::Debug for Vm {
 const IDLE_CODE: u64 = CODE - 16;
 
 fn setup_vcpu(vm: &VmFd, id: u64, rip: u64) -> Result<kvm_ioctls::VcpuFd, VmmError> {
-    let vcpu = vm.create_vcpu(id).map_err(|e| VmmError::Kvm("KVM_CREATE_VCPU", e.errno()))?;
-    let mut sregs = vcpu.get_sregs().map_err(|e| VmmError::Kvm("KVM_GET_SREGS", e.errno()))?;
+    let vcpu = vm.create_vcpu(id).map_err(|source| VmmError::Kvm { op: "KVM_CREATE_VCPU", source })?;
+    let mut sregs = vcpu.get_sregs().map_err(|source| VmmError::VcpuState { vcpu: id, op: "KVM_GET_SREGS", source })?;
     // 32-bit protected mode, flat 4 GiB segments, no paging.
     let code = kvm_bindings::kvm_segment {
         base: 0,
@@ -182,9 +181,9 @@ fn setup_vcpu(vm: &VmFd, id: u64, rip: u64) -> Result<kvm_ioctls::VcpuFd, VmmErr
     sregs.ss = data;
     sregs.cr0 |= 0x1; // PE
     sregs.cr0 &= !0x8000_0000; // no paging
-    vcpu.set_sregs(&sregs).map_err(|e| VmmError::Kvm("KVM_SET_SREGS", e.errno()))?;
+    vcpu.set_sregs(&sregs).map_err(|source| VmmError::VcpuState { vcpu: id, op: "KVM_SET_SREGS", source })?;
     let regs = kvm_bindings::kvm_regs { rip, rsp: STACK_TOP, rflags: 0x2, ..Default::default() };
-    vcpu.set_regs(&regs).map_err(|e| VmmError::Kvm("KVM_SET_REGS", e.errno()))?;
+    vcpu.set_regs(&regs).map_err(|source| VmmError::VcpuState { vcpu: id, op: "KVM_SET_REGS", source })?;
     Ok(vcpu)
 }
 
@@ -201,21 +200,21 @@ impl Vm {
             return Err(VmmError::NoKvm);
         }
         if config.vcpus == 0 || config.vcpus > 8 {
-            return Err(VmmError::Config("vcpus must be between 1 and 8".into()));
+            return Err(VmmError::VcpuRange { max: 8 });
         }
         if config.memory < 8 << 20 || config.memory % memory::PAGE_SIZE != 0 {
-            return Err(VmmError::Config("memory must be at least 8 MiB and a multiple of 4 KiB".into()));
+            return Err(VmmError::MemorySize);
         }
         if !(1..=MAX_BATCH as u32).contains(&config.batch) {
-            return Err(VmmError::Config(format!("batch must be between 1 and {MAX_BATCH}")));
+            return Err(VmmError::BatchRange { max: MAX_BATCH });
         }
         if WORKLOAD.is_empty() {
-            return Err(VmmError::Config("the guest workload was not built (GNU as/ld missing at build time)".into()));
+            return Err(VmmError::NoWorkload);
         }
-        crate::vcpu::install_kick_handler().map_err(|e| VmmError::Kvm("sigaction", e as i32))?;
-        let kvm = Kvm::new().map_err(|e| VmmError::Kvm("open /dev/kvm", e.errno()))?;
-        let vm = kvm.create_vm().map_err(|e| VmmError::Kvm("KVM_CREATE_VM", e.errno()))?;
-        vm.set_tss_address(0xfffb_d000).map_err(|e| VmmError::Kvm("KVM_SET_TSS_ADDR", e.errno()))?;
+        crate::vcpu::install_kick_handler().map_err(|source| VmmError::KickHandler { source })?;
+        let kvm = Kvm::new().map_err(|source| VmmError::Kvm { op: "open /dev/kvm", source })?;
+        let vm = kvm.create_vm().map_err(|source| VmmError::Kvm { op: "KVM_CREATE_VM", source })?;
+        vm.set_tss_address(0xfffb_d000).map_err(|source| VmmError::Kvm { op: "KVM_SET_TSS_ADDR", source })?;
         let mem = memory::create(&vm, config.memory)?;
         let ev = events.clone();
         let on_error: ErrorSink = Arc::new(move |node: &str, op: &str, msg: &str| {
@@ -226,11 +225,16 @@ impl Vm {
         });
         let device = BlockDevice::new(mem.clone(), disk, rt, on_error);
         if device.blocks() == 0 {
-            return Err(VmmError::Config("the disk is smaller than one 4 KiB block".into()));
+            return Err(VmmError::DiskTooSmall);
         }
-        let w = |addr: u64, v: u32| mem.write_obj(v, GuestAddress(addr)).map_err(|e| VmmError::Memory(e.to_string()));
-        mem.write_slice(WORKLOAD, GuestAddress(CODE)).map_err(|e| VmmError::Memory(e.to_string()))?;
-        mem.write_slice(&[0xf4, 0xeb, 0xfd], GuestAddress(IDLE_CODE)).map_err(|e| VmmError::Memory(e.to_string()))?;
+        let w = |addr: u64, v: u32| {
+            mem.write_obj(v, GuestAddress(addr)).map_err(|source| memory::error("write", addr, 4, source))
+        };
+        mem.write_slice(WORKLOAD, GuestAddress(CODE))
+            .map_err(|source| memory::error("write", CODE, WORKLOAD.len(), source))?;
+        let idle = [0xf4, 0xeb, 0xfd];
+        mem.write_slice(&idle, GuestAddress(IDLE_CODE))
+            .map_err(|source| memory::error("write", IDLE_CODE, idle.len(), source))?;
         w(CFG_NBLOCKS, device.blocks())?;
         w(CFG_SEED, config.seed)?;
         w(CFG_DIRTY_PAGES, config.dirty_pages)?;
@@ -239,10 +243,14 @@ impl Vm {
         let exits = Arc::new(Exits { device: device.clone(), fatal: Mutex::new(None) });
         let vcpus = Arc::new(Vcpus::default());
         for id in 0..u64::from(config.vcpus) {
-            let vcpu = setup_vcpu(&vm, id, if id == 0 { CODE } else { IDLE_CODE })?;
-            vcpus
-                .spawn(id, vcpu, exits.clone())
-                .map_err(|e| VmmError::Config(format!("cannot start vcpu thread: {e}")))?;
+            let started = setup_vcpu(&vm, id, if id == 0 { CODE } else { IDLE_CODE }).and_then(|vcpu| {
+                vcpus.spawn(id, vcpu, exits.clone()).map_err(|source| VmmError::VcpuThread { vcpu: id, source })
+            });
+            if let Err(e) = started {
+                // No vCPU thread outlives a VM that was never made (nor its memory).
+                vcpus.shutdown();
+                return Err(e);
+            }
         }
         let state = if incoming { RunState::InMigrate } else { RunState::Prelaunch };
         Ok(Arc::new(Vm {
@@ -266,11 +274,11 @@ impl Vm {
         if self.fatal_error().is_some() {
             return RunState::InternalError;
         }
-        *self.state.lock().unwrap_or_else(|p| p.into_inner())
+        *lock(&self.state)
     }
 
     pub fn set_state(&self, s: RunState) {
-        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = s;
+        *lock(&self.state) = s;
     }
 
     pub fn is_running(&self) -> bool {
@@ -291,7 +299,7 @@ impl Vm {
 
     /// The guest stopped on its own (triple fault and the like).
     pub fn fatal_error(&self) -> Option<String> {
-        self.exits.fatal.lock().ok().and_then(|f| f.clone())
+        lock(&self.exits.fatal).clone()
     }
 
     /// I2: every node under the disk must be active before vCPUs run.
@@ -311,21 +319,12 @@ impl Vm {
         let _c = self.control.lock().await;
         match self.state() {
             RunState::Running => return Ok(()),
-            RunState::InMigrate => return Err(VmmError::State("guest is waiting for an incoming migration".into())),
+            RunState::InMigrate => return Err(VmmError::WaitingForMigration),
             // I8: the guest now runs on the destination; running it here too is never allowed.
-            RunState::PostMigrate => {
-                return Err(VmmError::State("the guest was migrated away and runs on the destination".into()))
-            }
+            RunState::PostMigrate => return Err(VmmError::MigratedAway),
             // The switchover owns the guest: its disks are being handed over.
-            RunState::FinishMigrate => {
-                return Err(VmmError::State("the guest is stopped for a migration's switchover".into()))
-            }
-            RunState::InternalError => {
-                return Err(VmmError::State(format!(
-                    "guest stopped with an error: {}",
-                    self.fatal_error().unwrap_or_default()
-                )))
-            }
+            RunState::FinishMigrate => return Err(VmmError::InSwitchover),
+            RunState::InternalError => return Err(VmmError::GuestFailed(self.fatal_error().unwrap_or_default())),
             _ => {}
         }
         self.check_active()?;
@@ -333,14 +332,11 @@ impl Vm {
         // (the disk was the mirror's target): take the exclusive writer now.
         let be = self.device.backend();
         if be.perms() != block::PermSet::GUEST_WRITER {
-            be.set_perms(block::PermSet::GUEST_WRITER, true)
-                .map_err(|e| VmmError::State(format!("the guest cannot take its disk: {}", e.chain())))?;
+            be.set_perms(block::PermSet::GUEST_WRITER, true).map_err(VmmError::TakeDisk)?;
         }
         self.set_state(RunState::Running);
         self.runs.fetch_add(1, Ordering::SeqCst);
-        if let Ok(mut l) = self.last_stop.lock() {
-            *l = None;
-        }
+        *lock(&self.last_stop) = None;
         self.vcpus.resume();
         (self.events)("RESUME", json!({}));
         Ok(())
@@ -351,7 +347,7 @@ impl Vm {
         if self.is_running() {
             return None;
         }
-        self.last_stop.lock().ok().and_then(|l| *l)
+        *lock(&self.last_stop)
     }
 
     /// `stop`: returns once every vCPU has left KVM_RUN and the device is drained.
@@ -394,16 +390,12 @@ impl Vm {
             None => self.device.drain().await,
             Some(limit) => {
                 if tokio::time::timeout(limit, self.device.drain()).await.is_err() {
-                    return Err(VmmError::State(format!(
-                        "the disk's requests in flight did not complete within {limit:?}"
-                    )));
+                    return Err(VmmError::DrainTimeout(limit));
                 }
             }
         }
         // The guest's last write is complete only now.
-        if let Ok(mut l) = self.last_stop.lock() {
-            l.get_or_insert_with(Instant::now);
-        }
+        lock(&self.last_stop).get_or_insert_with(Instant::now);
         Ok(t.elapsed())
     }
 
@@ -423,12 +415,12 @@ impl Vm {
     /// Ask the guest for a full pass over every block it wrote; wait for its answer.
     pub async fn verify(&self, timeout: Duration) -> Result<VerifyResult, VmmError> {
         if !self.is_running() {
-            return Err(VmmError::State("the guest must be running to verify".into()));
+            return Err(VmmError::NotRunning);
         }
         let done_before = self.mem.read_obj::<u32>(GuestAddress(VERIFY_DONE)).unwrap_or(0);
         let req_before = self.mem.read_obj::<u32>(GuestAddress(VERIFY_REQ)).unwrap_or(0);
         let seq = {
-            let mut s = self.verify_nonce.lock().unwrap_or_else(|p| p.into_inner());
+            let mut s = lock(&self.verify_nonce);
             loop {
                 *s = next_nonce(*s);
                 let n = (*s >> 32) as u32;
@@ -437,7 +429,9 @@ impl Vm {
                 }
             }
         };
-        self.mem.write_obj(seq, GuestAddress(VERIFY_REQ)).map_err(|e| VmmError::Memory(e.to_string()))?;
+        self.mem
+            .write_obj(seq, GuestAddress(VERIFY_REQ))
+            .map_err(|source| memory::error("write", VERIFY_REQ, 4, source))?;
         let deadline = Instant::now() + timeout;
         loop {
             let done = self.mem.read_obj::<u32>(GuestAddress(VERIFY_DONE)).unwrap_or(0);
@@ -446,10 +440,10 @@ impl Vm {
                 return Ok(VerifyResult { checked: r(VERIFY_CHECKED), bad: r(VERIFY_BAD), request: seq });
             }
             if let Some(f) = self.fatal_error() {
-                return Err(VmmError::State(format!("guest stopped: {f}")));
+                return Err(VmmError::GuestFailed(f));
             }
             if Instant::now() > deadline {
-                return Err(VmmError::State(format!("the guest did not finish its verification pass in {timeout:?}")));
+                return Err(VmmError::VerifyTimeout(timeout));
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -460,13 +454,13 @@ impl Vm {
     pub async fn save(&self) -> Result<VmState, VmmError> {
         let _c = self.control.lock().await;
         if self.is_running() || self.vcpus.any_in_run() {
-            return Err(VmmError::State("stop the guest before saving its state".into()));
+            return Err(VmmError::StillRunning);
         }
         let mut ram = vec![0u8; self.config.memory as usize];
-        self.mem.read_slice(&mut ram, GuestAddress(0)).map_err(|e| VmmError::Memory(e.to_string()))?;
+        self.mem.read_slice(&mut ram, GuestAddress(0)).map_err(|source| memory::error("read", 0, ram.len(), source))?;
         let mut vcpus = Vec::new();
         for id in 0..u64::from(self.config.vcpus) {
-            vcpus.push(self.vcpus.save(id).map_err(VmmError::State)?);
+            vcpus.push(self.vcpus.save(id)?);
         }
         Ok(VmState { memory: self.config.memory, ram, vcpus, device: self.device.save() })
     }
@@ -479,25 +473,19 @@ impl Vm {
             self.state(),
             RunState::Prelaunch | RunState::InMigrate | RunState::Paused | RunState::FinishMigrate
         ) {
-            return Err(VmmError::State(format!("cannot load a guest into a VM that is {}", self.state().as_str())));
+            return Err(VmmError::CannotLoad(self.state()));
         }
         if st.memory != self.config.memory || st.ram.len() as u64 != st.memory {
-            return Err(VmmError::State(format!(
-                "saved RAM is {} bytes, this VM has {}",
-                st.ram.len(),
-                self.config.memory
-            )));
+            return Err(VmmError::RamSize { saved: st.ram.len() as u64, have: self.config.memory });
         }
         if st.vcpus.len() != self.config.vcpus as usize {
-            return Err(VmmError::State(format!(
-                "saved state has {} vCPUs, this VM has {}",
-                st.vcpus.len(),
-                self.config.vcpus
-            )));
+            return Err(VmmError::VcpuCount { saved: st.vcpus.len(), have: self.config.vcpus });
         }
-        self.mem.write_slice(&st.ram, GuestAddress(0)).map_err(|e| VmmError::Memory(e.to_string()))?;
+        self.mem
+            .write_slice(&st.ram, GuestAddress(0))
+            .map_err(|source| memory::error("write", 0, st.ram.len(), source))?;
         for (id, v) in st.vcpus.iter().enumerate() {
-            self.vcpus.restore(id as u64, *v).map_err(VmmError::State)?;
+            self.vcpus.restore(id as u64, *v)?;
         }
         self.device.restore(st.device);
         Ok(())
@@ -508,10 +496,10 @@ impl Vm {
     pub async fn load_cpu_state(&self, vcpus: &[crate::vcpu::VcpuState], device: u32) -> Result<(), VmmError> {
         let _c = self.control.lock().await;
         if vcpus.len() != self.config.vcpus as usize {
-            return Err(VmmError::State(format!("{} vCPU states for {} vCPUs", vcpus.len(), self.config.vcpus)));
+            return Err(VmmError::VcpuCount { saved: vcpus.len(), have: self.config.vcpus });
         }
         for (id, v) in vcpus.iter().enumerate() {
-            self.vcpus.restore(id as u64, *v).map_err(VmmError::State)?;
+            self.vcpus.restore(id as u64, *v)?;
         }
         self.device.restore(device);
         Ok(())

@@ -1,22 +1,17 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 //! The guest workload on a real file-backed disk, through the block graph.
 
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use block::{Graph, PermSet};
+use common::kvm_or_skip;
 use serde_json::{json, Value};
 use vmm::{RunState, Vm, VmConfig};
 
 type Events = Arc<Mutex<Vec<(String, Value)>>>;
-
-fn kvm_or_skip() -> bool {
-    if std::path::Path::new("/dev/kvm").exists() {
-        return true;
-    }
-    eprintln!("skipped: /dev/kvm is missing on this machine");
-    false
-}
 
 async fn vm_on_file(
     disk_mb: u64,

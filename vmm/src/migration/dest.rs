@@ -16,7 +16,6 @@ use super::state::{Decision, Handover, Migration, Role, Status};
 use super::MigrationError;
 use crate::stream::{self, Reply, Section, StreamError, Target, PAGE};
 use crate::vm::{RunState, Vm};
-use crate::VmmError;
 
 /// How an incoming attempt ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,7 +70,7 @@ where
                 }
                 return Landing::Committed { run };
             }
-            Err(why) => MigrationError::Invalid(why),
+            Err(e) => e,
         },
         Err(e) => {
             // Tell the source why (best effort): its error says what we refused.
@@ -128,8 +127,8 @@ async fn section<R: AsyncRead + Unpin>(
     };
     match read {
         Err(_) => Err(MigrationError::Timeout(what, bound)),
-        Ok(Err(StreamError::Io(e))) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-            Err(MigrationError::LinkLost(format!("the stream ended early while waiting for {what}")))
+        Ok(Err(StreamError::Io(source))) if source.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Err(MigrationError::EndedEarly { what, source })
         }
         Ok(r) => Ok(r?),
     }
@@ -206,8 +205,9 @@ where
                         "RAM pages {first_page}+{n} are outside the guest's {pages} pages"
                     )));
                 }
-                mem.write_slice(&data, GuestAddress(first_page * PAGE as u64))
-                    .map_err(|e| VmmError::Memory(e.to_string()))?;
+                let addr = first_page * PAGE as u64;
+                mem.write_slice(&data, GuestAddress(addr))
+                    .map_err(|source| crate::memory::error("write", addr, data.len(), source))?;
                 for pg in first_page..first_page + n {
                     if let Some(word) = arrived.get_mut((pg / 64) as usize) {
                         *word |= 1 << (pg % 64);
@@ -249,10 +249,7 @@ where
 
     // Everything arrived and fits: take over the disks, load the guest, do NOT run it.
     activated.extend(graph.nodes().iter().filter(|n| !n.is_active()).map(|n| n.name().to_string()));
-    graph
-        .activate_all()
-        .await
-        .map_err(|e| MigrationError::Invalid(format!("activating the disks failed: {}", e.chain())))?;
+    graph.activate_all().await.map_err(MigrationError::Activate)?;
     point("migration::incoming-before-ack").await?;
     vm.load_cpu_state(&vcpus, device).await?;
     point("migration::incoming-before-prepared").await?;
@@ -270,7 +267,7 @@ where
 /// decision. Past the commit bound, or with the link gone, the decision is
 /// unknown: stay paused and say so (a late COMMIT is still taken).
 /// Ok: commit. Err: abort, and why.
-async fn decide<R: AsyncRead + Unpin>(mig: &Migration, p: &Parameters, r: &mut R) -> Result<(), String> {
+async fn decide<R: AsyncRead + Unpin>(mig: &Migration, p: &Parameters, r: &mut R) -> Result<(), MigrationError> {
     // One read, never dropped halfway (a COMMIT that straddles the bound is
     // still read whole); the bound only changes what the destination says.
     let read = stream::read_section(r);
@@ -290,7 +287,7 @@ async fn decide<R: AsyncRead + Unpin>(mig: &Migration, p: &Parameters, r: &mut R
         tokio::select! {
             d = mig.wait_decision() => return match d {
                 Decision::Commit => Ok(()),
-                Decision::Abort => Err("aborted by the operator (x-baton-migrate-decide)".into()),
+                Decision::Abort => Err(MigrationError::OperatorAborted),
             },
             _ = &mut bound, if !bound_passed => {
                 bound_passed = true;
@@ -310,7 +307,7 @@ async fn decide<R: AsyncRead + Unpin>(mig: &Migration, p: &Parameters, r: &mut R
                     }
                     Ok(Section::Abort(why)) => {
                         mig.set_decision_note(format!("ABORT from the source: {why}"));
-                        return Err(format!("the source aborted: {why}"));
+                        return Err(MigrationError::SourceAborted(why));
                     }
                     Ok(other) => mig.decision_unknown(format!("the source sent {} instead of its decision", other.name())),
                     Err(e) => mig.decision_unknown(format!("the link to the source was lost: {}", crate::error_text(&e))),

@@ -66,14 +66,44 @@ pub enum MigrationError {
     Refused(String),
     #[error("no {0} within {1:?}")]
     Timeout(&'static str, Duration),
+    /// The link went away without an error of its own (closed, or yanked).
     #[error("the connection to the other side was lost: {0}")]
-    LinkLost(String),
+    LinkLost(&'static str),
+    #[error("the connection to the other side was lost: cannot connect")]
+    Connect(#[source] std::io::Error),
+    /// The destination's replies could not be read.
+    #[error("the connection to the other side was lost: the return path failed")]
+    ReturnPath(#[source] StreamError),
+    #[error("the connection to the other side was lost: the stream ended early while waiting for {what}")]
+    EndedEarly {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Disk(String),
+    /// The destination could not take over its disks.
+    #[error("activating the disks failed")]
+    Activate(#[source] block::BlockError),
+    #[error("aborted by the operator (x-baton-migrate-decide)")]
+    OperatorAborted,
     #[error("the source aborted: {0}")]
     SourceAborted(String),
     #[error(transparent)]
     Injected(#[from] points::Injected),
     #[error("{0}")]
     Invalid(String),
+}
+
+impl MigrationError {
+    /// The link is gone: nothing more can be read from the other side.
+    pub fn is_link_lost(&self) -> bool {
+        matches!(
+            self,
+            MigrationError::LinkLost(_)
+                | MigrationError::Connect(_)
+                | MigrationError::ReturnPath(_)
+                | MigrationError::EndedEarly { .. }
+        )
+    }
 }

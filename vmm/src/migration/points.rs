@@ -10,7 +10,7 @@ static HELD: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::ne
 
 /// The failpoints holding a step now.
 pub fn held() -> Vec<&'static str> {
-    HELD.lock().map(|h| h.clone()).unwrap_or_default()
+    block::sync::lock(&HELD).clone()
 }
 
 /// A failure injected at a step.
@@ -26,15 +26,11 @@ pub async fn point(name: &'static str) -> Result<(), Injected> {
             None => Ok(()),
             Some(arg) if arg == "hold" => {
                 tracing::info!(failpoint = name, "held");
-                if let Ok(mut h) = HELD.lock() {
-                    h.push(name);
-                }
+                block::sync::lock(&HELD).push(name);
                 while fail::list().iter().any(|(n, a)| n == name && a.contains("hold")) {
                     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
                 }
-                if let Ok(mut h) = HELD.lock() {
-                    h.retain(|n| *n != name);
-                }
+                block::sync::lock(&HELD).retain(|n| *n != name);
                 tracing::info!(failpoint = name, "released");
                 Ok(())
             }

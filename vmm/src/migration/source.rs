@@ -22,7 +22,6 @@ use super::MigrationError;
 use crate::stream::{self, Hello, Reply, StreamError, PAGE};
 use crate::switchover::{self, Bounds};
 use crate::vm::{RunState, Vm};
-use crate::VmmError;
 
 /// Pre-copy passes at most before the switchover.
 const MAX_PASSES: u32 = 8;
@@ -38,7 +37,7 @@ const ABORT_BOUND: Duration = Duration::from_secs(1);
 /// seen at once, and a stalled return path never blocks a write).
 struct Link<S> {
     w: BufWriter<WriteHalf<S>>,
-    replies: mpsc::Receiver<Result<Reply, String>>,
+    replies: mpsc::Receiver<Result<Reply, StreamError>>,
     reader: tokio::task::JoinHandle<()>,
     io: Duration,
 }
@@ -55,7 +54,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Link<S> {
         let (tx, replies) = mpsc::channel(4);
         let reader = tokio::spawn(async move {
             loop {
-                let reply = stream::read_reply(&mut r).await.map_err(|e| crate::error_text(&e));
+                let reply = stream::read_reply(&mut r).await;
                 let end = reply.is_err();
                 if tx.send(reply).await.is_err() || end {
                     return;
@@ -75,7 +74,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Link<S> {
 
     /// After a failed write: the destination's reason, if it sent one.
     async fn reason_for(&mut self, e: MigrationError) -> MigrationError {
-        if matches!(e, MigrationError::Cancelled | MigrationError::LinkLost(_)) {
+        if matches!(e, MigrationError::Cancelled) || e.is_link_lost() {
             return e;
         }
         match tokio::time::timeout(Duration::from_millis(500), self.replies.recv()).await {
@@ -91,8 +90,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Link<S> {
             _ = mig.cancelled() => Err(mig.stop_reason()),
             r = tokio::time::timeout(bound, self.replies.recv()) => match r {
                 Err(_) => Err(MigrationError::Timeout(what, bound)),
-                Ok(None) => Err(MigrationError::LinkLost("the return path closed".into())),
-                Ok(Some(Err(e))) => Err(MigrationError::LinkLost(e)),
+                Ok(None) => Err(MigrationError::LinkLost("the return path closed")),
+                Ok(Some(Err(e))) => Err(MigrationError::ReturnPath(e)),
                 Ok(Some(Ok(reply))) => Ok(reply),
             }
         }
@@ -141,8 +140,9 @@ where
         while i < pages && dirty(i) && buf.len() < RUN * PAGE {
             let at = buf.len();
             buf.resize(at + PAGE, 0);
-            mem.read_slice(&mut buf[at..], GuestAddress(i * PAGE as u64))
-                .map_err(|e| VmmError::Memory(e.to_string()))?;
+            let addr = i * PAGE as u64;
+            mem.read_slice(&mut buf[at..], GuestAddress(addr))
+                .map_err(|source| crate::memory::error("read", addr, PAGE, source))?;
             i += 1;
         }
         if let Some(why) = link.refusal() {
@@ -206,7 +206,7 @@ where
         _ = mig.cancelled() => return Err(mig.stop_reason()),
         r = tokio::time::timeout(p.connect_timeout, connect) => match r {
             Err(_) => return Err(MigrationError::Timeout("connection to the destination", p.connect_timeout)),
-            Ok(Err(e)) => return Err(MigrationError::LinkLost(format!("cannot connect: {e}"))),
+            Ok(Err(e)) => return Err(MigrationError::Connect(e)),
             Ok(Ok(c)) => c,
         }
     };
@@ -330,8 +330,8 @@ where
             reply = link.replies.recv() => return Err(match reply {
                 Some(Ok(Reply::Refused(why))) => MigrationError::Refused(why),
                 Some(Ok(_)) => MigrationError::Stream(StreamError::BadReply("an unexpected reply at pre-switchover".into())),
-                Some(Err(e)) => MigrationError::LinkLost(e),
-                None => MigrationError::LinkLost("the return path closed".into()),
+                Some(Err(e)) => MigrationError::ReturnPath(e),
+                None => MigrationError::LinkLost("the return path closed"),
             }),
             _ = tokio::time::sleep(every) => {
                 if let Err(e) = guarded(mig, io, stream::write_keepalive(&mut link.w)).await {

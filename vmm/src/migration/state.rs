@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use block::sync::{lock, wait_until};
 use serde_json::{json, Map, Value};
 use tokio::sync::Notify;
 
@@ -237,14 +238,12 @@ impl Default for Migration {
 impl Migration {
     pub fn new(events: Option<EventSink>) -> Arc<Self> {
         let m = Migration::default();
-        if let Ok(mut e) = m.events.lock() {
-            *e = events;
-        }
+        *lock(&m.events) = events;
         Arc::new(m)
     }
 
     fn lock(&self) -> MutexGuard<'_, Attempt> {
-        self.attempt.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.attempt)
     }
 
     pub fn status(&self) -> Status {
@@ -264,11 +263,11 @@ impl Migration {
     }
 
     pub fn params(&self) -> Parameters {
-        self.params.lock().map(|p| *p).unwrap_or_default()
+        *lock(&self.params)
     }
 
     pub fn capabilities(&self) -> Capabilities {
-        self.caps.lock().map(|c| *c).unwrap_or_default()
+        *lock(&self.caps)
     }
 
     /// Start an attempt in `role`; refused while another is not final, or
@@ -324,7 +323,7 @@ impl Migration {
             a.ended = Some(Instant::now());
         }
         if self.capabilities().events {
-            if let Some(f) = self.events.lock().ok().and_then(|e| e.clone()) {
+            if let Some(f) = lock(&self.events).clone() {
                 f("MIGRATION", json!({"status": to.as_str()}));
             }
         }
@@ -425,21 +424,13 @@ impl Migration {
         if self.lock().cancel_requested {
             super::MigrationError::Cancelled
         } else {
-            super::MigrationError::LinkLost("the connection was yanked (QMP yank)".into())
+            super::MigrationError::LinkLost("the connection was yanked (QMP yank)")
         }
     }
 
     /// Wait until `f` finds what it looks for in the attempt's state.
     async fn wait_for<T>(&self, f: impl Fn(&Attempt) -> Option<T>) -> T {
-        loop {
-            let n = self.wake.notified();
-            tokio::pin!(n);
-            n.as_mut().enable();
-            if let Some(v) = f(&self.lock()) {
-                return v;
-            }
-            n.await;
-        }
+        wait_until(&self.wake, || f(&self.lock())).await
     }
 
     /// Resolves once a cancel (or a yank) was requested.
@@ -544,9 +535,7 @@ impl Migration {
                 other => return Err(VerbError::Capability(other.to_string())),
             }
         }
-        if let Ok(mut c) = self.caps.lock() {
-            *c = next;
-        }
+        *lock(&self.caps) = next;
         Ok(())
     }
 
@@ -564,9 +553,7 @@ impl Migration {
     pub fn set_parameters(&self, args: &Map<String, Value>) -> Result<(), VerbError> {
         let mut p = self.params();
         p.set(args).map_err(VerbError::Parameter)?;
-        if let Ok(mut cur) = self.params.lock() {
-            *cur = p;
-        }
+        *lock(&self.params) = p;
         Ok(())
     }
 
