@@ -304,7 +304,7 @@ impl Daemon {
                 // As QEMU: a guest that was paused on the source stays paused here.
                 if run && !paused {
                     if let Err(e) = vm.cont().await {
-                        tracing::warn!(error = %e, "the guest arrived, but cannot run; fix and `cont`");
+                        tracing::warn!(error = %e.chain(), "the guest arrived, but cannot run; fix and `cont`");
                     }
                 }
             }
