@@ -200,7 +200,7 @@ pub async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
                 None => Ok(None),
                 Some(v) => v
                     .as_str()
-                    .and_then(block::options::parse_size)
+                    .and_then(block::schema::parse_size)
                     .map(Some)
                     .ok_or_else(|| opt_err("--vm", format!("{k}: expected a number or size"))),
             }

@@ -138,8 +138,7 @@ pub async fn run(a: Args) -> Result<(), DemoError> {
     if !Path::new("/dev/kvm").exists() {
         return Err(step("the demo runs a guest: /dev/kvm is missing on this machine"));
     }
-    let size =
-        block::options::parse_size(&a.disk).ok_or_else(|| step(format!("--disk: '{}' is not a size", a.disk)))?;
+    let size = block::schema::parse_size(&a.disk).ok_or_else(|| step(format!("--disk: '{}' is not a size", a.disk)))?;
     let tmp;
     let dir = match &a.workdir {
         Some(d) => {

@@ -59,7 +59,7 @@ fn pattern_byte(block: u64, generation: u64) -> u8 {
 pub async fn run(a: Args) -> Result<(), ExerciseError> {
     let path = a.image.display().to_string();
     if let Some(size) = &a.create {
-        let size = block::options::parse_size(size)
+        let size = block::schema::parse_size(size)
             .ok_or_else(|| ExerciseError::Usage(format!("--create: '{size}' is not a size")))?;
         let f = std::fs::OpenOptions::new()
             .write(true)

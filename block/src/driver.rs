@@ -374,10 +374,9 @@ macro_rules! leaves {
 }
 pub(crate) use leaves;
 
-/// A driver as the graph's registry sees it (QEMU's `BlockDriver`). Built-in
-/// drivers implement [`Driver`] instead and get this for free; drivers
-/// registered with a constructor (`Graph::register_driver`) go through an
-/// adapter that checks nothing (their constructor parses its options).
+/// A driver as the graph's registry sees it (QEMU's `BlockDriver`). Drivers
+/// implement [`Driver`] instead and get this for free, whether built in or
+/// registered from another crate with [`Graph::register`](crate::Graph::register).
 pub trait BlockDriver: Send + Sync + 'static {
     /// The name `blockdev-add` selects the driver by.
     fn name(&self) -> &str;
@@ -391,7 +390,7 @@ pub trait BlockDriver: Send + Sync + 'static {
         None
     }
     /// The schema of the driver's own members (not the common ones), for
-    /// keyval coercion; `None` if the driver checks an untyped map itself.
+    /// keyval coercion; `None`: the members are left as they come.
     fn options(&self) -> Option<Vec<Field>>;
     /// Check the driver's own `options` and open the node.
     fn open<'a>(&'a self, ctx: OpenCtx<'a>, options: Map<String, Value>) -> BoxFuture<'a, Result<Opened>>;
@@ -406,6 +405,13 @@ pub trait Driver: Send + Sync + 'static {
     const CHILD: Option<&'static str> = None;
     /// The driver's own members, declared with `qapi_struct!`.
     type Options: QapiObject + Send + 'static;
+    /// Check the driver's own members and decode them. The default is the
+    /// schema's check, worded as QEMU words it ([`crate::schema::parse`]); a
+    /// driver whose options predate the schema (the NBD client, which also
+    /// takes numbers as strings over QMP) keeps its own checks and messages.
+    fn parse_options(options: Map<String, Value>) -> Result<Self::Options> {
+        Ok(crate::schema::parse::<Self::Options>(Value::Object(options))?)
+    }
     fn open<'a>(&'a self, ctx: OpenCtx<'a>, options: Self::Options)
         -> impl Future<Output = Result<Opened>> + Send + 'a;
 }
@@ -425,7 +431,7 @@ impl<D: Driver> BlockDriver for D {
     }
     fn open<'a>(&'a self, ctx: OpenCtx<'a>, options: Map<String, Value>) -> BoxFuture<'a, Result<Opened>> {
         Box::pin(async move {
-            let options = crate::schema::parse::<D::Options>(Value::Object(options))?;
+            let options = D::parse_options(options)?;
             Driver::open(self, ctx, options).await
         })
     }

@@ -13,23 +13,13 @@ use serde_json::{Map, Value};
 
 use crate::backend::BlockBackend;
 use crate::bitmap::DirtyBitmap;
-use crate::driver::{BlockDriver, DynDriver, OpenCtx, Opened};
-use crate::drivers::external::External;
+use crate::driver::{BlockDriver, OpenCtx, Opened};
 use crate::error::{BlockError, Result};
 use crate::node::{Child, Kind, Node, User, UserId};
 use crate::options::{BlockdevDiscardOptions, BlockdevOptionsBase};
 use crate::perm::{Perm, PermSet};
 use crate::schema::{self, Field, QapiObject, SchemaError};
 use crate::sync;
-
-/// Builds a leaf driver registered from another crate from the node's name
-/// (for its messages) and the members the graph did not consume; see
-/// [`External`] for how it is registered.
-pub type DriverCtor = Arc<
-    dyn Fn(String, Map<String, Value>) -> Pin<Box<dyn Future<Output = Result<Arc<dyn DynDriver>>> + Send>>
-        + Send
-        + Sync,
->;
 
 #[derive(Debug, Default)]
 pub(crate) struct GraphState {
@@ -125,12 +115,6 @@ impl Graph {
         drivers.push(driver);
     }
 
-    /// Register a leaf driver implemented outside this crate (e.g. `nbd`) by
-    /// its constructor, which parses its own options.
-    pub fn register_driver(&self, name: &str, ctor: DriverCtor) {
-        self.register(Arc::new(External::new(name, &[], ctor)));
-    }
-
     /// The driver `blockdev-add` opens for `name` (a name or an alias).
     pub fn driver(&self, name: &str) -> Option<Arc<dyn BlockDriver>> {
         sync::read(&self.drivers).iter().find(|d| d.name() == name || d.aliases().contains(&name)).cloned()
@@ -148,7 +132,7 @@ impl Graph {
     /// and the named driver's own, recursing into an inline child definition
     /// (`file.driver=file,file.filename=...`). Members no schema knows are
     /// left alone for `blockdev-add` to judge; so are the members of a driver
-    /// registered with a constructor (it accepts strings itself).
+    /// without a schema.
     pub fn coerce_keyval(&self, options: Value) -> Result<Value> {
         Ok(self.coerce_keyval_at(options, "")?)
     }
@@ -656,10 +640,29 @@ mod tests {
         assert_eq!(g.coerce_keyval(by_name).unwrap(), json!({"driver": "raw", "file": "n", "size": 512}));
         let e = g.coerce_keyval(json!({"driver": "raw", "file": {"driver": "null-co", "size": "big"}})).unwrap_err();
         assert!(e.to_string().contains("'file.size'"), "{e}");
-        // A driver without a schema (registered with a constructor) gets its strings as they are.
-        g.register_driver("ext", Arc::new(|_, _| Box::pin(async { Err(BlockError::UnknownDriver("ext".into())) })));
+        // A driver without a schema gets its strings as they are.
+        g.register(Arc::new(Schemaless));
         let kv = json!({"driver": "ext", "read-only": "off", "port": "10809"});
         assert_eq!(g.coerce_keyval(kv).unwrap(), json!({"driver": "ext", "read-only": false, "port": "10809"}));
+    }
+
+    /// A driver that declares no schema for its members.
+    struct Schemaless;
+
+    impl BlockDriver for Schemaless {
+        fn name(&self) -> &str {
+            "ext"
+        }
+        fn options(&self) -> Option<Vec<Field>> {
+            None
+        }
+        fn open<'a>(
+            &'a self,
+            _ctx: OpenCtx<'a>,
+            _options: Map<String, Value>,
+        ) -> crate::driver::BoxFuture<'a, Result<Opened>> {
+            Box::pin(async { Err(BlockError::UnknownDriver("ext".into())) })
+        }
     }
 
     #[tokio::test]

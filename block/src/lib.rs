@@ -4,8 +4,8 @@
 //! `inactivate_all` is all or nothing, and named dirty bitmaps.
 //!
 //! Drivers live in [`drivers`], one module each, and are registered in
-//! [`drivers::builtin`] (or with [`Graph::register_driver`] from other
-//! crates); see [`driver`] for their shape.
+//! [`drivers::builtin`] (or with [`Graph::register`] from other crates);
+//! see [`driver`] for their shape.
 //!
 //! Entry points: [`Graph::blockdev_add`], [`Graph::attach`] (returns a
 //! [`BlockBackend`] to do I/O through), [`Graph::inactivate_all`] and

@@ -22,7 +22,7 @@ use serde_json::{Map, Number, Value};
 pub enum Ty {
     Str,
     Int,
-    /// An unsigned integer; from keyval, a size with an optional k/M/G/T/P/E suffix.
+    /// An unsigned integer; from keyval, a size as [`parse_size`] reads one ("1G", "1.5M").
     Size,
     Bool,
     /// Anything; the consumer validates it (e.g. blockdev-add's flat union).
@@ -236,11 +236,15 @@ pub fn check_fields(fields: &[Field], m: &Map<String, Value>, prefix: &str, open
     Ok(())
 }
 
-/// Parse a size as keyval spells one: decimal bytes with an optional
-/// k/M/G/T/P/E suffix (powers of 1024), as QEMU's `qemu_strtosz`.
+/// Parse a size as QEMU's `qemu_strtosz` spells one: decimal bytes with an
+/// optional b/k/M/G/T/P/E suffix (powers of 1024, case-insensitive) and, with
+/// a suffix, a decimal fraction ("1.5M", "0.5k") that comes to a whole number
+/// of bytes. A fraction without a suffix or not of whole bytes, overflow and
+/// anything else is refused. The one size rule: keyval (`size=1G`) and the
+/// command line's sizes (`baton demo --disk`, `--vm memory=`).
 pub fn parse_size(s: &str) -> Option<u64> {
     let s = s.trim();
-    let (digits, shift) = match s.char_indices().last() {
+    let (num, shift) = match s.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => {
             let shift = match c.to_ascii_lowercase() {
                 'b' => 0,
@@ -252,14 +256,35 @@ pub fn parse_size(s: &str) -> Option<u64> {
                 'e' => 60,
                 _ => return None,
             };
-            (&s[..i], shift)
+            (&s[..i], Some(shift))
         }
-        _ => (s, 0),
+        _ => (s, None),
     };
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+    let decimal = |d: &str| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit());
+    let (int, frac) = match num.split_once('.') {
+        Some((int, frac)) => (int, Some(frac)),
+        None => (num, None),
+    };
+    if !decimal(int) {
         return None;
     }
-    digits.parse::<u64>().ok()?.checked_mul(1u64 << shift)
+    let mult = 1u64 << shift.unwrap_or(0);
+    let whole = int.parse::<u64>().ok()?.checked_mul(mult)?;
+    let Some(frac) = frac else { return Some(whole) };
+    if shift.is_none() || !decimal(frac) {
+        return None;
+    }
+    // frac / 10^n of the unit, exactly: whole bytes or nothing.
+    let frac = frac.trim_end_matches('0');
+    if frac.is_empty() {
+        return Some(whole);
+    }
+    let scaled = frac.parse::<u128>().ok()?.checked_mul(u128::from(mult))?;
+    let den = 10u128.checked_pow(u32::try_from(frac.len()).ok()?)?;
+    if scaled % den != 0 {
+        return None;
+    }
+    whole.checked_add(u64::try_from(scaled / den).ok()?)
 }
 
 /// Keyval's one coercion: turn the strings of a command-line option into the
@@ -427,6 +452,53 @@ mod tests {
         assert_eq!(parse_size("16E"), None);
         assert_eq!(parse_size(""), None);
         assert_eq!(parse_size("-1"), None);
-        assert_eq!(parse_size("1.5G"), None);
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_suffixes() {
+        assert_eq!(parse_size("64k"), Some(65536));
+        assert_eq!(parse_size("1G"), Some(1 << 30));
+        assert_eq!(parse_size("1.5M"), Some(3 << 19));
+        assert_eq!(parse_size("12"), Some(12));
+        assert_eq!(parse_size("99999999999T"), None);
+        assert_eq!(parse_size("x"), None);
+        assert_eq!(parse_size(""), None);
+    }
+
+    #[test]
+    fn sizes_take_fractions_of_whole_bytes_with_a_suffix_only() {
+        assert_eq!(parse_size("1.5M"), Some(1572864));
+        assert_eq!(parse_size("0.5k"), Some(512));
+        assert_eq!(parse_size("1.5G"), Some(3 << 29));
+        assert_eq!(parse_size("0.25m"), Some(1 << 18));
+        assert_eq!(parse_size("2.0b"), Some(2));
+        assert_eq!(parse_size("1.50K"), Some(1536));
+        assert_eq!(parse_size(" 3e "), Some(3 << 60));
+        assert_eq!(parse_size("15.5E"), Some(31 << 59));
+        assert_eq!(parse_size("18446744073709551615"), Some(u64::MAX));
+        assert_eq!(parse_size("18446744073709551615b"), Some(u64::MAX));
+        // A fraction without a suffix, or of no whole number of bytes.
+        for s in ["1.5", "1.0", "0.1k", "1.5b", "0.0000001k"] {
+            assert_eq!(parse_size(s), None, "{s}");
+        }
+        // Overflow, and what is no number.
+        for s in [
+            "16.0E",
+            "15.99999999999999999999E",
+            "18446744073709551616",
+            "16384P",
+            "1.k",
+            ".5k",
+            "1..5k",
+            "1.5.5k",
+            "+1",
+            "1 k",
+            "1x",
+            "1.5kb",
+            "k",
+            ".",
+        ] {
+            assert_eq!(parse_size(s), None, "{s}");
+        }
     }
 }

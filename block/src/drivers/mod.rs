@@ -4,7 +4,9 @@
 //! runtime (a [`LeafDriver`](crate::driver::LeafDriver) or a
 //! [`Filter`](crate::driver::Filter)), and a [`Driver`](crate::driver::Driver)
 //! value that opens one from the other. [`builtin`] lists them, one line each;
-//! drivers from other crates are added with `Graph::register_driver`. A leaf
+//! drivers from other crates (the NBD client) implement the same
+//! [`Driver`](crate::driver::Driver) and are added with
+//! [`Graph::register`](crate::Graph::register). A leaf
 //! that must not allocate per request (everything on the NBD hot path) is
 //! also listed in `leaves!`, so that [`Leaf`] calls it without boxing.
 
@@ -13,7 +15,6 @@ use std::sync::Arc;
 use crate::driver::BlockDriver;
 
 pub mod blkdebug;
-pub mod external;
 pub mod file;
 pub mod null;
 pub mod raw;

@@ -1,7 +1,8 @@
 //! The `nbd` block driver: [`NbdClient`] implements `block::driver`'s
 //! traits over one connection (reads and writes in pieces of the server's
 //! maximum, write-zeroes and trim in pieces of at most 1 GiB, block status
-//! through `base:allocation`), registers with the graph, and owns the glue
+//! through `base:allocation`); [`NbdBdrv`] opens one from `blockdev-add`'s
+//! options and is what registers with the graph. `NbdClient` owns the glue
 //! that ends a connection: `shutdown` (with `NBD_CMD_DISC`), `disconnect`
 //! and QMP `yank`. There is no reconnect yet.
 
@@ -11,17 +12,17 @@ use std::sync::{Arc, Mutex};
 
 use block::buf::IoBuf;
 use block::driver::{
-    BlockRead, BlockStatus, BlockWrite, Caps, Discard, DynDriver, Extent, Flush, LeafInfo, Resize, WriteFlags,
-    WriteZeroes, ZeroFlags,
+    BlockRead, BlockStatus, BlockWrite, Caps, Discard, Driver, DynDriver, Extent, Flush, LeafInfo, OpenCtx, Opened,
+    Resize, WriteFlags, WriteZeroes, ZeroFlags,
 };
+use block::drivers::Leaf;
 use block::error::{BlockError, Op, Result};
-use block::graph::DriverCtor;
 use serde_json::{Map, Value};
 use tokio::task::JoinHandle;
 
 use super::inflight::{reader_task, Dead, Failure, Shared};
 use super::negotiate::{open_stream, ExportInfo, Haggle};
-use super::options::NbdClientOptions;
+use super::options::{BlockdevOptionsNbd, NbdClientOptions};
 use crate::proto;
 
 /// Largest effect length of one write-zeroes, trim or block-status request.
@@ -29,15 +30,27 @@ const MAX_EFFECT: u64 = 1 << 30;
 
 /// Register driver `nbd` with `graph`, so `blockdev-add` can open NBD exports.
 pub fn register(graph: &block::Graph) {
-    let ctor: DriverCtor = Arc::new(|node: String, map: Map<String, Value>| {
-        Box::pin(async move {
-            let mut opts = NbdClientOptions::from_blockdev_options(map)?;
-            opts.node_name = Some(node);
-            let client: Arc<dyn DynDriver> = NbdClient::connect(&opts).await?;
-            Ok(client)
-        })
-    });
-    graph.register_driver("nbd", ctor);
+    graph.register(Arc::new(NbdBdrv));
+}
+
+/// The `nbd` driver: opens an [`NbdClient`] from [`BlockdevOptionsNbd`].
+#[derive(Debug)]
+pub struct NbdBdrv;
+
+impl Driver for NbdBdrv {
+    const NAME: &'static str = "nbd";
+    type Options = BlockdevOptionsNbd;
+
+    fn parse_options(options: Map<String, Value>) -> Result<BlockdevOptionsNbd> {
+        BlockdevOptionsNbd::from_map(options)
+    }
+
+    async fn open<'a>(&'a self, ctx: OpenCtx<'a>, o: BlockdevOptionsNbd) -> Result<Opened> {
+        let mut opts = NbdClientOptions::try_from(o)?;
+        opts.node_name = Some(ctx.node_name.to_string());
+        let client: Arc<dyn DynDriver> = NbdClient::connect(&opts).await?;
+        Ok(Opened::Leaf(Leaf::Dyn(client)))
+    }
 }
 
 /// Connect to the export `opts` names and complete the handshake.

@@ -43,11 +43,13 @@
 //! The client's four concerns, one file each:
 //!
 //! ```text
-//! options.rs    NbdClientOptions / NbdServer: blockdev-add's options, parsed
+//! options.rs    BlockdevOptionsNbd (blockdev-add's options, declared and
+//!               checked) and NbdClientOptions / NbdServer, what they open
 //! negotiate.rs  connecting and the option haggling, up to ExportInfo
 //! inflight.rs   the in-flight table (cookie -> slot), the senders' side of
 //!               it, the reader task that demultiplexes replies, the watchdog
-//! driver.rs     NbdClient: the block::driver::Driver impl, shutdown and yank
+//! driver.rs     NbdBdrv (the block::driver::Driver impl) and NbdClient:
+//!               the leaf's I/O, shutdown and yank
 //! ```
 
 use std::io;
@@ -57,10 +59,11 @@ mod inflight;
 mod negotiate;
 mod options;
 
-pub use driver::{connect, register, NbdClient};
+pub use driver::{connect, register, NbdBdrv, NbdClient};
 pub use negotiate::ExportInfo;
 pub use options::{
-    NbdClientOptions, NbdServer, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, MAX_REQUEST_TIMEOUT_SECS,
+    BlockdevOptionsNbd, NbdClientOptions, NbdServer, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_REQUEST_TIMEOUT,
+    MAX_REQUEST_TIMEOUT_SECS,
 };
 
 /// Largest option reply or non-data reply chunk we accept before calling it a protocol error.

@@ -1,13 +1,20 @@
-//! The driver's options: what `blockdev-add` for driver `nbd` passes (QEMU's
-//! names: `server`, `export`, `reconnect-delay`, ... and baton's
-//! `x-baton-request-timeout`), parsed into [`NbdClientOptions`].
+//! The driver's options: what `blockdev-add` for driver `nbd` passes,
+//! declared once as QEMU's `BlockdevOptionsNbd` (the members baton accepts:
+//! `server`, `export`, `reconnect-delay`, `open-timeout`, and baton's
+//! `x-baton-request-timeout`), and turned into the [`NbdClientOptions`] a
+//! connection is opened with.
+//!
+//! The declaration gives the schema (keyval coercion for `--blockdev`); the
+//! checks are the driver's own, with the messages it always had, and take
+//! numbers as strings over QMP too, as the driver always did.
 
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use block::error::{BlockError, Result};
-use block::options::Opts;
+use block::schema::{Qapi, Ty};
+use serde::{Deserialize, Deserializer};
 use serde_json::{Map, Value};
 
 use crate::proto;
@@ -22,7 +29,29 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// Largest `x-baton-request-timeout` in seconds; 0 turns the bound off.
 pub const MAX_REQUEST_TIMEOUT_SECS: u64 = 3600;
 
-/// Where the server listens (QEMU's flat `SocketAddress`, the kinds we support).
+/// QEMU's members for TLS, known and refused: TLS is not supported yet.
+const TLS_MEMBERS: [&str; 2] = ["tls-creds", "tls-hostname"];
+
+block::qapi_struct! {
+    /// QEMU's `BlockdevOptionsNbd`, the members baton accepts.
+    pub struct BlockdevOptionsNbd {
+        "server" server: NbdServer,
+        /// Export name (absent: `""`, the default export).
+        "export" export: Option<String>,
+        /// Only 0: there is no reconnect yet.
+        "reconnect-delay" reconnect_delay: Option<u64>,
+        /// Accepted: QEMU retries the first connection for this long; baton
+        /// tries once, and the handshake has its own bound.
+        "open-timeout" open_timeout: Option<u64>,
+        /// Seconds a request may wait for its reply, 1 to
+        /// [`MAX_REQUEST_TIMEOUT_SECS`]; 0: no bound. Absent:
+        /// [`DEFAULT_REQUEST_TIMEOUT`].
+        "x-baton-request-timeout" request_timeout: Option<i64>,
+    }
+}
+
+/// Where the server listens: QEMU's `SocketAddress` (a flat union on
+/// `type`), the kinds baton connects to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NbdServer {
     Inet { host: String, port: u16 },
@@ -36,6 +65,20 @@ impl fmt::Display for NbdServer {
             NbdServer::Inet { host, port } => write!(f, "{host}:{port}"),
             NbdServer::Unix { path } => write!(f, "unix:{}", path.display()),
         }
+    }
+}
+
+/// A flat union, and `port` a string (QEMU) or a number (baton too): the
+/// schema cannot say it, so [`NbdServer::from_value`] checks it.
+impl Qapi for NbdServer {
+    fn ty() -> Ty {
+        Ty::Any
+    }
+}
+
+impl<'de> Deserialize<'de> for NbdServer {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        NbdServer::from_value(Value::deserialize(d)?).map_err(serde::de::Error::custom)
     }
 }
 
@@ -58,6 +101,153 @@ fn invalid(option: &str, reason: impl Into<String>) -> BlockError {
     BlockError::InvalidOption { option: option.to_string(), reason: reason.into() }
 }
 
+/// An unsigned member: a JSON number, or a size as a string (keyval).
+fn take_size(m: &mut Map<String, Value>, key: &str) -> Result<Option<u64>> {
+    match m.remove(key) {
+        None => Ok(None),
+        Some(Value::Number(n)) => n.as_u64().map(Some).ok_or_else(|| invalid(key, "expected a non-negative integer")),
+        Some(Value::String(s)) => {
+            block::schema::parse_size(&s).map(Some).ok_or_else(|| invalid(key, format!("expected a size, got '{s}'")))
+        }
+        Some(_) => Err(invalid(key, "expected an integer")),
+    }
+}
+
+/// A signed member: a JSON number, or a decimal string (keyval).
+fn take_int(m: &mut Map<String, Value>, key: &str) -> Result<Option<i64>> {
+    match m.remove(key) {
+        None => Ok(None),
+        Some(Value::Number(n)) => n.as_i64().map(Some).ok_or_else(|| invalid(key, "expected an integer")),
+        Some(Value::String(s)) => {
+            s.parse().map(Some).map_err(|_| invalid(key, format!("expected an integer, got '{s}'")))
+        }
+        Some(_) => Err(invalid(key, "expected an integer")),
+    }
+}
+
+/// A string member of `server` (`key` is its name there).
+fn take_server_str(m: &mut Map<String, Value>, key: &str) -> Result<String> {
+    match m.remove(key) {
+        None => Err(invalid(&format!("server.{key}"), "parameter is missing")),
+        Some(Value::String(v)) => Ok(v),
+        Some(_) => Err(invalid(&format!("server.{key}"), "expected a string")),
+    }
+}
+
+fn check_reconnect_delay(delay: Option<u64>) -> Result<()> {
+    match delay {
+        Some(d) if d > 0 => Err(invalid("reconnect-delay", "reconnect is not implemented yet; only 0 is accepted")),
+        _ => Ok(()),
+    }
+}
+
+fn request_timeout(secs: Option<i64>) -> Result<Option<Duration>> {
+    match secs {
+        None => Ok(Some(DEFAULT_REQUEST_TIMEOUT)),
+        Some(0) => Ok(None),
+        Some(secs) => match u64::try_from(secs) {
+            Ok(secs) if secs <= MAX_REQUEST_TIMEOUT_SECS => Ok(Some(Duration::from_secs(secs))),
+            _ => Err(invalid(
+                "x-baton-request-timeout",
+                format!("{secs} is not a number of seconds from 1 to {MAX_REQUEST_TIMEOUT_SECS} (or 0 for no timeout)"),
+            )),
+        },
+    }
+}
+
+fn check_export(export: Option<&str>) -> Result<()> {
+    match export {
+        Some(e) if e.len() > proto::MAX_STRING => {
+            Err(invalid("export", format!("longer than {} bytes", proto::MAX_STRING)))
+        }
+        _ => Ok(()),
+    }
+}
+
+impl BlockdevOptionsNbd {
+    /// Check the members `blockdev-add` leaves for the driver (everything
+    /// but `driver`, `node-name` and the common ones) and decode them: the
+    /// first error, in a fixed order (TLS, `reconnect-delay`,
+    /// `open-timeout`, `x-baton-request-timeout`, `export`, `server`, then
+    /// unknown members).
+    pub fn from_map(mut m: Map<String, Value>) -> Result<Self> {
+        for key in TLS_MEMBERS {
+            if m.remove(key).is_some() {
+                return Err(invalid(key, "TLS is not supported yet"));
+            }
+        }
+        let reconnect_delay = take_size(&mut m, "reconnect-delay")?;
+        check_reconnect_delay(reconnect_delay)?;
+        let open_timeout = take_size(&mut m, "open-timeout")?;
+        let request_timeout_secs = take_int(&mut m, "x-baton-request-timeout")?;
+        request_timeout(request_timeout_secs)?;
+        let export = match m.remove("export") {
+            None => None,
+            Some(Value::String(s)) => Some(s),
+            Some(_) => return Err(invalid("export", "expected a string")),
+        };
+        check_export(export.as_deref())?;
+        let server = match m.remove("server") {
+            None => return Err(invalid("server", "parameter is missing")),
+            Some(v) => NbdServer::from_value(v)?,
+        };
+        if let Some(k) = m.keys().next() {
+            return Err(invalid(k, "parameter is unexpected"));
+        }
+        Ok(Self { server, export, reconnect_delay, open_timeout, request_timeout: request_timeout_secs })
+    }
+}
+
+impl NbdServer {
+    /// Check and decode `server`: `{"type": "inet", "host", "port"}` (the
+    /// port a string or a number) or `{"type": "unix", "path"}`.
+    pub fn from_value(v: Value) -> Result<Self> {
+        let Value::Object(mut s) = v else {
+            return Err(invalid("server", "expected an object"));
+        };
+        let kind = take_server_str(&mut s, "type")?;
+        let server = match kind.as_str() {
+            "inet" => {
+                let host = take_server_str(&mut s, "host")?;
+                let port = match s.remove("port") {
+                    None => return Err(invalid("server.port", "parameter is missing")),
+                    Some(Value::String(p)) => p
+                        .trim()
+                        .parse::<u16>()
+                        .map_err(|_| invalid("server.port", format!("expected a port number, got '{p}'")))?,
+                    Some(Value::Number(n)) => n
+                        .as_u64()
+                        .and_then(|p| u16::try_from(p).ok())
+                        .ok_or_else(|| invalid("server.port", format!("expected a port number, got {n}")))?,
+                    Some(_) => return Err(invalid("server.port", "expected a string or a number")),
+                };
+                NbdServer::Inet { host, port }
+            }
+            "unix" => NbdServer::Unix { path: PathBuf::from(take_server_str(&mut s, "path")?) },
+            "fd" | "vsock" => {
+                return Err(invalid("server.type", format!("'{kind}' is not supported yet; use inet or unix")))
+            }
+            other => return Err(invalid("server.type", format!("'{other}' is not one of inet, unix, fd, vsock"))),
+        };
+        if let Some(k) = s.keys().next() {
+            return Err(invalid(&format!("server.{k}"), "parameter is unexpected"));
+        }
+        Ok(server)
+    }
+}
+
+impl TryFrom<BlockdevOptionsNbd> for NbdClientOptions {
+    type Error = BlockError;
+
+    /// The values' own rules, as [`BlockdevOptionsNbd::from_map`] checks them.
+    fn try_from(o: BlockdevOptionsNbd) -> Result<Self> {
+        check_reconnect_delay(o.reconnect_delay)?;
+        let request_timeout = request_timeout(o.request_timeout)?;
+        check_export(o.export.as_deref())?;
+        Ok(Self { request_timeout, ..Self::new(o.server, o.export.unwrap_or_default()) })
+    }
+}
+
 impl NbdClientOptions {
     pub fn new(server: NbdServer, export: impl Into<String>) -> Self {
         Self {
@@ -72,46 +262,7 @@ impl NbdClientOptions {
     /// Parse the options `blockdev-add` leaves for the driver (everything but
     /// `driver`, `node-name` and the generic ones), with QEMU's names.
     pub fn from_blockdev_options(map: Map<String, Value>) -> Result<Self> {
-        let mut o = Opts::from_map(map);
-        for key in ["tls-creds", "tls-hostname"] {
-            if o.take(key).is_some() {
-                return Err(invalid(key, "TLS is not supported yet"));
-            }
-        }
-        if let Some(delay) = o.u64("reconnect-delay")? {
-            if delay > 0 {
-                return Err(invalid("reconnect-delay", "reconnect is not implemented yet; only 0 is accepted"));
-            }
-        }
-        // QEMU retries the first connection for this long; we try once, and
-        // the handshake has its own bound.
-        let _open_timeout = o.u64("open-timeout")?;
-        let request_timeout = match o.i64("x-baton-request-timeout")? {
-            None => Some(DEFAULT_REQUEST_TIMEOUT),
-            Some(0) => None,
-            Some(secs) => match u64::try_from(secs) {
-                Ok(secs) if secs <= MAX_REQUEST_TIMEOUT_SECS => Some(Duration::from_secs(secs)),
-                _ => {
-                    return Err(invalid(
-                        "x-baton-request-timeout",
-                        format!(
-                        "{secs} is not a number of seconds from 1 to {MAX_REQUEST_TIMEOUT_SECS} (or 0 for no timeout)"
-                    ),
-                    ))
-                }
-            },
-        };
-        let export = o.str("export")?.unwrap_or_default();
-        if export.len() > proto::MAX_STRING {
-            return Err(invalid("export", format!("longer than {} bytes", proto::MAX_STRING)));
-        }
-        let server = match o.take("server") {
-            None => return Err(invalid("server", "parameter is missing")),
-            Some(Value::Object(m)) => parse_server(Opts::from_map(m))?,
-            Some(_) => return Err(invalid("server", "expected an object")),
-        };
-        o.finish("")?;
-        Ok(Self { request_timeout, ..Self::new(server, export) })
+        Self::try_from(BlockdevOptionsNbd::from_map(map)?)
     }
 
     /// The export as QEMU names it in `filename`: `nbd://host:port/export` or
@@ -122,43 +273,6 @@ impl NbdClientOptions {
             NbdServer::Unix { path } => format!("nbd+unix:///{}?socket={}", self.export, path.display()),
         }
     }
-}
-
-fn req_server_str(s: &mut Opts, key: &str) -> Result<String> {
-    match s.take(key) {
-        None => Err(invalid(&format!("server.{key}"), "parameter is missing")),
-        Some(Value::String(v)) => Ok(v),
-        Some(_) => Err(invalid(&format!("server.{key}"), "expected a string")),
-    }
-}
-
-fn parse_server(mut s: Opts) -> Result<NbdServer> {
-    let kind = req_server_str(&mut s, "type")?;
-    let server = match kind.as_str() {
-        "inet" => {
-            let host = req_server_str(&mut s, "host")?;
-            let port = match s.take("port") {
-                None => return Err(invalid("server.port", "parameter is missing")),
-                Some(Value::String(p)) => p
-                    .trim()
-                    .parse::<u16>()
-                    .map_err(|_| invalid("server.port", format!("expected a port number, got '{p}'")))?,
-                Some(Value::Number(n)) => n
-                    .as_u64()
-                    .and_then(|p| u16::try_from(p).ok())
-                    .ok_or_else(|| invalid("server.port", format!("expected a port number, got {n}")))?,
-                Some(_) => return Err(invalid("server.port", "expected a string or a number")),
-            };
-            NbdServer::Inet { host, port }
-        }
-        "unix" => NbdServer::Unix { path: PathBuf::from(req_server_str(&mut s, "path")?) },
-        "fd" | "vsock" => {
-            return Err(invalid("server.type", format!("'{kind}' is not supported yet; use inet or unix")))
-        }
-        other => return Err(invalid("server.type", format!("'{other}' is not one of inet, unix, fd, vsock"))),
-    };
-    s.finish("server.")?;
-    Ok(server)
 }
 
 #[cfg(test)]
@@ -230,6 +344,26 @@ mod tests {
         }
         let e = parse(json!({"server": unix, "x-baton-request-timeout": 7200})).unwrap_err();
         assert!(e.to_string().contains("from 1 to 3600 (or 0 for no timeout)"), "{e}");
+    }
+
+    #[test]
+    fn the_declaration_gives_keyval_its_types_and_leaves_server_to_the_driver() {
+        let g = block::Graph::new();
+        crate::client::register(&g);
+        let kv = json!({"driver": "nbd", "server": {"type": "inet", "host": "h", "port": "10809"},
+                        "reconnect-delay": "0", "open-timeout": "5", "x-baton-request-timeout": "-5"});
+        let typed = g.coerce_keyval(kv).unwrap();
+        assert_eq!(
+            typed,
+            json!({"driver": "nbd", "server": {"type": "inet", "host": "h", "port": "10809"},
+                   "reconnect-delay": 0, "open-timeout": 5, "x-baton-request-timeout": -5})
+        );
+        // The QAPI struct decodes as the driver checks (the server through its own rules).
+        let o: BlockdevOptionsNbd =
+            block::schema::parse(json!({"server": {"type": "inet", "host": "h", "port": 1}, "export": "e"})).unwrap();
+        assert_eq!(o.server, NbdServer::Inet { host: "h".into(), port: 1 });
+        let e = block::schema::parse::<BlockdevOptionsNbd>(json!({"server": {"type": "vsock"}})).unwrap_err();
+        assert!(e.0.contains("'server.type'"), "{e}");
     }
 
     #[test]
