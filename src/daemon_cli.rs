@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 
 use crate::daemon::Daemon;
 use crate::keyval::parse_option;
-use crate::qmp::{commands, monitor, nbd};
+use crate::qmp::{monitor, nbd, table};
 use block::schema::QapiObject;
 
 #[derive(clap::Args, Debug)]
@@ -136,8 +136,8 @@ async fn run_command(
     name: &str,
     args: Map<String, Value>,
 ) -> Result<(), CliError> {
-    let cmd = commands::find(name).ok_or_else(|| opt_err(option, format!("no command {name}")))?;
-    commands::dispatch(d, cmd, args).await.map(|_| ()).map_err(|source| CliError::Qmp { option, source })
+    let cmd = table::find(name).ok_or_else(|| opt_err(option, format!("no command {name}")))?;
+    table::dispatch(d, cmd, args).await.map(|_| ()).map_err(|source| CliError::Qmp { option, source })
 }
 
 const DAEMON_CHILD: &str = "BATON_DAEMONIZED_CHILD";

@@ -304,8 +304,16 @@ impl std::fmt::Debug for Opened {
 /// Declare the leaf runtimes called without boxing, as `Variant(Type)`: this
 /// writes the enum `Leaf` with those variants plus `Dyn(Arc<dyn DynDriver>)`,
 /// and its one dispatch per operation.
-macro_rules! leaves {
-    ($($(#[$meta:meta])* $variant:ident($ty:ty)),* $(,)?) => {
+macro_rules! registry {
+    (
+        leaves { $($(#[$meta:meta])* $variant:ident($ty:ty) = $leaf_bdrv:expr),* $(,)? }
+        others { $($bdrv:expr),* $(,)? }
+    ) => {
+        /// Every built-in driver's description, in the order of the registry.
+        pub fn builtin() -> Vec<std::sync::Arc<dyn $crate::driver::BlockDriver>> {
+            vec![$(std::sync::Arc::new($leaf_bdrv),)* $(std::sync::Arc::new($bdrv),)*]
+        }
+
         /// A leaf's runtime: a built-in driver called directly (nothing
         /// allocated per request), or any other through `DynDriver`.
         pub enum Leaf {
@@ -372,7 +380,7 @@ macro_rules! leaves {
         }
     };
 }
-pub(crate) use leaves;
+pub(crate) use registry;
 
 /// A driver as the graph's registry sees it (QEMU's `BlockDriver`). Drivers
 /// implement [`Driver`] instead and get this for free, whether built in or

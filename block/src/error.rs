@@ -190,8 +190,6 @@ pub enum BlockError {
     BitmapExists { node: String, bitmap: String },
     #[error("dirty bitmap '{bitmap}' not found on node '{node}'")]
     BitmapNotFound { node: String, bitmap: String },
-    #[error("bitmap '{bitmap}' is in use by an operation and cannot be modified")]
-    BitmapBusy { bitmap: String },
     #[error("bitmap on node '{node}'")]
     Bitmap {
         node: String,
@@ -205,6 +203,7 @@ impl BlockError {
     pub fn kind(&self) -> ErrorKind {
         use BlockError::*;
         match self {
+            Bitmap { source: BitmapError::Busy { .. }, .. } => ErrorKind::Busy,
             NodeNotFound(_) | BitmapNotFound { .. } => ErrorKind::NotFound,
             DuplicateNode(_)
             | InvalidNodeName(_)
@@ -228,8 +227,7 @@ impl BlockError {
             | LockConflict { .. }
             | HasActiveParent { .. }
             | InactivationRefused { .. }
-            | InUse { .. }
-            | BitmapBusy { .. } => ErrorKind::Busy,
+            | InUse { .. } => ErrorKind::Busy,
             Lock { .. } => ErrorKind::Busy,
             InactivateFlush { source, .. }
             | InactivateFlip { source, .. }

@@ -582,9 +582,7 @@ impl Graph {
     pub fn bitmap_remove(&self, node: &str, name: &str) -> Result<Arc<DirtyBitmap>> {
         let node = self.find(node)?;
         let bm = node.bitmap(name)?;
-        if bm.is_busy() {
-            return Err(BlockError::BitmapBusy { bitmap: name.to_string() });
-        }
+        bm.check_not_busy().map_err(|source| BlockError::Bitmap { node: node.name.clone(), source })?;
         sync::write(&node.bitmaps).retain(|b| !Arc::ptr_eq(b, &bm));
         Ok(bm)
     }

@@ -7,7 +7,7 @@
 //! for activity, and given the chance to shift the offset (raw), delay or
 //! fail the request (blkdebug). Writes mark the enabled bitmaps of every
 //! level they passed, once the leaf has answered. Nothing here allocates
-//! (a leaf outside `drivers::leaves!` boxes its future).
+//! (a leaf outside the registry's `leaves` boxes its future).
 
 use crate::buf::IoBuf;
 use crate::driver::{Extent, WriteFlags, ZeroFlags};

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use block::schema::{Field, Ty};
 use serde_json::{json, Value};
 
-use super::commands::{command_infos, events, COMMANDS};
 use super::error::QmpError;
+use super::table::{command_infos, events, COMMANDS};
 use super::{Int, NoArgs, Reply};
 use crate::daemon::Daemon;
 

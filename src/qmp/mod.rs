@@ -5,13 +5,12 @@
 //! Each command's arguments are a Rust type declared with
 //! [`block::qapi_struct!`], which gives both the typed struct the handler
 //! receives and the schema that checks the arguments and that introspection
-//! lists; the table ([`commands::COMMANDS`]) is built from those types. The
+//! lists; the table ([`table::COMMANDS`]) is built from those types. The
 //! handlers live by domain: [`control`], [`block`], [`bitmap`], [`nbd`],
 //! [`jobs`], [`migration`], [`guest`] and [`yank`].
 
 pub mod bitmap;
 pub mod block;
-pub mod commands;
 pub mod control;
 pub mod error;
 pub mod guest;
@@ -20,6 +19,7 @@ pub mod migration;
 pub mod monitor;
 pub mod nbd;
 pub mod schema;
+pub mod table;
 mod yank;
 
 use ::block::schema::{Qapi, QapiObject, Ty};

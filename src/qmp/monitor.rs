@@ -24,8 +24,8 @@ use serde_json::{json, Map, Value};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
-use super::commands;
 use super::error::{ErrorClass, QmpError};
+use super::table;
 use crate::daemon::Daemon;
 
 /// Largest message accepted.
@@ -199,7 +199,7 @@ fn parse_one(buf: &[u8]) -> Parsed {
 /// One monitor connection.
 pub async fn session(d: Arc<Daemon>, stream: UnixStream) {
     let (mut r, mut w) = stream.into_split();
-    let greeting = json!({"QMP": {"version": commands::version(), "capabilities": []}});
+    let greeting = json!({"QMP": {"version": table::version(), "capabilities": []}});
     if send(&mut w, &greeting).await.is_err() {
         return;
     }
@@ -332,8 +332,8 @@ async fn handle(d: &Arc<Daemon>, v: Value, negotiated: &mut bool) -> Value {
                 id,
             );
         }
-        if let Some(cmd) = commands::find(&name) {
-            if let Err(e) = commands::dispatch(d, cmd, args).await {
+        if let Some(cmd) = table::find(&name) {
+            if let Err(e) = table::dispatch(d, cmd, args).await {
                 return error_reply(&e, id);
             }
         }
@@ -346,15 +346,15 @@ async fn handle(d: &Arc<Daemon>, v: Value, negotiated: &mut bool) -> Value {
             id,
         );
     }
-    let Some(cmd) = commands::find(&name) else {
-        return error_reply(&commands::not_found(&name), id);
+    let Some(cmd) = table::find(&name) else {
+        return error_reply(&table::not_found(&name), id);
     };
     // Run to completion even if this client goes away; one command at a time,
     // except those that must work while another one hangs (yank).
     let d2 = d.clone();
     let task = tokio::spawn(async move {
         let _bql = if super::yank::WITHOUT_COMMAND_LOCK.contains(&cmd.name) { None } else { Some(d2.bql.lock().await) };
-        commands::dispatch(&d2, cmd, args).await
+        table::dispatch(&d2, cmd, args).await
     });
     match task.await {
         Ok(Ok(ret)) => with_id(json!({"return": ret}), id),

@@ -60,9 +60,7 @@ impl Export {
         let mut bitmaps = Vec::with_capacity(config.bitmaps.len());
         for b in &config.bitmaps {
             let bm = node.bitmap(b)?;
-            if bm.is_busy() {
-                return Err(BlockError::BitmapBusy { bitmap: b.clone() });
-            }
+            bm.check_not_busy().map_err(|source| BlockError::Bitmap { node: config.node.clone(), source })?;
             bitmaps.push(bm);
         }
         let perms = if config.writable { PermSet::EXPORT_WRITABLE } else { PermSet::EXPORT_READONLY };
