@@ -114,10 +114,16 @@ pub fn timestamp() -> Value {
     json!({"seconds": now.as_secs(), "microseconds": now.subsec_micros()})
 }
 
+/// The daemon's block graph: the built-in drivers and the NBD client.
+pub fn graph() -> Graph {
+    let graph = Graph::new();
+    baton_nbd::client::register(&graph);
+    graph
+}
+
 impl Daemon {
     pub fn new() -> Arc<Self> {
-        let graph = Arc::new(Graph::new());
-        baton_nbd::client::register(&graph);
+        let graph = Arc::new(graph());
         let (events, _) = broadcast::channel::<Value>(1024);
         let sink = |tx: broadcast::Sender<Value>| {
             move |event: &str, data: Value| {

@@ -19,7 +19,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use bitvec::order::Lsb0;
 use bitvec::vec::BitVec;
@@ -467,10 +467,9 @@ impl DirtyBitmap {
         Self::new(name, size, DEFAULT_GRANULARITY)
     }
 
-    /// The inner state. A panic while it was held cannot leave it half-updated in a way later
-    /// calls rely on more than on a lost bitmap, so a poisoned lock is taken over, not spread.
+    /// The inner state (a poisoned lock is taken over: [`crate::sync`]'s policy).
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        crate::sync::lock(&self.state)
     }
 
     pub fn name(&self) -> &str {
@@ -880,12 +879,17 @@ impl Prepared {
     }
 }
 
-/// Apply every action or none (`transaction`); the first failure undoes the actions applied
-/// before it, newest first. A single command is a transaction of one action.
-pub fn transaction(graph: &crate::Graph, actions: &[Action]) -> Result<(), ActionError> {
-    let mut done: Vec<Prepared> = Vec::with_capacity(actions.len());
+/// Apply every action or none (`transaction`): each action is taken from
+/// `actions` and prepared in turn; the first failure (to produce an action,
+/// e.g. to decode it, or to prepare it) aborts those prepared before it,
+/// newest first. A single command is a transaction of one action.
+pub fn transaction<E: From<ActionError>>(
+    graph: &crate::Graph,
+    actions: impl IntoIterator<Item = Result<Action, E>>,
+) -> Result<(), E> {
+    let mut done: Vec<Prepared> = Vec::new();
     for a in actions {
-        match a.prepare(graph) {
+        match a.and_then(|a| a.prepare(graph).map_err(E::from)) {
             Ok(p) => done.push(p),
             Err(e) => {
                 for p in done.into_iter().rev() {
@@ -903,6 +907,11 @@ pub fn transaction(graph: &crate::Graph, actions: &[Action]) -> Result<(), Actio
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// A transaction of already decoded actions.
+    fn tx(g: &crate::Graph, actions: &[Action]) -> Result<(), ActionError> {
+        transaction(g, actions.iter().cloned().map(Ok))
+    }
     use std::sync::Arc;
 
     const KIB: u64 = 1024;
@@ -1243,15 +1252,15 @@ mod tests {
     #[tokio::test]
     async fn user_commands_follow_the_rules_in_qemus_words() {
         let g = graph_with_node().await;
-        let err = |a: Action| transaction(&g, &[a]).err().map(|e| crate::error::chain(&e)).unwrap_or_default();
+        let err = |a: Action| tx(&g, &[a]).err().map(|e| crate::error::chain(&e)).unwrap_or_default();
         assert_eq!(err(add("", None)), "Bitmap name cannot be empty");
         assert_eq!(err(add(&"x".repeat(MAX_NAME_LEN + 1), None)), "Bitmap name too long");
         assert_eq!(err(add("b", Some(1000))), "Granularity must be power of 2 and at least 512");
         assert_eq!(err(add("b", Some(256))), "Granularity must be power of 2 and at least 512");
         // The upper bound is the same rule as DirtyBitmap::new's.
         assert!(err(add("b", Some(MAX_GRANULARITY * 2))).contains("between 512 B and 2 GiB"));
-        assert!(transaction(&g, &[add(&"x".repeat(MAX_NAME_LEN), Some(MAX_GRANULARITY))]).is_ok());
-        assert!(transaction(&g, &[add("b", None)]).is_ok());
+        assert!(tx(&g, &[add(&"x".repeat(MAX_NAME_LEN), Some(MAX_GRANULARITY))]).is_ok());
+        assert!(tx(&g, &[add("b", None)]).is_ok());
         assert_eq!(err(add("b", None)), "Bitmap already exists: b");
         assert_eq!(err(Action::Clear(r("nosuch"))), "Dirty bitmap 'nosuch' not found");
         lookup(&g, "n", "b").unwrap().set_busy(true);
@@ -1265,7 +1274,7 @@ mod tests {
     #[tokio::test]
     async fn a_failing_action_undoes_the_ones_before_it() {
         let g = graph_with_node().await;
-        transaction(&g, &[add("keep", Some(512)), add("gone", None)]).unwrap();
+        tx(&g, &[add("keep", Some(512)), add("gone", None)]).unwrap();
         let keep = lookup(&g, "n", "keep").unwrap();
         keep.mark(0, 512);
         let actions = [
@@ -1275,11 +1284,11 @@ mod tests {
             Action::Remove(r("gone")),
             Action::Merge { node: "n".into(), target: "keep".into(), sources: vec![r("nosuch")] },
         ];
-        assert!(transaction(&g, &actions).is_err());
+        assert!(tx(&g, &actions).is_err());
         assert!(lookup(&g, "n", "new").is_err(), "the added bitmap is removed again");
         assert!(keep.is_dirty(0) && keep.is_enabled(), "cleared bits and the enabled state come back");
         assert!(lookup(&g, "n", "gone").is_ok(), "the removed bitmap is put back");
-        transaction(&g, &actions[..4]).unwrap();
+        tx(&g, &actions[..4]).unwrap();
         assert!(lookup(&g, "n", "new").is_ok() && lookup(&g, "n", "gone").is_err());
         assert!(!keep.is_dirty(0) && !keep.is_enabled());
     }

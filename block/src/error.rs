@@ -118,7 +118,7 @@ pub enum BlockError {
     UnknownDriver(String),
     /// Options that do not match their schema, worded as QEMU words it
     /// ("Parameter 'x' is unexpected").
-    #[error("{0}")]
+    #[error(transparent)]
     Schema(#[from] crate::schema::SchemaError),
     #[error("could not open '{path}'")]
     Open {

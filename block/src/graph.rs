@@ -299,7 +299,7 @@ impl Graph {
         created: &mut Vec<Arc<Node>>,
     ) -> Result<Arc<Node>> {
         match value {
-            None => Err(BlockError::InvalidOption { option: key.into(), reason: "parameter is missing".into() }),
+            None => Err(SchemaError(format!("Parameter '{key}' is missing")).into()),
             Some(Value::String(r)) => self.lock_state().find(&r),
             Some(Value::Object(mut nested)) => {
                 if read_only && !nested.contains_key("read-only") {

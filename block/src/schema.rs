@@ -111,7 +111,8 @@ pub struct SchemaError(pub String);
 
 /// Declare a QAPI object: a `serde` struct whose members carry QEMU's names,
 /// and its [`QapiObject`] schema, from one list of `"wire-name" field: Type`.
-/// `Option<T>` members are optional.
+/// `Option<T>` members are optional; so is a member with a default,
+/// `"wire-name" field: Type = "path::to::default_fn"` (serde's `default`).
 ///
 /// ```
 /// block::qapi_struct! {
@@ -128,13 +129,13 @@ pub struct SchemaError(pub String);
 #[macro_export]
 macro_rules! qapi_struct {
     ($(#[$meta:meta])* $vis:vis struct $name:ident {
-        $($(#[$fmeta:meta])* $wire:literal $field:ident : $fty:ty),* $(,)?
+        $($(#[$fmeta:meta])* $wire:literal $field:ident : $fty:ty $(= $default:literal)?),* $(,)?
     }) => {
         $(#[$meta])*
         #[derive(Debug, Clone, serde::Deserialize)]
         #[serde(deny_unknown_fields)]
         $vis struct $name {
-            $($(#[$fmeta])* #[serde(rename = $wire)] pub $field: $fty,)*
+            $($(#[$fmeta])* #[serde(rename = $wire $(, default = $default)?)] pub $field: $fty,)*
         }
         impl $crate::schema::Qapi for $name {
             fn ty() -> $crate::schema::Ty {
@@ -143,7 +144,13 @@ macro_rules! qapi_struct {
         }
         impl $crate::schema::QapiObject for $name {
             fn fields() -> Vec<$crate::schema::Field> {
-                vec![$($crate::schema::Field::of::<$fty>($wire)),*]
+                vec![$({
+                    #[allow(unused_mut)]
+                    let mut f = $crate::schema::Field::of::<$fty>($wire);
+                    // A member with a default may be absent.
+                    $(let _: &str = $default; f.optional = true;)?
+                    f
+                }),*]
             }
         }
     };
@@ -162,7 +169,7 @@ macro_rules! qapi_struct {
 macro_rules! qapi_enum {
     ($(#[$meta:meta])* $vis:vis enum $name:ident { $($(#[$vmeta:meta])* $wire:literal $variant:ident),* $(,)? }) => {
         $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
         $vis enum $name { $($(#[$vmeta])* #[serde(rename = $wire)] $variant,)* }
         impl $name {
             /// Every value's QAPI name, in declaration order.
@@ -271,19 +278,20 @@ pub fn parse_size(s: &str) -> Option<u64> {
     let mult = 1u64 << shift.unwrap_or(0);
     let whole = int.parse::<u64>().ok()?.checked_mul(mult)?;
     let Some(frac) = frac else { return Some(whole) };
-    if shift.is_none() || !decimal(frac) {
+    if !decimal(frac) {
         return None;
     }
-    // frac / 10^n of the unit, exactly: whole bytes or nothing.
+    // As QEMU's qemu_strtosz: a fraction of a unit is truncated to whole
+    // bytes ("0.1k" is 102); a fraction of a byte is refused, unless it is zero.
     let frac = frac.trim_end_matches('0');
     if frac.is_empty() {
         return Some(whole);
     }
+    if mult == 1 {
+        return None; // a fraction of a byte
+    }
     let scaled = frac.parse::<u128>().ok()?.checked_mul(u128::from(mult))?;
     let den = 10u128.checked_pow(u32::try_from(frac.len()).ok()?)?;
-    if scaled % den != 0 {
-        return None;
-    }
     whole.checked_add(u64::try_from(scaled / den).ok()?)
 }
 
@@ -387,7 +395,12 @@ mod tests {
             "count" count: Option<i32>,
             "addr" addr: Option<Addr>,
             "list" list: Option<Vec<u32>>,
+            "retries" retries: u32 = "three",
         }
+    }
+
+    fn three() -> u32 {
+        3
     }
 
     fn err(v: Value) -> String {
@@ -404,6 +417,8 @@ mod tests {
         assert_eq!(f[1], Field { name: "active", ty: Ty::Bool, optional: true });
         assert_eq!(f[2].ty, Ty::Size);
         assert_eq!(f[5].ty, Ty::Array(Box::new(Ty::Int)));
+        assert_eq!(f[6], Field { name: "retries", ty: Ty::Int, optional: true }, "a member with a default");
+        assert_eq!(parse::<Args>(json!({"node-name": "a"})).unwrap().retries, 3);
         let Ty::Obj(addr) = &f[4].ty else { panic!("addr is an object: {:?}", f[4]) };
         assert_eq!(addr[0], Field { name: "type", ty: Ty::Enum(&["inet", "unix"]), optional: false });
     }
@@ -466,7 +481,7 @@ mod tests {
     }
 
     #[test]
-    fn sizes_take_fractions_of_whole_bytes_with_a_suffix_only() {
+    fn sizes_take_fractions_of_a_unit_truncated_to_whole_bytes() {
         assert_eq!(parse_size("1.5M"), Some(1572864));
         assert_eq!(parse_size("0.5k"), Some(512));
         assert_eq!(parse_size("1.5G"), Some(3 << 29));
@@ -477,14 +492,17 @@ mod tests {
         assert_eq!(parse_size("15.5E"), Some(31 << 59));
         assert_eq!(parse_size("18446744073709551615"), Some(u64::MAX));
         assert_eq!(parse_size("18446744073709551615b"), Some(u64::MAX));
-        // A fraction without a suffix, or of no whole number of bytes.
-        for s in ["1.5", "1.0", "0.1k", "1.5b", "0.0000001k"] {
+        // A fraction of a byte is refused unless it is zero; a fraction of a
+        // larger unit is truncated to whole bytes (as QEMU's qemu_strtosz).
+        for s in ["1.5", "1.5b", "0.5b"] {
             assert_eq!(parse_size(s), None, "{s}");
         }
+        assert_eq!(parse_size("1.0"), Some(1));
+        assert_eq!(parse_size("0.1k"), Some(102));
+        assert_eq!(parse_size("0.0000001k"), Some(0));
         // Overflow, and what is no number.
         for s in [
             "16.0E",
-            "15.99999999999999999999E",
             "18446744073709551616",
             "16384P",
             "1.k",

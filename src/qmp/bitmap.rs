@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use block::bitmap::{Action, BitmapRef, Prepared};
+use block::bitmap::{Action, BitmapRef};
 use block::schema::{Field, Ty};
 use serde_json::{json, Value};
 
@@ -67,7 +67,7 @@ impl From<BlockDirtyBitmapMerge> for Action {
 
 /// Run one action as a transaction of its own.
 fn run(d: &Daemon, action: Action) -> Reply {
-    block::bitmap::transaction(&d.graph, &[action])?;
+    block::bitmap::transaction(&d.graph, [Ok::<_, block::bitmap::ActionError>(action)])?;
     Ok(json!({}))
 }
 
@@ -172,18 +172,6 @@ fn action(a: TransactionAction) -> Result<Action, QmpError> {
 /// whole of it). Each action is decoded and prepared in turn; the first
 /// failure aborts those prepared before it.
 pub async fn transaction(d: Arc<Daemon>, a: Transaction) -> Reply {
-    let mut done: Vec<Prepared> = Vec::with_capacity(a.actions.len());
-    for act in a.actions {
-        match action(act).and_then(|act| act.prepare(&d.graph).map_err(QmpError::from)) {
-            Ok(p) => done.push(p),
-            Err(e) => {
-                for p in done.into_iter().rev() {
-                    p.abort(&d.graph);
-                }
-                return Err(e);
-            }
-        }
-    }
-    done.into_iter().for_each(Prepared::commit);
+    block::bitmap::transaction(&d.graph, a.actions.into_iter().map(action))?;
     Ok(json!({}))
 }

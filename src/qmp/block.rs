@@ -2,8 +2,10 @@
 //! `query-named-block-nodes` (QEMU's BlockDeviceInfo shape) and blkdebug's
 //! run-time rules.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
+use block::options::BlockdevOptionsBase;
+use block::schema::{Field, QapiObject, Ty};
 use block::Node;
 use serde_json::{json, Map, Value};
 
@@ -11,33 +13,26 @@ use super::error::QmpError;
 use super::Reply;
 use crate::daemon::Daemon;
 
-block::qapi_enum! {
-    #[allow(dead_code)]
-    pub enum BlockdevDriver {
-        "blkdebug" Blkdebug, "file" File, "host_device" HostDevice, "nbd" Nbd,
-        "null-aio" NullAio, "null-co" NullCo, "raw" Raw,
-    }
-}
-
-block::qapi_enum! {
-    #[allow(dead_code)]
-    pub enum BlockdevDiscardOptions { "ignore" Ignore, "unmap" Unmap }
-}
-
-block::qapi_struct! {
-    /// BlockdevOptions' base; the driver's own members are the block layer's
-    /// to check (an open flat union), so the handler gets the arguments as a map.
-    #[allow(dead_code)]
-    pub struct BlockdevAdd {
-        "driver" driver: BlockdevDriver,
-        "node-name" node_name: Option<String>,
-        "discard" discard: Option<BlockdevDiscardOptions>,
-        "cache" cache: Option<Value>,
-        "read-only" read_only: Option<bool>,
-        "auto-read-only" auto_read_only: Option<bool>,
-        "force-share" force_share: Option<bool>,
-        "active" active: Option<bool>,
-    }
+/// `blockdev-add`'s checked members: the block layer's common ones
+/// (`BlockdevOptionsBase`), with `driver` one of the daemon's registered
+/// drivers or their aliases (built once; the names live as long as the
+/// process, as the schema does). The driver's own members are the block layer's to check (an open
+/// flat union), so the handler gets the arguments as a map.
+pub fn blockdev_add_fields() -> Vec<Field> {
+    static DRIVERS: LazyLock<&'static [&'static str]> = LazyLock::new(|| {
+        let g = crate::daemon::graph();
+        let mut names: Vec<&'static str> = Vec::new();
+        for n in g.driver_names() {
+            names.extend(g.driver(&n).map(|d| d.aliases()).unwrap_or_default());
+            names.push(Box::leak(n.into_boxed_str()));
+        }
+        names.sort_unstable();
+        Box::leak(names.into_boxed_slice())
+    });
+    BlockdevOptionsBase::fields()
+        .into_iter()
+        .map(|f| if f.name == "driver" { Field { ty: Ty::Enum(*DRIVERS), ..f } } else { f })
+        .collect()
 }
 
 pub async fn blockdev_add(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {

@@ -199,7 +199,7 @@ fn parse_one(buf: &[u8]) -> Parsed {
 /// One monitor connection.
 pub async fn session(d: Arc<Daemon>, stream: UnixStream) {
     let (mut r, mut w) = stream.into_split();
-    let greeting = json!({"QMP": {"version": table::version(), "capabilities": []}});
+    let greeting = json!({"QMP": {"version": super::control::version(), "capabilities": []}});
     if send(&mut w, &greeting).await.is_err() {
         return;
     }

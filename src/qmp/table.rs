@@ -106,7 +106,7 @@ pub static COMMANDS: &[Command] = &[
     cmd!("query-version", NoArgs, control::query_version, Some(control::query_version_ret)),
     cmd!("query-qmp-schema", NoArgs, control::query_qmp_schema, Some(control::any_list)),
     cmd!("quit", NoArgs, control::quit),
-    open_cmd!("blockdev-add", <blk::BlockdevAdd as QapiObject>::fields, blk::blockdev_add),
+    open_cmd!("blockdev-add", blk::blockdev_add_fields, blk::blockdev_add),
     cmd!("blockdev-del", blk::BlockdevDel, blk::blockdev_del),
     cmd!("blockdev-set-active", blk::BlockdevSetActive, blk::blockdev_set_active),
     cmd!("query-named-block-nodes", blk::QueryNamedBlockNodes, blk::query_named_block_nodes, Some(control::any_list)),
@@ -179,9 +179,4 @@ pub fn command_infos() -> Vec<CommandInfo> {
 /// The error for a command that does not exist.
 pub fn not_found(name: &str) -> QmpError {
     QmpError::new(ErrorClass::CommandNotFound, format!("The command {name} has not been found"))
-}
-
-/// The QEMU version baton's QMP corresponds to, and baton's own in `package`.
-pub fn version() -> Value {
-    control::version()
 }

@@ -11,11 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
 use crate::driver::{Driver, Filter, OpenCtx, Opened};
 use crate::error::{libc_errno, BlockError, Op, Result};
-use crate::schema::{Field, Qapi, QapiObject, Ty};
 use crate::sync;
 
 crate::qapi_struct! {
@@ -43,38 +40,22 @@ impl Driver for BlkdebugBdrv {
     }
 }
 
-/// Events a rule can fire on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Event {
-    ReadAio,
-    WriteAio,
-    FlushToDisk,
-    PwritevZero,
-    Pdiscard,
-    /// baton: the node is being activated.
-    Activate,
-    /// baton: the node is being inactivated (after it was quiesced and flushed).
-    Inactivate,
+crate::qapi_enum! {
+    /// Events a rule can fire on.
+    pub enum Event {
+        "read_aio" ReadAio,
+        "write_aio" WriteAio,
+        "flush_to_disk" FlushToDisk,
+        "pwritev_zero" PwritevZero,
+        "pdiscard" Pdiscard,
+        /// baton: the node is being activated.
+        "activate" Activate,
+        /// baton: the node is being inactivated (after it was quiesced and flushed).
+        "inactivate" Inactivate,
+    }
 }
 
 impl Event {
-    /// Every event's name, in declaration order.
-    pub const NAMES: &'static [&'static str] =
-        &["read_aio", "write_aio", "flush_to_disk", "pwritev_zero", "pdiscard", "activate", "inactivate"];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Event::ReadAio => "read_aio",
-            Event::WriteAio => "write_aio",
-            Event::FlushToDisk => "flush_to_disk",
-            Event::PwritevZero => "pwritev_zero",
-            Event::Pdiscard => "pdiscard",
-            Event::Activate => "activate",
-            Event::Inactivate => "inactivate",
-        }
-    }
-
     /// The event an I/O operation fires, if any.
     pub fn for_op(op: Op) -> Option<Event> {
         match op {
@@ -92,77 +73,30 @@ fn default_errno() -> i32 {
     libc_errno::EIO
 }
 
-/// One `inject-error` rule, with QEMU's member names.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct InjectError {
-    pub event: Event,
-    #[serde(default = "default_errno")]
-    pub errno: i32,
-    /// Only requests covering this 512-byte sector (QEMU: -1 or absent for any).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sector: Option<i64>,
-    /// Remove the rule after it fired once.
-    #[serde(default)]
-    pub once: bool,
-    /// Accepted for compatibility; rules always fire on the request itself.
-    #[serde(default)]
-    pub immediately: bool,
-}
-
-impl Qapi for Event {
-    fn ty() -> Ty {
-        Ty::Enum(Event::NAMES)
+crate::qapi_struct! {
+    /// One `inject-error` rule, with QEMU's member names.
+    #[derive(PartialEq, Eq)]
+    pub struct InjectError {
+        "event" event: Event,
+        "errno" errno: i32 = "default_errno",
+        /// Only requests covering this 512-byte sector (QEMU: -1 or absent for any).
+        "sector" sector: Option<i64>,
+        /// Remove the rule after it fired once.
+        "once" once: bool = "Default::default",
+        /// Accepted for compatibility; rules always fire on the request itself.
+        "immediately" immediately: bool = "Default::default",
     }
 }
 
-// The rule types keep their serde defaults (QMP's x-baton-blkdebug-set-rules
-// decodes them directly), so their schemas are written out here.
-impl Qapi for InjectError {
-    fn ty() -> Ty {
-        Ty::Obj(Self::fields())
+crate::qapi_struct! {
+    /// A baton delay rule: matching requests wait `ms` milliseconds before they proceed.
+    #[derive(PartialEq, Eq)]
+    pub struct InjectDelay {
+        "event" event: Event,
+        "ms" ms: u64,
+        "sector" sector: Option<i64>,
+        "once" once: bool = "Default::default",
     }
-}
-
-impl QapiObject for InjectError {
-    fn fields() -> Vec<Field> {
-        vec![
-            Field::of::<Event>("event"),
-            Field::of::<Option<i32>>("errno"),
-            Field::of::<Option<i64>>("sector"),
-            Field::of::<Option<bool>>("once"),
-            Field::of::<Option<bool>>("immediately"),
-        ]
-    }
-}
-
-impl Qapi for InjectDelay {
-    fn ty() -> Ty {
-        Ty::Obj(Self::fields())
-    }
-}
-
-impl QapiObject for InjectDelay {
-    fn fields() -> Vec<Field> {
-        vec![
-            Field::of::<Event>("event"),
-            Field::of::<u64>("ms"),
-            Field::of::<Option<i64>>("sector"),
-            Field::of::<Option<bool>>("once"),
-        ]
-    }
-}
-
-/// A baton delay rule: matching requests wait `ms` milliseconds before they proceed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct InjectDelay {
-    pub event: Event,
-    pub ms: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sector: Option<i64>,
-    #[serde(default)]
-    pub once: bool,
 }
 
 #[derive(Debug, Default)]
@@ -241,7 +175,7 @@ impl Blkdebug {
             r.errors.remove(i);
             self.rearm(&r);
         }
-        Err(BlockError::Injected { node: node.to_string(), event: event.name(), errno })
+        Err(BlockError::Injected { node: node.to_string(), event: event.as_str(), errno })
     }
 }
 

@@ -33,11 +33,6 @@ pub fn from_kind(kind: ErrorKind) -> u32 {
     allowed(kind.errno()).unwrap_or(EIO)
 }
 
-/// The error kind an NBD error code (as a peer sent it) stands for.
-pub fn to_kind(code: u32) -> ErrorKind {
-    i32::try_from(code).map(ErrorKind::from_errno).unwrap_or(ErrorKind::Io)
-}
-
 /// Map a block-layer errno to one the NBD spec allows on the wire.
 pub fn wire_errno(errno: i32) -> u32 {
     allowed(errno).unwrap_or_else(|| from_kind(ErrorKind::from_errno(errno)))
@@ -83,8 +78,5 @@ mod tests {
         assert_eq!(from_kind(ErrorKind::Unsupported), ENOTSUP);
         assert_eq!(from_kind(ErrorKind::NotFound), EIO);
         assert_eq!(from_kind(ErrorKind::Busy), EIO);
-        assert_eq!(to_kind(ENOTSUP), ErrorKind::Unsupported);
-        assert_eq!(to_kind(ENOSPC), ErrorKind::NoSpace);
-        assert_eq!(to_kind(u32::MAX), ErrorKind::Io);
     }
 }
