@@ -118,6 +118,19 @@ block::qapi_struct! {
 }
 
 block::qapi_struct! {
+    /// `--vm disk=NODE[,memory=SIZE][,vcpus=N][,seed=N][,dirty-pages=N][,batch=N]`:
+    /// the guest and the node its disk is (what is absent takes `VmConfig`'s default).
+    struct VmOptions {
+        "disk" disk: String,
+        "memory" memory: Option<u64>,
+        "vcpus" vcpus: Option<u32>,
+        "seed" seed: Option<u32>,
+        "dirty-pages" dirty_pages: Option<u32>,
+        "batch" batch: Option<u32>,
+    }
+}
+
+block::qapi_struct! {
     /// `--monitor [chardev=]X[,mode=control]`; `pretty` and `id` are accepted
     /// and have no effect, QSD's other members are ignored.
     #[allow(dead_code)]
@@ -193,41 +206,17 @@ pub async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
 
     if let Some(v) = &a.vm {
-        let mut o = parse_option(v, None).map_err(|e| opt_err("--vm", e))?;
-        let mut cfg = vmm::VmConfig::default();
-        let mut take_num = |k: &str| -> Result<Option<u64>, CliError> {
-            match o.remove(k) {
-                None => Ok(None),
-                Some(v) => v
-                    .as_str()
-                    .and_then(block::schema::parse_size)
-                    .map(Some)
-                    .ok_or_else(|| opt_err("--vm", format!("{k}: expected a number or size"))),
-            }
+        let o = parse_option(v, None).map_err(|e| opt_err("--vm", e))?;
+        let o = parse::<VmOptions>("--vm", o)?;
+        let dflt = vmm::VmConfig::default();
+        let cfg = vmm::VmConfig {
+            memory: o.memory.unwrap_or(dflt.memory),
+            vcpus: o.vcpus.unwrap_or(dflt.vcpus),
+            seed: o.seed.unwrap_or(dflt.seed),
+            dirty_pages: o.dirty_pages.unwrap_or(dflt.dirty_pages),
+            batch: o.batch.unwrap_or(dflt.batch),
         };
-        if let Some(m) = take_num("memory")? {
-            cfg.memory = m;
-        }
-        let small = |k: &str, n: u64| u32::try_from(n).map_err(|_| opt_err("--vm", format!("{k}: {n} is too large")));
-        if let Some(n) = take_num("vcpus")? {
-            cfg.vcpus = small("vcpus", n)?;
-        }
-        if let Some(n) = take_num("seed")? {
-            cfg.seed = small("seed", n)?;
-        }
-        if let Some(n) = take_num("dirty-pages")? {
-            cfg.dirty_pages = small("dirty-pages", n)?;
-        }
-        if let Some(n) = take_num("batch")? {
-            cfg.batch = small("batch", n)?;
-        }
-        let disk = o
-            .remove("disk")
-            .and_then(|v| v.as_str().map(String::from))
-            .ok_or_else(|| opt_err("--vm", "disk=NODE is missing"))?;
-        if let Some(k) = o.keys().next() {
-            return Err(opt_err("--vm", format!("parameter '{k}' is unexpected")).into());
-        }
+        let disk = o.disk;
         let vm = d.create_vm(cfg, &disk, a.incoming.is_some()).map_err(|e| failed("--vm")(e.into()))?;
         match &a.incoming {
             Some(uri) => d.listen_incoming(uri, a.start_paused).await.map_err(|e| failed("--incoming")(e.into()))?,
