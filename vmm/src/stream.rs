@@ -1,15 +1,21 @@
-//! The migration stream: a header, then typed, length-prefixed sections
-//! from the source; short replies from the destination on the same
-//! connection (its return path). Format 2 is the two-phase handover; format 3
-//! encodes the vCPU state field by field. Integers are big-endian but for the
-//! vCPU state, which is little-endian (x86's own order).
+//! The migration stream: a header, then typed, length-prefixed, checksummed
+//! sections from the source; short replies, framed the same way, from the
+//! destination on the same connection (its return path). Format 2 is the
+//! two-phase handover; format 3 encodes the vCPU state field by field;
+//! format 4 checksums every section and reply (CRC32C), names this build's
+//! layouts in HELLO (a hash of [`layout_description`]) and sends an all-zero
+//! RAM page as a one-byte marker. Integers are big-endian but for the vCPU
+//! state, which is little-endian (x86's own order).
 //!
 //! ```text
 //!  source -> destination
 //!  "BATONMIG" format:u32
-//!  section: tag:u8 len:u64 payload[len]
-//!    1 HELLO   memory:u64 vcpus:u32 disk_size:u64   (first, exactly once)
-//!    2 RAM     first_page:u64 count:u32 pages[count * 4096]
+//!  section: tag:u8 version:u8 len:u64 hcrc:u32 payload[len] pcrc:u32
+//!           hcrc = CRC32C(tag version len)
+//!           pcrc = CRC32C(tag version len hcrc payload)
+//!    1 HELLO   memory:u64 vcpus:u32 disk_size:u64 layout:u64   (first, exactly once)
+//!    2 RAM     first_page:u64 count:u32 count * (0 | 1 page[4096])
+//!              (0: the page is all zeroes, no payload follows; 1: its bytes follow)
 //!    3 VCPU    id:u32 state[VCPU_STATE_LEN]      (field by field, see vcpu_bytes)
 //!    4 DEVICE  consumed:u32
 //!    255 END   running:u8                       (the guest ran when the source stopped it)
@@ -18,15 +24,21 @@
 //!    9 KEEPALIVE (empty)                        (while the source waits at pre-switchover)
 //!
 //!  destination -> source (the return path)
-//!  reply: tag:u8 len:u32 payload[len]
+//!  reply: tag:u8 len:u32 hcrc:u32 payload[len] pcrc:u32   (CRCs as for sections)
 //!    1 WELCOME   JSON {"targets": [{"node", "export", "size"}]}  (answer to HELLO:
 //!                the destination's disks that are incoming mirror targets)
 //!    2 REFUSED   reason (utf-8)                  (the attempt is over; why)
 //!    3 PREPARED  (empty)                         (everything arrived and is loaded)
 //! ```
 //!
-//! I9: anything unknown, truncated or inconsistent fails the incoming side
-//! with an error that says what and where; nothing is skipped.
+//! The header CRC is checked before the payload is read, so a damaged
+//! length is caught before the reader waits for bytes that never come.
+//! Every section's version is this build's (see [`SECTIONS`]); HELLO's
+//! layout hash lets the destination refuse a build with other layouts
+//! before any RAM moves.
+//!
+//! I9: anything unknown, truncated, damaged or inconsistent fails the
+//! incoming side with an error that says what and where; nothing is skipped.
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -34,10 +46,11 @@ use crate::vcpu::VcpuState;
 
 pub const MAGIC: &[u8; 8] = b"BATONMIG";
 /// The stream format this build speaks. Two builds that speak the same
-/// format migrate freely in both directions.
+/// format (and the same [`layout_hash`]) migrate freely in both directions.
 /// Format 3 encodes a vCPU's registers field by field (format 2 sent this
-/// build's in-memory struct layouts).
-pub const VERSION: u32 = 3;
+/// build's in-memory struct layouts); format 4 checksums every section and
+/// reply, carries the layout hash in HELLO and sends zero pages as markers.
+pub const VERSION: u32 = 4;
 pub const PAGE: usize = 4096;
 
 pub const HELLO: u8 = 1;
@@ -55,8 +68,95 @@ pub const REPLY_PREPARED: u8 = 3;
 /// Largest reply accepted.
 pub const MAX_REPLY: u32 = 64 << 10;
 
-/// Largest section accepted (a RAM run of 16 MiB plus its header).
-pub const MAX_SECTION: u64 = (16 << 20) + 12;
+/// Largest RAM run in one section, in pages (16 MiB).
+pub const MAX_RUN: usize = (16 << 20) / PAGE;
+/// Largest section payload accepted (a RAM run of 16 MiB with its markers and header).
+pub const MAX_SECTION: u64 = (MAX_RUN * (PAGE + 1) + 12) as u64;
+/// A section's framing: tag, version, length, header CRC.
+pub const SECTION_HEADER_LEN: usize = 1 + 1 + 8 + 4;
+/// A reply's framing: tag, length, header CRC.
+pub const REPLY_HEADER_LEN: usize = 1 + 4 + 4;
+/// A RAM page's marker: all zeroes, no bytes follow.
+pub const PAGE_ZERO: u8 = 0;
+/// A RAM page's marker: its 4096 bytes follow.
+pub const PAGE_DATA: u8 = 1;
+
+/// One section's or reply's wire layout, as the layout hash sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Layout {
+    pub tag: u8,
+    pub name: &'static str,
+    /// The section's version (sent in its header); replies have none.
+    pub version: u8,
+    /// The payload's fields, in order.
+    pub fields: &'static str,
+}
+
+/// Every section this build reads and writes: the one place their layouts
+/// are described. Change a section's encoding, change its line here (and
+/// the layout hash changes with it).
+pub const SECTIONS: &[Layout] = &[
+    Layout { tag: HELLO, name: "HELLO", version: 1, fields: "memory:u64be vcpus:u32be disk_size:u64be layout:u64be" },
+    Layout {
+        tag: RAM,
+        name: "RAM",
+        version: 1,
+        fields: "first_page:u64be count:u32be count*(marker:u8 0=zero|1=data page[PAGE])",
+    },
+    Layout { tag: VCPU, name: "VCPU", version: 1, fields: "id:u32be state[VCPU_STATE_LEN]" },
+    Layout { tag: DEVICE, name: "DEVICE", version: 1, fields: "consumed:u32be" },
+    Layout { tag: END, name: "END", version: 1, fields: "running:u8(0|1)" },
+    Layout { tag: COMMIT, name: "COMMIT", version: 1, fields: "" },
+    Layout { tag: ABORT, name: "ABORT", version: 1, fields: "reason:utf8[<=MAX_REPLY]" },
+    Layout { tag: KEEPALIVE, name: "KEEPALIVE", version: 1, fields: "" },
+];
+
+/// Every reply on the return path.
+pub const REPLIES: &[Layout] = &[
+    Layout {
+        tag: REPLY_WELCOME,
+        name: "WELCOME",
+        version: 0,
+        fields: "json{targets:[{node:str,export:str,size:u64}]}",
+    },
+    Layout { tag: REPLY_REFUSED, name: "REFUSED", version: 0, fields: "reason:utf8[<=MAX_REPLY]" },
+    Layout { tag: REPLY_PREPARED, name: "PREPARED", version: 0, fields: "" },
+];
+
+/// The vCPU state's fields, in the order [`vcpu_bytes`] writes them.
+pub const VCPU_FIELDS: &str =
+    "le; regs: rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags :u64; \
+     sregs: cs ds es fs gs ss tr ldt :segment(base:u64 limit:u32 selector:u16 \
+     type present dpl db s l g avl unusable :u8); gdt idt :dtable(base:u64 limit:u16); \
+     cr0 cr2 cr3 cr4 cr8 efer apic_base :u64; interrupt_bitmap:4*u64";
+
+/// The canonical description of this build's stream layouts: the framing,
+/// every section's tag, version and fields, the vCPU state, the replies.
+pub fn layout_description() -> String {
+    let mut s = format!(
+        "baton migration format {VERSION}; section tag:u8 version:u8 len:u64be hcrc:u32be payload pcrc:u32be; \
+         reply tag:u8 len:u32be hcrc:u32be payload pcrc:u32be; crc32c; PAGE={PAGE}; MAX_RUN={MAX_RUN}; \
+         MAX_SECTION={MAX_SECTION}; MAX_REPLY={MAX_REPLY}; VCPU_STATE_LEN={VCPU_STATE_LEN} \
+         SEGMENT_LEN={SEGMENT_LEN} DTABLE_LEN={DTABLE_LEN} ({VCPU_FIELDS})"
+    );
+    for (kind, table) in [("section", SECTIONS), ("reply", REPLIES)] {
+        for l in table {
+            s.push_str(&format!("; {kind} {} {} v{}: {}", l.tag, l.name, l.version, l.fields));
+        }
+    }
+    s
+}
+
+/// This build's layout identity: 64-bit FNV-1a of [`layout_description`].
+pub fn layout_hash() -> u64 {
+    layout_description()
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+fn layout_of(tag: u8) -> Option<&'static Layout> {
+    SECTIONS.iter().find(|l| l.tag == tag)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
@@ -66,10 +166,21 @@ pub enum StreamError {
     BadMagic,
     #[error("migration stream version {0} is not supported (this build speaks {VERSION})")]
     Version(u32),
-    #[error("unknown section type {0}")]
+    #[error("section header: checksum mismatch (its tag, version or length is damaged)")]
+    HeaderChecksum,
+    #[error("unknown section tag {0}")]
     UnknownSection(u8),
+    #[error("{} section: version {version} is not supported (this build reads version {ours})", tag_name(*.tag))]
+    SectionVersion { tag: u8, version: u8, ours: u8 },
+    #[error("{} section of {len} bytes: payload checksum mismatch", tag_name(*.tag))]
+    PayloadChecksum { tag: u8, len: u64 },
     #[error("{} section of {len} bytes: {why}", tag_name(*.tag))]
     BadSection { tag: u8, len: u64, why: String },
+    #[error(
+        "the stream layouts differ: the source's layout hash is {theirs:#018x}, this build's {ours:#018x} \
+         (same format {VERSION}, other section layouts)"
+    )]
+    LayoutMismatch { theirs: u64, ours: u64 },
     #[error("bad reply from the destination: {0}")]
     BadReply(String),
 }
@@ -78,6 +189,7 @@ pub enum StreamError {
 #[derive(Debug)]
 pub enum Section {
     Hello(Hello),
+    /// Pages from `first_page` on; zero pages (sent as markers) are zeroes here.
     Ram {
         first_page: u64,
         data: Vec<u8>,
@@ -101,16 +213,9 @@ pub enum Section {
 
 /// A section tag's name, for messages.
 pub fn tag_name(tag: u8) -> String {
-    match tag {
-        HELLO => "HELLO".into(),
-        RAM => "RAM".into(),
-        VCPU => "VCPU".into(),
-        DEVICE => "DEVICE".into(),
-        END => "END".into(),
-        COMMIT => "COMMIT".into(),
-        ABORT => "ABORT".into(),
-        KEEPALIVE => "KEEPALIVE".into(),
-        other => format!("type {other}"),
+    match layout_of(tag) {
+        Some(l) => l.name.into(),
+        None => format!("type {tag}"),
     }
 }
 
@@ -136,6 +241,19 @@ pub struct Hello {
     pub memory: u64,
     pub vcpus: u32,
     pub disk_size: u64,
+    /// The sender's [`layout_hash`].
+    pub layout: u64,
+}
+
+impl Hello {
+    /// Refuse a sender whose layouts are not this build's.
+    pub fn check_layout(&self) -> Result<(), StreamError> {
+        let ours = layout_hash();
+        if self.layout != ours {
+            return Err(StreamError::LayoutMismatch { theirs: self.layout, ours });
+        }
+        Ok(())
+    }
 }
 
 /// A reply on the return path.
@@ -323,18 +441,68 @@ pub async fn write_header<W: AsyncWrite + Unpin>(w: &mut W) -> std::io::Result<(
     w.write_u32(VERSION).await
 }
 
-async fn section<W: AsyncWrite + Unpin>(w: &mut W, tag: u8, parts: &[&[u8]]) -> std::io::Result<()> {
-    let len: usize = parts.iter().map(|p| p.len()).sum();
-    w.write_u8(tag).await?;
-    w.write_u64(len as u64).await?;
-    for p in parts {
-        w.write_all(p).await?;
+/// A whole section as it goes on the wire, with this build's version of
+/// `tag` (1 for a tag this build does not know): header, header CRC,
+/// payload, payload CRC. For tools and tests that build streams by hand too.
+pub fn section_bytes(tag: u8, payload: &[u8]) -> Vec<u8> {
+    section_bytes_versioned(tag, layout_of(tag).map_or(1, |l| l.version), payload)
+}
+
+/// [`section_bytes`] with the version given.
+pub fn section_bytes_versioned(tag: u8, version: u8, payload: &[u8]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(SECTION_HEADER_LEN + payload.len() + 4);
+    b.push(tag);
+    b.push(version);
+    b.extend_from_slice(&(payload.len() as u64).to_be_bytes());
+    let hcrc = crc32c::crc32c(&b);
+    b.extend_from_slice(&hcrc.to_be_bytes());
+    b.extend_from_slice(payload);
+    let pcrc = crc32c::crc32c(&b);
+    b.extend_from_slice(&pcrc.to_be_bytes());
+    b
+}
+
+/// A whole reply as it goes on the wire.
+pub fn reply_bytes(tag: u8, payload: &[u8]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(REPLY_HEADER_LEN + payload.len() + 4);
+    b.push(tag);
+    b.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    let hcrc = crc32c::crc32c(&b);
+    b.extend_from_slice(&hcrc.to_be_bytes());
+    b.extend_from_slice(payload);
+    let pcrc = crc32c::crc32c(&b);
+    b.extend_from_slice(&pcrc.to_be_bytes());
+    b
+}
+
+/// A RAM section's payload: every all-zero page becomes a marker.
+pub fn ram_payload(first_page: u64, pages: &[u8]) -> Vec<u8> {
+    let count = pages.len() / PAGE;
+    let mut b = Vec::with_capacity(12 + count * (PAGE + 1));
+    b.extend_from_slice(&first_page.to_be_bytes());
+    b.extend_from_slice(&(count as u32).to_be_bytes());
+    for page in pages.chunks_exact(PAGE) {
+        if page.iter().all(|&x| x == 0) {
+            b.push(PAGE_ZERO);
+        } else {
+            b.push(PAGE_DATA);
+            b.extend_from_slice(page);
+        }
     }
-    Ok(())
+    b
+}
+
+async fn section<W: AsyncWrite + Unpin>(w: &mut W, tag: u8, payload: &[u8]) -> std::io::Result<()> {
+    w.write_all(&section_bytes(tag, payload)).await
 }
 
 pub async fn write_hello<W: AsyncWrite + Unpin>(w: &mut W, h: &Hello) -> std::io::Result<()> {
-    section(w, HELLO, &[&h.memory.to_be_bytes(), &h.vcpus.to_be_bytes(), &h.disk_size.to_be_bytes()]).await?;
+    let mut p = Vec::with_capacity(28);
+    p.extend_from_slice(&h.memory.to_be_bytes());
+    p.extend_from_slice(&h.vcpus.to_be_bytes());
+    p.extend_from_slice(&h.disk_size.to_be_bytes());
+    p.extend_from_slice(&h.layout.to_be_bytes());
+    section(w, HELLO, &p).await?;
     w.flush().await
 }
 
@@ -350,24 +518,34 @@ pub async fn write_commit<W: AsyncWrite + Unpin>(w: &mut W) -> std::io::Result<(
 
 pub async fn write_abort<W: AsyncWrite + Unpin>(w: &mut W, reason: &str) -> std::io::Result<()> {
     let r = reason.as_bytes();
-    section(w, ABORT, &[&r[..r.len().min(MAX_REPLY as usize)]]).await?;
+    section(w, ABORT, &r[..r.len().min(MAX_REPLY as usize)]).await?;
     w.flush().await
 }
 
+/// Pages from `first_page` on (whole pages, at most [`MAX_RUN`]); the
+/// all-zero ones go as markers.
 pub async fn write_ram<W: AsyncWrite + Unpin>(w: &mut W, first_page: u64, pages: &[u8]) -> std::io::Result<()> {
-    section(w, RAM, &[&first_page.to_be_bytes(), &((pages.len() / PAGE) as u32).to_be_bytes(), pages]).await
+    if pages.len() % PAGE != 0 || pages.len() / PAGE > MAX_RUN {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("a RAM section of {} bytes is not at most {MAX_RUN} whole pages", pages.len()),
+        ));
+    }
+    section(w, RAM, &ram_payload(first_page, pages)).await
 }
 
 pub async fn write_vcpu<W: AsyncWrite + Unpin>(w: &mut W, id: u32, st: &VcpuState) -> std::io::Result<()> {
-    section(w, VCPU, &[&id.to_be_bytes(), &vcpu_bytes(st)]).await
+    let mut p = id.to_be_bytes().to_vec();
+    p.extend_from_slice(&vcpu_bytes(st));
+    section(w, VCPU, &p).await
 }
 
 pub async fn write_device<W: AsyncWrite + Unpin>(w: &mut W, consumed: u32) -> std::io::Result<()> {
-    section(w, DEVICE, &[&consumed.to_be_bytes()]).await
+    section(w, DEVICE, &consumed.to_be_bytes()).await
 }
 
 pub async fn write_end<W: AsyncWrite + Unpin>(w: &mut W, running: bool) -> std::io::Result<()> {
-    section(w, END, &[&[u8::from(running)]]).await?;
+    section(w, END, &[u8::from(running)]).await?;
     w.flush().await
 }
 
@@ -384,51 +562,122 @@ pub async fn read_header<R: AsyncRead + Unpin>(r: &mut R) -> Result<(), StreamEr
     Ok(())
 }
 
-/// Read and check the next section.
-pub async fn read_section<R: AsyncRead + Unpin>(r: &mut R) -> Result<Section, StreamError> {
-    let tag = r.read_u8().await?;
-    let len = r.read_u64().await?;
-    let bad = |why: &str| StreamError::BadSection { tag, len, why: why.to_string() };
-    if !matches!(tag, HELLO | RAM | VCPU | DEVICE | END | COMMIT | ABORT | KEEPALIVE) {
-        return Err(StreamError::UnknownSection(tag));
+/// Fill `buf`; the stream ending first is an `UnexpectedEof` that `what`
+/// (given the bytes that did arrive) describes.
+async fn read_full<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut [u8],
+    what: impl Fn(usize) -> String,
+) -> Result<(), StreamError> {
+    let mut got = 0;
+    while let Some(rest) = buf.get_mut(got..).filter(|b| !b.is_empty()) {
+        let n = r.read(rest).await?;
+        if n == 0 {
+            return Err(StreamError::Io(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, what(got))));
+        }
+        got += n;
     }
+    Ok(())
+}
+
+fn be_u32(b: &[u8]) -> Option<u32> {
+    b.first_chunk::<4>().map(|a| u32::from_be_bytes(*a))
+}
+
+fn be_u64(b: &[u8]) -> Option<u64> {
+    b.first_chunk::<8>().map(|a| u64::from_be_bytes(*a))
+}
+
+/// Read and check the next section: its header CRC before anything else
+/// (and before the payload is waited for), then its tag, version and
+/// length, then the payload's CRC, then its fields.
+pub async fn read_section<R: AsyncRead + Unpin>(r: &mut R) -> Result<Section, StreamError> {
+    let mut h = [0u8; SECTION_HEADER_LEN];
+    read_full(r, &mut h, |got| {
+        if got == 0 {
+            "the stream ended before the next section".into()
+        } else {
+            format!("section header: truncated after {got} of its {SECTION_HEADER_LEN} bytes")
+        }
+    })
+    .await?;
+    let (fields, hcrc) = h.split_at(SECTION_HEADER_LEN - 4);
+    if Some(crc32c::crc32c(fields)) != be_u32(hcrc) {
+        return Err(StreamError::HeaderChecksum);
+    }
+    let (tag, version) = (h[0], h[1]);
+    let len = be_u64(&h[2..]).unwrap_or(u64::MAX);
+    let Some(layout) = layout_of(tag) else {
+        return Err(StreamError::UnknownSection(tag));
+    };
+    if version != layout.version {
+        return Err(StreamError::SectionVersion { tag, version, ours: layout.version });
+    }
+    let bad = |why: &str| StreamError::BadSection { tag, len, why: why.to_string() };
     if len > MAX_SECTION {
         return Err(bad("too large"));
     }
-    let mut p = vec![0u8; len as usize];
-    r.read_exact(&mut p).await?;
-    let u32_at = |at: usize| p.get(at..at + 4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
-    let u64_at = |at: usize| {
-        p.get(at..at + 8).map(|b| {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(b);
-            u64::from_be_bytes(a)
-        })
-    };
+    let mut body = vec![0u8; len as usize + 4];
+    read_full(r, &mut body, |got| {
+        format!("{} section of {len} bytes: truncated after {got} of its {} bytes with checksum", layout.name, len + 4)
+    })
+    .await?;
+    let (p, pcrc) = body.split_at(len as usize);
+    if Some(crc32c::crc32c_append(crc32c::crc32c(&h), p)) != be_u32(pcrc) {
+        return Err(StreamError::PayloadChecksum { tag, len });
+    }
+    let u32_at = |at: usize| p.get(at..).and_then(be_u32);
+    let u64_at = |at: usize| p.get(at..).and_then(be_u64);
     match tag {
-        HELLO if len == 20 => Ok(Section::Hello(Hello {
+        HELLO if len == 28 => Ok(Section::Hello(Hello {
             memory: u64_at(0).ok_or_else(|| bad("short"))?,
             vcpus: u32_at(8).ok_or_else(|| bad("short"))?,
             disk_size: u64_at(12).ok_or_else(|| bad("short"))?,
+            layout: u64_at(20).ok_or_else(|| bad("short"))?,
         })),
         RAM => {
             let first_page = u64_at(0).ok_or_else(|| bad("short header"))?;
             let count = u32_at(8).ok_or_else(|| bad("short header"))? as usize;
-            if len as usize != 12 + count * PAGE {
-                return Err(bad("page count does not match the length"));
+            if count > MAX_RUN {
+                return Err(bad(&format!("{count} pages, more than {MAX_RUN}")));
             }
-            Ok(Section::Ram { first_page, data: p[12..].to_vec() })
+            let mut data = Vec::with_capacity(count * PAGE);
+            let mut at = 12;
+            for i in 0..count {
+                match p.get(at) {
+                    Some(&PAGE_ZERO) => {
+                        data.resize(data.len() + PAGE, 0);
+                        at += 1;
+                    }
+                    Some(&PAGE_DATA) => {
+                        let page = p
+                            .get(at + 1..at + 1 + PAGE)
+                            .ok_or_else(|| bad(&format!("page {i} of {count} runs past the section's end")))?;
+                        data.extend_from_slice(page);
+                        at += 1 + PAGE;
+                    }
+                    Some(m) => return Err(bad(&format!("page {i} of {count} has an unknown marker {m}"))),
+                    None => return Err(bad(&format!("{i} of its {count} pages, the length does not match"))),
+                }
+            }
+            if at != p.len() {
+                return Err(bad("the page count does not match the length"));
+            }
+            Ok(Section::Ram { first_page, data })
         }
         VCPU => {
             let id = u32_at(0).ok_or_else(|| bad("short"))?;
-            let state = vcpu_from(&p[4..]).map_err(|why| bad(&why))?;
+            let state = vcpu_from(p.get(4..).unwrap_or_default()).map_err(|why| bad(&why))?;
             Ok(Section::Vcpu { id, state: Box::new(state) })
         }
         DEVICE if len == 4 => Ok(Section::Device { consumed: u32_at(0).ok_or_else(|| bad("short"))? }),
-        END if len == 1 && p[0] <= 1 => Ok(Section::End { running: p[0] == 1 }),
+        END if len == 1 => match p.first() {
+            Some(&b @ (0 | 1)) => Ok(Section::End { running: b == 1 }),
+            _ => Err(bad("running is neither 0 nor 1")),
+        },
         COMMIT if len == 0 => Ok(Section::Commit),
         KEEPALIVE if len == 0 => Ok(Section::KeepAlive),
-        ABORT if len <= u64::from(MAX_REPLY) => Ok(Section::Abort(String::from_utf8_lossy(&p).into_owned())),
+        ABORT if len <= u64::from(MAX_REPLY) => Ok(Section::Abort(String::from_utf8_lossy(p).into_owned())),
         _ => Err(bad("wrong length")),
     }
 }
@@ -450,11 +699,7 @@ pub async fn write_reply<W: AsyncWrite + Unpin>(w: &mut W, reply: &Reply) -> std
         Reply::Prepared => (REPLY_PREPARED, Vec::new()),
     };
     // One write: a reply leaves whole or not at all as far as this side can tell.
-    let mut frame = Vec::with_capacity(5 + payload.len());
-    frame.push(tag);
-    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-    frame.extend_from_slice(&payload);
-    w.write_all(&frame).await?;
+    w.write_all(&reply_bytes(tag, &payload)).await?;
     w.flush().await
 }
 
@@ -479,18 +724,48 @@ fn parse_targets(p: &[u8]) -> Result<Vec<Target>, StreamError> {
     Ok(out)
 }
 
-/// Read one reply from the return path.
-pub async fn read_reply<R: AsyncRead + Unpin>(r: &mut R) -> Result<Reply, StreamError> {
-    let tag = r.read_u8().await?;
-    let len = r.read_u32().await?;
-    if len > MAX_REPLY {
-        return Err(StreamError::BadReply(format!("reply {tag} of {len} bytes is too large")));
+/// A reply tag's name, for messages.
+fn reply_name(tag: u8) -> String {
+    match REPLIES.iter().find(|l| l.tag == tag) {
+        Some(l) => l.name.into(),
+        None => format!("reply {tag}"),
     }
-    let mut p = vec![0u8; len as usize];
-    r.read_exact(&mut p).await?;
+}
+
+/// Read one reply from the return path: its header CRC first, then its
+/// length bound, then its payload CRC.
+pub async fn read_reply<R: AsyncRead + Unpin>(r: &mut R) -> Result<Reply, StreamError> {
+    let mut h = [0u8; REPLY_HEADER_LEN];
+    read_full(r, &mut h, |got| {
+        if got == 0 {
+            "the return path ended before the next reply".into()
+        } else {
+            format!("reply header: truncated after {got} of its {REPLY_HEADER_LEN} bytes")
+        }
+    })
+    .await?;
+    let (fields, hcrc) = h.split_at(REPLY_HEADER_LEN - 4);
+    if Some(crc32c::crc32c(fields)) != be_u32(hcrc) {
+        return Err(StreamError::BadReply("reply header: checksum mismatch".into()));
+    }
+    let tag = h[0];
+    let len = be_u32(&h[1..]).unwrap_or(u32::MAX);
+    let name = reply_name(tag);
+    if len > MAX_REPLY {
+        return Err(StreamError::BadReply(format!("{name} of {len} bytes is too large")));
+    }
+    let mut body = vec![0u8; len as usize + 4];
+    read_full(r, &mut body, |got| {
+        format!("{name} of {len} bytes: truncated after {got} of its {} bytes with checksum", len + 4)
+    })
+    .await?;
+    let (p, pcrc) = body.split_at(len as usize);
+    if Some(crc32c::crc32c_append(crc32c::crc32c(&h), p)) != be_u32(pcrc) {
+        return Err(StreamError::BadReply(format!("{name} of {len} bytes: payload checksum mismatch")));
+    }
     match tag {
-        REPLY_WELCOME => Ok(Reply::Welcome(parse_targets(&p)?)),
-        REPLY_REFUSED => Ok(Reply::Refused(String::from_utf8_lossy(&p).into_owned())),
+        REPLY_WELCOME => Ok(Reply::Welcome(parse_targets(p)?)),
+        REPLY_REFUSED => Ok(Reply::Refused(String::from_utf8_lossy(p).into_owned())),
         REPLY_PREPARED if len == 0 => Ok(Reply::Prepared),
         other => Err(StreamError::BadReply(format!("unknown reply {other} of {len} bytes"))),
     }

@@ -168,6 +168,8 @@ where
     let Section::Hello(h) = hello else {
         return Err(MigrationError::Invalid("the stream does not start with HELLO".into()));
     };
+    // Another build's layouts: refused before any RAM is accepted.
+    h.check_layout()?;
     let cfg = vm.config();
     let disk = vm.device().backend().node().length();
     if h.memory != cfg.memory || h.vcpus != cfg.vcpus {

@@ -216,6 +216,7 @@ where
         memory: vm.config().memory,
         vcpus: vm.config().vcpus,
         disk_size: vm.device().backend().node().length(),
+        layout: stream::layout_hash(),
     };
     guarded(mig, p.hello_timeout, async {
         stream::write_header(&mut link.w).await?;
