@@ -641,6 +641,9 @@ pub async fn read_section<R: AsyncRead + Unpin>(r: &mut R) -> Result<Section, St
             if count > MAX_RUN {
                 return Err(bad(&format!("{count} pages, more than {MAX_RUN}")));
             }
+            if p.len() < 12 + count {
+                return Err(bad(&format!("{count} pages cannot fit in it")));
+            }
             let mut data = Vec::with_capacity(count * PAGE);
             let mut at = 12;
             for i in 0..count {
@@ -776,7 +779,7 @@ mod tests {
     use super::*;
 
     fn rt() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread().build().unwrap()
+        tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap()
     }
 
     async fn parse_all(bytes: &[u8]) -> Result<Vec<Section>, StreamError> {
@@ -798,19 +801,23 @@ mod tests {
         rt().block_on(async {
             let mut w = Vec::new();
             write_header(&mut w).await.unwrap();
-            write_hello(&mut w, &Hello { memory: 64 << 20, vcpus: 1, disk_size: 1 << 20 }).await.unwrap();
+            let hello = Hello { memory: 64 << 20, vcpus: 1, disk_size: 1 << 20, layout: layout_hash() };
+            write_hello(&mut w, &hello).await.unwrap();
             write_ram(&mut w, 3, &[7u8; 2 * PAGE]).await.unwrap();
             write_device(&mut w, 42).await.unwrap();
             write_end(&mut w, true).await.unwrap();
             let s = parse_all(&w).await.unwrap();
+            assert!(matches!(s[0], Section::Hello(h) if h == hello));
             assert!(matches!(s[1], Section::Ram { first_page: 3, ref data } if data.len() == 2 * PAGE));
             assert!(matches!(s[2], Section::Device { consumed: 42 }));
             for cut in [0, 5, 12, 20, w.len() / 2, w.len() - 1] {
                 assert!(parse_all(&w[..cut]).await.is_err(), "truncated at {cut}");
             }
-            let mut bad = w.clone();
-            bad[12] = 99; // the first section's tag
-            assert!(matches!(parse_all(&bad).await, Err(StreamError::UnknownSection(99))));
+            let mut bad = w[..12].to_vec();
+            bad.extend_from_slice(&section_bytes(99, &[]));
+            let e = parse_all(&bad).await.unwrap_err();
+            assert!(matches!(e, StreamError::UnknownSection(99)), "{e}");
+            assert_eq!(e.to_string(), "unknown section tag 99");
         });
     }
 
@@ -828,12 +835,9 @@ mod tests {
                     assert!(read_reply(&mut &w[..cut]).await.is_err());
                 }
             }
-            let mut w = vec![REPLY_WELCOME];
-            let body = br#"{"targets": [{"node": "d", "export": "e"}]}"#;
-            w.extend_from_slice(&(body.len() as u32).to_be_bytes());
-            w.extend_from_slice(body);
+            let w = reply_bytes(REPLY_WELCOME, br#"{"targets": [{"node": "d", "export": "e"}]}"#);
             assert!(matches!(read_reply(&mut &w[..]).await, Err(StreamError::BadReply(m)) if m.contains("target")));
-            let w = [9u8, 0, 0, 0, 0];
+            let w = reply_bytes(9, &[]);
             assert!(
                 matches!(read_reply(&mut &w[..]).await, Err(StreamError::BadReply(m)) if m.contains("unknown reply 9"))
             );
@@ -909,9 +913,10 @@ mod tests {
             write_header(&mut w).await.unwrap();
             write_vcpu(&mut w, 2, &st).await.unwrap();
             write_end(&mut w, false).await.unwrap();
-            assert_eq!(w.len(), 12 + 9 + 4 + VCPU_STATE_LEN + 9 + 1);
+            let frame = SECTION_HEADER_LEN + 4;
+            assert_eq!(w.len(), 12 + frame + 4 + VCPU_STATE_LEN + frame + 1);
             // The layout is the format's, not this build's: spot-check it.
-            let state_bytes = &w[12 + 9 + 4..][..VCPU_STATE_LEN];
+            let state_bytes = &w[12 + SECTION_HEADER_LEN + 4..][..VCPU_STATE_LEN];
             assert_eq!(state_bytes[16 * 8..17 * 8], st.regs.rip.to_le_bytes());
             assert_eq!(state_bytes[18 * 8..19 * 8], st.sregs.cs.base.to_le_bytes());
             assert_eq!(state_bytes[VCPU_STATE_LEN - 8..], st.sregs.interrupt_bitmap[3].to_le_bytes());
@@ -927,14 +932,255 @@ mod tests {
                 let mut bad = Vec::new();
                 write_header(&mut bad).await.unwrap();
                 let body = (4 + VCPU_STATE_LEN as i64 + delta) as usize;
-                bad.push(VCPU);
-                bad.extend_from_slice(&(body as u64).to_be_bytes());
-                bad.resize(bad.len() + body, 0);
+                bad.extend_from_slice(&section_bytes(VCPU, &vec![0; body]));
                 let e = parse_all(&bad).await.unwrap_err();
                 assert!(
                     matches!(&e, StreamError::BadSection { tag: VCPU, why, .. } if why.contains("vCPU state of")),
                     "{e}"
                 );
+            }
+        });
+    }
+
+    /// One of every section, each with its name, as the wire has them.
+    async fn one_of_each() -> Vec<(&'static str, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut w = Vec::new();
+        let hello = Hello { memory: 16 << 20, vcpus: 2, disk_size: 1 << 20, layout: layout_hash() };
+        write_hello(&mut w, &hello).await.unwrap();
+        out.push(("HELLO", std::mem::take(&mut w)));
+        let mut page = vec![0u8; PAGE];
+        page[100] = 0x5a;
+        write_ram(&mut w, 5, &page).await.unwrap();
+        out.push(("RAM", std::mem::take(&mut w)));
+        write_ram(&mut w, 6, &[0u8; 3 * PAGE]).await.unwrap();
+        assert_eq!(w.len(), SECTION_HEADER_LEN + 12 + 3 + 4, "zero pages go as markers");
+        out.push(("RAM", std::mem::take(&mut w)));
+        write_vcpu(&mut w, 1, &odd_vcpu_state()).await.unwrap();
+        out.push(("VCPU", std::mem::take(&mut w)));
+        write_device(&mut w, 9).await.unwrap();
+        out.push(("DEVICE", std::mem::take(&mut w)));
+        write_commit(&mut w).await.unwrap();
+        out.push(("COMMIT", std::mem::take(&mut w)));
+        write_abort(&mut w, "no space").await.unwrap();
+        out.push(("ABORT", std::mem::take(&mut w)));
+        write_keepalive(&mut w).await.unwrap();
+        out.push(("KEEPALIVE", std::mem::take(&mut w)));
+        write_end(&mut w, true).await.unwrap();
+        out.push(("END", std::mem::take(&mut w)));
+        out
+    }
+
+    fn stream_of(section: &[u8]) -> Vec<u8> {
+        let mut v = MAGIC.to_vec();
+        v.extend_from_slice(&VERSION.to_be_bytes());
+        v.extend_from_slice(section);
+        v
+    }
+
+    async fn first_section(bytes: &[u8]) -> Result<Section, StreamError> {
+        let mut r = bytes;
+        read_header(&mut r).await?;
+        read_section(&mut r).await
+    }
+
+    #[test]
+    fn a_flipped_bit_in_any_section_is_caught_and_named() {
+        rt().block_on(async {
+            for (name, sec) in one_of_each().await {
+                let s = first_section(&stream_of(&sec)).await.unwrap();
+                assert_eq!(s.name(), name);
+                let bits = sec.len() * 8;
+                // Every bit of small sections; a stride through a page of data.
+                let stride = if bits > 1024 { 7 } else { 1 };
+                for bit in (0..bits).step_by(stride) {
+                    let mut bad = sec.clone();
+                    bad[bit / 8] ^= 1 << (bit % 8);
+                    let e = first_section(&stream_of(&bad)).await.unwrap_err();
+                    let text = e.to_string();
+                    if bit / 8 < SECTION_HEADER_LEN {
+                        assert!(matches!(e, StreamError::HeaderChecksum), "{name} bit {bit}: {text}");
+                        assert!(text.starts_with("section header: checksum mismatch"), "{text}");
+                    } else {
+                        assert!(matches!(e, StreamError::PayloadChecksum { .. }), "{name} bit {bit}: {text}");
+                        assert!(text.starts_with(&format!("{name} section of ")), "{text}");
+                        assert!(text.ends_with("payload checksum mismatch"), "{text}");
+                    }
+                }
+            }
+        });
+    }
+
+    /// A damaged length is refused from the header alone: the reader does
+    /// not wait for the bytes that length promises.
+    #[test]
+    fn a_damaged_length_fails_before_the_payload_is_awaited() {
+        rt().block_on(async {
+            let mut sec = section_bytes(DEVICE, &7u32.to_be_bytes());
+            sec[3] ^= 0x10; // the length's high bytes: 1 TiB promised
+            let (mut a, mut b) = tokio::io::duplex(1 << 16);
+            a.write_all(&sec[..SECTION_HEADER_LEN]).await.unwrap();
+            // `a` stays open: a reader that trusted the length would wait forever.
+            let r = tokio::time::timeout(std::time::Duration::from_secs(5), read_section(&mut b)).await;
+            assert!(matches!(r, Ok(Err(StreamError::HeaderChecksum))), "{r:?}");
+            drop(a);
+        });
+    }
+
+    #[test]
+    fn every_truncated_section_fails_and_names_the_section() {
+        rt().block_on(async {
+            for (name, sec) in one_of_each().await {
+                for cut in 0..sec.len() {
+                    let e = first_section(&stream_of(&sec[..cut])).await.unwrap_err();
+                    let StreamError::Io(io) = &e else { panic!("{name} cut at {cut}: {e}") };
+                    assert_eq!(io.kind(), std::io::ErrorKind::UnexpectedEof);
+                    let text = io.to_string();
+                    let want = match cut {
+                        0 => "the stream ended before the next section".to_string(),
+                        c if c < SECTION_HEADER_LEN => "section header: truncated".to_string(),
+                        _ => format!("{name} section of "),
+                    };
+                    assert!(text.starts_with(&want), "{name} cut at {cut}: {text}");
+                }
+            }
+        });
+    }
+
+    #[test]
+    fn bad_tags_versions_and_lengths_are_named() {
+        rt().block_on(async {
+            let e = first_section(&stream_of(&section_bytes(42, &[1, 2, 3]))).await.unwrap_err();
+            assert_eq!(e.to_string(), "unknown section tag 42");
+            let e = first_section(&stream_of(&section_bytes_versioned(RAM, 2, &[]))).await.unwrap_err();
+            assert_eq!(e.to_string(), "RAM section: version 2 is not supported (this build reads version 1)");
+            // A well-checksummed header promising too much.
+            let mut h = vec![DEVICE, 1];
+            h.extend_from_slice(&(MAX_SECTION + 1).to_be_bytes());
+            let crc = crc32c::crc32c(&h);
+            h.extend_from_slice(&crc.to_be_bytes());
+            let e = first_section(&stream_of(&h)).await.unwrap_err();
+            assert_eq!(e.to_string(), format!("DEVICE section of {} bytes: too large", MAX_SECTION + 1));
+            let e = first_section(&stream_of(&section_bytes(DEVICE, &[0; 5]))).await.unwrap_err();
+            assert_eq!(e.to_string(), "DEVICE section of 5 bytes: wrong length");
+            let e = first_section(&stream_of(&section_bytes(END, &[2]))).await.unwrap_err();
+            assert!(e.to_string().starts_with("END section of 1 bytes: running"), "{e}");
+            // RAM: a page count the bytes do not bear out, an unknown marker, too many pages.
+            let mut p = ram_payload(0, &[0u8; 2 * PAGE]);
+            p.pop();
+            let e = first_section(&stream_of(&section_bytes(RAM, &p))).await.unwrap_err();
+            assert_eq!(e.to_string(), "RAM section of 13 bytes: 2 pages cannot fit in it");
+            let mut two = vec![1u8; PAGE];
+            two.resize(2 * PAGE, 0);
+            let mut p = ram_payload(0, &two);
+            p.pop();
+            let e = first_section(&stream_of(&section_bytes(RAM, &p))).await.unwrap_err();
+            assert!(e.to_string().ends_with(": 1 of its 2 pages, the length does not match"), "{e}");
+            let mut p = ram_payload(0, &[0u8; PAGE]);
+            p.push(0);
+            let e = first_section(&stream_of(&section_bytes(RAM, &p))).await.unwrap_err();
+            assert!(e.to_string().ends_with("the page count does not match the length"), "{e}");
+            let mut p = ram_payload(0, &[0u8; PAGE]);
+            p[12] = 7;
+            let e = first_section(&stream_of(&section_bytes(RAM, &p))).await.unwrap_err();
+            assert!(e.to_string().ends_with("page 0 of 1 has an unknown marker 7"), "{e}");
+            let mut p = ram_payload(0, &[]);
+            p[8..12].copy_from_slice(&(MAX_RUN as u32 + 1).to_be_bytes());
+            let e = first_section(&stream_of(&section_bytes(RAM, &p))).await.unwrap_err();
+            assert!(e.to_string().contains("more than 4096"), "{e}");
+            let mut p = ram_payload(0, &[1u8; PAGE]);
+            p.truncate(12 + 1 + 100);
+            let e = first_section(&stream_of(&section_bytes(RAM, &p))).await.unwrap_err();
+            assert!(e.to_string().ends_with("page 0 of 1 runs past the section's end"), "{e}");
+            // Another stream format.
+            let mut v = MAGIC.to_vec();
+            v.extend_from_slice(&3u32.to_be_bytes());
+            let e = first_section(&v).await.unwrap_err();
+            assert_eq!(e.to_string(), "migration stream version 3 is not supported (this build speaks 4)");
+        });
+    }
+
+    #[test]
+    fn zero_and_data_pages_round_trip() {
+        rt().block_on(async {
+            // zero, data, zero, zero, data (a page zero but for its last byte).
+            let mut pages = vec![0u8; 5 * PAGE];
+            pages[PAGE..2 * PAGE].fill(0xa5);
+            pages[5 * PAGE - 1] = 1;
+            let mut w = Vec::new();
+            write_header(&mut w).await.unwrap();
+            write_ram(&mut w, 10, &pages).await.unwrap();
+            write_ram(&mut w, 15, &[0u8; 64 * PAGE]).await.unwrap();
+            write_end(&mut w, false).await.unwrap();
+            let frame = SECTION_HEADER_LEN + 4;
+            assert_eq!(w.len(), 12 + (frame + 12 + 5 + 2 * PAGE) + (frame + 12 + 64) + (frame + 1));
+            let s = parse_all(&w).await.unwrap();
+            assert!(matches!(&s[0], Section::Ram { first_page: 10, data } if *data == pages));
+            assert!(matches!(&s[1], Section::Ram { first_page: 15, data } if data.len() == 64 * PAGE
+                && data.iter().all(|&b| b == 0)));
+            assert!(matches!(s[2], Section::End { running: false }));
+            // Not whole pages, or too many: refused on the writing side.
+            assert!(write_ram(&mut Vec::new(), 0, &[0u8; 100]).await.is_err());
+            assert!(write_ram(&mut Vec::new(), 0, &vec![0u8; (MAX_RUN + 1) * PAGE]).await.is_err());
+        });
+    }
+
+    #[test]
+    fn a_hello_from_other_layouts_is_refused_naming_both() {
+        rt().block_on(async {
+            let ours = layout_hash();
+            let theirs = ours ^ 0x8000;
+            let mut w = Vec::new();
+            write_header(&mut w).await.unwrap();
+            write_hello(&mut w, &Hello { memory: 1, vcpus: 1, disk_size: 1, layout: theirs }).await.unwrap();
+            let Section::Hello(h) = first_section(&w).await.unwrap() else { panic!("not HELLO") };
+            assert_eq!(h.layout, theirs);
+            let e = h.check_layout().unwrap_err();
+            let text = e.to_string();
+            assert!(text.starts_with("the stream layouts differ"), "{text}");
+            assert!(text.contains(&format!("{theirs:#018x}")) && text.contains(&format!("{ours:#018x}")), "{text}");
+            assert!(Hello { layout: ours, ..h }.check_layout().is_ok());
+        });
+    }
+
+    #[test]
+    fn the_layout_description_covers_every_section_and_the_vcpu_state() {
+        let d = layout_description();
+        for l in SECTIONS.iter().chain(REPLIES) {
+            assert!(d.contains(&format!(" {} {} v{}: {}", l.tag, l.name, l.version, l.fields)), "{}", l.name);
+        }
+        assert!(d.contains(&format!("VCPU_STATE_LEN={VCPU_STATE_LEN}")) && d.contains(VCPU_FIELDS));
+        assert!(d.contains(&format!("format {VERSION}")));
+        // One tag, one layout.
+        for (i, l) in SECTIONS.iter().enumerate() {
+            assert!(SECTIONS[i + 1..].iter().all(|m| m.tag != l.tag), "{}", l.name);
+        }
+        assert_eq!(layout_hash(), layout_hash());
+        assert_ne!(layout_hash(), 0);
+    }
+
+    #[test]
+    fn a_flipped_bit_in_any_reply_is_caught_and_named() {
+        rt().block_on(async {
+            let targets = vec![Target { node: "disk".into(), export: "e".into(), size: 4096 }];
+            for (name, reply) in [
+                ("WELCOME", Reply::Welcome(targets)),
+                ("REFUSED", Reply::Refused("no".into())),
+                ("PREPARED", Reply::Prepared),
+            ] {
+                let mut w = Vec::new();
+                write_reply(&mut w, &reply).await.unwrap();
+                for bit in 0..w.len() * 8 {
+                    let mut bad = w.clone();
+                    bad[bit / 8] ^= 1 << (bit % 8);
+                    let e = read_reply(&mut &bad[..]).await.unwrap_err();
+                    let StreamError::BadReply(text) = &e else { panic!("{name} bit {bit}: {e}") };
+                    if bit / 8 < REPLY_HEADER_LEN {
+                        assert_eq!(text, "reply header: checksum mismatch");
+                    } else {
+                        assert!(text.starts_with(name) && text.ends_with("payload checksum mismatch"), "{text}");
+                    }
+                }
             }
         });
     }
@@ -948,6 +1194,19 @@ mod tests {
             let _ = rt().block_on(parse_all(&v));
             let _ = rt().block_on(parse_all(&bytes));
             let _ = rt().block_on(read_reply(&mut &bytes[..]));
+        }
+
+        /// Well-framed sections and replies (good CRCs) with hostile contents.
+        #[test]
+        fn hostile_contents_never_panic(
+            tag in proptest::prelude::any::<u8>(),
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..(2 * PAGE + 64)),
+        ) {
+            let mut v = MAGIC.to_vec();
+            v.extend_from_slice(&VERSION.to_be_bytes());
+            v.extend_from_slice(&section_bytes(tag, &body));
+            let _ = rt().block_on(parse_all(&v));
+            let _ = rt().block_on(read_reply(&mut &reply_bytes(tag, &body)[..]));
         }
     }
 }
