@@ -932,7 +932,8 @@ fn a_cancel_with_the_link_stalled_stops_the_ram_at_once() {
     rig.mig.heal();
     std::thread::sleep(Duration::from_millis(300));
     let after = rig.mig.bytes(Dir::Up);
-    let framing = (last / (64 * 4096) + 1) * 21 + 1024;
+    // A RAM section of 64 pages: its header and CRCs, first page and count, 64 markers.
+    let framing = (last / (64 * 4096) + 1) * (vmm::stream::SECTION_HEADER_LEN as u64 + 4 + 12 + 64) + 1024;
     assert!(
         after <= last + framing,
         "nothing left the source after the cancel: {after} bytes passed, {last} of RAM were sent before it"
@@ -953,20 +954,22 @@ fn a_hostile_peer_fails_its_attempt_and_the_destination_stays_ready() {
     let sock = rig.path("mig.sock");
     let page = 4096usize;
     let mem = 16u64 << 20;
-    let hello = |w: &mut Vec<u8>, memory: u64| {
+    // Sections framed by hand but for the CRCs (vmm::stream::section_bytes):
+    // a peer that checksums its nonsense correctly gets past the framing.
+    let section = |w: &mut Vec<u8>, tag: u8, body: &[u8]| {
+        w.extend_from_slice(&vmm::stream::section_bytes(tag, body));
+    };
+    let hello_with = |w: &mut Vec<u8>, memory: u64, layout: u64| {
         w.extend_from_slice(b"BATONMIG");
         w.extend_from_slice(&vmm::stream::VERSION.to_be_bytes());
-        w.push(1);
-        w.extend_from_slice(&20u64.to_be_bytes());
-        w.extend_from_slice(&memory.to_be_bytes());
-        w.extend_from_slice(&1u32.to_be_bytes());
-        w.extend_from_slice(&DISK.to_be_bytes());
+        let mut b = Vec::new();
+        b.extend_from_slice(&memory.to_be_bytes());
+        b.extend_from_slice(&1u32.to_be_bytes());
+        b.extend_from_slice(&DISK.to_be_bytes());
+        b.extend_from_slice(&layout.to_be_bytes());
+        section(w, 1, &b);
     };
-    let section = |w: &mut Vec<u8>, tag: u8, body: &[u8]| {
-        w.push(tag);
-        w.extend_from_slice(&(body.len() as u64).to_be_bytes());
-        w.extend_from_slice(body);
-    };
+    let hello = |w: &mut Vec<u8>, memory: u64| hello_with(w, memory, vmm::stream::layout_hash());
     // (what the peer sends, what the refusal must say)
     let mut cases: Vec<(&str, Vec<u8>, &str)> = Vec::new();
     cases.push(("garbage", b"GET / HTTP/1.1\r\n\r\n".to_vec(), "bad magic"));
@@ -974,6 +977,9 @@ fn a_hostile_peer_fails_its_attempt_and_the_destination_stays_ready() {
     v.extend_from_slice(b"BATONMIG");
     v.extend_from_slice(&9u32.to_be_bytes());
     cases.push(("another format", v, "version 9 is not supported"));
+    let mut v = Vec::new();
+    hello_with(&mut v, mem, vmm::stream::layout_hash() ^ 1);
+    cases.push(("other layouts", v, "the stream layouts differ"));
     let mut v = Vec::new();
     hello(&mut v, 32 << 20);
     cases.push(("another guest", v, "33554432 bytes of RAM"));
@@ -983,12 +989,15 @@ fn a_hostile_peer_fails_its_attempt_and_the_destination_stays_ready() {
     cases.push(("no RAM at all", v, "4096 of 4096 RAM pages never sent"));
     let mut v = Vec::new();
     hello(&mut v, mem);
-    // 4096 pages in 256 sections of 16 pages.
+    // 4096 pages in 256 sections of 16 pages (data pages: marker 1, then the page).
     for i in 0..256u64 {
         let mut b = Vec::new();
         b.extend_from_slice(&(i * 16).to_be_bytes());
         b.extend_from_slice(&16u32.to_be_bytes());
-        b.resize(12 + 16 * page, 0);
+        for _ in 0..16 {
+            b.push(1);
+            b.resize(b.len() + page, 0);
+        }
         section(&mut v, 2, &b);
     }
     section(&mut v, 4, &7u32.to_be_bytes());
@@ -1000,14 +1009,28 @@ fn a_hostile_peer_fails_its_attempt_and_the_destination_stays_ready() {
     cases.push(("a short section", v, "RAM section of 7 bytes: short header"));
     let mut v = Vec::new();
     hello(&mut v, mem);
-    v.push(2);
-    v.extend_from_slice(&(12u64 + 4096).to_be_bytes());
-    v.extend_from_slice(&[0u8; 100]);
+    let mut b = vec![0u8; 12 + 1 + page];
+    b[8..12].copy_from_slice(&1u32.to_be_bytes());
+    b[12] = 1;
+    let whole = vmm::stream::section_bytes(2, &b);
+    v.extend_from_slice(&whole[..vmm::stream::SECTION_HEADER_LEN + 100]);
     cases.push(("a truncated stream", v, "the stream ended early"));
     let mut v = Vec::new();
     hello(&mut v, mem);
+    let mut bad = vmm::stream::section_bytes(4, &7u32.to_be_bytes());
+    bad[2] ^= 0x40; // the length, damaged in transit
+    v.extend_from_slice(&bad);
+    cases.push(("a damaged length", v, "section header: checksum mismatch"));
+    let mut v = Vec::new();
+    hello(&mut v, mem);
+    let mut bad = vmm::stream::section_bytes(4, &7u32.to_be_bytes());
+    bad[vmm::stream::SECTION_HEADER_LEN] ^= 1; // the payload, damaged in transit
+    v.extend_from_slice(&bad);
+    cases.push(("a damaged payload", v, "DEVICE section of 4 bytes: payload checksum mismatch"));
+    let mut v = Vec::new();
+    hello(&mut v, mem);
     section(&mut v, 42, &[]);
-    cases.push(("an unknown section", v, "unknown section type 42"));
+    cases.push(("an unknown section", v, "unknown section tag 42"));
     cases.push(("silence", Vec::new(), "no HELLO from the source"));
     for (what, bytes, why) in cases {
         let mut c = UnixStream::connect(&sock).unwrap();
