@@ -209,19 +209,23 @@ fn apply(ctl: &Ctl, a: Action) {
     ctl.changed.notify_waiters();
 }
 
-/// Frame starts in a byte stream: Up is a 12-byte header then sections
-/// (tag:u8 len:u64); Down is replies (tag:u8 len:u32).
+/// Frame starts in a byte stream (stream format 4): Up is a 12-byte header
+/// then sections (tag:u8 version:u8 len:u64 hcrc:u32 payload[len] pcrc:u32);
+/// Down is replies (tag:u8 len:u32 hcrc:u32 payload[len] pcrc:u32).
 struct Framer {
     skip: u64,
     hdr: Vec<u8>,
     hdr_len: usize,
+    /// Where the length field is in the header.
+    len_at: std::ops::Range<usize>,
 }
 
 impl Framer {
     fn new(dir: Dir) -> Self {
+        use vmm::stream::{REPLY_HEADER_LEN, SECTION_HEADER_LEN};
         match dir {
-            Dir::Up => Framer { skip: 12, hdr: Vec::new(), hdr_len: 9 },
-            Dir::Down => Framer { skip: 0, hdr: Vec::new(), hdr_len: 5 },
+            Dir::Up => Framer { skip: 12, hdr: Vec::new(), hdr_len: SECTION_HEADER_LEN, len_at: 2..10 },
+            Dir::Down => Framer { skip: 0, hdr: Vec::new(), hdr_len: REPLY_HEADER_LEN, len_at: 1..5 },
         }
     }
 
@@ -242,8 +246,9 @@ impl Framer {
             self.hdr.push(data[i]);
             i += 1;
             if self.hdr.len() == self.hdr_len {
-                let len = self.hdr[1..].iter().fold(0u64, |a, b| (a << 8) | u64::from(*b));
-                self.skip = len;
+                let len = self.hdr[self.len_at.clone()].iter().fold(0u64, |a, b| (a << 8) | u64::from(*b));
+                // The payload and its CRC.
+                self.skip = len + 4;
                 self.hdr.clear();
             }
         }
