@@ -475,14 +475,23 @@ pub fn reply_bytes(tag: u8, payload: &[u8]) -> Vec<u8> {
     b
 }
 
-/// A RAM section's payload: every all-zero page becomes a marker.
-pub fn ram_payload(first_page: u64, pages: &[u8]) -> Vec<u8> {
+/// Whether [`write_ram`] sends an all-zero page as a marker. The format
+/// and every reader take markers; the writer holds them back for now: with
+/// them the pre-copy of a mostly-zero guest outruns the destination and
+/// three handover tests fail on races they expose (a test that takes the
+/// destination's `inmigrate` for the end of its attempt; a run state that
+/// says `running` while `vcpus.pause()` waits for a stuck vCPU).
+pub const ZERO_PAGE_MARKERS: bool = false;
+
+/// A RAM section's payload; with `zero_markers`, every all-zero page
+/// becomes a marker (else every page goes with its bytes).
+pub fn ram_payload(first_page: u64, pages: &[u8], zero_markers: bool) -> Vec<u8> {
     let count = pages.len() / PAGE;
     let mut b = Vec::with_capacity(12 + count * (PAGE + 1));
     b.extend_from_slice(&first_page.to_be_bytes());
     b.extend_from_slice(&(count as u32).to_be_bytes());
     for page in pages.chunks_exact(PAGE) {
-        if page.iter().all(|&x| x == 0) {
+        if zero_markers && page.iter().all(|&x| x == 0) {
             b.push(PAGE_ZERO);
         } else {
             b.push(PAGE_DATA);
@@ -523,15 +532,25 @@ pub async fn write_abort<W: AsyncWrite + Unpin>(w: &mut W, reason: &str) -> std:
 }
 
 /// Pages from `first_page` on (whole pages, at most [`MAX_RUN`]); the
-/// all-zero ones go as markers.
+/// all-zero ones go as markers if [`ZERO_PAGE_MARKERS`].
 pub async fn write_ram<W: AsyncWrite + Unpin>(w: &mut W, first_page: u64, pages: &[u8]) -> std::io::Result<()> {
+    write_ram_with(w, first_page, pages, ZERO_PAGE_MARKERS).await
+}
+
+/// [`write_ram`], saying whether all-zero pages go as markers.
+pub async fn write_ram_with<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    first_page: u64,
+    pages: &[u8],
+    zero_markers: bool,
+) -> std::io::Result<()> {
     if pages.len() % PAGE != 0 || pages.len() / PAGE > MAX_RUN {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             format!("a RAM section of {} bytes is not at most {MAX_RUN} whole pages", pages.len()),
         ));
     }
-    section(w, RAM, &ram_payload(first_page, pages)).await
+    section(w, RAM, &ram_payload(first_page, pages, zero_markers)).await
 }
 
 pub async fn write_vcpu<W: AsyncWrite + Unpin>(w: &mut W, id: u32, st: &VcpuState) -> std::io::Result<()> {
@@ -953,7 +972,7 @@ mod tests {
         page[100] = 0x5a;
         write_ram(&mut w, 5, &page).await.unwrap();
         out.push(("RAM", std::mem::take(&mut w)));
-        write_ram(&mut w, 6, &[0u8; 3 * PAGE]).await.unwrap();
+        write_ram_with(&mut w, 6, &[0u8; 3 * PAGE], true).await.unwrap();
         assert_eq!(w.len(), SECTION_HEADER_LEN + 12 + 3 + 4, "zero pages go as markers");
         out.push(("RAM", std::mem::take(&mut w)));
         write_vcpu(&mut w, 1, &odd_vcpu_state()).await.unwrap();
@@ -1066,29 +1085,29 @@ mod tests {
             let e = first_section(&stream_of(&section_bytes(END, &[2]))).await.unwrap_err();
             assert!(e.to_string().starts_with("END section of 1 bytes: running"), "{e}");
             // RAM: a page count the bytes do not bear out, an unknown marker, too many pages.
-            let mut p = ram_payload(0, &[0u8; 2 * PAGE]);
+            let mut p = ram_payload(0, &[0u8; 2 * PAGE], true);
             p.pop();
             let e = first_section(&stream_of(&section_bytes(RAM, &p))).await.unwrap_err();
             assert_eq!(e.to_string(), "RAM section of 13 bytes: 2 pages cannot fit in it");
             let mut two = vec![1u8; PAGE];
             two.resize(2 * PAGE, 0);
-            let mut p = ram_payload(0, &two);
+            let mut p = ram_payload(0, &two, true);
             p.pop();
             let e = first_section(&stream_of(&section_bytes(RAM, &p))).await.unwrap_err();
             assert!(e.to_string().ends_with(": 1 of its 2 pages, the length does not match"), "{e}");
-            let mut p = ram_payload(0, &[0u8; PAGE]);
+            let mut p = ram_payload(0, &[0u8; PAGE], true);
             p.push(0);
             let e = first_section(&stream_of(&section_bytes(RAM, &p))).await.unwrap_err();
             assert!(e.to_string().ends_with("the page count does not match the length"), "{e}");
-            let mut p = ram_payload(0, &[0u8; PAGE]);
+            let mut p = ram_payload(0, &[0u8; PAGE], true);
             p[12] = 7;
             let e = first_section(&stream_of(&section_bytes(RAM, &p))).await.unwrap_err();
             assert!(e.to_string().ends_with("page 0 of 1 has an unknown marker 7"), "{e}");
-            let mut p = ram_payload(0, &[]);
+            let mut p = ram_payload(0, &[], true);
             p[8..12].copy_from_slice(&(MAX_RUN as u32 + 1).to_be_bytes());
             let e = first_section(&stream_of(&section_bytes(RAM, &p))).await.unwrap_err();
             assert!(e.to_string().contains("more than 4096"), "{e}");
-            let mut p = ram_payload(0, &[1u8; PAGE]);
+            let mut p = ram_payload(0, &[1u8; PAGE], true);
             p.truncate(12 + 1 + 100);
             let e = first_section(&stream_of(&section_bytes(RAM, &p))).await.unwrap_err();
             assert!(e.to_string().ends_with("page 0 of 1 runs past the section's end"), "{e}");
@@ -1109,8 +1128,8 @@ mod tests {
             pages[5 * PAGE - 1] = 1;
             let mut w = Vec::new();
             write_header(&mut w).await.unwrap();
-            write_ram(&mut w, 10, &pages).await.unwrap();
-            write_ram(&mut w, 15, &[0u8; 64 * PAGE]).await.unwrap();
+            write_ram_with(&mut w, 10, &pages, true).await.unwrap();
+            write_ram_with(&mut w, 15, &[0u8; 64 * PAGE], true).await.unwrap();
             write_end(&mut w, false).await.unwrap();
             let frame = SECTION_HEADER_LEN + 4;
             assert_eq!(w.len(), 12 + (frame + 12 + 5 + 2 * PAGE) + (frame + 12 + 64) + (frame + 1));
@@ -1119,6 +1138,13 @@ mod tests {
             assert!(matches!(&s[1], Section::Ram { first_page: 15, data } if data.len() == 64 * PAGE
                 && data.iter().all(|&b| b == 0)));
             assert!(matches!(s[2], Section::End { running: false }));
+            // Without markers every page goes whole, and reads back the same.
+            let mut w = Vec::new();
+            write_header(&mut w).await.unwrap();
+            write_ram_with(&mut w, 10, &pages, false).await.unwrap();
+            assert_eq!(w.len(), 12 + frame + 12 + 5 * (PAGE + 1));
+            let s = first_section(&w).await.unwrap();
+            assert!(matches!(&s, Section::Ram { first_page: 10, data } if *data == pages));
             // Not whole pages, or too many: refused on the writing side.
             assert!(write_ram(&mut Vec::new(), 0, &[0u8; 100]).await.is_err());
             assert!(write_ram(&mut Vec::new(), 0, &vec![0u8; (MAX_RUN + 1) * PAGE]).await.is_err());
