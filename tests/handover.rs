@@ -382,6 +382,14 @@ impl Rig {
     }
 
     /// `migrate` to `uri` and wait: the attempt must complete.
+    /// The destination rolled back and its attempt has ended: `inmigrate`
+    /// is its run state for the whole attempt, so the migration status is
+    /// what says another attempt may come.
+    fn dest_rolled_back(&mut self) {
+        wait(self.dq(), "query-status", "the destination to roll back", 30, |v| v["status"] == "inmigrate");
+        wait(self.dq(), "query-migrate", "the destination's attempt to end", 30, |v| is_final(&v["status"]));
+    }
+
     fn migrate_completes(&mut self, uri: &str, what: &str) -> Value {
         ok(self.sq(), "migrate", json!({"uri": uri}));
         let m = wait(self.sq(), "query-migrate", what, 60, |v| is_final(&v["status"]));
@@ -889,7 +897,7 @@ fn a_flush_failure_on_node_k_of_n_at_inactivation_rolls_back_whole() {
     assert!(m["error-desc"].as_str().unwrap().contains("aux1"), "the error names the node: {m}");
     assert_eq!(nodes(rig.sq()), before, "every node active again");
     assert_eq!(ok(rig.sq(), "query-status", json!({}))["status"], "running");
-    wait(rig.dq(), "query-status", "the destination to roll back", 30, |v| v["status"] == "inmigrate");
+    rig.dest_rolled_back();
     ok(rig.sq(), "x-baton-blkdebug-set-rules", json!({"node-name": "aux1", "inject-error": []}));
     rig.migrate_completes(&uri, "the second attempt");
     rig.dest_runs_and_checks();
@@ -938,7 +946,7 @@ fn a_cancel_with_the_link_stalled_stops_the_ram_at_once() {
         after <= last + framing,
         "nothing left the source after the cancel: {after} bytes passed, {last} of RAM were sent before it"
     );
-    wait(rig.dq(), "query-status", "the destination to roll back", 30, |v| v["status"] == "inmigrate");
+    rig.dest_rolled_back();
 }
 
 /// A hostile or broken peer on the migration socket fails its attempt with
@@ -1088,7 +1096,7 @@ fn a_new_job_reusing_the_mirrors_id_does_not_carry_the_disk() {
         "{m}"
     );
     assert_eq!(ok(rig.sq(), "query-status", json!({}))["status"], "running");
-    wait(rig.dq(), "query-status", "the destination to roll back", 30, |v| v["status"] == "inmigrate");
+    rig.dest_rolled_back();
 }
 
 /// A write-blocking mirror whose NBD target stalls: the drain at the
@@ -1130,7 +1138,7 @@ fn a_stalled_mirror_target_bounds_the_drain_and_the_run_state_tells_the_truth() 
     }
     let _ = saw_stopped;
     assert!(nodes(rig.sq()).values().all(|a| *a), "every node active again");
-    wait(rig.dq(), "query-status", "the destination to roll back", 30, |v| v["status"] == "inmigrate");
+    rig.dest_rolled_back();
 }
 
 /// QMP `yank` of the migration instance (QEMU's): listed by `query-yank`
@@ -1157,7 +1165,7 @@ fn yanking_the_migration_fails_the_attempt_and_both_sides_roll_back() {
     assert_eq!(m["status"], "failed", "{m}");
     assert!(m["error-desc"].as_str().unwrap().contains("yanked"), "{m}");
     assert_eq!(ok(rig.sq(), "query-status", json!({}))["status"], "running");
-    wait(rig.dq(), "query-status", "the destination to roll back", 30, |v| v["status"] == "inmigrate");
+    rig.dest_rolled_back();
     rig.migrate_completes(&uri, "the second attempt");
 }
 

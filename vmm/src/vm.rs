@@ -379,10 +379,13 @@ impl Vm {
     async fn stop_bounded_locked(&self, to: RunState, drain: Option<Duration>) -> Result<Duration, VmmError> {
         let t = Instant::now();
         let was_running = self.is_running();
+        // The run state says the guest is stopping from the moment it is
+        // asked to: pause() can wait for a vCPU stuck in a blocked write, and
+        // a `query-status` meanwhile must not say `running`.
+        self.set_state(to);
         // pause() waits on a condition variable: keep it off the async workers.
         let vcpus = self.vcpus.clone();
         let _ = tokio::task::spawn_blocking(move || vcpus.pause()).await;
-        self.set_state(to);
         if was_running {
             (self.events)("STOP", json!({}));
         }
