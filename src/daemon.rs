@@ -294,10 +294,10 @@ impl Daemon {
         let listener = match at {
             NbdAddr::Unix { path } => {
                 let _ = std::fs::remove_file(&path);
-                Incoming::Unix(tokio::net::UnixListener::bind(&path).map_err(|source| DaemonError::Listen {
-                    addr: format!("unix:{}", path.display()),
-                    source,
-                })?)
+                Incoming::Unix(
+                    tokio::net::UnixListener::bind(&path)
+                        .map_err(|source| DaemonError::Listen { addr: format!("unix:{}", path.display()), source })?,
+                )
             }
             NbdAddr::Inet { host, port } => {
                 let a = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };

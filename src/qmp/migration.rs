@@ -90,9 +90,7 @@ fn address(command: &str, uri: Option<String>, channels: Option<Vec<MigrationCha
             Err(QmpError::generic(format!("socket address type '{}' is not supported for migration", other.as_str())))
         }
         (MigrationAddressType::Socket, None) => Err(missing("type")),
-        (other, _) => {
-            Err(QmpError::generic(format!("migration transport '{}' is not supported", other.as_str())))
-        }
+        (other, _) => Err(QmpError::generic(format!("migration transport '{}' is not supported", other.as_str()))),
     }
 }
 

@@ -245,7 +245,8 @@ where
         let n = (buf.len() / PAGE) as u64;
         mig.counters.pages_sent.fetch_add(n - zero, Ordering::SeqCst);
         mig.counters.zero_pages.fetch_add(zero, Ordering::SeqCst);
-        let _ = mig.counters.dirty_pages.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |d| Some(d.saturating_sub(n)));
+        let _ =
+            mig.counters.dirty_pages.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |d| Some(d.saturating_sub(n)));
         link.account(mig);
         if let Some(r) = rate.as_deref_mut() {
             r.spend(mig, link.w.bytes - before).await?;
@@ -379,6 +380,8 @@ where
     let mut bandwidth = pass.end(link, mig);
     point("migration::precopy").await?;
     let mut synced = Instant::now();
+    // Dirty pages a sync found and pre-copy left to the switchover.
+    let mut unsent = Vec::new();
     for _ in 0..MAX_PASSES {
         let log = vm.take_dirty_log()?;
         let n = crate::memory::count(&log);
@@ -396,7 +399,8 @@ where
         let expected = (n * PAGE as u64) as f64 / at.max(1e-3);
         mig.counters.expected_downtime.store(expected as u64, Ordering::SeqCst);
         if expected <= p.downtime_limit as f64 {
-            // The rest fits: it goes in the switchover (the last sync finds it again).
+            // The rest fits: it goes in the switchover, with what the guest dirties until it stops.
+            unsent = log;
             break;
         }
         let pass = Pass::start(link, mig);
@@ -438,7 +442,7 @@ where
     let cancelled = || mig.is_stopping();
     let prepared_timeout = p.prepared_timeout;
     let handover = |st: crate::vm::VmState| async move {
-        hand_over(link, mig, vm, st, was_running, prepared_timeout)
+        hand_over(link, mig, vm, st, &unsent, was_running, prepared_timeout)
             .await
             .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
     };
@@ -526,6 +530,7 @@ async fn hand_over<S>(
     mig: &Migration,
     vm: &Vm,
     st: crate::vm::VmState,
+    unsent: &[u64],
     was_running: bool,
     prepared_timeout: Duration,
 ) -> Result<(), MigrationError>
@@ -533,7 +538,10 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let t = Instant::now();
-    let log = vm.take_dirty_log()?;
+    let mut log = vm.take_dirty_log()?;
+    for (w, u) in log.iter_mut().zip(unsent) {
+        *w |= u;
+    }
     mig.counters.dirty_pages.store(crate::memory::count(&log), Ordering::SeqCst);
     mig.dirty_sync();
     send_pages(link, mig, vm, &log, None).await?;
