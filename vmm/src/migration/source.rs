@@ -355,7 +355,7 @@ where
     let targets = match link.expect(mig, p.hello_timeout, "answer to HELLO").await? {
         Reply::Welcome(t) => t,
         Reply::Refused(why) => return Err(MigrationError::Refused(why)),
-        other @ (Reply::Prepared | Reply::Committed) => {
+        other @ (Reply::Prepared | Reply::Committed | Reply::Synced) => {
             let what = format!("{other:?} before anything was sent");
             return Err(MigrationError::Stream(StreamError::BadReply(what)));
         }
@@ -412,6 +412,16 @@ where
     }
     if mig.is_stopping() {
         return Err(mig.stop_reason());
+    }
+    // Before the guest stops: the destination confirms it applied all that
+    // was sent, so the switchover does not wait for it to catch up.
+    guarded(mig, p.io_timeout, stream::write_sync(&mut link.w)).await?;
+    match link.expect(mig, p.io_timeout, "SYNCED from the destination").await? {
+        Reply::Synced => {}
+        Reply::Refused(why) => return Err(MigrationError::Refused(why)),
+        other => {
+            return Err(MigrationError::Stream(StreamError::BadReply(format!("{other:?} instead of SYNCED"))));
+        }
     }
 
     let was_running = vm.is_running();
@@ -573,7 +583,7 @@ where
     match link.expect(mig, prepared_timeout, "PREPARED from the destination").await? {
         Reply::Prepared => mig.step_done("prepared", t.elapsed()),
         Reply::Refused(why) => return Err(MigrationError::Refused(why)),
-        other @ (Reply::Welcome(_) | Reply::Committed) => {
+        other @ (Reply::Welcome(_) | Reply::Committed | Reply::Synced) => {
             return Err(MigrationError::Stream(StreamError::BadReply(format!("{other:?} instead of PREPARED"))))
         }
     }
