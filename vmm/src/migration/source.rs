@@ -549,7 +549,8 @@ where
 async fn flush_all(graph: &Graph, mig: &Migration, io: Duration) -> Result<Duration, MigrationError> {
     let t = Instant::now();
     for n in graph.nodes().into_iter().filter(|n| n.is_active()) {
-        let failed = |why: String| MigrationError::Disk(format!("flushing '{}' before the switchover: {why}", n.name()));
+        let failed =
+            |why: String| MigrationError::Disk(format!("flushing '{}' before the switchover: {why}", n.name()));
         tokio::select! {
             biased;
             _ = mig.cancelled() => return Err(mig.stop_reason()),
