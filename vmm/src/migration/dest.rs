@@ -197,6 +197,7 @@ where
     let mut arrived = vec![0u64; pages.div_ceil(64) as usize];
     let mut vcpus = vec![None; cfg.vcpus as usize];
     let mut device = None;
+    let mut clock = None;
     let running = loop {
         match section(mig, r, p.io_timeout, "next section").await? {
             Section::Hello(_) => return Err(MigrationError::Invalid("a second HELLO".into())),
@@ -227,6 +228,11 @@ where
                     return Err(MigrationError::Invalid("the device's state arrived twice".into()));
                 }
             }
+            Section::KvmClock { clock: c } => {
+                if clock.replace(c).is_some() {
+                    return Err(MigrationError::Invalid("the KVM clock arrived twice".into()));
+                }
+            }
             Section::Abort(why) => return Err(MigrationError::SourceAborted(why)),
             Section::KeepAlive => {}
             Section::Commit => return Err(MigrationError::Invalid("COMMIT before the end of the stream".into())),
@@ -248,12 +254,15 @@ where
     let Some(device) = device else {
         return Err(MigrationError::Invalid("the stream ended without the device's state".into()));
     };
+    let Some(clock) = clock else {
+        return Err(MigrationError::Invalid("the stream ended without the KVM clock".into()));
+    };
 
     // Everything arrived and fits: take over the disks, load the guest, do NOT run it.
     activated.extend(graph.nodes().iter().filter(|n| !n.is_active()).map(|n| n.name().to_string()));
     graph.activate_all().await.map_err(MigrationError::Activate)?;
     point("migration::incoming-before-ack").await?;
-    vm.load_cpu_state(&vcpus, device).await?;
+    vm.load_cpu_state(&vcpus, device, clock).await?;
     point("migration::incoming-before-prepared").await?;
     if !mig.try_prepare() {
         return Err(mig.stop_reason());
