@@ -18,11 +18,12 @@
 //!    1 HELLO   memory:u64 vcpus:u32 disk_size:u64 layout:u64   (first, exactly once)
 //!    2 RAM     first_page:u64 count:u32 count * (0 | 1 page[4096])
 //!              (0: the page is all zeroes, no payload follows; 1: its bytes follow)
-//!    3 VCPU    id:u32 state[VCPU_STATE_LEN]      (field by field, see vcpu_bytes; v2:
-//!              regs+sregs[436] xsave[4096] xcrs[200] msrs[9*MIGRATED_MSRS] lapic[1024]
-//!              events[37] debugregs[56] mp_state[4], each part's length fixed)
+//!    3 VCPU    id:u32 state[VCPU_STATE_LEN]      (once per vCPU; field by field, see
+//!              vcpu_bytes and VCPU_FIELDS; v2: regs+sregs[436] xsave[4096] xcrs[200]
+//!              msrs[9 * MIGRATED_MSRS.len(): present:u8 value:u64 per slot]
+//!              lapic[1024] events[37] debugregs[56] mp_state[4]; fixed lengths)
 //!    4 DEVICE  consumed:u32
-//!    6 KVMCLOCK clock:u64                       (KVM_GET_CLOCK's ns; once per VM)
+//!    6 KVMCLOCK clock:u64                       (KVM_GET_CLOCK's ns; exactly once)
 //!    255 END   running:u8                       (the guest ran when the source stopped it)
 //!    7 COMMIT  (empty)                          (after PREPARED: the decision)
 //!    8 ABORT   reason (utf-8)                   (any time before COMMIT)
