@@ -158,6 +158,13 @@ pub fn set_lapic_reg(l: &mut kvm_bindings::kvm_lapic_state, off: usize, v: u32) 
 /// The bytes of the XSAVE region KVM_GET_XSAVE fills (the legacy `kvm_xsave`).
 pub const XSAVE_LEN: usize = 4096;
 
+/// Test knob: VMs made while it is set take the FPU and SSE state through
+/// KVM_GET/SET_FPU, as on a KVM without XSAVE (the fallback path, which a
+/// host with XSAVE would otherwise never run). On an XSAVE host only its
+/// read side is faithful: there KVM_SET_FPU leaves XSTATE_BV alone.
+#[doc(hidden)]
+pub static FORCE_FPU_STATE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// What this host's KVM offers the vCPU state calls; the same for every vCPU of a VM.
 #[derive(Debug, Clone, Default)]
 pub struct VcpuCaps {
@@ -205,15 +212,21 @@ impl Default for VcpuState {
 }
 
 impl VcpuState {
-    /// XMM register `n` (0..16) from the XSAVE region's legacy area.
+    /// XMM register `n` (0..16) from the XSAVE region's legacy area (0 for another `n`).
     pub fn xmm(&self, n: usize) -> u128 {
+        if n >= 16 {
+            return 0;
+        }
         let w = |i: usize| u128::from(self.xsave.get(40 + 4 * n + i).copied().unwrap_or(0));
         w(0) | w(1) << 32 | w(2) << 64 | w(3) << 96
     }
 
-    /// Set XMM register `n` (0..16) in the XSAVE region, and mark the SSE
+    /// Set XMM register `n` (0..16; another `n` is ignored) in the XSAVE region, and mark the SSE
     /// component as holding state (XSTATE_BV bit 1).
     pub fn set_xmm(&mut self, n: usize, v: u128) {
+        if n >= 16 {
+            return;
+        }
         for i in 0..4 {
             if let Some(w) = self.xsave.get_mut(40 + 4 * n + i) {
                 *w = (v >> (32 * i)) as u32;
@@ -613,5 +626,58 @@ impl Vcpus {
         for (_, h) in threads {
             let _ = h.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fpu_state_round_trips_through_an_xsave_region() {
+        let mut f = kvm_bindings::kvm_fpu {
+            fcw: 0x37f,
+            fsw: 0x1234,
+            ftwx: 0xa5,
+            last_opcode: 0x7ff,
+            last_ip: 0x1122_3344_5566_7788,
+            last_dp: 0x99aa_bbcc_ddee_ff00,
+            mxcsr: 0x1fa0,
+            ..Default::default()
+        };
+        for (i, r) in f.fpr.iter_mut().enumerate() {
+            *r = [i as u8 + 1; 16];
+        }
+        for (i, r) in f.xmm.iter_mut().enumerate() {
+            *r = [0x40 + i as u8; 16];
+        }
+        let x = xsave_from_fpu(&f);
+        assert_eq!(x[XSTATE_BV_WORD], 0b11, "x87 and SSE hold state");
+        assert_eq!(x[6], 0x1fa0, "MXCSR at byte 24");
+        let st = VcpuState { xsave: x.clone(), ..Default::default() };
+        assert_eq!(st.xmm(3), u128::from_le_bytes([0x43; 16]));
+        let back = fpu_from_xsave(&x);
+        assert_eq!(back.fpr, f.fpr);
+        assert_eq!(back.xmm, f.xmm);
+        assert_eq!(
+            (back.fcw, back.fsw, back.ftwx, back.last_opcode, back.last_ip, back.last_dp, back.mxcsr),
+            (f.fcw, f.fsw, f.ftwx, f.last_opcode, f.last_ip, f.last_dp, f.mxcsr)
+        );
+    }
+
+    #[test]
+    fn lapic_registers_and_xmm_values_read_back() {
+        let mut st = VcpuState::default();
+        set_lapic_reg(&mut st.lapic, APIC_LVTT, 0x4_00ef);
+        assert_eq!(lapic_reg(&st.lapic, APIC_LVTT), 0x4_00ef);
+        set_lapic_reg(&mut st.lapic, 1022, u32::MAX); // past the end: the part inside is set
+        assert_eq!(lapic_reg(&st.lapic, 1022), 0xffff);
+        st.set_xmm(5, u128::MAX - 7);
+        assert_eq!(st.xmm(5), u128::MAX - 7);
+        st.set_xmm(16, 1);
+        assert_eq!(st.xmm(16), 0, "no xmm16 in the legacy area");
+        st.set_msr(0x10, 5);
+        st.set_msr(0x10, 6);
+        assert_eq!((st.msr(0x10), st.msrs.len()), (Some(6), 1));
     }
 }

@@ -245,7 +245,7 @@ const APIC_MODE_EXTINT: u32 = 0b111;
 
 /// What this host's KVM offers for a vCPU's state (see [`VcpuCaps`]).
 fn vcpu_caps(kvm: &Kvm) -> Result<VcpuCaps, VmmError> {
-    let xsave = kvm.check_extension(Cap::Xsave);
+    let xsave = kvm.check_extension(Cap::Xsave) && !crate::vcpu::FORCE_FPU_STATE.load(Ordering::SeqCst);
     if xsave {
         // KVM_CAP_XSAVE2 is the XSAVE size KVM_GET/SET_XSAVE would need; more
         // than `kvm_xsave` holds (dynamic features such as AMX, which this
