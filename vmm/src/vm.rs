@@ -210,8 +210,9 @@ fn setup_vcpu(vm: &VmFd, cpuid: &CpuId, id: u64, rip: u64) -> Result<kvm_ioctls:
     sregs.ss = data;
     sregs.cr0 |= 0x1; // PE
     sregs.cr0 &= !0x8000_0000; // no paging
-                               // SSE for the workload's register check: no x87 emulation (EM), WAIT
-                               // honours TS (MP), FXSAVE/SSE and SIMD exceptions enabled (OSFXSR, OSXMMEXCPT).
+
+    // SSE for the workload's register check: no x87 emulation (EM), WAIT
+    // honours TS (MP), FXSAVE/SSE and SIMD exceptions enabled (OSFXSR, OSXMMEXCPT).
     sregs.cr0 = (sregs.cr0 & !(CR0_EM | CR0_TS)) | CR0_MP;
     sregs.cr4 |= CR4_OSFXSR | CR4_OSXMMEXCPT;
     vcpu.set_sregs(&sregs).map_err(|source| VmmError::VcpuState { vcpu: id, op: "KVM_SET_SREGS", source })?;

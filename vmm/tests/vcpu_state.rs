@@ -348,3 +348,41 @@ async fn the_guest_catches_a_migration_that_drops_its_sse_registers() {
         h.vm.shutdown().await;
     }
 }
+
+/// With the in-kernel LAPIC an idle vCPU's HLT sleeps inside KVM_RUN (no
+/// exit to user space): `stop` still takes it out at once (the kick's EINTR),
+/// its MP state says halted, and it halts again after every `cont`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_vcpus_sleep_in_kvm_run_and_stop_promptly() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = VmConfig { vcpus: 3, ..VmConfig::default() };
+    let h = host(&dir, "src", &cfg, false, None).await;
+    let fresh = h.vm.save().await.unwrap();
+    assert!(fresh.vcpus.iter().all(|v| v.mp_state.mp_state == kvm_bindings::KVM_MP_STATE_RUNNABLE), "APs need no SIPI");
+    for round in 0..3 {
+        let before = h.vm.stats().batches;
+        h.vm.cont().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(h.vm.vcpus_in_run(), "round {round}: running");
+        let t = Instant::now();
+        h.vm.stop().await.unwrap();
+        let took = t.elapsed();
+        assert!(took < Duration::from_secs(2), "round {round}: stop took {took:?}");
+        assert!(!h.vm.vcpus_in_run(), "round {round}: every vCPU left KVM_RUN");
+        assert!(h.vm.stats().batches > before, "round {round}: the guest ran");
+        let st = h.vm.save().await.unwrap();
+        for (id, v) in st.vcpus.iter().enumerate().skip(1) {
+            assert_eq!(
+                v.mp_state.mp_state,
+                kvm_bindings::KVM_MP_STATE_HALTED,
+                "round {round}: vCPU {id} sleeps in HLT"
+            );
+        }
+        assert_eq!(st.vcpus[0].mp_state.mp_state, kvm_bindings::KVM_MP_STATE_RUNNABLE);
+    }
+    assert_eq!(h.vm.stats().mismatches, 0);
+    h.vm.shutdown().await;
+}
