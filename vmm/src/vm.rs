@@ -291,6 +291,9 @@ impl Vm {
         let vm = kvm.create_vm().map_err(|source| VmmError::Kvm { op: "KVM_CREATE_VM", source })?;
         vm.set_tss_address(0xfffb_d000).map_err(|source| VmmError::Kvm { op: "KVM_SET_TSS_ADDR", source })?;
         // The in-kernel PIC, IOAPIC and a local APIC per vCPU: before any vCPU is made.
+        // KVM sets up the default IRQ routing here and waits for an SRCU grace
+        // period (kvm_set_irq_routing): milliseconds as a rule, but seconds (10 s
+        // and more seen) on a loaded nested host, and `Vm::new` waits with it.
         vm.create_irq_chip().map_err(|source| VmmError::Kvm { op: "KVM_CREATE_IRQCHIP", source })?;
         let caps = Arc::new(vcpu_caps(&kvm)?);
         let cpuid = kvm
