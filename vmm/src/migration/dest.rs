@@ -201,6 +201,7 @@ where
     let mut arrived = vec![0u64; pages.div_ceil(64) as usize];
     let mut vcpus = vec![None; cfg.vcpus as usize];
     let mut device = None;
+    let mut clock = None;
     let running = loop {
         match section(mig, r, p.io_timeout, "next section").await? {
             Section::Hello(_) => return Err(MigrationError::Invalid("a second HELLO".into())),
@@ -229,6 +230,11 @@ where
                     return Err(MigrationError::Invalid("the device's state arrived twice".into()));
                 }
             }
+            Section::KvmClock { clock: c } => {
+                if clock.replace(c).is_some() {
+                    return Err(MigrationError::Invalid("the KVM clock arrived twice".into()));
+                }
+            }
             Section::Abort(why) => return Err(MigrationError::SourceAborted(why)),
             Section::KeepAlive => {}
             // The source is about to stop the guest: say when all before this is in RAM.
@@ -255,6 +261,9 @@ where
     let Some(device) = device else {
         return Err(MigrationError::Invalid("the stream ended without the device's state".into()));
     };
+    let Some(clock) = clock else {
+        return Err(MigrationError::Invalid("the stream ended without the KVM clock".into()));
+    };
 
     // Everything arrived and fits: take over the disks, load the guest, do NOT run it.
     let t = std::time::Instant::now();
@@ -263,7 +272,7 @@ where
     mig.step_done("activate", t.elapsed());
     point("migration::incoming-before-ack").await?;
     let t = std::time::Instant::now();
-    vm.load_cpu_state(&vcpus, device).await?;
+    vm.load_cpu_state(&vcpus, device, clock).await?;
     mig.step_done("load-state", t.elapsed());
     point("migration::incoming-before-prepared").await?;
     if !mig.try_prepare() {
