@@ -57,8 +57,16 @@ class Monitor:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{' '.join(argv)} did not create {sock} (rc={self.proc.poll()})")
             time.sleep(0.02)
-        self.s = socket.socket(socket.AF_UNIX)
-        self.s.connect(sock)
+        while True:  # the file appears at bind(), a moment before listen()
+            self.s = socket.socket(socket.AF_UNIX)
+            try:
+                self.s.connect(sock)
+                break
+            except ConnectionRefusedError:
+                self.s.close()
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
         self.f = self.s.makefile("r")
         self.f.readline()
         self.replies = queue.Queue()

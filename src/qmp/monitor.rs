@@ -122,11 +122,22 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
         }
     }
     // Create it 0600 from the start: no window in which others may connect.
+    // Bind and listen under a temporary name, then rename: the socket
+    // appears at `path` already listening (a client that connects as soon
+    // as the file exists is never refused between bind and listen).
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = std::path::PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
     let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
-    let l = UnixListener::bind(path);
+    let l = UnixListener::bind(&tmp);
     nix::sys::stat::umask(old);
     let l = l?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     Ok(l)
 }
 

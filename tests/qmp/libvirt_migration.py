@@ -68,8 +68,17 @@ class Monitor:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{tag}: {' '.join(argv)} did not create {sock} (rc={self.proc.poll()})")
             time.sleep(0.02)
-        self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.s.connect(sock)
+        # The file appears at bind(), a moment before listen(): retry a refusal.
+        while True:
+            self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                self.s.connect(sock)
+                break
+            except ConnectionRefusedError:
+                self.s.close()
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
         self.f = self.s.makefile("r")
         self.greeting = json.loads(self.f.readline())
         self.replies = queue.Queue()
