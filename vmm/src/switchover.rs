@@ -73,12 +73,15 @@ pub struct Bounds {
     pub drain: Duration,
     /// The carriers catching up with the stopped guest.
     pub sync: Duration,
+    /// The saved state carries a copy of the RAM (a handover inside one
+    /// process); a migration sends RAM from guest memory and leaves it out.
+    pub with_ram: bool,
 }
 
 impl Default for Bounds {
     fn default() -> Self {
         let p = crate::migration::Parameters::default();
-        Bounds { drain: p.drain_timeout, sync: p.mirror_sync_timeout }
+        Bounds { drain: p.drain_timeout, sync: p.mirror_sync_timeout, with_ram: true }
     }
 }
 
@@ -202,7 +205,7 @@ where
     // 4. Hand the guest over; done once the destination is prepared and the
     //    commit point is passed.
     let t = Instant::now();
-    let state = vm.save().await.map_err(|e| step_err("save", e))?;
+    let state = vm.save_state(bounds.with_ram).await.map_err(|e| step_err("save", e))?;
     on_step("device-state", t.elapsed());
     point("switchover::before-handover").await.map_err(|e| step_err("handover", e))?;
     handover(state).await.map_err(|e| ("handover", e))?;

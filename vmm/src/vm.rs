@@ -553,12 +553,24 @@ impl Vm {
     /// Capture a stopped guest (RAM, vCPUs, device). Not while running: the
     /// caller stops it first, which also drains the device.
     pub async fn save(&self) -> Result<VmState, VmmError> {
+        self.save_state(true).await
+    }
+
+    /// As [`Vm::save`]; without `with_ram` the state's `ram` is empty (a
+    /// migration streams RAM from guest memory: copying 64 MiB and more
+    /// while the guest is stopped would only lengthen the downtime).
+    pub async fn save_state(&self, with_ram: bool) -> Result<VmState, VmmError> {
         let _c = self.control.lock().await;
         if self.is_running() || self.vcpus.any_in_run() {
             return Err(VmmError::StillRunning);
         }
-        let mut ram = vec![0u8; self.config.memory as usize];
-        self.mem.read_slice(&mut ram, GuestAddress(0)).map_err(|source| memory::error("read", 0, ram.len(), source))?;
+        let mut ram = Vec::new();
+        if with_ram {
+            ram = vec![0u8; self.config.memory as usize];
+            self.mem
+                .read_slice(&mut ram, GuestAddress(0))
+                .map_err(|source| memory::error("read", 0, ram.len(), source))?;
+        }
         let mut vcpus = Vec::new();
         for id in 0..u64::from(self.config.vcpus) {
             vcpus.push(self.vcpus.save(id)?);

@@ -474,7 +474,7 @@ where
     // Device: the switchover, up to PREPARED and the commit point.
     mig.transition(Status::Device);
     link.mark_stopped(mig);
-    let bounds = Bounds { drain: p.drain_timeout, sync: p.mirror_sync_timeout };
+    let bounds = Bounds { drain: p.drain_timeout, sync: p.mirror_sync_timeout, with_ram: false };
     let sync = || carriers::in_sync(&carriers, vm);
     let cancelled = || mig.is_stopping();
     let prepared_timeout = p.prepared_timeout;
