@@ -76,7 +76,10 @@ pub async fn query_migrate_capabilities(d: Arc<Daemon>, _: NoArgs) -> Reply {
 /// `migrate-set-parameters`' members: the parameters the migration knows
 /// (it checks their values), each an optional integer.
 pub fn parameters() -> Vec<Field> {
-    vmm::migration::params::NAMES.iter().map(|&n| Field::of::<Option<Int>>(n)).collect()
+    use vmm::migration::params::{BitmapMigrationNodeAlias, Parameters, BLOCK_BITMAP_MAPPING};
+    let mut f: Vec<Field> = Parameters::int_names().map(Field::of::<Option<Int>>).collect();
+    f.push(Field::of::<Option<Vec<BitmapMigrationNodeAlias>>>(BLOCK_BITMAP_MAPPING));
+    f
 }
 
 pub async fn migrate_set_parameters(d: Arc<Daemon>, a: Map<String, Value>) -> Reply {

@@ -33,6 +33,7 @@
 //! `failed` from any non-final state and `cancelling -> cancelled` before the
 //! commit point. baton's detail is in `x-baton-handover`.
 
+pub mod bitmaps;
 pub mod carriers;
 pub mod dest;
 pub mod params;

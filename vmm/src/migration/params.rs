@@ -1,13 +1,50 @@
-//! Migration parameters: every wait of the handover is bounded, and each
-//! bound is a parameter (`migrate-set-parameters`, `x-baton-` names because
-//! QEMU has none of them). One table holds each name, default and bound.
+//! Migration parameters (`migrate-set-parameters`, `query-migrate-parameters`).
+//!
+//! QEMU's that baton honours, with QEMU's names, defaults and ranges:
+//! `downtime-limit` (ms the guest may stay stopped for the last RAM; it
+//! decides when pre-copy ends), `max-bandwidth` (bytes/s, RAM pre-copy only;
+//! 0 is no limit; mirrors keep their own `speed`), `avail-switchover-bandwidth`
+//! (bytes/s the switchover may assume instead of the measured rate; 0 =
+//! measure), `block-bitmap-mapping` (which node and bitmap names the
+//! bitmaps travel under). And baton's own: every wait of the handover is
+//! bounded, and each bound is an `x-baton-` parameter. One table holds each
+//! name, default and range; a `migrate-set-parameters` is checked whole
+//! before anything changes.
 
 use std::time::Duration;
 
 use serde_json::{Map, Value};
 
-/// The bounds of the handover's waits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+block::qapi_struct! {
+    /// How a bitmap's properties change on the way (QEMU's BitmapMigrationBitmapAliasTransform).
+    #[derive(PartialEq, Eq)]
+    pub struct BitmapMigrationBitmapAliasTransform {
+        "persistent" persistent: Option<bool>,
+    }
+}
+
+block::qapi_struct! {
+    /// A bitmap's name on this side and the alias it travels under.
+    #[derive(PartialEq, Eq)]
+    pub struct BitmapMigrationBitmapAlias {
+        "name" name: String,
+        "alias" alias: String,
+        "transform" transform: Option<BitmapMigrationBitmapAliasTransform>,
+    }
+}
+
+block::qapi_struct! {
+    /// A node's name on this side, the alias it travels under, and its bitmaps.
+    #[derive(PartialEq, Eq)]
+    pub struct BitmapMigrationNodeAlias {
+        "node-name" node_name: String,
+        "alias" alias: String,
+        "bitmaps" bitmaps: Vec<BitmapMigrationBitmapAlias>,
+    }
+}
+
+/// The parameters of the next attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Parameters {
     /// Source: connecting to the destination.
     pub connect_timeout: Duration,
@@ -24,38 +61,86 @@ pub struct Parameters {
     /// Destination: COMMIT or ABORT after PREPARED; past it the destination
     /// says the decision is unknown (and still takes a late one).
     pub commit_timeout: Duration,
+    /// QEMU's `downtime-limit`, in milliseconds.
+    pub downtime_limit: u64,
+    /// QEMU's `max-bandwidth`, bytes per second (0: no limit).
+    pub max_bandwidth: u64,
+    /// QEMU's `avail-switchover-bandwidth`, bytes per second (0: measure).
+    pub avail_switchover_bandwidth: u64,
+    /// QEMU's `block-bitmap-mapping`, as set (None: match bitmaps by node name).
+    pub block_bitmap_mapping: Option<Vec<BitmapMigrationNodeAlias>>,
+    /// The mapping as the client gave it, for `query-migrate-parameters`.
+    block_bitmap_mapping_json: Option<Value>,
 }
 
+/// One integer parameter: its name, range, default, unit (for errors) and place.
 struct Param {
     name: &'static str,
-    default_ms: u64,
-    field: fn(&mut Parameters) -> &mut Duration,
+    default: u64,
+    min: u64,
+    max: u64,
+    /// How QEMU names the parameter and its unit in range errors.
+    error_name: &'static str,
+    unit: &'static str,
+    field: fn(&mut Parameters) -> Slot<'_>,
 }
 
-/// Bounds of every timeout parameter, in milliseconds.
+enum Slot<'a> {
+    Millis(&'a mut Duration),
+    Int(&'a mut u64),
+}
+
+/// Bounds of every `x-baton-` timeout, in milliseconds.
 pub const MIN_MS: u64 = 1;
 pub const MAX_MS: u64 = 3_600_000;
+/// QEMU's bound on `downtime-limit` (2000 s).
+pub const MAX_DOWNTIME_MS: u64 = 2_000_000;
+/// QEMU's default `max-bandwidth`.
+pub const DEFAULT_MAX_BANDWIDTH: u64 = 128 << 20;
 
-/// The parameters' names (the QMP schema lists them from here).
-pub const NAMES: [&str; 7] = [
-    "x-baton-connect-timeout",
-    "x-baton-hello-timeout",
-    "x-baton-io-timeout",
-    "x-baton-drain-timeout",
-    "x-baton-mirror-sync-timeout",
-    "x-baton-prepared-timeout",
-    "x-baton-commit-timeout",
+const fn timeout(name: &'static str, default: u64, field: fn(&mut Parameters) -> Slot<'_>) -> Param {
+    Param { name, default, min: MIN_MS, max: MAX_MS, error_name: name, unit: "milliseconds", field }
+}
+
+const PARAMS: [Param; 10] = [
+    Param {
+        name: "downtime-limit",
+        default: 300,
+        min: 0,
+        max: MAX_DOWNTIME_MS,
+        error_name: "downtime_limit",
+        unit: "milliseconds",
+        field: |p| Slot::Int(&mut p.downtime_limit),
+    },
+    Param {
+        name: "max-bandwidth",
+        default: DEFAULT_MAX_BANDWIDTH,
+        min: 0,
+        max: u64::MAX,
+        error_name: "max_bandwidth",
+        unit: "bytes/second",
+        field: |p| Slot::Int(&mut p.max_bandwidth),
+    },
+    Param {
+        name: "avail-switchover-bandwidth",
+        default: 0,
+        min: 0,
+        max: u64::MAX,
+        error_name: "avail_switchover_bandwidth",
+        unit: "bytes/second",
+        field: |p| Slot::Int(&mut p.avail_switchover_bandwidth),
+    },
+    timeout("x-baton-connect-timeout", 10_000, |p| Slot::Millis(&mut p.connect_timeout)),
+    timeout("x-baton-hello-timeout", 10_000, |p| Slot::Millis(&mut p.hello_timeout)),
+    timeout("x-baton-io-timeout", 30_000, |p| Slot::Millis(&mut p.io_timeout)),
+    timeout("x-baton-drain-timeout", 10_000, |p| Slot::Millis(&mut p.drain_timeout)),
+    timeout("x-baton-mirror-sync-timeout", 30_000, |p| Slot::Millis(&mut p.mirror_sync_timeout)),
+    timeout("x-baton-prepared-timeout", 30_000, |p| Slot::Millis(&mut p.prepared_timeout)),
+    timeout("x-baton-commit-timeout", 30_000, |p| Slot::Millis(&mut p.commit_timeout)),
 ];
 
-const PARAMS: [Param; 7] = [
-    Param { name: NAMES[0], default_ms: 10_000, field: |p| &mut p.connect_timeout },
-    Param { name: NAMES[1], default_ms: 10_000, field: |p| &mut p.hello_timeout },
-    Param { name: NAMES[2], default_ms: 30_000, field: |p| &mut p.io_timeout },
-    Param { name: NAMES[3], default_ms: 10_000, field: |p| &mut p.drain_timeout },
-    Param { name: NAMES[4], default_ms: 30_000, field: |p| &mut p.mirror_sync_timeout },
-    Param { name: NAMES[5], default_ms: 30_000, field: |p| &mut p.prepared_timeout },
-    Param { name: NAMES[6], default_ms: 30_000, field: |p| &mut p.commit_timeout },
-];
+/// The one parameter that is not an integer.
+pub const BLOCK_BITMAP_MAPPING: &str = "block-bitmap-mapping";
 
 impl Default for Parameters {
     fn default() -> Self {
@@ -68,41 +153,77 @@ impl Default for Parameters {
             mirror_sync_timeout: z,
             prepared_timeout: z,
             commit_timeout: z,
+            downtime_limit: 0,
+            max_bandwidth: 0,
+            avail_switchover_bandwidth: 0,
+            block_bitmap_mapping: None,
+            block_bitmap_mapping_json: None,
         };
         for d in &PARAMS {
-            *(d.field)(&mut p) = Duration::from_millis(d.default_ms);
+            match (d.field)(&mut p) {
+                Slot::Millis(f) => *f = Duration::from_millis(d.default),
+                Slot::Int(f) => *f = d.default,
+            }
         }
         p
     }
 }
 
 impl Parameters {
-    /// The parameter names, for the QMP schema.
-    pub fn names() -> impl Iterator<Item = &'static str> {
+    /// The integer parameters' names, for the QMP schema (and
+    /// [`BLOCK_BITMAP_MAPPING`]).
+    pub fn int_names() -> impl Iterator<Item = &'static str> {
         PARAMS.iter().map(|p| p.name)
     }
 
     /// Apply `migrate-set-parameters` arguments: all checked first, so an
     /// error changes nothing. Names outside the table are refused by name.
     pub fn set(&mut self, args: &Map<String, Value>) -> Result<(), String> {
-        let mut next = *self;
+        let mut next = self.clone();
         for (k, v) in args {
+            if k == BLOCK_BITMAP_MAPPING {
+                let m: Vec<BitmapMigrationNodeAlias> = serde_json::from_value(v.clone())
+                    .map_err(|e| format!("Invalid parameter type for '{BLOCK_BITMAP_MAPPING}': {e}"))?;
+                super::bitmaps::check_mapping(&m)?;
+                next.block_bitmap_mapping = Some(m);
+                next.block_bitmap_mapping_json = Some(v.clone());
+                continue;
+            }
             let Some(param) = PARAMS.iter().find(|p| p.name == k) else {
                 return Err(format!("migration parameter '{k}' is not supported"));
             };
-            let ms = v.as_u64().filter(|ms| (MIN_MS..=MAX_MS).contains(ms)).ok_or_else(|| {
-                format!("Parameter '{k}' expects a number of milliseconds between {MIN_MS} and {MAX_MS}")
+            let n = v.as_u64().filter(|n| (param.min..=param.max).contains(n)).ok_or_else(|| {
+                format!(
+                    "Parameter '{}' expects an integer in the range of {} to {} {}",
+                    param.error_name, param.min, param.max, param.unit
+                )
             })?;
-            *(param.field)(&mut next) = Duration::from_millis(ms);
+            match (param.field)(&mut next) {
+                Slot::Millis(f) => *f = Duration::from_millis(n),
+                Slot::Int(f) => *f = n,
+            }
         }
         *self = next;
         Ok(())
     }
 
-    /// `query-migrate-parameters`' members (milliseconds).
+    /// `query-migrate-parameters`' members (`block-bitmap-mapping` only once set, as QEMU).
     pub fn to_json(&self) -> Map<String, Value> {
-        let mut me = *self;
-        PARAMS.iter().map(|p| (p.name.to_string(), Value::from((p.field)(&mut me).as_millis() as u64))).collect()
+        let mut me = self.clone();
+        let mut m: Map<String, Value> = PARAMS
+            .iter()
+            .map(|p| {
+                let v = match (p.field)(&mut me) {
+                    Slot::Millis(f) => f.as_millis() as u64,
+                    Slot::Int(f) => *f,
+                };
+                (p.name.to_string(), Value::from(v))
+            })
+            .collect();
+        if let Some(j) = &self.block_bitmap_mapping_json {
+            m.insert(BLOCK_BITMAP_MAPPING.to_string(), j.clone());
+        }
+        m
     }
 }
 
@@ -123,6 +244,29 @@ mod tests {
         p.set(json!({"x-baton-io-timeout": 5}).as_object().unwrap()).unwrap();
         assert_eq!(p.io_timeout, Duration::from_millis(5));
         assert_eq!(p.to_json()["x-baton-io-timeout"], 5);
-        assert_eq!(Parameters::names().count(), p.to_json().len());
+        assert_eq!(Parameters::int_names().count(), p.to_json().len());
+    }
+
+    #[test]
+    fn qemus_parameters_have_qemus_defaults_and_ranges() {
+        let mut p = Parameters::default();
+        let j = p.to_json();
+        assert_eq!(j["downtime-limit"], 300);
+        assert_eq!(j["max-bandwidth"], 128 << 20);
+        assert_eq!(j["avail-switchover-bandwidth"], 0);
+        assert!(j.get(BLOCK_BITMAP_MAPPING).is_none());
+        let e = p.set(json!({"downtime-limit": 2_000_001}).as_object().unwrap()).unwrap_err();
+        assert_eq!(e, "Parameter 'downtime_limit' expects an integer in the range of 0 to 2000000 milliseconds");
+        let e = p.set(json!({"max-bandwidth": -1}).as_object().unwrap()).unwrap_err();
+        assert!(e.contains("max_bandwidth"), "{e}");
+        p.set(json!({"downtime-limit": 0, "max-bandwidth": 0}).as_object().unwrap()).unwrap();
+        assert_eq!((p.downtime_limit, p.max_bandwidth), (0, 0));
+        let m = json!([{"node-name": "disk0", "alias": "d", "bitmaps": [{"name": "b0", "alias": "b"}]}]);
+        p.set(json!({ "block-bitmap-mapping": m.clone() }).as_object().unwrap()).unwrap();
+        assert_eq!(p.to_json()[BLOCK_BITMAP_MAPPING], m);
+        let mapping = p.block_bitmap_mapping.as_ref().unwrap();
+        assert_eq!((mapping[0].node_name.as_str(), mapping[0].bitmaps[0].alias.as_str()), ("disk0", "b"));
+        let e = p.set(json!({"block-bitmap-mapping": [{"node-name": "x"}]}).as_object().unwrap()).unwrap_err();
+        assert!(e.contains("block-bitmap-mapping"), "{e}");
     }
 }

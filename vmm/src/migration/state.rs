@@ -137,10 +137,35 @@ pub enum VerbError {
 pub struct Capabilities {
     pub events: bool,
     pub pause_before_switchover: bool,
+    /// The source's named dirty bitmaps travel with the guest.
+    pub dirty_bitmaps: bool,
+    /// Destination: QEMU's "activate the disks at `cont`, not at the end of
+    /// the stream". baton's destination activates its nodes after the end
+    /// marker and before PREPARED in every case (PREPARED promises the
+    /// destination can run the guest; the source commits on it), and never
+    /// writes them before COMMIT; what the capability adds is that a
+    /// destination started with `-S` takes the guest's write permission only
+    /// at `cont`, as QEMU's late activation does. Accepted on either side.
+    pub late_block_activate: bool,
 }
 
-/// Names accepted by migrate-set-capabilities; `return-path` is always on.
-pub const CAPABILITIES: [&str; 3] = ["events", "pause-before-switchover", "return-path"];
+/// A capability's name and its place in [`Capabilities`] (`None`: always on).
+type CapField = Option<fn(&mut Capabilities) -> &mut bool>;
+
+/// Names accepted by migrate-set-capabilities, in query order; `return-path`
+/// is always on (the two-phase commit needs it), so setting it is accepted
+/// and changes nothing.
+const CAPABILITY_TABLE: [(&str, CapField); 5] = [
+    ("events", Some(|c| &mut c.events)),
+    ("return-path", None),
+    ("pause-before-switchover", Some(|c| &mut c.pause_before_switchover)),
+    ("dirty-bitmaps", Some(|c| &mut c.dirty_bitmaps)),
+    ("late-block-activate", Some(|c| &mut c.late_block_activate)),
+];
+
+/// The capability names baton accepts (the QMP schema's enum).
+pub const CAPABILITIES: [&str; 5] =
+    ["events", "return-path", "pause-before-switchover", "dirty-bitmaps", "late-block-activate"];
 
 /// Counters for query-migrate.
 #[derive(Debug, Default)]
@@ -263,7 +288,7 @@ impl Migration {
     }
 
     pub fn params(&self) -> Parameters {
-        *lock(&self.params)
+        lock(&self.params).clone()
     }
 
     pub fn capabilities(&self) -> Capabilities {
@@ -528,25 +553,25 @@ impl Migration {
         }
         let mut next = self.capabilities();
         for (name, on) in caps {
-            match name.as_str() {
-                "events" => next.events = *on,
-                "pause-before-switchover" => next.pause_before_switchover = *on,
-                "return-path" => {}
-                other => return Err(VerbError::Capability(other.to_string())),
+            match CAPABILITY_TABLE.iter().find(|(n, _)| n == name) {
+                Some((_, Some(field))) => *field(&mut next) = *on,
+                Some((_, None)) => {}
+                None => return Err(VerbError::Capability(name.clone())),
             }
         }
         *lock(&self.caps) = next;
         Ok(())
     }
 
-    /// `query-migrate-capabilities`.
+    /// `query-migrate-capabilities`: every capability baton offers (libvirt
+    /// sets those it finds here).
     pub fn query_capabilities(&self) -> Value {
-        let c = self.capabilities();
-        json!([
-            {"capability": "events", "state": c.events},
-            {"capability": "pause-before-switchover", "state": c.pause_before_switchover},
-            {"capability": "return-path", "state": true},
-        ])
+        let mut c = self.capabilities();
+        let list: Vec<Value> = CAPABILITY_TABLE
+            .iter()
+            .map(|(name, field)| json!({"capability": name, "state": field.is_none_or(|f| *f(&mut c))}))
+            .collect();
+        Value::Array(list)
     }
 
     /// `migrate-set-parameters`: checked whole first.
