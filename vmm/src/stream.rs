@@ -22,6 +22,12 @@
 //!    7 COMMIT  (empty)                          (after PREPARED: the decision)
 //!    8 ABORT   reason (utf-8)                   (any time before COMMIT)
 //!    9 KEEPALIVE (empty)                        (while the source waits at pre-switchover)
+//!   10 BITMAPS node_len:u8 node[node_len] bitmap_len:u8 bitmap[bitmap_len]
+//!              granularity:u32 flags:u8 size:u64 first:u64 count:u32 kind:u8 (kind 1: bytes[count])
+//!              (a dirty bitmap's bits, or part of them: bytes first..first+count of
+//!              its bits, LSB first; kind 0: those bytes are zero and none follow;
+//!              flags: 1 enabled, 2 persistent, the rest zero; only with
+//!              capability dirty-bitmaps, after the nodes went inactive, before END)
 //!
 //!  destination -> source (the return path)
 //!  reply: tag:u8 len:u32 hcrc:u32 payload[len] pcrc:u32   (CRCs as for sections)
@@ -61,6 +67,7 @@ pub const END: u8 = 255;
 pub const COMMIT: u8 = 7;
 pub const ABORT: u8 = 8;
 pub const KEEPALIVE: u8 = 9;
+pub const BITMAPS: u8 = 10;
 
 pub const REPLY_WELCOME: u8 = 1;
 pub const REPLY_REFUSED: u8 = 2;
@@ -109,7 +116,24 @@ pub const SECTIONS: &[Layout] = &[
     Layout { tag: COMMIT, name: "COMMIT", version: 1, fields: "" },
     Layout { tag: ABORT, name: "ABORT", version: 1, fields: "reason:utf8[<=MAX_REPLY]" },
     Layout { tag: KEEPALIVE, name: "KEEPALIVE", version: 1, fields: "" },
+    Layout { tag: BITMAPS, name: "BITMAPS", version: 1, fields: BITMAP_FIELDS },
 ];
+
+/// A BITMAPS section's fields (see the module doc).
+pub const BITMAP_FIELDS: &str = "node_len:u8 node:utf8[node_len] bitmap_len:u8 bitmap:utf8[bitmap_len] \
+     granularity:u32be flags:u8(1=enabled 2=persistent) size:u64be first:u64be count:u32be[<=MAX_BITMAP_CHUNK] \
+     kind:u8(0=zeroes|1=data bytes[count], bit i of the bitmap = bit i%8 of byte i/8)";
+/// Most bytes of bits in one BITMAPS section (8 Mi bits): a bigger bitmap
+/// goes in several, in order.
+pub const MAX_BITMAP_CHUNK: u32 = 1 << 20;
+/// BITMAPS flags: the bitmap records writes (QEMU's `recording`).
+pub const BITMAP_ENABLED: u8 = 1;
+/// BITMAPS flags: the bitmap is persistent.
+pub const BITMAP_PERSISTENT: u8 = 2;
+/// A BITMAPS chunk's kind: its bytes are all zero, none follow.
+pub const CHUNK_ZEROES: u8 = 0;
+/// A BITMAPS chunk's kind: its bytes follow.
+pub const CHUNK_DATA: u8 = 1;
 
 /// Every reply on the return path.
 pub const REPLIES: &[Layout] = &[
@@ -209,6 +233,39 @@ pub enum Section {
     Commit,
     Abort(String),
     KeepAlive,
+    /// Part (or all) of a dirty bitmap's bits.
+    Bitmap(BitmapChunk),
+}
+
+/// What a BITMAPS section says of its bitmap: the same in every section
+/// that carries part of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapMeta {
+    /// The node's alias (its name when no mapping is set); 1..=255 bytes.
+    pub node: String,
+    /// The bitmap's alias (its name when no mapping is set); 1..=255 bytes.
+    pub bitmap: String,
+    /// Bytes of disk per bit.
+    pub granularity: u32,
+    pub enabled: bool,
+    pub persistent: bool,
+    /// Bytes of disk the bitmap covers: it has `size.div_ceil(granularity)` bits.
+    pub size: u64,
+}
+
+impl BitmapMeta {
+    /// Bytes of bits of the whole bitmap.
+    pub fn byte_len(&self) -> u64 {
+        self.size.div_ceil(u64::from(self.granularity.max(1))).div_ceil(8)
+    }
+}
+
+/// One BITMAPS section: bytes `first..first + bits.len()` of a bitmap's bits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapChunk {
+    pub meta: BitmapMeta,
+    pub first: u64,
+    pub bits: Vec<u8>,
 }
 
 /// A section tag's name, for messages.
@@ -231,6 +288,7 @@ impl Section {
             Section::Commit => "COMMIT",
             Section::Abort(_) => "ABORT",
             Section::KeepAlive => "KEEPALIVE",
+            Section::Bitmap(_) => "BITMAPS",
         }
     }
 }
@@ -563,6 +621,122 @@ pub async fn write_device<W: AsyncWrite + Unpin>(w: &mut W, consumed: u32) -> st
     section(w, DEVICE, &consumed.to_be_bytes()).await
 }
 
+/// A BITMAPS section's payload: bytes `first..first + bits.len()` of the
+/// bitmap `meta` describes (all-zero bytes go as a zero chunk).
+pub fn bitmap_payload(meta: &BitmapMeta, first: u64, bits: &[u8]) -> Vec<u8> {
+    let zero = bits.iter().all(|&b| b == 0);
+    let mut b = Vec::with_capacity(2 + meta.node.len() + meta.bitmap.len() + 26 + if zero { 0 } else { bits.len() });
+    for name in [&meta.node, &meta.bitmap] {
+        b.push(name.len() as u8);
+        b.extend_from_slice(name.as_bytes());
+    }
+    b.extend_from_slice(&meta.granularity.to_be_bytes());
+    let flags = if meta.enabled { BITMAP_ENABLED } else { 0 } | if meta.persistent { BITMAP_PERSISTENT } else { 0 };
+    b.push(flags);
+    b.extend_from_slice(&meta.size.to_be_bytes());
+    b.extend_from_slice(&first.to_be_bytes());
+    b.extend_from_slice(&(bits.len() as u32).to_be_bytes());
+    if zero {
+        b.push(CHUNK_ZEROES);
+    } else {
+        b.push(CHUNK_DATA);
+        b.extend_from_slice(bits);
+    }
+    b
+}
+
+/// A whole bitmap: its bits (`meta.byte_len()` bytes) in sections of at
+/// most [`MAX_BITMAP_CHUNK`] bytes, in order; one section for a bitmap of
+/// no bits. Names of 1..=255 bytes and the bits' length are checked here.
+pub async fn write_bitmap<W: AsyncWrite + Unpin>(w: &mut W, meta: &BitmapMeta, bits: &[u8]) -> std::io::Result<()> {
+    write_bitmap_in(w, meta, bits, MAX_BITMAP_CHUNK as usize).await
+}
+
+/// [`write_bitmap`] in chunks of at most `chunk` bytes.
+pub async fn write_bitmap_in<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    meta: &BitmapMeta,
+    bits: &[u8],
+    chunk: usize,
+) -> std::io::Result<()> {
+    let invalid = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, why);
+    for name in [&meta.node, &meta.bitmap] {
+        if name.is_empty() || name.len() > usize::from(u8::MAX) {
+            return Err(invalid(format!("a BITMAPS name of {} bytes (1 to 255)", name.len())));
+        }
+    }
+    if bits.len() as u64 != meta.byte_len() {
+        return Err(invalid(format!(
+            "bitmap '{}': {} bytes of bits, {} expected",
+            meta.bitmap,
+            bits.len(),
+            meta.byte_len()
+        )));
+    }
+    let chunk = chunk.clamp(1, MAX_BITMAP_CHUNK as usize);
+    if bits.is_empty() {
+        return section(w, BITMAPS, &bitmap_payload(meta, 0, &[])).await;
+    }
+    for (i, part) in bits.chunks(chunk).enumerate() {
+        section(w, BITMAPS, &bitmap_payload(meta, (i * chunk) as u64, part)).await?;
+    }
+    Ok(())
+}
+
+/// Decode a BITMAPS payload; `Err` says what is wrong with it.
+fn bitmap_from(p: &[u8]) -> Result<BitmapChunk, String> {
+    let mut at = 0usize;
+    let mut names = Vec::with_capacity(2);
+    for what in ["node", "bitmap"] {
+        let n = usize::from(*p.get(at).ok_or_else(|| format!("short before the {what} name"))?);
+        let raw = p.get(at + 1..at + 1 + n).ok_or_else(|| format!("the {what} name of {n} bytes runs past the end"))?;
+        if n == 0 {
+            return Err(format!("an empty {what} name"));
+        }
+        let name = std::str::from_utf8(raw).map_err(|_| format!("the {what} name is not UTF-8"))?;
+        names.push(name.to_string());
+        at += 1 + n;
+    }
+    let fixed = p.get(at..at + 4 + 1 + 8 + 8 + 4 + 1).ok_or("short after the names")?;
+    let granularity = be_u32(fixed).ok_or("short")?;
+    let flags = fixed[4];
+    let size = be_u64(&fixed[5..]).ok_or("short")?;
+    let first = be_u64(&fixed[13..]).ok_or("short")?;
+    let count = be_u32(&fixed[21..]).ok_or("short")?;
+    let kind = fixed[25];
+    at += fixed.len();
+    let (bitmap, node) = (names.pop().unwrap_or_default(), names.pop().unwrap_or_default());
+    let whose = format!("bitmap '{bitmap}' of node '{node}'");
+    block::bitmap::check_granularity(u64::from(granularity)).map_err(|e| format!("{whose}: {e}"))?;
+    if flags & !(BITMAP_ENABLED | BITMAP_PERSISTENT) != 0 {
+        return Err(format!("{whose}: unknown flags {flags:#04x}"));
+    }
+    if count > MAX_BITMAP_CHUNK {
+        return Err(format!("{whose}: {count} bytes of bits, more than {MAX_BITMAP_CHUNK}"));
+    }
+    let meta = BitmapMeta {
+        node,
+        bitmap,
+        granularity,
+        enabled: flags & BITMAP_ENABLED != 0,
+        persistent: flags & BITMAP_PERSISTENT != 0,
+        size,
+    };
+    if first.checked_add(u64::from(count)).is_none_or(|end| end > meta.byte_len()) {
+        return Err(format!("{whose}: bytes {first}+{count} are outside its {} bytes of bits", meta.byte_len()));
+    }
+    let rest = p.get(at..).unwrap_or_default();
+    let bits = match kind {
+        CHUNK_ZEROES if rest.is_empty() => vec![0; count as usize],
+        CHUNK_DATA if rest.len() == count as usize => rest.to_vec(),
+        CHUNK_ZEROES | CHUNK_DATA => {
+            return Err(format!("{whose}: {} bytes follow a chunk of {count} (kind {kind})", rest.len()))
+        }
+        other => return Err(format!("{whose}: unknown chunk kind {other}")),
+    };
+    Ok(BitmapChunk { meta, first, bits })
+}
+
 pub async fn write_end<W: AsyncWrite + Unpin>(w: &mut W, running: bool) -> std::io::Result<()> {
     section(w, END, &[u8::from(running)]).await?;
     w.flush().await
@@ -700,6 +874,7 @@ pub async fn read_section<R: AsyncRead + Unpin>(r: &mut R) -> Result<Section, St
         COMMIT if len == 0 => Ok(Section::Commit),
         KEEPALIVE if len == 0 => Ok(Section::KeepAlive),
         ABORT if len <= u64::from(MAX_REPLY) => Ok(Section::Abort(String::from_utf8_lossy(p).into_owned())),
+        BITMAPS => bitmap_from(p).map(Section::Bitmap).map_err(|why| bad(&why)),
         _ => Err(bad("wrong length")),
     }
 }

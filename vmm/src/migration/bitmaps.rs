@@ -1,10 +1,339 @@
 //! Dirty bitmaps that travel with a migration (capability `dirty-bitmaps`,
-//! parameter `block-bitmap-mapping`).
+//! parameter `block-bitmap-mapping`), with QEMU 10's semantics where they
+//! matter to libvirt and to an incremental backup chain:
+//!
+//! - Which bitmaps go. Without a mapping: every named bitmap of every node,
+//!   under its node's name and its own name (both sides must use the same
+//!   node names; a name longer than 255 bytes, or a node whose name is
+//!   auto-generated (`#...`), fails the migration). With a mapping: only the
+//!   bitmaps the mapping names, on the nodes it names, under their aliases;
+//!   a node or bitmap it names that does not exist here fails `migrate`
+//!   (QEMU silently skips it; a typo there would lose a backup chain).
+//!   Jobs' own bitmaps are never listed, so never sent. A bitmap in use by
+//!   an operation (busy: a mirror's user bitmap, an NBD export's) fails the
+//!   migration, as in QEMU.
+//! - What goes: granularity, the enabled (recording) flag, persistence
+//!   (`transform.persistent` overrides it; baton has no persistent bitmaps,
+//!   so a bitmap that would be persistent on either side is refused, naming
+//!   it, rather than silently downgraded), the disk size it covers and every
+//!   bit.
+//! - When: at the switchover, once every node is inactive (nothing can set
+//!   a bit any more), before the vCPUs and END. The list is taken then too.
+//! - The destination creates them while it prepares (after END, before
+//!   PREPARED), resolving aliases through its own mapping (an unknown alias
+//!   is an error), refusing a bitmap whose name already exists on the node
+//!   (QEMU's rule), one whose disk size differs, or any BITMAPS section when
+//!   its own capability is off. A rollback (REFUSED, ABORT, a lost link
+//!   before COMMIT) removes every bitmap it created, and only those.
+//! - The source's bitmaps are never changed: after a failure they are as
+//!   before, after COMMIT they stay on the postmigrate source, as in QEMU.
 
-use super::params::BitmapMigrationNodeAlias;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
-/// QEMU's set-time checks of a `block-bitmap-mapping`.
-pub fn check_mapping(_mapping: &[BitmapMigrationNodeAlias]) -> Result<(), String> {
-    // Filled in by the bitmaps work (issue 11 part 4); until then any well-typed mapping is taken.
+use block::bitmap::{DirtyBitmap, MAX_NAME_LEN};
+use block::Graph;
+
+use super::params::{BitmapMigrationBitmapAlias, BitmapMigrationNodeAlias};
+use crate::stream::{BitmapChunk, BitmapMeta};
+
+/// Longest node or bitmap alias: the stream (like QEMU's) gives a name one byte of length.
+pub const MAX_ALIAS_LEN: usize = u8::MAX as usize;
+/// Longest node name QEMU has (`node_name[32]`).
+pub const MAX_NODE_NAME_LEN: usize = 31;
+
+/// QEMU's `id_wellformed`: a letter, then letters, digits, `-`, `.`, `_`.
+fn well_formed(id: &str) -> bool {
+    let mut c = id.chars();
+    c.next().is_some_and(|f| f.is_ascii_alphabetic())
+        && c.all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '.' | '_'))
+}
+
+/// QEMU's set-time checks of a `block-bitmap-mapping` (both directions must
+/// be unambiguous): node aliases well-formed and at most 255 bytes, node
+/// names at most 31 bytes, bitmap aliases at most 255 bytes and names at
+/// most 1023; no node name or node alias twice; per node, no bitmap name or
+/// bitmap alias twice. Existence is checked at `migrate` ([`outgoing`]).
+pub fn check_mapping(mapping: &[BitmapMigrationNodeAlias]) -> Result<(), String> {
+    for n in mapping {
+        if !well_formed(&n.alias) {
+            return Err(format!("The node alias '{}' is not well-formed", n.alias));
+        }
+        if n.alias.len() > MAX_ALIAS_LEN {
+            return Err(format!("The node alias '{}' is longer than {MAX_ALIAS_LEN} bytes", n.alias));
+        }
+        if n.node_name.len() > MAX_NODE_NAME_LEN {
+            return Err(format!("The node name '{}' is longer than {MAX_NODE_NAME_LEN} bytes", n.node_name));
+        }
+        for b in &n.bitmaps {
+            if b.alias.len() > MAX_ALIAS_LEN {
+                return Err(format!("The bitmap alias '{}' is longer than {MAX_ALIAS_LEN} bytes", b.alias));
+            }
+            if b.name.len() > MAX_NAME_LEN {
+                return Err(format!("The bitmap name '{}' is longer than {MAX_NAME_LEN} bytes", b.name));
+            }
+        }
+    }
+    // Name to alias (the source's direction), then alias to name (the destination's).
+    let mut names = HashSet::new();
+    for n in mapping {
+        if !names.insert(n.node_name.as_str()) {
+            return Err(format!("The node name '{}' is mapped twice", n.node_name));
+        }
+        let mut seen = HashSet::new();
+        if let Some(b) = n.bitmaps.iter().find(|b| !seen.insert(b.name.as_str())) {
+            return Err(format!("The bitmap '{}'/'{}' is mapped twice", n.node_name, b.name));
+        }
+    }
+    let mut aliases = HashSet::new();
+    for n in mapping {
+        if !aliases.insert(n.alias.as_str()) {
+            return Err(format!("The node alias '{}' is used twice", n.alias));
+        }
+        let mut seen = HashSet::new();
+        if let Some(b) = n.bitmaps.iter().find(|b| !seen.insert(b.alias.as_str())) {
+            return Err(format!("The bitmap alias '{}'/'{}' is used twice", n.alias, b.alias));
+        }
+    }
     Ok(())
+}
+
+/// One bitmap the source sends: which, and how it travels.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// The node's name here.
+    pub node: String,
+    pub bitmap: Arc<DirtyBitmap>,
+    /// The names on the wire (aliases, or the names themselves).
+    pub node_alias: String,
+    pub bitmap_alias: String,
+    pub persistent: bool,
+}
+
+impl Outgoing {
+    /// The section header this bitmap travels under, and its bits, read
+    /// together (the nodes are inactive by then: nothing sets a bit).
+    pub fn export(&self) -> Result<(BitmapMeta, Vec<u8>), String> {
+        let (size, bits) = self.bitmap.export();
+        let granularity = u32::try_from(self.bitmap.granularity())
+            .map_err(|_| format!("{}: its granularity does not fit the stream", self.whose()))?;
+        let meta = BitmapMeta {
+            node: self.node_alias.clone(),
+            bitmap: self.bitmap_alias.clone(),
+            granularity,
+            enabled: self.bitmap.is_enabled(),
+            persistent: self.persistent,
+            size,
+        };
+        Ok((meta, bits))
+    }
+
+    fn whose(&self) -> String {
+        format!("bitmap '{}' of node '{}'", self.bitmap.name(), self.node)
+    }
+}
+
+/// The bitmaps of `graph` that go with a migration under `mapping`, checked
+/// (see the module doc): at `migrate` (an error then changes nothing) and
+/// again at the switchover, when they are read. `Err` names the node or bitmap.
+pub fn outgoing(graph: &Graph, mapping: Option<&[BitmapMigrationNodeAlias]>) -> Result<Vec<Outgoing>, String> {
+    let mut out = Vec::new();
+    match mapping {
+        None => {
+            for node in graph.nodes() {
+                let bitmaps = node.bitmaps();
+                let Some(first) = bitmaps.first() else { continue };
+                let name = node.name();
+                if name.is_empty() || name.starts_with('#') {
+                    return Err(format!(
+                        "Bitmap '{}' in a node with auto-generated name '{name}' can't be migrated",
+                        first.name()
+                    ));
+                }
+                for bm in bitmaps {
+                    if bm.name().len() > MAX_ALIAS_LEN {
+                        return Err(format!(
+                            "Cannot migrate bitmap '{}' on node '{name}': Name is longer than {MAX_ALIAS_LEN} bytes",
+                            bm.name()
+                        ));
+                    }
+                    out.push(Outgoing {
+                        node: name.to_string(),
+                        node_alias: name.to_string(),
+                        bitmap_alias: bm.name().to_string(),
+                        bitmap: bm,
+                        persistent: false,
+                    });
+                }
+            }
+        }
+        Some(mapping) => {
+            for n in mapping {
+                let node = graph.find(&n.node_name).map_err(|_| {
+                    format!("block-bitmap-mapping names node '{}', which does not exist here", n.node_name)
+                })?;
+                for b in &n.bitmaps {
+                    let bm = node.bitmap(&b.name).map_err(|_| {
+                        format!(
+                            "block-bitmap-mapping names bitmap '{}' of node '{}', which does not exist here",
+                            b.name, n.node_name
+                        )
+                    })?;
+                    out.push(Outgoing {
+                        node: n.node_name.clone(),
+                        bitmap: bm,
+                        node_alias: n.alias.clone(),
+                        bitmap_alias: b.alias.clone(),
+                        persistent: transform_persistent(b).unwrap_or(false),
+                    });
+                }
+            }
+        }
+    }
+    for o in &out {
+        if o.bitmap.is_busy() {
+            return Err(format!("Cannot migrate {}: it is in use by another operation", o.whose()));
+        }
+        if o.persistent {
+            return Err(persistent_refused(&o.whose()));
+        }
+    }
+    Ok(out)
+}
+
+fn transform_persistent(b: &BitmapMigrationBitmapAlias) -> Option<bool> {
+    b.transform.as_ref().and_then(|t| t.persistent)
+}
+
+fn persistent_refused(whose: &str) -> String {
+    format!("{whose} would be persistent: persistent bitmaps are not supported yet (baton has no qcow2)")
+}
+
+/// One bitmap being received: its header and the bytes so far.
+#[derive(Debug)]
+struct Pending {
+    meta: BitmapMeta,
+    bits: Vec<u8>,
+}
+
+/// The BITMAPS sections of one incoming attempt, collected in order: each
+/// bitmap's chunks contiguous from byte 0, each with the same header; every
+/// bitmap complete by END ([`Incoming::finish`]).
+#[derive(Debug, Default)]
+pub struct Incoming {
+    /// In arrival order; the index by (node alias, bitmap alias) is `at`.
+    pending: Vec<Pending>,
+    at: HashMap<(String, String), usize>,
+}
+
+impl Incoming {
+    /// Take one section; `Err` names the bitmap and what is wrong.
+    pub fn take(&mut self, c: BitmapChunk) -> Result<(), String> {
+        let key = (c.meta.node.clone(), c.meta.bitmap.clone());
+        let whose = format!("bitmap '{}' of node '{}'", c.meta.bitmap, c.meta.node);
+        let Some(&i) = self.at.get(&key) else {
+            if c.first != 0 {
+                return Err(format!("{whose}: its bits start at byte {}, not 0", c.first));
+            }
+            self.at.insert(key, self.pending.len());
+            self.pending.push(Pending { meta: c.meta, bits: c.bits });
+            return Ok(());
+        };
+        let p = &mut self.pending[i];
+        if p.meta != c.meta {
+            return Err(format!("{whose}: a section says other things of it than its first one"));
+        }
+        let have = p.bits.len() as u64;
+        if have == p.meta.byte_len() {
+            return Err(format!("{whose}: its bits arrived twice"));
+        }
+        if c.first != have {
+            return Err(format!("{whose}: bytes from {} arrived after {have} of them", c.first));
+        }
+        p.bits.extend_from_slice(&c.bits);
+        Ok(())
+    }
+
+    /// Every bitmap, whole; `Err` names the first one that is not.
+    fn finish(self) -> Result<Vec<Pending>, String> {
+        if let Some(p) = self.pending.iter().find(|p| p.bits.len() as u64 != p.meta.byte_len()) {
+            return Err(format!(
+                "the stream ended with bitmap '{}' of node '{}' incomplete ({} of its {} bytes of bits)",
+                p.meta.bitmap,
+                p.meta.node,
+                p.bits.len(),
+                p.meta.byte_len()
+            ));
+        }
+        Ok(self.pending)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+}
+
+/// A bitmap an incoming attempt created: removed again on rollback.
+pub type Created = (String, Arc<DirtyBitmap>);
+
+/// Create the received bitmaps on this side's nodes, resolving aliases
+/// through `mapping`. Each one created is pushed to `created` at once, so
+/// a failure part way leaves the caller all it must remove ([`remove`]).
+pub fn apply(
+    graph: &Graph,
+    mapping: Option<&[BitmapMigrationNodeAlias]>,
+    incoming: Incoming,
+    created: &mut Vec<Created>,
+) -> Result<(), String> {
+    for p in incoming.finish()? {
+        let (node, name, transform) = resolve(mapping, &p.meta.node, &p.meta.bitmap)?;
+        let whose = format!("bitmap '{name}' of node '{node}'");
+        if transform.unwrap_or(p.meta.persistent) {
+            return Err(persistent_refused(&whose));
+        }
+        if graph.find(&node).is_err() {
+            return Err(format!("{whose}: there is no node '{node}' here"));
+        }
+        let bm = DirtyBitmap::import(&name, p.meta.size, u64::from(p.meta.granularity), p.meta.enabled, &p.bits)
+            .map_err(|e| format!("{whose}: {e}"))?;
+        let bm = graph.bitmap_adopt(&node, bm).map_err(|e| match e {
+            block::BlockError::BitmapExists { .. } => {
+                format!("Bitmap with the same name ('{name}') already exists on node '{node}' of the destination")
+            }
+            e => format!("{whose}: {}", e.chain()),
+        })?;
+        created.push((node, bm));
+    }
+    Ok(())
+}
+
+/// The destination's (node, bitmap, transform.persistent) for a bitmap that
+/// arrived under (`node_alias`, `bitmap_alias`).
+fn resolve(
+    mapping: Option<&[BitmapMigrationNodeAlias]>,
+    node_alias: &str,
+    bitmap_alias: &str,
+) -> Result<(String, String, Option<bool>), String> {
+    let Some(mapping) = mapping else {
+        return Ok((node_alias.to_string(), bitmap_alias.to_string(), None));
+    };
+    let n = mapping.iter().find(|n| n.alias == node_alias).ok_or_else(|| {
+        format!("Unknown node alias '{node_alias}' (bitmap alias '{bitmap_alias}') in block-bitmap-mapping")
+    })?;
+    let b = n.bitmaps.iter().find(|b| b.alias == bitmap_alias).ok_or_else(|| {
+        format!(
+            "Unknown bitmap alias '{bitmap_alias}' on node '{}' (alias '{node_alias}') in block-bitmap-mapping",
+            n.node_name
+        )
+    })?;
+    Ok((n.node_name.clone(), b.name.clone(), transform_persistent(b)))
+}
+
+/// Remove the bitmaps an attempt created (newest first), and only those.
+pub fn remove(graph: &Graph, created: &mut Vec<Created>) {
+    while let Some((node, bm)) = created.pop() {
+        if !graph.bitmap_detach(&node, &bm) {
+            tracing::warn!(node = %node, bitmap = %bm.name(), "rolling back: the migrated bitmap was already gone");
+        }
+    }
 }

@@ -14,6 +14,7 @@ use tokio::io::{AsyncRead, AsyncWrite, BufWriter, WriteHalf};
 use tokio::sync::mpsc;
 use vm_memory::{Bytes, GuestAddress};
 
+use super::bitmaps;
 use super::carriers::{self, Carrier};
 use super::params::Parameters;
 use super::points::point;
@@ -285,8 +286,10 @@ where
     let sync = || carriers::in_sync(&carriers, vm);
     let cancelled = || mig.is_stopping();
     let prepared_timeout = p.prepared_timeout;
+    // With dirty-bitmaps on, the bitmaps go once the nodes are inactive (the mapping as set now).
+    let bitmaps_of = mig.capabilities().dirty_bitmaps.then(|| (graph.as_ref(), p.block_bitmap_mapping.as_deref()));
     let handover = |st: crate::vm::VmState| async move {
-        hand_over(link, mig, vm, st, was_running, prepared_timeout)
+        hand_over(link, mig, vm, st, was_running, prepared_timeout, bitmaps_of)
             .await
             .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
     };
@@ -351,8 +354,34 @@ fn keep_carriers(carriers: &[Carrier]) {
     }
 }
 
+/// Send the dirty bitmaps (the nodes are inactive: their bits are final),
+/// chosen and checked now by [`bitmaps::outgoing`]. A cancel acts between two.
+async fn send_bitmaps<S>(
+    link: &mut Link<S>,
+    mig: &Migration,
+    graph: &block::Graph,
+    mapping: Option<&[super::params::BitmapMigrationNodeAlias]>,
+) -> Result<(), MigrationError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = link.io;
+    for o in bitmaps::outgoing(graph, mapping).map_err(MigrationError::Bitmap)? {
+        let (meta, bits) = o.export().map_err(MigrationError::Bitmap)?;
+        if let Some(why) = link.refusal() {
+            return Err(MigrationError::Refused(why));
+        }
+        if let Err(e) = guarded(mig, io, stream::write_bitmap(&mut link.w, &meta, &bits)).await {
+            return Err(link.reason_for(e).await);
+        }
+        tracing::debug!(node = %o.node, bitmap = %o.bitmap.name(), bytes = bits.len(), "dirty bitmap sent");
+    }
+    Ok(())
+}
+
 /// The guest is stopped and every node inactive: the last dirty pages, the
-/// vCPUs, the device, END; then PREPARED, and the commit point.
+/// dirty bitmaps (capability dirty-bitmaps: `bitmaps_of` is the graph and
+/// the mapping), the vCPUs, the device, END; then PREPARED, and the commit point.
 async fn hand_over<S>(
     link: &mut Link<S>,
     mig: &Migration,
@@ -360,12 +389,17 @@ async fn hand_over<S>(
     st: crate::vm::VmState,
     was_running: bool,
     prepared_timeout: Duration,
+    bitmaps_of: Option<(&block::Graph, Option<&[super::params::BitmapMigrationNodeAlias]>)>,
 ) -> Result<(), MigrationError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let log = vm.take_dirty_log()?;
     send_pages(link, mig, vm, &log).await?;
+    if let Some((graph, mapping)) = bitmaps_of {
+        send_bitmaps(link, mig, graph, mapping).await?;
+        point("migration::after-bitmaps").await?;
+    }
     let io = link.io;
     let sent = guarded(mig, io, async {
         for (id, v) in st.vcpus.iter().enumerate() {
