@@ -1160,9 +1160,133 @@ mod tests {
         out.push(("ABORT", std::mem::take(&mut w)));
         write_keepalive(&mut w).await.unwrap();
         out.push(("KEEPALIVE", std::mem::take(&mut w)));
+        let (meta, bits) = odd_bitmap();
+        write_bitmap(&mut w, &meta, &bits).await.unwrap();
+        out.push(("BITMAPS", std::mem::take(&mut w)));
+        write_bitmap(&mut w, &meta, &vec![0; bits.len()]).await.unwrap();
+        assert_eq!(w.len(), SECTION_HEADER_LEN + 2 + 4 + 4 + 26 + 4, "zero bits go as a zero chunk");
+        out.push(("BITMAPS", std::mem::take(&mut w)));
         write_end(&mut w, true).await.unwrap();
         out.push(("END", std::mem::take(&mut w)));
         out
+    }
+
+    /// A bitmap of 1 MiB + 1 byte at 4 KiB: 257 bits, 33 bytes, some set.
+    fn odd_bitmap() -> (BitmapMeta, Vec<u8>) {
+        let meta = BitmapMeta {
+            node: "disk".into(),
+            bitmap: "inc0".into(),
+            granularity: 4096,
+            enabled: true,
+            persistent: false,
+            size: (1 << 20) + 1,
+        };
+        let mut bits = vec![0u8; 33];
+        bits[0] = 0x81;
+        bits[17] = 0x3c;
+        bits[32] = 1;
+        (meta, bits)
+    }
+
+    /// Parse BITMAPS sections back into (meta, whole bits).
+    async fn bitmaps_of(w: &[u8]) -> Vec<(BitmapMeta, Vec<u8>)> {
+        let mut r = w;
+        let mut out: Vec<(BitmapMeta, Vec<u8>)> = Vec::new();
+        while !r.is_empty() {
+            let Section::Bitmap(c) = read_section(&mut r).await.unwrap() else { panic!("not BITMAPS") };
+            match out.last_mut() {
+                Some((m, b)) if *m == c.meta && b.len() as u64 == c.first => b.extend_from_slice(&c.bits),
+                _ => {
+                    assert_eq!(c.first, 0);
+                    out.push((c.meta, c.bits));
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_bitmap_round_trips_whole_or_split_and_zero_chunks_are_markers() {
+        rt().block_on(async {
+            let (meta, bits) = odd_bitmap();
+            for chunk in [1, 5, 16, 33, 1000] {
+                let mut w = Vec::new();
+                write_bitmap_in(&mut w, &meta, &bits, chunk).await.unwrap();
+                assert_eq!(bitmaps_of(&w).await, vec![(meta.clone(), bits.clone())], "chunk {chunk}");
+            }
+            // Split in 11-byte chunks: the middle one (bytes 11..22) holds bits, the others not all.
+            let mut w = Vec::new();
+            write_bitmap_in(&mut w, &meta, &bits, 11).await.unwrap();
+            let frame = SECTION_HEADER_LEN + 4 + 2 + 4 + 4 + 26;
+            assert_eq!(w.len(), 3 * frame + 3 * 11);
+            // Disabled, persistent, no bits at all.
+            let empty = BitmapMeta { enabled: false, persistent: true, size: 0, ..meta.clone() };
+            let mut w = Vec::new();
+            write_bitmap(&mut w, &empty, &[]).await.unwrap();
+            assert_eq!(bitmaps_of(&w).await, vec![(empty, vec![])]);
+            // The writer refuses what the reader would.
+            let mut w = Vec::new();
+            assert!(write_bitmap(&mut w, &meta, &bits[1..]).await.is_err());
+            let long = BitmapMeta { bitmap: "x".repeat(256), ..meta.clone() };
+            assert!(write_bitmap(&mut w, &long, &bits).await.is_err());
+            let unnamed = BitmapMeta { node: String::new(), ..meta.clone() };
+            assert!(write_bitmap(&mut w, &unnamed, &bits).await.is_err());
+            assert!(w.is_empty());
+        });
+    }
+
+    #[test]
+    fn bad_bitmap_sections_are_refused_naming_the_bitmap() {
+        rt().block_on(async {
+            let (meta, bits) = odd_bitmap();
+            let good = bitmap_payload(&meta, 0, &bits);
+            // Offsets in `good`: names at 0..10, granularity 10, flags 14, size 15, first 23, count 31, kind 35.
+            let err = |p: &[u8]| {
+                let bytes = stream_of(&section_bytes(BITMAPS, p));
+                async move { first_section(&bytes).await.unwrap_err() }
+            };
+            let text = |e: StreamError| e.to_string();
+            let with = |at: usize, v: &[u8]| {
+                let mut p = good.clone();
+                p[at..at + v.len()].copy_from_slice(v);
+                p
+            };
+            let e = text(err(&with(10, &1000u32.to_be_bytes())).await);
+            assert!(e.starts_with("BITMAPS section of 69 bytes: bitmap 'inc0' of node 'disk': granularity"), "{e}");
+            let e = text(err(&with(14, &[4])).await);
+            assert!(e.ends_with("bitmap 'inc0' of node 'disk': unknown flags 0x04"), "{e}");
+            let e = text(err(&with(23, &1u64.to_be_bytes())).await);
+            assert!(e.ends_with("bytes 1+33 are outside its 33 bytes of bits"), "{e}");
+            let e = text(err(&with(23, &u64::MAX.to_be_bytes())).await);
+            assert!(e.contains("are outside its"), "{e}");
+            let e = text(err(&with(31, &(MAX_BITMAP_CHUNK + 1).to_be_bytes())).await);
+            assert!(
+                e.ends_with(&format!("{} bytes of bits, more than {MAX_BITMAP_CHUNK}", MAX_BITMAP_CHUNK + 1)),
+                "{e}"
+            );
+            let e = text(err(&with(35, &[2])).await);
+            assert!(e.ends_with("unknown chunk kind 2"), "{e}");
+            let e = text(err(&good[..good.len() - 1]).await);
+            assert!(e.ends_with("32 bytes follow a chunk of 33 (kind 1)"), "{e}");
+            let mut long = good.clone();
+            long.push(0);
+            assert!(text(err(&long).await).ends_with("34 bytes follow a chunk of 33 (kind 1)"));
+            let zero = bitmap_payload(&meta, 0, &[0; 33]);
+            let mut p = zero.clone();
+            p.push(0);
+            assert!(text(err(&p).await).ends_with("1 bytes follow a chunk of 33 (kind 0)"));
+            // The names: empty, not UTF-8, running past the end; a payload cut short of its fields.
+            let e = text(err(&with(0, &[0])).await);
+            assert!(e.ends_with("an empty node name"), "{e}");
+            let e = text(err(&with(6, &[0xff])).await);
+            assert!(e.ends_with("the bitmap name is not UTF-8"), "{e}");
+            let e = text(err(&[9, b'a']).await);
+            assert!(e.ends_with("the node name of 9 bytes runs past the end"), "{e}");
+            let e = text(err(&good[..20]).await);
+            assert!(e.ends_with("short after the names"), "{e}");
+            let e = text(err(&[]).await);
+            assert!(e.ends_with("short before the node name"), "{e}");
+        });
     }
 
     fn stream_of(section: &[u8]) -> Vec<u8> {
@@ -1408,6 +1532,46 @@ mod tests {
             v.extend_from_slice(&section_bytes(tag, &body));
             let _ = rt().block_on(parse_all(&v));
             let _ = rt().block_on(read_reply(&mut &reply_bytes(tag, &body)[..]));
+        }
+
+        /// Any bitmap, split anywhere, reads back as it was written.
+        #[test]
+        fn any_bitmap_round_trips(
+            node in "[a-z][a-z0-9_.-]{0,40}",
+            bitmap in "\\PC{1,60}",
+            shift in 9u32..=31,
+            flags in 0u8..4,
+            size in 0u64..(1 << 24),
+            chunk in 1usize..64,
+            seed in proptest::prelude::any::<u64>(),
+        ) {
+            let granularity = 1u32 << shift;
+            let meta = BitmapMeta {
+                node,
+                bitmap,
+                granularity,
+                enabled: flags & 1 != 0,
+                persistent: flags & 2 != 0,
+                size: size.saturating_mul(u64::from(granularity) / 512),
+            };
+            let bits_len = meta.size.div_ceil(u64::from(granularity));
+            let mut bits = vec![0u8; bits_len.div_ceil(8) as usize];
+            let mut x = seed | 1;
+            for bit in 0..bits_len.min(4096) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                if x % 5 == 0 {
+                    bits[(bit / 8) as usize] |= 1 << (bit % 8);
+                }
+            }
+            proptest::prop_assume!(meta.bitmap.len() <= 255);
+            let got = rt().block_on(async {
+                let mut w = Vec::new();
+                write_bitmap_in(&mut w, &meta, &bits, chunk).await.unwrap();
+                bitmaps_of(&w).await
+            });
+            proptest::prop_assert_eq!(got, vec![(meta, bits)]);
         }
     }
 }
