@@ -337,3 +337,210 @@ pub fn remove(graph: &Graph, created: &mut Vec<Created>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migration::params::BitmapMigrationBitmapAliasTransform;
+
+    const MIB: u64 = 1 << 20;
+
+    fn node(name: &str, alias: &str, bitmaps: &[(&str, &str)]) -> BitmapMigrationNodeAlias {
+        BitmapMigrationNodeAlias {
+            node_name: name.into(),
+            alias: alias.into(),
+            bitmaps: bitmaps
+                .iter()
+                .map(|(n, a)| BitmapMigrationBitmapAlias { name: (*n).into(), alias: (*a).into(), transform: None })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_mapping_follows_qemus_set_time_rules() {
+        let ok = vec![node("disk0", "d0", &[("b0", "x"), ("b1", "y")]), node("disk1", "d1", &[("b0", "x")])];
+        assert_eq!(check_mapping(&ok), Ok(()));
+        assert_eq!(check_mapping(&[]), Ok(()));
+        let cases: Vec<(Vec<BitmapMigrationNodeAlias>, &str)> = vec![
+            (vec![node("n", "1abc", &[])], "The node alias '1abc' is not well-formed"),
+            (vec![node("n", "", &[])], "The node alias '' is not well-formed"),
+            (vec![node("n", "a b", &[])], "The node alias 'a b' is not well-formed"),
+            (vec![node("n", &"a".repeat(256), &[])], "is longer than 255 bytes"),
+            (vec![node(&"n".repeat(32), "a", &[])], "is longer than 31 bytes"),
+            (vec![node("n", "a", &[("b", &"x".repeat(256))])], "is longer than 255 bytes"),
+            (vec![node("n", "a", &[(&"b".repeat(1024), "x")])], "is longer than 1023 bytes"),
+            (vec![node("n", "a", &[]), node("n", "b", &[])], "The node name 'n' is mapped twice"),
+            (vec![node("n", "a", &[]), node("m", "a", &[])], "The node alias 'a' is used twice"),
+            (vec![node("n", "a", &[("b", "x"), ("b", "y")])], "The bitmap 'n'/'b' is mapped twice"),
+            (vec![node("n", "a", &[("b", "x"), ("c", "x")])], "The bitmap alias 'a'/'x' is used twice"),
+        ];
+        for (m, want) in cases {
+            let e = check_mapping(&m).unwrap_err();
+            assert!(e.contains(want), "{e} (want {want})");
+        }
+        // The longest of each is fine; an alias may contain '-', '.', '_'.
+        let longest =
+            node(&"n".repeat(31), &format!("a{}", "-._1".repeat(63)), &[(&"b".repeat(1023), &"x".repeat(255))]);
+        assert_eq!(check_mapping(&[longest]), Ok(()));
+    }
+
+    async fn graph(nodes: &[&str]) -> Graph {
+        let g = Graph::new();
+        for n in nodes {
+            g.blockdev_add(&serde_json::json!({"driver": "null-co", "node-name": n, "size": MIB})).await.unwrap();
+        }
+        g
+    }
+
+    fn names(out: &[Outgoing]) -> Vec<(String, String, String, String)> {
+        out.iter()
+            .map(|o| (o.node.clone(), o.bitmap.name().to_string(), o.node_alias.clone(), o.bitmap_alias.clone()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn the_source_sends_every_named_bitmap_or_exactly_the_mapped_ones() {
+        let g = graph(&["disk0", "disk1", "other"]).await;
+        g.bitmap_add("disk0", "b0", None, false).unwrap();
+        g.bitmap_add("disk0", "b1", Some(4096), true).unwrap();
+        g.bitmap_add("disk1", "c", None, false).unwrap();
+        let s = |a: &str| a.to_string();
+        // No mapping: every bitmap, under its own names.
+        let all = outgoing(&g, None).unwrap();
+        assert_eq!(
+            names(&all),
+            vec![
+                (s("disk0"), s("b0"), s("disk0"), s("b0")),
+                (s("disk0"), s("b1"), s("disk0"), s("b1")),
+                (s("disk1"), s("c"), s("disk1"), s("c"))
+            ]
+        );
+        // A mapping: only what it names, under its aliases.
+        let m = vec![node("disk0", "vda", &[("b1", "inc")])];
+        assert_eq!(names(&outgoing(&g, Some(&m)).unwrap()), vec![(s("disk0"), s("b1"), s("vda"), s("inc"))]);
+        let (meta, bits) = outgoing(&g, Some(&m)).unwrap()[0].export().unwrap();
+        assert_eq!(
+            (meta.node.as_str(), meta.bitmap.as_str(), meta.granularity, meta.enabled),
+            ("vda", "inc", 4096, false)
+        );
+        assert_eq!((meta.size, bits.len()), (MIB, 32));
+        // A mapping naming what does not exist, a busy bitmap, a persistent one: refused by name.
+        let e = outgoing(&g, Some(&[node("nosuch", "a", &[])])).unwrap_err();
+        assert_eq!(e, "block-bitmap-mapping names node 'nosuch', which does not exist here");
+        let e = outgoing(&g, Some(&[node("disk1", "a", &[("zz", "z")])])).unwrap_err();
+        assert_eq!(e, "block-bitmap-mapping names bitmap 'zz' of node 'disk1', which does not exist here");
+        let mut p = node("disk1", "a", &[("c", "c")]);
+        p.bitmaps[0].transform = Some(BitmapMigrationBitmapAliasTransform { persistent: Some(true) });
+        let e = outgoing(&g, Some(&[p.clone()])).unwrap_err();
+        assert!(e.starts_with("bitmap 'c' of node 'disk1' would be persistent"), "{e}");
+        p.bitmaps[0].transform = Some(BitmapMigrationBitmapAliasTransform { persistent: Some(false) });
+        assert!(outgoing(&g, Some(&[p])).is_ok());
+        g.find("disk1").unwrap().bitmap("c").unwrap().set_busy(true);
+        let e = outgoing(&g, None).unwrap_err();
+        assert_eq!(e, "Cannot migrate bitmap 'c' of node 'disk1': it is in use by another operation");
+        // Unmapped, the busy one stays behind and does not matter.
+        assert!(outgoing(&g, Some(&m)).is_ok());
+        // Without a mapping a name must fit the stream.
+        g.find("disk1").unwrap().bitmap("c").unwrap().set_busy(false);
+        g.bitmap_add("other", &"l".repeat(256), None, false).unwrap();
+        let e = outgoing(&g, None).unwrap_err();
+        assert!(e.ends_with("on node 'other': Name is longer than 255 bytes"), "{e}");
+    }
+
+    fn chunk(node: &str, bitmap: &str, first: u64, bits: &[u8]) -> BitmapChunk {
+        let meta = BitmapMeta {
+            node: node.into(),
+            bitmap: bitmap.into(),
+            granularity: 65536,
+            enabled: true,
+            persistent: false,
+            size: MIB,
+        };
+        BitmapChunk { meta, first, bits: bits.to_vec() }
+    }
+
+    #[test]
+    fn the_destination_takes_each_bitmaps_chunks_in_order_and_whole() {
+        // 1 MiB at 64 KiB: 16 bits, 2 bytes.
+        let mut inc = Incoming::default();
+        assert!(inc.is_empty());
+        inc.take(chunk("disk", "b", 0, &[1])).unwrap();
+        inc.take(chunk("disk", "c", 0, &[2, 3])).unwrap();
+        let e = inc.take(chunk("disk", "c", 2, &[])).unwrap_err();
+        assert_eq!(e, "bitmap 'c' of node 'disk': its bits arrived twice");
+        let e = inc.take(chunk("disk", "b", 0, &[1])).unwrap_err();
+        assert_eq!(e, "bitmap 'b' of node 'disk': bytes from 0 arrived after 1 of them");
+        let mut other = chunk("disk", "b", 1, &[1]);
+        other.meta.enabled = false;
+        assert!(inc.take(other).unwrap_err().contains("other things of it than its first one"));
+        let e = Incoming::default().take(chunk("disk", "b", 1, &[1])).unwrap_err();
+        assert_eq!(e, "bitmap 'b' of node 'disk': its bits start at byte 1, not 0");
+        let e = inc.finish().unwrap_err();
+        assert_eq!(e, "the stream ended with bitmap 'b' of node 'disk' incomplete (1 of its 2 bytes of bits)");
+    }
+
+    fn received(chunks: Vec<BitmapChunk>) -> Incoming {
+        let mut inc = Incoming::default();
+        for c in chunks {
+            inc.take(c).unwrap();
+        }
+        inc
+    }
+
+    #[tokio::test]
+    async fn the_destination_creates_under_its_own_names_and_removes_exactly_those() {
+        let g = graph(&["vda", "vdb"]).await;
+        let m = vec![node("vda", "d0", &[("inc0", "b0")]), node("vdb", "d1", &[("x", "y")])];
+        let mut created = Vec::new();
+        apply(&g, Some(&m), received(vec![chunk("d0", "b0", 0, &[0x81, 0x80])]), &mut created).unwrap();
+        let bm = g.find("vda").unwrap().bitmap("inc0").unwrap();
+        assert_eq!(bm.export(), (MIB, vec![0x81, 0x80]));
+        assert_eq!((bm.granularity(), bm.is_enabled(), bm.dirty_granules()), (65536, true, 3));
+        // Without a mapping the names are the node's and the bitmap's own.
+        apply(&g, None, received(vec![chunk("vdb", "plain", 0, &[0, 0])]), &mut created).unwrap();
+        assert!(g.find("vdb").unwrap().bitmap("plain").is_ok());
+        // A user's bitmap of another name stays through the rollback.
+        g.bitmap_add("vda", "mine", None, false).unwrap();
+        remove(&g, &mut created);
+        assert!(created.is_empty());
+        assert!(g.find("vda").unwrap().bitmap("inc0").is_err() && g.find("vdb").unwrap().bitmap("plain").is_err());
+        assert!(g.find("vda").unwrap().bitmap("mine").is_ok());
+
+        // Every refusal names the bitmap; what was created before it is in `created`.
+        let refused = |mapping: Option<&[BitmapMigrationNodeAlias]>, chunks: Vec<BitmapChunk>| {
+            let mut created = Vec::new();
+            let e = apply(&g, mapping, received(chunks), &mut created).unwrap_err();
+            remove(&g, &mut created);
+            e
+        };
+        let e = refused(Some(&m), vec![chunk("dz", "b0", 0, &[0, 0])]);
+        assert_eq!(e, "Unknown node alias 'dz' (bitmap alias 'b0') in block-bitmap-mapping");
+        let e = refused(Some(&m), vec![chunk("d0", "bz", 0, &[0, 0])]);
+        assert_eq!(e, "Unknown bitmap alias 'bz' on node 'vda' (alias 'd0') in block-bitmap-mapping");
+        let e = refused(None, vec![chunk("vda", "ok", 0, &[0, 0]), chunk("vda", "mine", 0, &[0, 0])]);
+        assert_eq!(e, "Bitmap with the same name ('mine') already exists on node 'vda' of the destination");
+        assert!(g.find("vda").unwrap().bitmap("ok").is_err(), "the one created before is gone");
+        let e = refused(None, vec![chunk("nosuch", "b", 0, &[0, 0])]);
+        assert_eq!(e, "bitmap 'b' of node 'nosuch': there is no node 'nosuch' here");
+        let mut big = chunk("vda", "big", 0, &[0, 0, 0, 0]);
+        big.meta.size = 2 * MIB;
+        let e = refused(None, vec![big]);
+        assert!(e.starts_with("bitmap 'big' of node 'vda': bitmap on node 'vda'"), "{e}");
+        let e = refused(None, vec![chunk("vda", "tail", 0, &[0, 0x80]), chunk("vda", "tail2", 0, &[1])]);
+        assert!(e.contains("incomplete"), "{e}");
+        let mut p = chunk("vda", "p", 0, &[0, 0]);
+        p.meta.persistent = true;
+        assert!(refused(None, vec![p.clone()]).starts_with("bitmap 'p' of node 'vda' would be persistent"));
+        // transform.persistent on this side overrides the flag, both ways.
+        let mut t = node("vda", "d0", &[("p", "p")]);
+        t.bitmaps[0].transform = Some(BitmapMigrationBitmapAliasTransform { persistent: Some(false) });
+        let mut created = Vec::new();
+        p.meta.node = "d0".into();
+        apply(&g, Some(&[t.clone()]), received(vec![p.clone()]), &mut created).unwrap();
+        remove(&g, &mut created);
+        t.bitmaps[0].transform = Some(BitmapMigrationBitmapAliasTransform { persistent: Some(true) });
+        p.meta.persistent = false;
+        assert!(refused(Some(&[t]), vec![p]).contains("would be persistent"));
+        assert_eq!(g.find("vda").unwrap().bitmaps().len(), 1, "only the user's own is left");
+    }
+}
