@@ -126,6 +126,8 @@ pub const BITMAP_FIELDS: &str = "node_len:u8 node:utf8[node_len] bitmap_len:u8 b
 /// Most bytes of bits in one BITMAPS section (8 Mi bits): a bigger bitmap
 /// goes in several, in order.
 pub const MAX_BITMAP_CHUNK: u32 = 1 << 20;
+// The largest BITMAPS section (two names of 255 bytes, their lengths, the fixed fields) fits.
+const _: () = assert!(MAX_BITMAP_CHUNK as u64 + 2 * 256 + 26 <= MAX_SECTION);
 /// BITMAPS flags: the bitmap records writes (QEMU's `recording`).
 pub const BITMAP_ENABLED: u8 = 1;
 /// BITMAPS flags: the bitmap is persistent.
