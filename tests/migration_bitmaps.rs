@@ -165,6 +165,16 @@ fn bitmaps_arrive_bit_for_bit_and_a_refused_attempt_leaves_none_behind() {
     }
     let mut p = pair("disk", &[]);
     source_bitmaps(&mut p.sq);
+    // A destination without the capability refuses the source's bitmaps (I9: nothing is ignored).
+    let off = json!({"capabilities": [{"capability": "dirty-bitmaps", "state": false}]});
+    ok(&mut p.dq, "migrate-set-capabilities", off);
+    let m = p.migrate();
+    assert_eq!(m["status"], "failed", "{m}");
+    assert!(m["error-desc"].as_str().unwrap_or("").contains("capability dirty-bitmaps is off here"), "{m}");
+    wait_for(&mut p.dq, "query-migrate", "the destination to roll back", |v| v["status"] == "failed");
+    let on = json!({"capabilities": [{"capability": "dirty-bitmaps", "state": true}]});
+    ok(&mut p.dq, "migrate-set-capabilities", on);
+    wait_for(&mut p.sq, "query-block-jobs", "READY again", |v| v[0]["ready"] == true);
     // The destination already has a bitmap named `frozen`: QEMU's rule refuses
     // the migration; `inc0`, created before it, is removed again.
     ok(&mut p.dq, "block-dirty-bitmap-add", json!({"node": "disk", "name": "frozen", "granularity": 512}));
@@ -242,6 +252,16 @@ fn a_mapping_carries_bitmaps_between_other_node_names_and_a_failure_leaves_none(
     assert_eq!(sha(&mut p.sq, "disk", "frozen"), before, "the source's bitmap is as it was");
 
     ok(&mut p.dq, "x-baton-failpoint", json!({"name": "migration::incoming-before-prepared", "actions": "off"}));
+    // The source fails after PREPARED: its ABORT makes the destination remove what it created.
+    ok(&mut p.sq, "x-baton-failpoint", json!({"name": "migration::before-commit", "actions": "return"}));
+    wait_for(&mut p.sq, "query-block-jobs", "READY again", |v| v[0]["ready"] == true);
+    let m = p.migrate();
+    assert_eq!(m["status"], "failed", "{m}");
+    let dm = wait_for(&mut p.dq, "query-migrate", "the destination to roll back", |v| v["status"] == "failed");
+    assert!(dm["error-desc"].as_str().unwrap_or("").contains("the source aborted"), "{dm}");
+    assert_eq!(bitmaps(&mut p.dq, "vda"), Vec::<Value>::new(), "no bitmap left behind after ABORT");
+    assert_eq!(sha(&mut p.sq, "disk", "frozen"), before);
+    ok(&mut p.sq, "x-baton-failpoint", json!({"name": "migration::before-commit", "actions": "off"}));
     wait_for(&mut p.sq, "query-block-jobs", "READY again", |v| v[0]["ready"] == true);
     let m = p.migrate();
     assert_eq!(m["status"], "completed", "{m}");
