@@ -317,4 +317,18 @@ fn a_mapping_naming_what_the_source_lacks_is_refused_at_migrate_changing_nothing
     }
     assert_eq!(ok(&mut p.dq, "query-migrate", json!({})), json!({}), "the destination heard nothing");
     assert_eq!(bitmaps(&mut p.sq, "disk").len(), 1);
+    // While an attempt runs, what it carries is busy (QEMU's rule); a cancel frees it.
+    let good = json!([{"node-name": "disk", "alias": "d0", "bitmaps": [{"name": "inc0", "alias": "b"}]}]);
+    ok(&mut p.sq, "migrate-set-parameters", json!({ "block-bitmap-mapping": good }));
+    let pause = json!({"capabilities": [{"capability": "pause-before-switchover", "state": true}]});
+    ok(&mut p.sq, "migrate-set-capabilities", pause);
+    ok(&mut p.sq, "migrate", json!({ "uri": uri }));
+    wait_for(&mut p.sq, "query-migrate", "pre-switchover", |v| v["status"] == "pre-switchover");
+    assert_eq!(bitmaps(&mut p.sq, "disk")[0]["busy"], true);
+    let e = err(&mut p.sq, "block-dirty-bitmap-remove", json!({"node": "disk", "name": "inc0"}));
+    assert!(e.contains("in use by another operation"), "{e}");
+    ok(&mut p.sq, "migrate_cancel", json!({}));
+    wait_for(&mut p.sq, "query-migrate", "the cancel", |v| v["status"] == "cancelled");
+    assert_eq!(bitmaps(&mut p.sq, "disk")[0]["busy"], false);
+    assert_eq!(ok(&mut p.sq, "query-status", json!({}))["status"], "running");
 }

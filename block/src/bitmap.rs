@@ -538,6 +538,12 @@ impl DirtyBitmap {
         self.busy.store(busy, Ordering::Release);
     }
 
+    /// Mark the bitmap busy if it is not: whether this call did (an operation that must own it
+    /// alone, e.g. a migration carrying it, without a window between the check and the mark).
+    pub fn try_claim(&self) -> bool {
+        self.busy.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
+
     /// Fails when an operation owns the bitmap, as QEMU's `bdrv_dirty_bitmap_check` does before
     /// a user command (merge, clear, remove, enable, disable) touches it.
     pub fn check_not_busy(&self) -> Result<(), BitmapError> {
@@ -1342,6 +1348,8 @@ mod tests {
     #[test]
     fn busy_bitmap_refuses_user_commands() {
         let bm = DirtyBitmap::new("job", MIB, 512).unwrap();
+        assert!(bm.try_claim() && !bm.try_claim() && bm.is_busy());
+        bm.set_busy(false);
         assert!(bm.check_not_busy().is_ok());
         bm.set_busy(true);
         let err = bm.check_not_busy().err().map(|e| e.to_string());

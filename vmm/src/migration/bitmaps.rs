@@ -17,8 +17,12 @@
 //!   so a bitmap that would be persistent on either side is refused, naming
 //!   it, rather than silently downgraded), the disk size it covers and every
 //!   bit.
-//! - When: at the switchover, once every node is inactive (nothing can set
-//!   a bit any more), before the vCPUs and END. The list is taken then too.
+//! - When: chosen when the attempt starts (checked already by `migrate`, so
+//!   a bad mapping changes nothing) and busy from then until the attempt
+//!   ends, as in QEMU: user commands and NBD exports cannot change, remove
+//!   or take them meanwhile; a bitmap added later stays behind. Their bits
+//!   are read and sent at the switchover, once every node is inactive
+//!   (nothing can set a bit any more), before the vCPUs and END.
 //! - The destination creates them while it prepares (after END, before
 //!   PREPARED), resolving aliases through its own mapping (an unknown alias
 //!   is an error), refusing a bitmap whose name already exists on the node
@@ -199,6 +203,40 @@ pub fn outgoing(graph: &Graph, mapping: Option<&[BitmapMigrationNodeAlias]>) -> 
         }
     }
     Ok(out)
+}
+
+/// The bitmaps an outgoing attempt carries, busy for as long as it runs (as
+/// QEMU's are): user commands and NBD exports cannot change, remove or take
+/// them meanwhile. Dropping it makes them free again, after a success as
+/// after a failure (the source keeps them, unchanged).
+#[derive(Debug)]
+pub struct Claimed(Vec<Outgoing>);
+
+impl Claimed {
+    pub fn bitmaps(&self) -> &[Outgoing] {
+        &self.0
+    }
+}
+
+impl Drop for Claimed {
+    fn drop(&mut self) {
+        for o in &self.0 {
+            o.bitmap.set_busy(false);
+        }
+    }
+}
+
+/// [`outgoing`], each bitmap then marked busy; `Err` (nothing stays
+/// marked) when one is, or became, busy.
+pub fn claim(graph: &Graph, mapping: Option<&[BitmapMigrationNodeAlias]>) -> Result<Claimed, String> {
+    let mut held = Claimed(Vec::new());
+    for o in outgoing(graph, mapping)? {
+        if !o.bitmap.try_claim() {
+            return Err(format!("Cannot migrate {}: it is in use by another operation", o.whose()));
+        }
+        held.0.push(o);
+    }
+    Ok(held)
 }
 
 fn transform_persistent(b: &BitmapMigrationBitmapAlias) -> Option<bool> {
@@ -440,6 +478,14 @@ mod tests {
         assert_eq!(e, "Cannot migrate bitmap 'c' of node 'disk1': it is in use by another operation");
         // Unmapped, the busy one stays behind and does not matter.
         assert!(outgoing(&g, Some(&m)).is_ok());
+        // An attempt holds what it carries (busy) until it ends.
+        let held = claim(&g, Some(&m)).unwrap();
+        assert_eq!(names(held.bitmaps()), vec![(s("disk0"), s("b1"), s("vda"), s("inc"))]);
+        assert!(g.find("disk0").unwrap().bitmap("b1").unwrap().is_busy());
+        assert!(claim(&g, Some(&m)).unwrap_err().ends_with("it is in use by another operation"));
+        drop(held);
+        assert!(!g.find("disk0").unwrap().bitmap("b1").unwrap().is_busy());
+        assert!(claim(&g, Some(&m)).is_ok(), "released when dropped");
         // Without a mapping a name must fit the stream.
         g.find("disk1").unwrap().bitmap("c").unwrap().set_busy(false);
         g.bitmap_add("other", &"l".repeat(256), None, false).unwrap();

@@ -201,6 +201,12 @@ where
     C: Future<Output = std::io::Result<S>> + Send,
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // Capability dirty-bitmaps: the bitmaps that go are chosen now and stay
+    // busy until the attempt ends (they are read once the nodes are inactive).
+    let claimed = match mig.capabilities().dirty_bitmaps {
+        true => Some(bitmaps::claim(graph, p.block_bitmap_mapping.as_deref()).map_err(MigrationError::Bitmap)?),
+        false => None,
+    };
     // Setup: connect (abandoned on cancel), HELLO, the destination's disks.
     let conn = tokio::select! {
         biased;
@@ -286,8 +292,7 @@ where
     let sync = || carriers::in_sync(&carriers, vm);
     let cancelled = || mig.is_stopping();
     let prepared_timeout = p.prepared_timeout;
-    // With dirty-bitmaps on, the bitmaps go once the nodes are inactive (the mapping as set now).
-    let bitmaps_of = mig.capabilities().dirty_bitmaps.then(|| (graph.as_ref(), p.block_bitmap_mapping.as_deref()));
+    let bitmaps_of = claimed.as_ref().map(bitmaps::Claimed::bitmaps);
     let handover = |st: crate::vm::VmState| async move {
         hand_over(link, mig, vm, st, was_running, prepared_timeout, bitmaps_of)
             .await
@@ -354,19 +359,14 @@ fn keep_carriers(carriers: &[Carrier]) {
     }
 }
 
-/// Send the dirty bitmaps (the nodes are inactive: their bits are final),
-/// chosen and checked now by [`bitmaps::outgoing`]. A cancel acts between two.
-async fn send_bitmaps<S>(
-    link: &mut Link<S>,
-    mig: &Migration,
-    graph: &block::Graph,
-    mapping: Option<&[super::params::BitmapMigrationNodeAlias]>,
-) -> Result<(), MigrationError>
+/// Send the dirty bitmaps the attempt claimed (the nodes are inactive:
+/// their bits are final). A cancel acts between two.
+async fn send_bitmaps<S>(link: &mut Link<S>, mig: &Migration, list: &[bitmaps::Outgoing]) -> Result<(), MigrationError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let io = link.io;
-    for o in bitmaps::outgoing(graph, mapping).map_err(MigrationError::Bitmap)? {
+    for o in list {
         let (meta, bits) = o.export().map_err(MigrationError::Bitmap)?;
         if let Some(why) = link.refusal() {
             return Err(MigrationError::Refused(why));
@@ -380,8 +380,8 @@ where
 }
 
 /// The guest is stopped and every node inactive: the last dirty pages, the
-/// dirty bitmaps (capability dirty-bitmaps: `bitmaps_of` is the graph and
-/// the mapping), the vCPUs, the device, END; then PREPARED, and the commit point.
+/// dirty bitmaps (capability dirty-bitmaps: `bitmaps_of`, those the attempt
+/// claimed), the vCPUs, the device, END; then PREPARED, and the commit point.
 async fn hand_over<S>(
     link: &mut Link<S>,
     mig: &Migration,
@@ -389,15 +389,15 @@ async fn hand_over<S>(
     st: crate::vm::VmState,
     was_running: bool,
     prepared_timeout: Duration,
-    bitmaps_of: Option<(&block::Graph, Option<&[super::params::BitmapMigrationNodeAlias]>)>,
+    bitmaps_of: Option<&[bitmaps::Outgoing]>,
 ) -> Result<(), MigrationError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let log = vm.take_dirty_log()?;
     send_pages(link, mig, vm, &log).await?;
-    if let Some((graph, mapping)) = bitmaps_of {
-        send_bitmaps(link, mig, graph, mapping).await?;
+    if let Some(list) = bitmaps_of {
+        send_bitmaps(link, mig, list).await?;
         point("migration::after-bitmaps").await?;
     }
     let io = link.io;
