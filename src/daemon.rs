@@ -41,6 +41,10 @@ pub enum DaemonError {
     Block(#[from] block::BlockError),
     #[error("migration URI '{0}' is not unix:PATH or tcp:HOST:PORT")]
     BadUri(String),
+    #[error("'-incoming' was not specified on the command line")]
+    NotDeferred,
+    #[error("The incoming migration has already been started")]
+    IncomingStarted,
     #[error("there is no guest to migrate")]
     NoGuest,
     #[error("cannot migrate a guest that is {0}")]
@@ -70,8 +74,19 @@ enum Incoming {
     Tcp(tokio::net::TcpListener),
 }
 
+/// How this side takes an incoming migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IncomingMode {
+    /// Not a destination (no `--incoming`).
+    None,
+    /// `--incoming defer`: waits for `migrate-incoming`; `paused` is `-S`.
+    Deferred { paused: bool },
+    /// Listening.
+    Listening,
+}
+
 /// `unix:PATH` or `tcp:HOST:PORT`.
-fn parse_uri(uri: &str) -> Result<NbdAddr, DaemonError> {
+pub fn parse_uri(uri: &str) -> Result<NbdAddr, DaemonError> {
     if let Some(p) = uri.strip_prefix("unix:") {
         return Ok(NbdAddr::Unix { path: p.into() });
     }
@@ -103,6 +118,9 @@ pub struct Daemon {
     quitting: AtomicBool,
     /// QMP `quit` was accepted: shut down once its reply has been sent.
     quit_after_reply: AtomicBool,
+    incoming: std::sync::Mutex<IncomingMode>,
+    /// A failed incoming migration ended the daemon (`exit-on-error`).
+    pub incoming_failed: AtomicBool,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -146,6 +164,8 @@ impl Daemon {
             quit: Notify::new(),
             quitting: AtomicBool::new(false),
             quit_after_reply: AtomicBool::new(false),
+            incoming: std::sync::Mutex::new(IncomingMode::None),
+            incoming_failed: AtomicBool::new(false),
         })
     }
 
@@ -172,11 +192,10 @@ impl Daemon {
         Ok(vm)
     }
 
-    /// Start an outgoing migration to `uri` (unix:PATH or tcp:HOST:PORT).
+    /// Start an outgoing migration to `target`.
     /// Refused, with no state change, while another attempt is not final.
-    pub fn migrate(self: &Arc<Self>, uri: &str) -> Result<(), DaemonError> {
+    pub fn migrate(self: &Arc<Self>, target: NbdAddr) -> Result<(), DaemonError> {
         let vm = self.vm().ok_or(DaemonError::NoGuest)?;
-        let target = parse_uri(uri)?;
         if !self.migration.status().is_final() {
             return Err(vmm::migration::VerbError::InProgress.into());
         }
@@ -254,20 +273,42 @@ impl Daemon {
         }
     }
 
-    /// Wait for incoming migrations on `uri` (`--incoming`): one attempt at a
-    /// time (others are refused, and a silent one frees the slot after the
-    /// HELLO bound); after COMMIT the guest runs unless `paused`.
+    /// `--incoming defer`: the guest waits in `inmigrate` for `migrate-incoming`.
+    pub fn defer_incoming(&self, paused: bool) {
+        *block::sync::lock(&self.incoming) = IncomingMode::Deferred { paused };
+    }
+
+    /// `migrate-incoming` on a destination started with `--incoming defer`.
+    pub async fn migrate_incoming(self: &Arc<Self>, at: NbdAddr, exit_on_error: bool) -> Result<(), DaemonError> {
+        let paused = match *block::sync::lock(&self.incoming) {
+            IncomingMode::None => return Err(DaemonError::NotDeferred),
+            IncomingMode::Listening => return Err(DaemonError::IncomingStarted),
+            IncomingMode::Deferred { paused } => paused,
+        };
+        self.listen(at, paused, exit_on_error).await
+    }
+
+    /// Wait for incoming migrations on `uri` (`--incoming URI`): one attempt
+    /// at a time (others are refused, and a silent one frees the slot after
+    /// the HELLO bound); a failed attempt rolls back and the next may come;
+    /// after COMMIT the guest runs unless `paused`.
     pub async fn listen_incoming(self: &Arc<Self>, uri: &str, paused: bool) -> Result<(), DaemonError> {
-        let listener = match parse_uri(uri)? {
+        self.listen(parse_uri(uri)?, paused, false).await
+    }
+
+    /// Listen for incoming attempts on `at`; with `exit_on_error`, the first
+    /// failed attempt ends the daemon (QEMU's `exit-on-error`).
+    async fn listen(self: &Arc<Self>, at: NbdAddr, paused: bool, exit_on_error: bool) -> Result<(), DaemonError> {
+        let listener = match at {
             NbdAddr::Unix { path } => {
                 let _ = std::fs::remove_file(&path);
                 Incoming::Unix(
                     tokio::net::UnixListener::bind(&path)
-                        .map_err(|source| DaemonError::Listen { addr: uri.into(), source })?,
+                        .map_err(|source| DaemonError::Listen { addr: format!("unix:{}", path.display()), source })?,
                 )
             }
             NbdAddr::Inet { host, port } => {
-                let a = format!("{host}:{port}");
+                let a = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
                 Incoming::Tcp(
                     tokio::net::TcpListener::bind(&a)
                         .await
@@ -275,6 +316,7 @@ impl Daemon {
                 )
             }
         };
+        *block::sync::lock(&self.incoming) = IncomingMode::Listening;
         let d = self.clone();
         tokio::spawn(async move {
             loop {
@@ -288,19 +330,34 @@ impl Daemon {
                         Err(_) => continue,
                     },
                 };
-                drop(landed);
+                if !exit_on_error {
+                    drop(landed);
+                    continue;
+                }
+                if let Ok(Some(vmm::migration::Landing::RolledBack)) = landed.await {
+                    let why = d.migration.error().unwrap_or_default();
+                    tracing::error!(error = %why, "incoming migration failed; exiting (exit-on-error)");
+                    d.incoming_failed.store(true, Ordering::SeqCst);
+                    d.request_quit();
+                    return;
+                }
             }
         });
         Ok(())
     }
 
-    /// One incoming connection, in a task of its own.
-    fn incoming_attempt<S>(self: Arc<Self>, conn: S, paused: bool) -> tokio::task::JoinHandle<()>
+    /// One incoming connection, in a task of its own; the task's result is
+    /// how an attempt it began ended (None: refused before it began).
+    fn incoming_attempt<S>(
+        self: Arc<Self>,
+        conn: S,
+        paused: bool,
+    ) -> tokio::task::JoinHandle<Option<vmm::migration::Landing>>
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         tokio::spawn(async move {
-            let Some(vm) = self.vm() else { return };
+            let vm = self.vm()?;
             if !self.migration.status().is_final()
                 || matches!(
                     self.migration.handover(),
@@ -308,12 +365,11 @@ impl Daemon {
                 )
             {
                 vmm::migration::refuse_busy(conn, "another incoming migration holds this destination").await;
-                return;
+                return None;
             }
             let targets = self.mirror_targets(&vm).await;
-            if let vmm::migration::Landing::Committed { run } =
-                vmm::migration::migrate_in(&self.migration, &self.graph, &vm, targets, conn).await
-            {
+            let landing = vmm::migration::migrate_in(&self.migration, &self.graph, &vm, targets, conn).await;
+            if let vmm::migration::Landing::Committed { run } = landing {
                 self.drop_target_exports(&vm).await;
                 // As QEMU: a guest that was paused on the source stays paused here.
                 if run && !paused {
@@ -322,6 +378,7 @@ impl Daemon {
                     }
                 }
             }
+            Some(landing)
         })
     }
 

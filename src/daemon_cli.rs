@@ -46,7 +46,8 @@ pub struct Args {
     /// Start the guest paused (as QEMU's -S); `cont` starts it.
     #[arg(short = 'S')]
     start_paused: bool,
-    /// Wait for the guest to arrive by migration on unix:PATH or tcp:HOST:PORT.
+    /// Wait for the guest to arrive by migration on unix:PATH or tcp:HOST:PORT,
+    /// or, with `defer`, wherever `migrate-incoming` says.
     #[arg(long = "incoming", value_name = "URI")]
     incoming: Option<String>,
 }
@@ -219,6 +220,7 @@ pub async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         let disk = o.disk;
         let vm = d.create_vm(cfg, &disk, a.incoming.is_some()).map_err(|e| failed("--vm")(e.into()))?;
         match &a.incoming {
+            Some(defer) if defer == "defer" => d.defer_incoming(a.start_paused),
             Some(uri) => d.listen_incoming(uri, a.start_paused).await.map_err(|e| failed("--incoming")(e.into()))?,
             None if !a.start_paused => vm.cont().await.map_err(|e| failed("--vm")(e.into()))?,
             None => {}
@@ -284,6 +286,10 @@ pub async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     if let Some(p) = &a.pidfile {
         let _ = std::fs::remove_file(p);
+    }
+    if d.incoming_failed.load(std::sync::atomic::Ordering::SeqCst) {
+        let why = d.migration.error().unwrap_or_default();
+        return Err(opt_err("--incoming", format!("the incoming migration failed: {why}")).into());
     }
     Ok(())
 }

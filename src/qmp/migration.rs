@@ -8,15 +8,89 @@ use block::schema::Field;
 use serde_json::{json, Map, Value};
 
 use super::error::QmpError;
+use super::nbd::SocketAddressType;
 use super::{Int, NoArgs, Reply};
-use crate::daemon::Daemon;
+use crate::daemon::{Daemon, NbdAddr};
+
+block::qapi_enum! {
+    pub enum MigrationChannelType { "main" Main, "cpr" Cpr }
+}
+
+block::qapi_enum! {
+    pub enum MigrationAddressType { "socket" Socket, "exec" Exec, "rdma" Rdma, "file" File }
+}
+
+block::qapi_struct! {
+    /// MigrationAddress: `transport` says which members follow (a socket's
+    /// are SocketAddress's: `type` and its own).
+    pub struct MigrationAddress {
+        "transport" transport: MigrationAddressType,
+        "type" kind: Option<SocketAddressType>,
+        "host" host: Option<String>,
+        "port" port: Option<String>,
+        "numeric" numeric: Option<bool>,
+        "ipv4" ipv4: Option<bool>,
+        "ipv6" ipv6: Option<bool>,
+        "path" path: Option<String>,
+    }
+}
+
+block::qapi_struct! {
+    pub struct MigrationChannel {
+        "channel-type" channel_type: MigrationChannelType,
+        "addr" addr: MigrationAddress,
+    }
+}
 
 block::qapi_struct! {
     #[allow(dead_code)]
     pub struct Migrate {
-        "uri" uri: String,
+        "uri" uri: Option<String>,
+        "channels" channels: Option<Vec<MigrationChannel>>,
         "detach" detach: Option<bool>,
         "resume" resume: Option<bool>,
+    }
+}
+
+/// The one address of `uri` or `channels` (QEMU 10's rules and words).
+fn address(command: &str, uri: Option<String>, channels: Option<Vec<MigrationChannel>>) -> Result<NbdAddr, QmpError> {
+    let mut channels = match (uri, channels) {
+        (Some(_), Some(_)) => {
+            return Err(QmpError::generic(format!(
+                "'uri' and 'channels' arguments are mutually exclusive; exactly one of the two should be present in '{command}' qmp command "
+            )))
+        }
+        (None, None) => {
+            return Err(QmpError::generic(format!(
+                "neither 'uri' or 'channels' argument are specified in '{command}' qmp command "
+            )))
+        }
+        (Some(uri), None) => return Ok(crate::daemon::parse_uri(&uri)?),
+        (None, Some(c)) => c,
+    };
+    if channels.len() != 1 {
+        return Err(QmpError::generic("Channel list has more than one entries"));
+    }
+    let Some(MigrationChannel { channel_type, addr }) = channels.pop() else {
+        return Err(QmpError::generic("Channel list has no entries"));
+    };
+    if channel_type != MigrationChannelType::Main {
+        return Err(QmpError::generic(format!("channel-type '{}' is not supported", channel_type.as_str())));
+    }
+    let missing = |m: &str| QmpError::generic(format!("Parameter 'addr.{m}' is missing"));
+    match (addr.transport, addr.kind) {
+        (MigrationAddressType::Socket, Some(SocketAddressType::Inet)) => Ok(NbdAddr::Inet {
+            host: addr.host.ok_or_else(|| missing("host"))?,
+            port: addr.port.ok_or_else(|| missing("port"))?,
+        }),
+        (MigrationAddressType::Socket, Some(SocketAddressType::Unix)) => {
+            Ok(NbdAddr::Unix { path: addr.path.ok_or_else(|| missing("path"))?.into() })
+        }
+        (MigrationAddressType::Socket, Some(other)) => {
+            Err(QmpError::generic(format!("socket address type '{}' is not supported for migration", other.as_str())))
+        }
+        (MigrationAddressType::Socket, None) => Err(missing("type")),
+        (other, _) => Err(QmpError::generic(format!("migration transport '{}' is not supported", other.as_str()))),
     }
 }
 
@@ -24,7 +98,26 @@ pub async fn migrate(d: Arc<Daemon>, a: Migrate) -> Reply {
     if a.resume == Some(true) {
         return Err(QmpError::generic("resuming a postcopy migration is not supported"));
     }
-    d.migrate(&a.uri)?;
+    let to = address("migrate", a.uri, a.channels)?;
+    d.migrate(to)?;
+    Ok(json!({}))
+}
+
+block::qapi_struct! {
+    pub struct MigrateIncoming {
+        "uri" uri: Option<String>,
+        "channels" channels: Option<Vec<MigrationChannel>>,
+        "exit-on-error" exit_on_error: Option<bool>,
+    }
+}
+
+/// `migrate-incoming`: start listening on a destination started with
+/// `--incoming defer`. With `exit-on-error` (QEMU's default), a failed
+/// attempt ends the daemon as it ends QEMU; with `false` the destination
+/// rolls back and waits for the next attempt (baton's way with `--incoming URI`).
+pub async fn migrate_incoming(d: Arc<Daemon>, a: MigrateIncoming) -> Reply {
+    let at = address("migrate-incoming", a.uri, a.channels)?;
+    d.migrate_incoming(at, a.exit_on_error.unwrap_or(true)).await?;
     Ok(json!({}))
 }
 

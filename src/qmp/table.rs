@@ -82,6 +82,7 @@ pub fn events() -> Vec<(&'static str, Vec<Field>)> {
         ("BLOCK_JOB_ERROR", vec![s("device"), s("operation"), s("action")]),
         ("BLOCK_JOB_PENDING", vec![s("type"), s("id")]),
         ("MIGRATION", vec![s("status")]),
+        ("MIGRATION_PASS", vec![int("pass")]),
         ("STOP", vec![]),
         ("RESUME", vec![]),
         (
@@ -144,6 +145,7 @@ pub static COMMANDS: &[Command] = &[
     cmd!("block-job-set-speed", jobs::BlockJobSetSpeed, jobs::block_job_set_speed),
     cmd!("block-job-change", jobs::BlockJobChange, jobs::job_change),
     cmd!("migrate", migration::Migrate, migration::migrate),
+    cmd!("migrate-incoming", migration::MigrateIncoming, migration::migrate_incoming),
     cmd!("migrate_cancel", NoArgs, migration::migrate_cancel),
     // baton's first releases spelled it with a dash; kept as an alias.
     cmd!("migrate-cancel", NoArgs, migration::migrate_cancel),

@@ -35,6 +35,8 @@
 //!                the destination's disks that are incoming mirror targets)
 //!    2 REFUSED   reason (utf-8)                  (the attempt is over; why)
 //!    3 PREPARED  (empty)                         (everything arrived and is loaded)
+//!    4 COMMITTED (empty)                         (COMMIT taken: the guest is the
+//!                destination's; for the source's record and its downtime)
 //! ```
 //!
 //! The header CRC is checked before the payload is read, so a damaged
@@ -72,6 +74,7 @@ pub const BITMAPS: u8 = 10;
 pub const REPLY_WELCOME: u8 = 1;
 pub const REPLY_REFUSED: u8 = 2;
 pub const REPLY_PREPARED: u8 = 3;
+pub const REPLY_COMMITTED: u8 = 4;
 /// Largest reply accepted.
 pub const MAX_REPLY: u32 = 64 << 10;
 
@@ -147,6 +150,7 @@ pub const REPLIES: &[Layout] = &[
     },
     Layout { tag: REPLY_REFUSED, name: "REFUSED", version: 0, fields: "reason:utf8[<=MAX_REPLY]" },
     Layout { tag: REPLY_PREPARED, name: "PREPARED", version: 0, fields: "" },
+    Layout { tag: REPLY_COMMITTED, name: "COMMITTED", version: 0, fields: "" },
 ];
 
 /// The vCPU state's fields, in the order [`vcpu_bytes`] writes them.
@@ -323,6 +327,8 @@ pub enum Reply {
     Welcome(Vec<Target>),
     Refused(String),
     Prepared,
+    /// COMMIT taken.
+    Committed,
 }
 
 /// A destination disk exported writable for the source's mirror.
@@ -535,13 +541,8 @@ pub fn reply_bytes(tag: u8, payload: &[u8]) -> Vec<u8> {
     b
 }
 
-/// Whether [`write_ram`] sends an all-zero page as a marker. The format
-/// and every reader take markers; the writer holds them back for now: with
-/// them the pre-copy of a mostly-zero guest outruns the destination and
-/// three handover tests fail on races they expose (a test that takes the
-/// destination's `inmigrate` for the end of its attempt; a run state that
-/// says `running` while `vcpus.pause()` waits for a stuck vCPU).
-pub const ZERO_PAGE_MARKERS: bool = false;
+/// Whether [`write_ram`] sends an all-zero page as a one-byte marker.
+pub const ZERO_PAGE_MARKERS: bool = true;
 
 /// A RAM section's payload; with `zero_markers`, every all-zero page
 /// becomes a marker (else every page goes with its bytes).
@@ -592,8 +593,8 @@ pub async fn write_abort<W: AsyncWrite + Unpin>(w: &mut W, reason: &str) -> std:
 }
 
 /// Pages from `first_page` on (whole pages, at most [`MAX_RUN`]); the
-/// all-zero ones go as markers if [`ZERO_PAGE_MARKERS`].
-pub async fn write_ram<W: AsyncWrite + Unpin>(w: &mut W, first_page: u64, pages: &[u8]) -> std::io::Result<()> {
+/// all-zero ones go as markers if [`ZERO_PAGE_MARKERS`]. Returns how many went as markers.
+pub async fn write_ram<W: AsyncWrite + Unpin>(w: &mut W, first_page: u64, pages: &[u8]) -> std::io::Result<u64> {
     write_ram_with(w, first_page, pages, ZERO_PAGE_MARKERS).await
 }
 
@@ -603,14 +604,19 @@ pub async fn write_ram_with<W: AsyncWrite + Unpin>(
     first_page: u64,
     pages: &[u8],
     zero_markers: bool,
-) -> std::io::Result<()> {
+) -> std::io::Result<u64> {
     if pages.len() % PAGE != 0 || pages.len() / PAGE > MAX_RUN {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             format!("a RAM section of {} bytes is not at most {MAX_RUN} whole pages", pages.len()),
         ));
     }
-    section(w, RAM, &ram_payload(first_page, pages, zero_markers)).await
+    let payload = ram_payload(first_page, pages, zero_markers);
+    // Every page took a kind byte; the data pages their bytes too.
+    let count = pages.len() / PAGE;
+    let zero = (count * (PAGE + 1) + 12 - payload.len()) / PAGE;
+    section(w, RAM, &payload).await?;
+    Ok(zero as u64)
 }
 
 pub async fn write_vcpu<W: AsyncWrite + Unpin>(w: &mut W, id: u32, st: &VcpuState) -> std::io::Result<()> {
@@ -896,6 +902,7 @@ pub async fn write_reply<W: AsyncWrite + Unpin>(w: &mut W, reply: &Reply) -> std
             (REPLY_REFUSED, b)
         }
         Reply::Prepared => (REPLY_PREPARED, Vec::new()),
+        Reply::Committed => (REPLY_COMMITTED, Vec::new()),
     };
     // One write: a reply leaves whole or not at all as far as this side can tell.
     w.write_all(&reply_bytes(tag, &payload)).await?;
@@ -966,6 +973,7 @@ pub async fn read_reply<R: AsyncRead + Unpin>(r: &mut R) -> Result<Reply, Stream
         REPLY_WELCOME => Ok(Reply::Welcome(parse_targets(p)?)),
         REPLY_REFUSED => Ok(Reply::Refused(String::from_utf8_lossy(p).into_owned())),
         REPLY_PREPARED if len == 0 => Ok(Reply::Prepared),
+        REPLY_COMMITTED if len == 0 => Ok(Reply::Committed),
         other => Err(StreamError::BadReply(format!("unknown reply {other} of {len} bytes"))),
     }
 }
@@ -1494,6 +1502,7 @@ mod tests {
                 ("WELCOME", Reply::Welcome(targets)),
                 ("REFUSED", Reply::Refused("no".into())),
                 ("PREPARED", Reply::Prepared),
+                ("COMMITTED", Reply::Committed),
             ] {
                 let mut w = Vec::new();
                 write_reply(&mut w, &reply).await.unwrap();

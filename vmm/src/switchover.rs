@@ -108,12 +108,18 @@ where
         }
         Ok(all)
     };
-    run(graph, vm, was_running, Bounds::default(), in_sync, &|| false, handover).await
+    run(graph, vm, was_running, Bounds::default(), in_sync, &|| false, &|_, _| {}, handover).await
 }
+
+/// Told each step's name and how long it took, as it ends.
+pub type OnStep<'a> = &'a (dyn Fn(&'static str, Duration) + Sync);
 
 /// The switchover. `in_sync` says whether the disks' carriers are in sync
 /// (an error when one can no longer be); `cancelled` is polled in the waits;
-/// `was_running` says whether a rollback resumes the guest.
+/// `was_running` says whether a rollback resumes the guest; `on_step`
+/// hears each step's time (`stop`, `drain`, `mirror-sync`, `inactivate`,
+/// `device-state`; the handover times its own).
+#[allow(clippy::too_many_arguments)]
 pub async fn run<C, F, Fut>(
     graph: &Arc<Graph>,
     vm: &Arc<Vm>,
@@ -121,6 +127,7 @@ pub async fn run<C, F, Fut>(
     bounds: Bounds,
     in_sync: C,
     cancelled: &(dyn Fn() -> bool + Sync),
+    on_step: OnStep<'_>,
     handover: F,
 ) -> Result<(), SwitchoverError>
 where
@@ -128,7 +135,7 @@ where
     F: FnOnce(VmState) -> Fut,
     Fut: Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>>,
 {
-    match steps(graph, vm, bounds, in_sync, cancelled, handover).await {
+    match steps(graph, vm, bounds, in_sync, cancelled, on_step, handover).await {
         Ok(()) => {
             vm.set_state(RunState::PostMigrate);
             Ok(())
@@ -149,6 +156,7 @@ async fn steps<C, F, Fut>(
     bounds: Bounds,
     mut in_sync: C,
     cancelled: &(dyn Fn() -> bool + Sync),
+    on_step: OnStep<'_>,
     handover: F,
 ) -> Result<(), Step>
 where
@@ -157,8 +165,13 @@ where
     Fut: Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>>,
 {
     // 1. Stop the vCPUs and drain the device: no guest write is in flight after this.
+    let t = Instant::now();
     vm.stop_bounded(RunState::FinishMigrate, bounds.drain).await.map_err(|e| step_err("stop", e))?;
+    let drain = vm.last_drain();
+    on_step("stop", t.elapsed().saturating_sub(drain));
+    on_step("drain", drain);
     point("switchover::after-stop").await.map_err(|e| step_err("stop", e))?;
+    let t = Instant::now();
 
     // 2. Every disk's carrier in sync.
     let deadline = Instant::now() + bounds.sync;
@@ -176,16 +189,21 @@ where
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+    on_step("mirror-sync", t.elapsed());
     point("switchover::after-jobs").await.map_err(|e| step_err("jobs", e))?;
 
     // 3. Inactivate every node, all or nothing (flushes the mirror targets too).
     //    Never interrupted: a cancel takes effect at the next step.
+    let t = Instant::now();
     graph.inactivate_all().await.map_err(|e| step_err("inactivate", e))?;
+    on_step("inactivate", t.elapsed());
     point("switchover::after-inactivate").await.map_err(|e| step_err("inactivate", e))?;
 
     // 4. Hand the guest over; done once the destination is prepared and the
     //    commit point is passed.
+    let t = Instant::now();
     let state = vm.save().await.map_err(|e| step_err("save", e))?;
+    on_step("device-state", t.elapsed());
     point("switchover::before-handover").await.map_err(|e| step_err("handover", e))?;
     handover(state).await.map_err(|e| ("handover", e))?;
     Ok(())

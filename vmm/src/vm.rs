@@ -142,6 +142,8 @@ pub struct Vm {
     /// last write (a migration checks this when libvirt cancelled the mirrors).
     runs: std::sync::atomic::AtomicU64,
     last_stop: Mutex<Option<Instant>>,
+    /// How long the last stop waited for the device's requests in flight.
+    last_drain: Mutex<Duration>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -267,6 +269,7 @@ impl Vm {
             verify_nonce: Mutex::new(initial_nonce()),
             runs: std::sync::atomic::AtomicU64::new(0),
             last_stop: Mutex::new(Some(Instant::now())),
+            last_drain: Mutex::new(Duration::ZERO),
         }))
     }
 
@@ -389,6 +392,7 @@ impl Vm {
         if was_running {
             (self.events)("STOP", json!({}));
         }
+        let drained = Instant::now();
         match drain {
             None => self.device.drain().await,
             Some(limit) => {
@@ -397,9 +401,16 @@ impl Vm {
                 }
             }
         }
+        *lock(&self.last_drain) = drained.elapsed();
         // The guest's last write is complete only now.
         lock(&self.last_stop).get_or_insert_with(Instant::now);
         Ok(t.elapsed())
+    }
+
+    /// How long the last stop waited for the device's requests in flight
+    /// (the rest of its time went to stopping the vCPUs).
+    pub fn last_drain(&self) -> Duration {
+        *lock(&self.last_drain)
     }
 
     /// The guest's counters.

@@ -66,6 +66,10 @@ where
         Ok(run) => match decide(mig, &p, &mut r).await {
             Ok(()) => {
                 mig.set_handover(Handover::Committed);
+                // Acknowledge (best effort: the source may be gone, and the
+                // decision stands either way).
+                let ack = stream::write_reply(&mut w, &Reply::Committed);
+                let _ = tokio::time::timeout(Duration::from_secs(1), ack).await;
                 vm.set_state(RunState::Paused);
                 if !mig.transition(Status::Completed) {
                     tracing::error!(status = mig.status().as_str(), "committed, but the status cannot say completed");

@@ -4,9 +4,11 @@
 //! point gives way to `migrate_cancel`.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use block::Graph;
 use jobs::JobManager;
@@ -26,18 +28,82 @@ use crate::vm::{RunState, Vm};
 
 /// Pre-copy passes at most before the switchover.
 const MAX_PASSES: u32 = 8;
-/// Switch over once a pass leaves this few dirty pages.
-const SMALL_ENOUGH: u64 = 256;
 /// Pages per RAM section (a cancel takes effect between two).
 const RUN: usize = 64;
 /// How long a failing attempt tries to tell the destination (ABORT).
 const ABORT_BOUND: Duration = Duration::from_secs(1);
+/// How long a committed source waits for the destination to acknowledge
+/// COMMIT (only for the record: the guest is the destination's either way).
+const ACK_BOUND: Duration = Duration::from_secs(2);
+/// `max-bandwidth` is enforced over windows of this length (QEMU's 100 ms).
+const RATE_WINDOW: Duration = Duration::from_millis(100);
+
+/// Counts the bytes written through it: QEMU's `transferred`.
+struct Counted<W> {
+    inner: W,
+    bytes: u64,
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for Counted<W> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let me = &mut *self;
+        let r = Pin::new(&mut me.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            me.bytes += *n as u64;
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// `max-bandwidth` over pre-copy: at most rate/10 bytes a 100 ms window.
+struct RateLimit {
+    per_window: u64,
+    window: Instant,
+    used: u64,
+}
+
+impl RateLimit {
+    fn new(bytes_per_second: u64) -> Self {
+        RateLimit { per_window: bytes_per_second / 10, window: Instant::now(), used: 0 }
+    }
+
+    /// Account `n` bytes; wait out the window once it is spent (0: no limit).
+    async fn spend(&mut self, mig: &Migration, n: u64) -> Result<(), MigrationError> {
+        if self.per_window == 0 {
+            return Ok(());
+        }
+        self.used += n;
+        if self.used < self.per_window {
+            return Ok(());
+        }
+        let end = self.window + RATE_WINDOW;
+        tokio::select! {
+            biased;
+            _ = mig.cancelled() => return Err(mig.stop_reason()),
+            _ = tokio::time::sleep_until(end.into()) => {}
+        }
+        // Whatever went over carries into the next window.
+        self.used -= self.per_window;
+        self.window = Instant::now();
+        Ok(())
+    }
+}
 
 /// The connection's two directions: our writes, and the destination's
 /// replies read by a task of their own (so a refusal sent mid-stream is
 /// seen at once, and a stalled return path never blocks a write).
 struct Link<S> {
-    w: BufWriter<WriteHalf<S>>,
+    w: Counted<BufWriter<WriteHalf<S>>>,
+    /// Bytes written when the guest stopped for the switchover.
+    at_stop: Option<u64>,
     replies: mpsc::Receiver<Result<Reply, StreamError>>,
     reader: tokio::task::JoinHandle<()>,
     io: Duration,
@@ -62,7 +128,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Link<S> {
                 }
             }
         });
-        Link { w: BufWriter::with_capacity(1 << 20, w), replies, reader, io }
+        let w = Counted { inner: BufWriter::with_capacity(1 << 20, w), bytes: 0 };
+        Link { w, at_stop: None, replies, reader, io }
+    }
+
+    /// The guest stopped: what is written from now on is downtime's.
+    fn mark_stopped(&mut self, mig: &Migration) {
+        mig.mark_stopped();
+        self.at_stop.get_or_insert(self.w.bytes);
+    }
+
+    /// Publish the byte counts to `query-migrate`.
+    fn account(&self, mig: &Migration) {
+        mig.counters.transferred.store(self.w.bytes, Ordering::SeqCst);
+        if let Some(at) = self.at_stop {
+            mig.counters.downtime_bytes.store(self.w.bytes - at, Ordering::SeqCst);
+        }
     }
 
     /// A refusal that already arrived, if any.
@@ -105,24 +186,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Link<S> {
 }
 
 /// Write through `f` within the I/O bound; a cancel ends the wait.
-async fn guarded<F: Future<Output = std::io::Result<()>>>(
+async fn guarded<T, F: Future<Output = std::io::Result<T>>>(
     mig: &Migration,
     io: Duration,
     f: F,
-) -> Result<(), MigrationError> {
+) -> Result<T, MigrationError> {
     tokio::select! {
         biased;
         _ = mig.cancelled() => Err(mig.stop_reason()),
         r = tokio::time::timeout(io, f) => match r {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(t)) => Ok(t),
             Ok(Err(e)) => Err(MigrationError::Stream(StreamError::Io(e))),
             Err(_) => Err(MigrationError::Timeout("progress writing to the destination", io)),
         }
     }
 }
 
-/// Send the pages set in `log` (a dirty-log bitmap), in runs of at most RUN pages.
-async fn send_pages<S>(link: &mut Link<S>, mig: &Migration, vm: &Vm, log: &[u64]) -> Result<(), MigrationError>
+/// Send the pages set in `log` (a dirty-log bitmap), in runs of at most
+/// RUN pages, within `rate` if given (pre-copy: `max-bandwidth`).
+async fn send_pages<S>(
+    link: &mut Link<S>,
+    mig: &Migration,
+    vm: &Vm,
+    log: &[u64],
+    mut rate: Option<&mut RateLimit>,
+) -> Result<(), MigrationError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -150,12 +238,51 @@ where
             return Err(MigrationError::Refused(why));
         }
         let io = link.io;
-        if let Err(e) = guarded(mig, io, stream::write_ram(&mut link.w, first, &buf)).await {
-            return Err(link.reason_for(e).await);
+        let before = link.w.bytes;
+        let zero = match guarded(mig, io, stream::write_ram(&mut link.w, first, &buf)).await {
+            Ok(zero) => zero,
+            Err(e) => return Err(link.reason_for(e).await),
+        };
+        let n = (buf.len() / PAGE) as u64;
+        mig.counters.pages_sent.fetch_add(n - zero, Ordering::SeqCst);
+        mig.counters.zero_pages.fetch_add(zero, Ordering::SeqCst);
+        let _ =
+            mig.counters.dirty_pages.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |d| Some(d.saturating_sub(n)));
+        link.account(mig);
+        if let Some(r) = rate.as_deref_mut() {
+            r.spend(mig, link.w.bytes - before).await?;
         }
-        mig.counters.pages_sent.fetch_add((buf.len() / PAGE) as u64, Ordering::SeqCst);
     }
     Ok(())
+}
+
+/// One pre-copy pass's measures, for `query-migrate` and the decision to
+/// switch over.
+struct Pass {
+    started: Instant,
+    bytes: u64,
+    pages: u64,
+}
+
+impl Pass {
+    fn start<S>(link: &Link<S>, mig: &Migration) -> Pass {
+        Pass {
+            started: Instant::now(),
+            bytes: link.w.bytes,
+            pages: mig.counters.pages_sent.load(Ordering::SeqCst) + mig.counters.zero_pages.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Publish the pass's rates; returns its rate in bytes per millisecond.
+    fn end<S>(self, link: &Link<S>, mig: &Migration) -> f64 {
+        let secs = self.started.elapsed().as_secs_f64().max(1e-6);
+        let bytes = (link.w.bytes - self.bytes) as f64;
+        let pages = mig.counters.pages_sent.load(Ordering::SeqCst) + mig.counters.zero_pages.load(Ordering::SeqCst)
+            - self.pages;
+        mig.counters.set_mbps(bytes * 8.0 / secs / 1e6);
+        mig.counters.pages_per_second.store((pages as f64 / secs) as u64, Ordering::SeqCst);
+        bytes / secs / 1000.0
+    }
 }
 
 /// The source side of a migration whose attempt `mig.begin(Source)` opened;
@@ -233,8 +360,9 @@ where
     let targets = match link.expect(mig, p.hello_timeout, "answer to HELLO").await? {
         Reply::Welcome(t) => t,
         Reply::Refused(why) => return Err(MigrationError::Refused(why)),
-        Reply::Prepared => {
-            return Err(MigrationError::Stream(StreamError::BadReply("PREPARED before anything was sent".into())))
+        other @ (Reply::Prepared | Reply::Committed) => {
+            let what = format!("{other:?} before anything was sent");
+            return Err(MigrationError::Stream(StreamError::BadReply(what)));
         }
     };
     let carriers = carriers::bind(jobs, vm, &targets).map_err(MigrationError::Disk)?;
@@ -242,21 +370,49 @@ where
         return Err(MigrationError::Invalid(format!("the guest is {} now", vm.state().as_str())));
     }
 
-    // Active: pass 0 sends every page; later passes what the guest dirtied meanwhile.
+    // Active: the first pass sends every page; later passes what the guest
+    // dirtied meanwhile, until the rest fits in `downtime-limit` (QEMU's
+    // test) or MAX_PASSES passes did not get there (then the switchover
+    // takes longer than the limit, and `downtime` says by how much).
     mig.transition(Status::Active);
     let _ = vm.take_dirty_log()?;
-    let all = vec![u64::MAX; (vm.config().memory / PAGE as u64).div_ceil(64) as usize];
-    send_pages(link, mig, vm, &all).await?;
+    let pages = vm.config().memory / PAGE as u64;
+    mig.counters.dirty_pages.store(pages, Ordering::SeqCst);
+    mig.counters.expected_downtime.store(p.downtime_limit, Ordering::SeqCst);
+    mig.dirty_sync();
+    let mut rate = RateLimit::new(p.max_bandwidth);
+    let all = vec![u64::MAX; pages.div_ceil(64) as usize];
+    let pass = Pass::start(link, mig);
+    send_pages(link, mig, vm, &all, Some(&mut rate)).await?;
+    let mut bandwidth = pass.end(link, mig);
     point("migration::precopy").await?;
+    let mut synced = Instant::now();
+    // Dirty pages a sync found and pre-copy left to the switchover.
+    let mut unsent = Vec::new();
     for _ in 0..MAX_PASSES {
         let log = vm.take_dirty_log()?;
         let n = crate::memory::count(&log);
+        let since = synced.elapsed().as_secs_f64().max(1e-6);
+        synced = Instant::now();
+        mig.counters.dirty_pages_rate.store((n as f64 / since) as u64, Ordering::SeqCst);
         mig.counters.dirty_pages.store(n, Ordering::SeqCst);
-        mig.counters.passes.fetch_add(1, Ordering::SeqCst);
-        send_pages(link, mig, vm, &log).await?;
-        if n <= SMALL_ENOUGH {
+        mig.dirty_sync();
+        // The last RAM goes unthrottled while the guest is stopped: at the
+        // bandwidth the operator says is available, else at the measured one.
+        let at = match p.avail_switchover_bandwidth {
+            0 => bandwidth,
+            b => b as f64 / 1000.0,
+        };
+        let expected = (n * PAGE as u64) as f64 / at.max(1e-3);
+        mig.counters.expected_downtime.store(expected as u64, Ordering::SeqCst);
+        if expected <= p.downtime_limit as f64 {
+            // The rest fits: it goes in the switchover, with what the guest dirties until it stops.
+            unsent = log;
             break;
         }
+        let pass = Pass::start(link, mig);
+        send_pages(link, mig, vm, &log, Some(&mut rate)).await?;
+        bandwidth = pass.end(link, mig);
     }
     if mig.is_stopping() {
         return Err(mig.stop_reason());
@@ -267,7 +423,7 @@ where
         // Stop first and let the management decide (migrate-continue or cancel).
         let go = match vm.stop_bounded(RunState::Paused, p.drain_timeout).await {
             Ok(_) => {
-                mig.mark_stopped();
+                link.mark_stopped(mig);
                 mig.transition(Status::PreSwitchover);
                 match wait_at_pre_switchover(link, mig, p.io_timeout).await {
                     Ok(()) => point("migration::pre-switchover").await.map_err(MigrationError::from),
@@ -287,18 +443,19 @@ where
 
     // Device: the switchover, up to PREPARED and the commit point.
     mig.transition(Status::Device);
-    mig.mark_stopped();
+    link.mark_stopped(mig);
     let bounds = Bounds { drain: p.drain_timeout, sync: p.mirror_sync_timeout };
     let sync = || carriers::in_sync(&carriers, vm);
     let cancelled = || mig.is_stopping();
     let prepared_timeout = p.prepared_timeout;
     let bitmaps_of = claimed.as_ref().map(bitmaps::Claimed::bitmaps);
     let handover = |st: crate::vm::VmState| async move {
-        hand_over(link, mig, vm, st, was_running, prepared_timeout, bitmaps_of)
+        hand_over(link, mig, vm, st, &unsent, was_running, prepared_timeout, bitmaps_of)
             .await
             .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
     };
-    let r = switchover::run(graph, vm, was_running, bounds, sync, &cancelled, handover).await;
+    let on_step = |step, took| mig.step_done(step, took);
+    let r = switchover::run(graph, vm, was_running, bounds, sync, &cancelled, &on_step, handover).await;
     if let Err(e) = r {
         return Err(e.into());
     }
@@ -314,8 +471,23 @@ where
         Ok(()) => guarded(mig, p.io_timeout, stream::write_commit(&mut link.w)).await,
         Err(e) => Err(e.into()),
     };
+    let t = Instant::now();
     match sent {
-        Ok(()) => mig.set_decision_note("COMMIT sent".into()),
+        Ok(()) => {
+            mig.step_done("commit-sent", t.elapsed());
+            mig.set_decision_note("COMMIT sent".into());
+            // The destination acknowledges: only for the record (and the
+            // downtime, which ends here); the guest is its own either way.
+            let t = Instant::now();
+            match link.expect(mig, ACK_BOUND.min(p.io_timeout), "the acknowledgement of COMMIT").await {
+                Ok(Reply::Committed) => {
+                    mig.step_done("commit-acknowledged", t.elapsed());
+                    mig.set_decision_note("COMMIT acknowledged".into());
+                }
+                Ok(other) => tracing::warn!(reply = ?other, "an unexpected reply to COMMIT"),
+                Err(e) => tracing::warn!(error = %crate::error_text(&e), "COMMIT sent but not acknowledged"),
+            }
+        }
         Err(e) => {
             let why = crate::error_text(&e);
             tracing::warn!(error = %why, "COMMIT not delivered: the destination waits for x-baton-migrate-decide commit");
@@ -382,11 +554,13 @@ where
 /// The guest is stopped and every node inactive: the last dirty pages, the
 /// dirty bitmaps (capability dirty-bitmaps: `bitmaps_of`, those the attempt
 /// claimed), the vCPUs, the device, END; then PREPARED, and the commit point.
+#[allow(clippy::too_many_arguments)]
 async fn hand_over<S>(
     link: &mut Link<S>,
     mig: &Migration,
     vm: &Vm,
     st: crate::vm::VmState,
+    unsent: &[u64],
     was_running: bool,
     prepared_timeout: Duration,
     bitmaps_of: Option<&[bitmaps::Outgoing]>,
@@ -394,8 +568,14 @@ async fn hand_over<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let log = vm.take_dirty_log()?;
-    send_pages(link, mig, vm, &log).await?;
+    let t = Instant::now();
+    let mut log = vm.take_dirty_log()?;
+    for (w, u) in log.iter_mut().zip(unsent) {
+        *w |= u;
+    }
+    mig.counters.dirty_pages.store(crate::memory::count(&log), Ordering::SeqCst);
+    mig.dirty_sync();
+    send_pages(link, mig, vm, &log, None).await?;
     if let Some(list) = bitmaps_of {
         send_bitmaps(link, mig, list).await?;
         point("migration::after-bitmaps").await?;
@@ -417,17 +597,24 @@ where
     if let Err(e) = sent {
         return Err(link.reason_for(e).await);
     }
+    link.account(mig);
+    mig.step_done("send-state", t.elapsed());
+    let t = Instant::now();
     mig.set_handover(Handover::AwaitingPrepared);
     point("migration::after-end").await?;
     match link.expect(mig, prepared_timeout, "PREPARED from the destination").await? {
-        Reply::Prepared => {}
+        Reply::Prepared => mig.step_done("prepared", t.elapsed()),
         Reply::Refused(why) => return Err(MigrationError::Refused(why)),
-        Reply::Welcome(_) => return Err(MigrationError::Stream(StreamError::BadReply("a second WELCOME".into()))),
+        other @ (Reply::Welcome(_) | Reply::Committed) => {
+            return Err(MigrationError::Stream(StreamError::BadReply(format!("{other:?} instead of PREPARED"))))
+        }
     }
+    let t = Instant::now();
     point("migration::before-commit").await?;
     // The commit point: one step that a cancel either beat or comes too late for.
     if !mig.try_commit() {
         return Err(MigrationError::Cancelled);
     }
+    mig.step_done("commit", t.elapsed());
     Ok(())
 }

@@ -167,14 +167,73 @@ const CAPABILITY_TABLE: [(&str, CapField); 5] = [
 pub const CAPABILITIES: [&str; 5] =
     ["events", "return-path", "pause-before-switchover", "dirty-bitmaps", "late-block-activate"];
 
-/// Counters for query-migrate.
+/// Counters for query-migrate (QEMU's MigrationStats, source side).
 #[derive(Debug, Default)]
 pub struct Counters {
+    /// Pages sent with their bytes (QEMU's `normal`).
     pub pages_sent: AtomicU64,
+    /// All-zero pages sent as markers (QEMU's `duplicate`).
+    pub zero_pages: AtomicU64,
     pub pages_received: AtomicU64,
+    /// Dirty-log syncs (QEMU's `dirty-sync-count`; each emits MIGRATION_PASS).
     pub passes: AtomicU64,
+    /// Dirty pages found by the last sync and not sent yet.
     pub dirty_pages: AtomicU64,
+    /// Bytes written to the stream (QEMU's `transferred`).
+    pub transferred: AtomicU64,
+    /// Of those, bytes written while the guest was stopped (`downtime-bytes`).
+    pub downtime_bytes: AtomicU64,
+    /// Pages the guest dirtied per second, at the last sync.
+    pub dirty_pages_rate: AtomicU64,
+    /// The stream's rate over the last pass: bits of an f64, megabits/s.
+    pub mbps_bits: AtomicU64,
+    /// Pages sent per second over the last pass.
+    pub pages_per_second: AtomicU64,
+    /// The switchover's estimated downtime, ms (QEMU's `expected-downtime`).
+    pub expected_downtime: AtomicU64,
 }
+
+impl Counters {
+    fn reset(&self) {
+        for c in [
+            &self.pages_sent,
+            &self.zero_pages,
+            &self.pages_received,
+            &self.passes,
+            &self.dirty_pages,
+            &self.transferred,
+            &self.downtime_bytes,
+            &self.dirty_pages_rate,
+            &self.mbps_bits,
+            &self.pages_per_second,
+            &self.expected_downtime,
+        ] {
+            c.store(0, Ordering::SeqCst);
+        }
+    }
+
+    pub fn set_mbps(&self, mbps: f64) {
+        self.mbps_bits.store(mbps.to_bits(), Ordering::SeqCst);
+    }
+
+    pub fn mbps(&self) -> f64 {
+        f64::from_bits(self.mbps_bits.load(Ordering::SeqCst))
+    }
+}
+
+/// The switchover's steps, in order, as `x-baton-switchover` names them.
+pub const SWITCHOVER_STEPS: [&str; 10] = [
+    "stop",
+    "drain",
+    "mirror-sync",
+    "inactivate",
+    "device-state",
+    "send-state",
+    "prepared",
+    "commit",
+    "commit-sent",
+    "commit-acknowledged",
+];
 
 /// Called with (event name, data) for MIGRATION events.
 pub type EventSink = Arc<dyn Fn(&str, Value) + Send + Sync>;
@@ -187,9 +246,13 @@ struct Attempt {
     error: Option<String>,
     started: Option<Instant>,
     ended: Option<Instant>,
+    /// When the attempt reached `active` (QEMU's setup-time ends).
+    setup: Option<Duration>,
     /// When the source stopped the guest for the switchover.
     stopped: Option<Instant>,
     downtime: Option<Duration>,
+    /// The switchover's steps done so far and how long each took.
+    steps: Vec<(&'static str, Duration)>,
     /// Source: passed the commit point. From here on it never resumes.
     committed: bool,
     cancel_requested: bool,
@@ -218,8 +281,10 @@ impl Attempt {
             error: None,
             started: None,
             ended: None,
+            setup: None,
             stopped: None,
             downtime: None,
+            steps: Vec::new(),
             committed: false,
             cancel_requested: false,
             yanked: false,
@@ -307,14 +372,7 @@ impl Migration {
                 return Err(VerbError::PreparedWaiting);
             }
             *a = Attempt { role: Some(role), started: Some(Instant::now()), status: a.status, ..Attempt::idle() };
-            for c in [
-                &self.counters.pages_sent,
-                &self.counters.pages_received,
-                &self.counters.passes,
-                &self.counters.dirty_pages,
-            ] {
-                c.store(0, Ordering::SeqCst);
-            }
+            self.counters.reset();
             // Checked and taken in one step: two connections never both begin.
             self.apply(&mut a, Status::Setup);
         }
@@ -344,15 +402,44 @@ impl Migration {
             return false;
         }
         a.status = to;
+        if to == Status::Active {
+            a.setup = a.started.map(|t| t.elapsed());
+        }
         if to.is_final() {
             a.ended = Some(Instant::now());
         }
+        self.emit("MIGRATION", json!({"status": to.as_str()}));
+        true
+    }
+
+    /// Send an event if the `events` capability is on (QEMU's rule for
+    /// MIGRATION and MIGRATION_PASS).
+    fn emit(&self, name: &str, data: Value) {
         if self.capabilities().events {
             if let Some(f) = lock(&self.events).clone() {
-                f("MIGRATION", json!({"status": to.as_str()}));
+                f(name, data);
             }
         }
-        true
+    }
+
+    /// The source synced the guest's dirty log (a pass of pre-copy starts,
+    /// or the last one in the switchover): count it, say MIGRATION_PASS.
+    pub fn dirty_sync(&self) {
+        let a = self.lock();
+        let pass = self.counters.passes.fetch_add(1, Ordering::SeqCst) + 1;
+        // Under the attempt's lock, as status events: in order with them.
+        self.emit("MIGRATION_PASS", json!({ "pass": pass }));
+        drop(a);
+    }
+
+    /// Whether the guest is stopped for the switchover (bytes sent now are downtime's).
+    pub fn is_stopped(&self) -> bool {
+        self.lock().stopped.is_some()
+    }
+
+    /// A switchover step ended after `took` (see [`SWITCHOVER_STEPS`]).
+    pub fn step_done(&self, step: &'static str, took: Duration) {
+        self.lock().steps.push((step, took));
     }
 
     pub fn set_handover(&self, h: Handover) {
@@ -589,21 +676,51 @@ impl Migration {
             return json!({});
         }
         let c = &self.counters;
-        let sent = c.pages_sent.load(Ordering::SeqCst);
         let mut v = json!({"status": a.status.as_str()});
         let end = a.ended.unwrap_or_else(Instant::now);
+        let ms = |d: Duration| d.as_millis() as u64;
         if let Some(t) = a.started {
-            v["total-time"] = json!(end.saturating_duration_since(t).as_millis() as u64);
+            v["total-time"] = json!(ms(end.saturating_duration_since(t)));
+        }
+        if let Some(d) = a.setup {
+            v["setup-time"] = json!(ms(d));
         }
         if let Some(d) = a.downtime {
-            v["downtime"] = json!(d.as_millis() as u64);
+            v["downtime"] = json!(ms(d));
         }
-        if a.role == Some(Role::Source) {
+        let running = matches!(a.status, Status::Active | Status::PreSwitchover | Status::Device);
+        if a.role == Some(Role::Source) && running {
+            v["expected-downtime"] = json!(c.expected_downtime.load(Ordering::SeqCst));
+        }
+        if a.role == Some(Role::Source) && (running || a.status == Status::Completed) {
+            let page = crate::stream::PAGE as u64;
+            let normal = c.pages_sent.load(Ordering::SeqCst);
+            let transferred = c.transferred.load(Ordering::SeqCst);
+            let downtime_bytes = c.downtime_bytes.load(Ordering::SeqCst);
             v["ram"] = json!({
-                "transferred": sent * 4096, "total": ram_total, "normal": sent, "normal-bytes": sent * 4096,
+                "transferred": transferred,
+                "remaining": c.dirty_pages.load(Ordering::SeqCst) * page,
+                "total": ram_total,
+                "duplicate": c.zero_pages.load(Ordering::SeqCst),
+                "normal": normal,
+                "normal-bytes": normal * page,
+                "dirty-pages-rate": c.dirty_pages_rate.load(Ordering::SeqCst),
+                "mbps": c.mbps(),
                 "dirty-sync-count": c.passes.load(Ordering::SeqCst),
-                "remaining": c.dirty_pages.load(Ordering::SeqCst) * 4096,
+                "postcopy-requests": 0,
+                "page-size": page,
+                "multifd-bytes": 0,
+                "pages-per-second": c.pages_per_second.load(Ordering::SeqCst),
+                "precopy-bytes": transferred.saturating_sub(downtime_bytes),
+                "downtime-bytes": downtime_bytes,
+                "postcopy-bytes": 0,
+                "dirty-sync-missed-zero-copy": 0,
             });
+        }
+        if !a.steps.is_empty() {
+            let steps: Map<String, Value> =
+                a.steps.iter().map(|(name, d)| (name.to_string(), json!(d.as_micros() as f64 / 1000.0))).collect();
+            v["x-baton-switchover"] = Value::Object(steps);
         }
         if let Some(e) = &a.error {
             v["error-desc"] = json!(e);
