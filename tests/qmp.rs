@@ -10,6 +10,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
 /// Longest a script may run before it is killed and the test fails.
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -79,4 +81,16 @@ fn qmp_conformance_with_qemu_storage_daemon() {
 #[test]
 fn qmp_qsd_command_line() {
     run_script("qsd_cmdline.py");
+}
+
+/// libvirt's QMP sequence for a migration without shared storage (and a
+/// second run ended by migrate_cancel), against real QEMU 10
+/// (qemu-system-x86_64) and against baton, compared reply by reply and
+/// validated against QEMU's own QAPI schema.
+#[test]
+fn qmp_libvirt_migration_sequence_matches_qemu() {
+    if !common::kvm_or_skip() {
+        return;
+    }
+    run_script("libvirt_migration.py");
 }

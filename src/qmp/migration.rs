@@ -53,18 +53,10 @@ block::qapi_struct! {
 }
 
 /// The one address of `uri` or `channels` (QEMU 10's rules and words).
-fn address(command: &str, uri: Option<String>, channels: Option<Vec<MigrationChannel>>) -> Result<NbdAddr, QmpError> {
+fn address(uri: Option<String>, channels: Option<Vec<MigrationChannel>>) -> Result<NbdAddr, QmpError> {
+    // QEMU 10's words for both mistakes.
     let mut channels = match (uri, channels) {
-        (Some(_), Some(_)) => {
-            return Err(QmpError::generic(format!(
-                "'uri' and 'channels' arguments are mutually exclusive; exactly one of the two should be present in '{command}' qmp command "
-            )))
-        }
-        (None, None) => {
-            return Err(QmpError::generic(format!(
-                "neither 'uri' or 'channels' argument are specified in '{command}' qmp command "
-            )))
-        }
+        (Some(_), Some(_)) | (None, None) => return Err(QmpError::generic("need either 'uri' or 'channels' argument")),
         (Some(uri), None) => return Ok(crate::daemon::parse_uri(&uri)?),
         (None, Some(c)) => c,
     };
@@ -98,7 +90,7 @@ pub async fn migrate(d: Arc<Daemon>, a: Migrate) -> Reply {
     if a.resume == Some(true) {
         return Err(QmpError::generic("resuming a postcopy migration is not supported"));
     }
-    let to = address("migrate", a.uri, a.channels)?;
+    let to = address(a.uri, a.channels)?;
     d.migrate(to)?;
     Ok(json!({}))
 }
@@ -116,7 +108,7 @@ block::qapi_struct! {
 /// attempt ends the daemon as it ends QEMU; with `false` the destination
 /// rolls back and waits for the next attempt (baton's way with `--incoming URI`).
 pub async fn migrate_incoming(d: Arc<Daemon>, a: MigrateIncoming) -> Reply {
-    let at = address("migrate-incoming", a.uri, a.channels)?;
+    let at = address(a.uri, a.channels)?;
     d.migrate_incoming(at, a.exit_on_error.unwrap_or(true)).await?;
     Ok(json!({}))
 }

@@ -79,8 +79,9 @@ struct Param {
     default: u64,
     min: u64,
     max: u64,
-    /// How QEMU names the parameter and its unit in range errors.
+    /// How QEMU names the parameter, its upper bound and unit in range errors.
     error_name: &'static str,
+    max_text: Option<&'static str>,
     unit: &'static str,
     field: fn(&mut Parameters) -> Slot<'_>,
 }
@@ -99,7 +100,7 @@ pub const MAX_DOWNTIME_MS: u64 = 2_000_000;
 pub const DEFAULT_MAX_BANDWIDTH: u64 = 128 << 20;
 
 const fn timeout(name: &'static str, default: u64, field: fn(&mut Parameters) -> Slot<'_>) -> Param {
-    Param { name, default, min: MIN_MS, max: MAX_MS, error_name: name, unit: "milliseconds", field }
+    Param { name, default, min: MIN_MS, max: MAX_MS, error_name: name, max_text: None, unit: "milliseconds", field }
 }
 
 const PARAMS: [Param; 10] = [
@@ -109,7 +110,9 @@ const PARAMS: [Param; 10] = [
         min: 0,
         max: MAX_DOWNTIME_MS,
         error_name: "downtime_limit",
-        unit: "milliseconds",
+        // QEMU's message spells its bound this way.
+        max_text: Some("(2000 * 1000)"),
+        unit: "ms",
         field: |p| Slot::Int(&mut p.downtime_limit),
     },
     Param {
@@ -118,6 +121,7 @@ const PARAMS: [Param; 10] = [
         min: 0,
         max: u64::MAX,
         error_name: "max_bandwidth",
+        max_text: None,
         unit: "bytes/second",
         field: |p| Slot::Int(&mut p.max_bandwidth),
     },
@@ -127,6 +131,7 @@ const PARAMS: [Param; 10] = [
         min: 0,
         max: u64::MAX,
         error_name: "avail_switchover_bandwidth",
+        max_text: None,
         unit: "bytes/second",
         field: |p| Slot::Int(&mut p.avail_switchover_bandwidth),
     },
@@ -193,9 +198,10 @@ impl Parameters {
                 return Err(format!("migration parameter '{k}' is not supported"));
             };
             let n = v.as_u64().filter(|n| (param.min..=param.max).contains(n)).ok_or_else(|| {
+                let max = param.max_text.map_or_else(|| param.max.to_string(), str::to_string);
                 format!(
-                    "Parameter '{}' expects an integer in the range of {} to {} {}",
-                    param.error_name, param.min, param.max, param.unit
+                    "Parameter '{}' expects an integer in the range of {} to {max} {}",
+                    param.error_name, param.min, param.unit
                 )
             })?;
             match (param.field)(&mut next) {
@@ -256,7 +262,7 @@ mod tests {
         assert_eq!(j["avail-switchover-bandwidth"], 0);
         assert!(j.get(BLOCK_BITMAP_MAPPING).is_none());
         let e = p.set(json!({"downtime-limit": 2_000_001}).as_object().unwrap()).unwrap_err();
-        assert_eq!(e, "Parameter 'downtime_limit' expects an integer in the range of 0 to 2000000 milliseconds");
+        assert_eq!(e, "Parameter 'downtime_limit' expects an integer in the range of 0 to (2000 * 1000) ms");
         let e = p.set(json!({"max-bandwidth": -1}).as_object().unwrap()).unwrap_err();
         assert!(e.contains("max_bandwidth"), "{e}");
         p.set(json!({"downtime-limit": 0, "max-bandwidth": 0}).as_object().unwrap()).unwrap();

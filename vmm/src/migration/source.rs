@@ -273,15 +273,17 @@ impl Pass {
         }
     }
 
-    /// Publish the pass's rates; returns its rate in bytes per millisecond.
+    /// Publish the pass's rates; returns the guest RAM it moved per
+    /// millisecond (an all-zero page moves 4 KiB of RAM in one byte).
     fn end<S>(self, link: &Link<S>, mig: &Migration) -> f64 {
         let secs = self.started.elapsed().as_secs_f64().max(1e-6);
         let bytes = (link.w.bytes - self.bytes) as f64;
         let pages = mig.counters.pages_sent.load(Ordering::SeqCst) + mig.counters.zero_pages.load(Ordering::SeqCst)
             - self.pages;
         mig.counters.set_mbps(bytes * 8.0 / secs / 1e6);
-        mig.counters.pages_per_second.store((pages as f64 / secs) as u64, Ordering::SeqCst);
-        bytes / secs / 1000.0
+        let per_second = pages as f64 / secs;
+        mig.counters.pages_per_second.store(per_second as u64, Ordering::SeqCst);
+        per_second * PAGE as f64 / 1000.0
     }
 }
 
@@ -374,19 +376,20 @@ where
     // dirtied meanwhile, until the rest fits in `downtime-limit` (QEMU's
     // test) or MAX_PASSES passes did not get there (then the switchover
     // takes longer than the limit, and `downtime` says by how much).
-    mig.transition(Status::Active);
+    // As QEMU, the first sync (pass 1) is part of the setup.
     let _ = vm.take_dirty_log()?;
+    let mut synced = Instant::now();
     let pages = vm.config().memory / PAGE as u64;
     mig.counters.dirty_pages.store(pages, Ordering::SeqCst);
     mig.counters.expected_downtime.store(p.downtime_limit, Ordering::SeqCst);
     mig.dirty_sync();
+    mig.transition(Status::Active);
     let mut rate = RateLimit::new(p.max_bandwidth);
     let all = vec![u64::MAX; pages.div_ceil(64) as usize];
     let pass = Pass::start(link, mig);
     send_pages(link, mig, vm, &all, Some(&mut rate)).await?;
     let mut bandwidth = pass.end(link, mig);
     point("migration::precopy").await?;
-    let mut synced = Instant::now();
     // Dirty pages a sync found and pre-copy left to the switchover.
     let mut unsent = Vec::new();
     for _ in 0..MAX_PASSES {

@@ -128,6 +128,9 @@ pub enum VerbError {
     NotPrepared(&'static str),
     #[error("migration capability '{0}' is not supported")]
     Capability(String),
+    /// Not one of QEMU's MigrationCapability values (QEMU's enum error).
+    #[error("Parameter 'capability' does not accept value '{0}'")]
+    NotACapability(String),
     #[error("{0}")]
     Parameter(String),
 }
@@ -161,6 +164,33 @@ const CAPABILITY_TABLE: [(&str, CapField); 5] = [
     ("pause-before-switchover", Some(|c| &mut c.pause_before_switchover)),
     ("dirty-bitmaps", Some(|c| &mut c.dirty_bitmaps)),
     ("late-block-activate", Some(|c| &mut c.late_block_activate)),
+];
+
+/// QEMU 10's MigrationCapability values: baton refuses those it lacks by
+/// name, and anything else as QEMU refuses a value outside its enum.
+const QEMU_CAPABILITIES: [&str; 22] = [
+    "xbzrle",
+    "rdma-pin-all",
+    "auto-converge",
+    "zero-blocks",
+    "events",
+    "postcopy-ram",
+    "x-colo",
+    "release-ram",
+    "return-path",
+    "pause-before-switchover",
+    "multifd",
+    "dirty-bitmaps",
+    "postcopy-blocktime",
+    "late-block-activate",
+    "x-ignore-shared",
+    "validate-uuid",
+    "background-snapshot",
+    "zero-copy-send",
+    "postcopy-preempt",
+    "switchover-ack",
+    "dirty-limit",
+    "mapped-ram",
 ];
 
 /// The capability names baton accepts (the QMP schema's enum).
@@ -643,7 +673,8 @@ impl Migration {
             match CAPABILITY_TABLE.iter().find(|(n, _)| n == name) {
                 Some((_, Some(field))) => *field(&mut next) = *on,
                 Some((_, None)) => {}
-                None => return Err(VerbError::Capability(name.clone())),
+                None if QEMU_CAPABILITIES.contains(&name.as_str()) => return Err(VerbError::Capability(name.clone())),
+                None => return Err(VerbError::NotACapability(name.clone())),
             }
         }
         *lock(&self.caps) = next;
@@ -679,20 +710,26 @@ impl Migration {
         let mut v = json!({"status": a.status.as_str()});
         let end = a.ended.unwrap_or_else(Instant::now);
         let ms = |d: Duration| d.as_millis() as u64;
-        if let Some(t) = a.started {
-            v["total-time"] = json!(ms(end.saturating_duration_since(t)));
-        }
-        if let Some(d) = a.setup {
-            v["setup-time"] = json!(ms(d));
+        // As QEMU: times and RAM statistics on the source while it migrates
+        // and once it completed; a destination, or an attempt that failed or
+        // was cancelled, says its status (and error).
+        let running = matches!(a.status, Status::Active | Status::PreSwitchover | Status::Device);
+        let source = a.role == Some(Role::Source);
+        if source && (running || a.status == Status::Completed) {
+            if let Some(t) = a.started {
+                v["total-time"] = json!(ms(end.saturating_duration_since(t)));
+            }
+            if let Some(d) = a.setup {
+                v["setup-time"] = json!(ms(d));
+            }
         }
         if let Some(d) = a.downtime {
             v["downtime"] = json!(ms(d));
         }
-        let running = matches!(a.status, Status::Active | Status::PreSwitchover | Status::Device);
-        if a.role == Some(Role::Source) && running {
+        if source && running {
             v["expected-downtime"] = json!(c.expected_downtime.load(Ordering::SeqCst));
         }
-        if a.role == Some(Role::Source) && (running || a.status == Status::Completed) {
+        if source && (running || a.status == Status::Completed) {
             let page = crate::stream::PAGE as u64;
             let normal = c.pages_sent.load(Ordering::SeqCst);
             let transferred = c.transferred.load(Ordering::SeqCst);
