@@ -334,13 +334,17 @@ impl Daemon {
                     drop(landed);
                     continue;
                 }
-                if let Ok(Some(vmm::migration::Landing::RolledBack)) = landed.await {
-                    let why = d.migration.error().unwrap_or_default();
-                    tracing::error!(error = %why, "incoming migration failed; exiting (exit-on-error)");
-                    d.incoming_failed.store(true, Ordering::SeqCst);
-                    d.request_quit();
-                    return;
-                }
+                // Watch the attempt in a task of its own: the loop goes on
+                // accepting (and refusing a second source meanwhile).
+                let d = d.clone();
+                tokio::spawn(async move {
+                    if let Ok(Some(vmm::migration::Landing::RolledBack)) = landed.await {
+                        let why = d.migration.error().unwrap_or_default();
+                        tracing::error!(error = %why, "incoming migration failed; exiting (exit-on-error)");
+                        d.incoming_failed.store(true, Ordering::SeqCst);
+                        d.request_quit();
+                    }
+                });
             }
         });
         Ok(())

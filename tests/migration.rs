@@ -397,3 +397,39 @@ fn a_plain_shared_storage_migration_moves_the_guest_and_the_lock() {
     let v = ok(&mut dq, "x-baton-guest-verify", json!({}));
     assert!(v["checked"].as_u64().unwrap() > 0 && v["mismatches"] == 0, "{v}");
 }
+
+/// `--incoming defer`: nothing listens until `migrate-incoming`, which is
+/// taken once; with QEMU's default `exit-on-error`, a failed attempt ends
+/// the destination (exit status 1, saying why) while the source runs on.
+#[test]
+fn a_deferred_destination_listens_on_migrate_incoming_and_exits_on_a_failed_attempt() {
+    if !common::kvm_or_skip() {
+        return;
+    }
+    // 32M on the destination: the source's 64M guest is refused at HELLO.
+    let mut p = pair_on("32M", Some("defer".into()));
+    let uri = format!("unix:{}", p.dir.path().join("mig.sock").display());
+    assert!(!p.dir.path().join("mig.sock").exists(), "nothing listens before migrate-incoming");
+    let r = p.dq.execute("migrate-incoming", json!({}));
+    assert_eq!(r["error"]["desc"], "need either 'uri' or 'channels' argument", "{r}");
+    let r = p.sq.execute("migrate-incoming", json!({"uri": uri}));
+    assert_eq!(r["error"]["desc"], "'-incoming' was not specified on the command line", "{r}");
+    let channels = json!([{"channel-type": "main", "addr": {"transport": "socket", "type": "unix",
+        "path": p.dir.path().join("mig.sock")}}]);
+    ok(&mut p.dq, "migrate-incoming", json!({ "channels": channels }));
+    let r = p.dq.execute("migrate-incoming", json!({"uri": uri}));
+    assert_eq!(r["error"]["desc"], "The incoming migration has already been started", "{r}");
+    ok(&mut p.sq, "migrate", json!({ "uri": uri }));
+    let m = wait_for(&mut p.sq, "query-migrate", "the end", |v| matches!(v["status"].as_str(), Some("failed")));
+    assert!(m["error-desc"].as_str().unwrap_or("").contains("the destination refused"), "{m}");
+    assert_eq!(ok(&mut p.sq, "query-status", json!({}))["status"], "running");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = p.dst.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the destination did not exit after its failed attempt");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(1), "{status:?}");
+}

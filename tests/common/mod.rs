@@ -78,7 +78,8 @@ impl Qmp {
     /// Connect (retrying while the peer starts), read the greeting, negotiate capabilities.
     pub fn connect(path: &Path) -> Qmp {
         let mut last = None;
-        for _ in 0..400 {
+        // A minute: a daemon that builds a guest starts slowly on a loaded machine.
+        for _ in 0..1200 {
             match UnixStream::connect(path) {
                 Ok(s) => {
                     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
