@@ -247,16 +247,22 @@ fn persistent_refused(whose: &str) -> String {
     format!("{whose} would be persistent: persistent bitmaps are not supported yet (baton has no qcow2)")
 }
 
-/// One bitmap being received: its header and the bytes so far.
+/// One bitmap being received: its header, where it goes, the bytes so far.
 #[derive(Debug)]
 struct Pending {
     meta: BitmapMeta,
+    /// This side's node and bitmap names, and whether it would be persistent.
+    node: String,
+    name: String,
+    persistent: bool,
     bits: Vec<u8>,
 }
 
 /// The BITMAPS sections of one incoming attempt, collected in order: each
 /// bitmap's chunks contiguous from byte 0, each with the same header; every
-/// bitmap complete by END ([`Incoming::finish`]).
+/// bitmap complete by END ([`Incoming::finish`]). Its first section already
+/// says where it goes (through this side's mapping) and must cover that
+/// node's size, so what is held is bounded by this side's own disks.
 #[derive(Debug, Default)]
 pub struct Incoming {
     /// In arrival order; the index by (node alias, bitmap alias) is `at`.
@@ -265,16 +271,32 @@ pub struct Incoming {
 }
 
 impl Incoming {
-    /// Take one section; `Err` names the bitmap and what is wrong.
-    pub fn take(&mut self, c: BitmapChunk) -> Result<(), String> {
+    /// Take one section, for `graph`'s nodes under `mapping`; `Err` names
+    /// the bitmap and what is wrong.
+    pub fn take(
+        &mut self,
+        graph: &Graph,
+        mapping: Option<&[BitmapMigrationNodeAlias]>,
+        c: BitmapChunk,
+    ) -> Result<(), String> {
         let key = (c.meta.node.clone(), c.meta.bitmap.clone());
         let whose = format!("bitmap '{}' of node '{}'", c.meta.bitmap, c.meta.node);
         let Some(&i) = self.at.get(&key) else {
             if c.first != 0 {
                 return Err(format!("{whose}: its bits start at byte {}, not 0", c.first));
             }
+            let (node, name, transform) = resolve(mapping, &c.meta.node, &c.meta.bitmap)?;
+            let whose = format!("bitmap '{name}' of node '{node}'");
+            let n = graph.find(&node).map_err(|_| format!("{whose}: there is no node '{node}' here"))?;
+            if n.length() != c.meta.size {
+                return Err(format!("{whose}: it covers {} bytes, the node here has {}", c.meta.size, n.length()));
+            }
+            let persistent = transform.unwrap_or(c.meta.persistent);
+            if persistent {
+                return Err(persistent_refused(&whose));
+            }
             self.at.insert(key, self.pending.len());
-            self.pending.push(Pending { meta: c.meta, bits: c.bits });
+            self.pending.push(Pending { meta: c.meta, node, name, persistent, bits: c.bits });
             return Ok(());
         };
         let p = &mut self.pending[i];
@@ -314,23 +336,15 @@ impl Incoming {
 /// A bitmap an incoming attempt created: removed again on rollback.
 pub type Created = (String, Arc<DirtyBitmap>);
 
-/// Create the received bitmaps on this side's nodes, resolving aliases
-/// through `mapping`. Each one created is pushed to `created` at once, so
-/// a failure part way leaves the caller all it must remove ([`remove`]).
-pub fn apply(
-    graph: &Graph,
-    mapping: Option<&[BitmapMigrationNodeAlias]>,
-    incoming: Incoming,
-    created: &mut Vec<Created>,
-) -> Result<(), String> {
+/// Create the received bitmaps on this side's nodes (where [`Incoming::take`]
+/// resolved them). Each one created is pushed to `created` at once, so a
+/// failure part way leaves the caller all it must remove ([`remove`]).
+pub fn apply(graph: &Graph, incoming: Incoming, created: &mut Vec<Created>) -> Result<(), String> {
     for p in incoming.finish()? {
-        let (node, name, transform) = resolve(mapping, &p.meta.node, &p.meta.bitmap)?;
+        let (node, name) = (p.node, p.name);
         let whose = format!("bitmap '{name}' of node '{node}'");
-        if transform.unwrap_or(p.meta.persistent) {
+        if p.persistent {
             return Err(persistent_refused(&whose));
-        }
-        if graph.find(&node).is_err() {
-            return Err(format!("{whose}: there is no node '{node}' here"));
         }
         let bm = DirtyBitmap::import(&name, p.meta.size, u64::from(p.meta.granularity), p.meta.enabled, &p.bits)
             .map_err(|e| format!("{whose}: {e}"))?;
@@ -505,32 +519,44 @@ mod tests {
         BitmapChunk { meta, first, bits: bits.to_vec() }
     }
 
-    #[test]
-    fn the_destination_takes_each_bitmaps_chunks_in_order_and_whole() {
+    #[tokio::test]
+    async fn the_destination_takes_each_bitmaps_chunks_in_order_and_whole() {
         // 1 MiB at 64 KiB: 16 bits, 2 bytes.
+        let g = graph(&["disk"]).await;
         let mut inc = Incoming::default();
         assert!(inc.is_empty());
-        inc.take(chunk("disk", "b", 0, &[1])).unwrap();
-        inc.take(chunk("disk", "c", 0, &[2, 3])).unwrap();
-        let e = inc.take(chunk("disk", "c", 2, &[])).unwrap_err();
+        inc.take(&g, None, chunk("disk", "b", 0, &[1])).unwrap();
+        inc.take(&g, None, chunk("disk", "c", 0, &[2, 3])).unwrap();
+        let e = inc.take(&g, None, chunk("disk", "c", 2, &[])).unwrap_err();
         assert_eq!(e, "bitmap 'c' of node 'disk': its bits arrived twice");
-        let e = inc.take(chunk("disk", "b", 0, &[1])).unwrap_err();
+        let e = inc.take(&g, None, chunk("disk", "b", 0, &[1])).unwrap_err();
         assert_eq!(e, "bitmap 'b' of node 'disk': bytes from 0 arrived after 1 of them");
         let mut other = chunk("disk", "b", 1, &[1]);
         other.meta.enabled = false;
-        assert!(inc.take(other).unwrap_err().contains("other things of it than its first one"));
-        let e = Incoming::default().take(chunk("disk", "b", 1, &[1])).unwrap_err();
+        assert!(inc.take(&g, None, other).unwrap_err().contains("other things of it than its first one"));
+        let e = Incoming::default().take(&g, None, chunk("disk", "b", 1, &[1])).unwrap_err();
         assert_eq!(e, "bitmap 'b' of node 'disk': its bits start at byte 1, not 0");
+        // Where it goes is known from its first section: a node of that size here.
+        let e = Incoming::default().take(&g, None, chunk("nosuch", "b", 0, &[0, 0])).unwrap_err();
+        assert_eq!(e, "bitmap 'b' of node 'nosuch': there is no node 'nosuch' here");
+        let mut big = chunk("disk", "big", 0, &[0, 0, 0, 0]);
+        big.meta.size = 2 * MIB;
+        let e = Incoming::default().take(&g, None, big).unwrap_err();
+        assert_eq!(e, "bitmap 'big' of node 'disk': it covers 2097152 bytes, the node here has 1048576");
         let e = inc.finish().unwrap_err();
         assert_eq!(e, "the stream ended with bitmap 'b' of node 'disk' incomplete (1 of its 2 bytes of bits)");
     }
 
-    fn received(chunks: Vec<BitmapChunk>) -> Incoming {
+    fn received(
+        g: &Graph,
+        mapping: Option<&[BitmapMigrationNodeAlias]>,
+        chunks: Vec<BitmapChunk>,
+    ) -> Result<Incoming, String> {
         let mut inc = Incoming::default();
         for c in chunks {
-            inc.take(c).unwrap();
+            inc.take(g, mapping, c)?;
         }
-        inc
+        Ok(inc)
     }
 
     #[tokio::test]
@@ -538,12 +564,13 @@ mod tests {
         let g = graph(&["vda", "vdb"]).await;
         let m = vec![node("vda", "d0", &[("inc0", "b0")]), node("vdb", "d1", &[("x", "y")])];
         let mut created = Vec::new();
-        apply(&g, Some(&m), received(vec![chunk("d0", "b0", 0, &[0x81, 0x80])]), &mut created).unwrap();
+        let inc = received(&g, Some(&m), vec![chunk("d0", "b0", 0, &[0x81, 0x80])]).unwrap();
+        apply(&g, inc, &mut created).unwrap();
         let bm = g.find("vda").unwrap().bitmap("inc0").unwrap();
         assert_eq!(bm.export(), (MIB, vec![0x81, 0x80]));
         assert_eq!((bm.granularity(), bm.is_enabled(), bm.dirty_granules()), (65536, true, 3));
         // Without a mapping the names are the node's and the bitmap's own.
-        apply(&g, None, received(vec![chunk("vdb", "plain", 0, &[0, 0])]), &mut created).unwrap();
+        apply(&g, received(&g, None, vec![chunk("vdb", "plain", 0, &[0, 0])]).unwrap(), &mut created).unwrap();
         assert!(g.find("vdb").unwrap().bitmap("plain").is_ok());
         // A user's bitmap of another name stays through the rollback.
         g.bitmap_add("vda", "mine", None, false).unwrap();
@@ -555,7 +582,7 @@ mod tests {
         // Every refusal names the bitmap; what was created before it is in `created`.
         let refused = |mapping: Option<&[BitmapMigrationNodeAlias]>, chunks: Vec<BitmapChunk>| {
             let mut created = Vec::new();
-            let e = apply(&g, mapping, received(chunks), &mut created).unwrap_err();
+            let e = received(&g, mapping, chunks).and_then(|inc| apply(&g, inc, &mut created)).unwrap_err();
             remove(&g, &mut created);
             e
         };
@@ -566,12 +593,6 @@ mod tests {
         let e = refused(None, vec![chunk("vda", "ok", 0, &[0, 0]), chunk("vda", "mine", 0, &[0, 0])]);
         assert_eq!(e, "Bitmap with the same name ('mine') already exists on node 'vda' of the destination");
         assert!(g.find("vda").unwrap().bitmap("ok").is_err(), "the one created before is gone");
-        let e = refused(None, vec![chunk("nosuch", "b", 0, &[0, 0])]);
-        assert_eq!(e, "bitmap 'b' of node 'nosuch': there is no node 'nosuch' here");
-        let mut big = chunk("vda", "big", 0, &[0, 0, 0, 0]);
-        big.meta.size = 2 * MIB;
-        let e = refused(None, vec![big]);
-        assert!(e.starts_with("bitmap 'big' of node 'vda': bitmap on node 'vda'"), "{e}");
         let e = refused(None, vec![chunk("vda", "tail", 0, &[0, 0x80]), chunk("vda", "tail2", 0, &[1])]);
         assert!(e.contains("incomplete"), "{e}");
         let mut p = chunk("vda", "p", 0, &[0, 0]);
@@ -582,7 +603,7 @@ mod tests {
         t.bitmaps[0].transform = Some(BitmapMigrationBitmapAliasTransform { persistent: Some(false) });
         let mut created = Vec::new();
         p.meta.node = "d0".into();
-        apply(&g, Some(&[t.clone()]), received(vec![p.clone()]), &mut created).unwrap();
+        apply(&g, received(&g, Some(&[t.clone()]), vec![p.clone()]).unwrap(), &mut created).unwrap();
         remove(&g, &mut created);
         t.bitmaps[0].transform = Some(BitmapMigrationBitmapAliasTransform { persistent: Some(true) });
         p.meta.persistent = false;

@@ -248,7 +248,7 @@ where
                         chunk.meta.bitmap, chunk.meta.node
                     )));
                 }
-                incoming.take(chunk).map_err(MigrationError::Bitmap)?;
+                incoming.take(graph, p.block_bitmap_mapping.as_deref(), chunk).map_err(MigrationError::Bitmap)?;
             }
             Section::Abort(why) => return Err(MigrationError::SourceAborted(why)),
             Section::KeepAlive => {}
@@ -276,7 +276,7 @@ where
     activated.extend(graph.nodes().iter().filter(|n| !n.is_active()).map(|n| n.name().to_string()));
     graph.activate_all().await.map_err(MigrationError::Activate)?;
     point("migration::incoming-before-ack").await?;
-    bitmaps::apply(graph, p.block_bitmap_mapping.as_deref(), incoming, created).map_err(MigrationError::Bitmap)?;
+    bitmaps::apply(graph, incoming, created).map_err(MigrationError::Bitmap)?;
     vm.load_cpu_state(&vcpus, device).await?;
     point("migration::incoming-before-prepared").await?;
     if !mig.try_prepare() {
