@@ -139,7 +139,8 @@ impl Outgoing {
 
 /// The bitmaps of `graph` that go with a migration under `mapping`, checked
 /// (see the module doc): at `migrate` (an error then changes nothing) and
-/// again at the switchover, when they are read. `Err` names the node or bitmap.
+/// again when the attempt starts and claims them ([`claim`]). `Err` names
+/// the node or bitmap.
 pub fn outgoing(graph: &Graph, mapping: Option<&[BitmapMigrationNodeAlias]>) -> Result<Vec<Outgoing>, String> {
     let mut out = Vec::new();
     match mapping {
