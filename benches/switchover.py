@@ -10,6 +10,9 @@ the daemons' own QMP event timestamps (same host clock):
               destination runs the guest on its own, no -S)
   total       source MIGRATION `setup` -> `completed`
 
+and, for baton, the median time of each switchover step (query-migrate's
+`x-baton-switchover`), the profile the speed work goes by.
+
 Cases: guest memory (64 MiB, 256 MiB) x state (paused beforehand; writing:
 baton's guest writes its disk, QEMU's SeaBIOS has no OS and idles, so its
 "running" row is idle, labelled so) x disk (shared: the destination opens
@@ -164,6 +167,10 @@ def one(peer, mem, writing, mirrored, tmp):
         stops = [e for e in sq.events if e["event"] == "STOP"][stops_before:]
         start = stops[0] if stops else sq.first("MIGRATION", status="device")
         r = {"switchover": (ts(done) - ts(start)) * 1000, "total": (ts(done) - ts(setup)) * 1000}
+        if peer == "baton":
+            r["steps"] = sq.ok("query-migrate").get("x-baton-switchover", {})
+            dq.wait("MIGRATION", status="completed")
+            r["dsteps"] = dq.ok("query-migrate").get("x-baton-switchover", {})
         if writing:
             resume = dq.wait("RESUME")
             r["to-resume"] = (ts(resume) - ts(start)) * 1000
@@ -221,6 +228,12 @@ def print_row(row):
         ratio = f"{b[0] / q[0]:.2f}" if b and q and q[0] > 0 else "-"
         qlabel = " (QEMU idles: SeaBIOS)" if writing and q else ""
         print(f"{name:38} {k:11} baton {fmt(b):26} qemu {fmt(q):26} baton/qemu {ratio}{qlabel}", flush=True)
+    for key, side in (("steps", "source"), ("dsteps", "destination")):
+        steps = [x.get(key, {}) for x in res["baton"]]
+        if steps and steps[0]:
+            per = {k: statistics.median(s.get(k, 0.0) for s in steps) for k in steps[0]}
+            print(f"{'':38} baton's {side} steps (median ms): " + ", ".join(f"{k} {v:.2f}" for k, v in per.items()),
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -1225,3 +1225,66 @@ fn a_return_path_reset_as_prepared_passes_never_runs_two_guests() {
     ok(&mut dq, "x-baton-migrate-decide", json!({"decision": "abort"}));
     wait(&mut dq, "query-status", "the destination to roll back", 30, |v| v["status"] == "inmigrate");
 }
+
+/// The switchover's prediction counts the link, measured while the guest
+/// runs: with 40 ms added each way on the migration link, every round trip
+/// takes 80 ms or more, and the two of the switchover (to PREPARED, to
+/// COMMIT's acknowledgement) cannot fit a 50 ms `downtime-limit`. Strict,
+/// the attempt fails saying so and the guest runs on; as QEMU, it switches
+/// over anyway and reports the prediction beside the downtime.
+#[test]
+fn a_downtime_limit_the_link_cannot_meet_fails_when_strict_and_is_reported_otherwise() {
+    if !common::kvm_or_skip() {
+        return;
+    }
+    let mut rig = Rig::new();
+    let uri = format!("unix:{}", rig.path("mig-proxy.sock").display());
+    rig.mig.delay(Dir::Up, 40);
+    rig.mig.delay(Dir::Down, 40);
+    let strict = json!({"downtime-limit": 50, "x-baton-max-passes": 2, "x-baton-strict-downtime": 1});
+    ok(rig.sq(), "migrate-set-parameters", strict);
+    ok(rig.sq(), "migrate", json!({"uri": uri}));
+    let m = wait(rig.sq(), "query-migrate", "the strict attempt", 60, |v| is_final(&v["status"]));
+    assert_eq!(m["status"], "failed", "{m}");
+    let why = m["error-desc"].as_str().unwrap_or("");
+    assert!(why.contains("did not converge") && why.contains("after 2 passes") && why.contains("50 ms"), "{m}");
+    assert_eq!(ok(rig.sq(), "query-status", json!({}))["status"], "running");
+    rig.dest_rolled_back();
+
+    ok(rig.sq(), "migrate-set-parameters", json!({"x-baton-strict-downtime": 0}));
+    let m = rig.migrate_completes(&uri, "the attempt that overruns");
+    let predicted = m["x-baton-expected-downtime"].as_u64().unwrap();
+    assert!(predicted >= 2 * 80, "two round trips of at least 80 ms each: {m}");
+    assert!(m["downtime"].as_u64().is_some(), "{m}");
+    rig.dest_runs_and_checks();
+}
+
+/// The prediction counts the disks too: a node whose flush takes 300 ms
+/// (a blkdebug delay) makes a 100 ms `downtime-limit` unreachable, found
+/// before the guest stops.
+#[test]
+fn a_slow_flush_is_counted_before_the_guest_stops() {
+    if !common::kvm_or_skip() {
+        return;
+    }
+    let extra: Vec<String> = vec![
+        "--blockdev".into(),
+        "driver=file,node-name=slowfile,filename=$DIRslow.img".into(),
+        "--blockdev".into(),
+        "driver=blkdebug,node-name=slow,image=slowfile".into(),
+    ];
+    let mut rig = Rig::with_source_files(&extra, &["slow.img"]);
+    let uri = format!("unix:{}", rig.path("mig-proxy.sock").display());
+    let rules = json!({"node-name": "slow", "inject-error": [], "x-baton-inject-delay": [{"event": "flush_to_disk", "ms": 300}]});
+    ok(rig.sq(), "x-baton-blkdebug-set-rules", rules);
+    let strict = json!({"downtime-limit": 100, "x-baton-max-passes": 1, "x-baton-strict-downtime": 1});
+    ok(rig.sq(), "migrate-set-parameters", strict);
+    let stops = rig.sq().events.iter().filter(|e| e["event"] == "STOP").count();
+    ok(rig.sq(), "migrate", json!({"uri": uri}));
+    let m = wait(rig.sq(), "query-migrate", "the attempt", 60, |v| is_final(&v["status"]));
+    assert_eq!(m["status"], "failed", "{m}");
+    assert!(m["error-desc"].as_str().unwrap_or("").contains("did not converge"), "{m}");
+    assert_eq!(ok(rig.sq(), "query-status", json!({}))["status"], "running");
+    assert_eq!(rig.sq().events.iter().filter(|e| e["event"] == "STOP").count(), stops, "the guest never stopped");
+    rig.dest_rolled_back();
+}

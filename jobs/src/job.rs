@@ -278,6 +278,11 @@ impl Job {
         JobManager::driver_of(self).and_then(|d| d.nodes())
     }
 
+    /// Bytes left to copy by its own count (QEMU's `len - offset`).
+    pub fn remaining(&self) -> u64 {
+        self.total.load(Ordering::SeqCst).saturating_sub(self.progress.load(Ordering::SeqCst))
+    }
+
     /// READY with nothing left to copy (this job, not whichever holds its id now).
     pub fn in_sync(&self) -> bool {
         self.status() == Status::Ready && JobManager::driver_of(self).is_some_and(|d| d.in_sync())

@@ -61,6 +61,8 @@ struct Ctl {
     flow: [Mutex<Flow>; 2],
     /// Bytes per second per direction, 0 for no limit.
     rate: [AtomicU64; 2],
+    /// Milliseconds each read waits before it is forwarded, per direction.
+    delay: [AtomicU64; 2],
     bytes: [AtomicU64; 2],
     changed: Notify,
     /// Bumped by a reset: every connection alive at that moment closes.
@@ -90,6 +92,7 @@ impl Proxy {
         let ctl = Arc::new(Ctl {
             flow: [Mutex::new(Flow::Forward), Mutex::new(Flow::Forward)],
             rate: [AtomicU64::new(0), AtomicU64::new(0)],
+            delay: [AtomicU64::new(0), AtomicU64::new(0)],
             bytes: [AtomicU64::new(0), AtomicU64::new(0)],
             changed: Notify::new(),
             resets: AtomicU64::new(0),
@@ -132,6 +135,11 @@ impl Proxy {
     }
 
     /// Cut the link: every connection closes, and new ones too until heal().
+    /// Add `ms` of latency to this direction (each read waits that long).
+    pub fn delay(&self, dir: Dir, ms: u64) {
+        self.ctl.delay[dir as usize].store(ms, Ordering::SeqCst);
+    }
+
     pub fn reset(&self) {
         apply(&self.ctl, Action::Reset);
     }
@@ -303,6 +311,10 @@ async fn pump(
         let mut data = &mut buf[..n];
         if flow == Flow::BlackHole {
             continue;
+        }
+        let delay = ctl.delay[d].load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
         }
         if let Some(at) = *ctl.flip_at.lock().unwrap() {
             if dir == Dir::Up && at >= offset && at < offset + n as u64 {

@@ -28,6 +28,7 @@
 //!              its bits, LSB first; kind 0: those bytes are zero and none follow;
 //!              flags: 1 enabled, 2 persistent, the rest zero; only with
 //!              capability dirty-bitmaps, after the nodes went inactive, before END)
+//!   11 SYNC    (empty)                          (end of pre-copy: answer once all before it is applied)
 //!
 //!  destination -> source (the return path)
 //!  reply: tag:u8 len:u32 hcrc:u32 payload[len] pcrc:u32   (CRCs as for sections)
@@ -35,6 +36,7 @@
 //!                the destination's disks that are incoming mirror targets)
 //!    2 REFUSED   reason (utf-8)                  (the attempt is over; why)
 //!    3 PREPARED  (empty)                         (everything arrived and is loaded)
+//!    5 SYNCED    (empty)                         (answer to SYNC: everything before it is in RAM)
 //!    4 COMMITTED (empty)                         (COMMIT taken: the guest is the
 //!                destination's; for the source's record and its downtime)
 //! ```
@@ -70,11 +72,13 @@ pub const COMMIT: u8 = 7;
 pub const ABORT: u8 = 8;
 pub const KEEPALIVE: u8 = 9;
 pub const BITMAPS: u8 = 10;
+pub const SYNC: u8 = 11;
 
 pub const REPLY_WELCOME: u8 = 1;
 pub const REPLY_REFUSED: u8 = 2;
 pub const REPLY_PREPARED: u8 = 3;
 pub const REPLY_COMMITTED: u8 = 4;
+pub const REPLY_SYNCED: u8 = 5;
 /// Largest reply accepted.
 pub const MAX_REPLY: u32 = 64 << 10;
 
@@ -120,6 +124,7 @@ pub const SECTIONS: &[Layout] = &[
     Layout { tag: ABORT, name: "ABORT", version: 1, fields: "reason:utf8[<=MAX_REPLY]" },
     Layout { tag: KEEPALIVE, name: "KEEPALIVE", version: 1, fields: "" },
     Layout { tag: BITMAPS, name: "BITMAPS", version: 1, fields: BITMAP_FIELDS },
+    Layout { tag: SYNC, name: "SYNC", version: 1, fields: "" },
 ];
 
 /// A BITMAPS section's fields (see the module doc).
@@ -151,6 +156,7 @@ pub const REPLIES: &[Layout] = &[
     Layout { tag: REPLY_REFUSED, name: "REFUSED", version: 0, fields: "reason:utf8[<=MAX_REPLY]" },
     Layout { tag: REPLY_PREPARED, name: "PREPARED", version: 0, fields: "" },
     Layout { tag: REPLY_COMMITTED, name: "COMMITTED", version: 0, fields: "" },
+    Layout { tag: REPLY_SYNCED, name: "SYNCED", version: 0, fields: "" },
 ];
 
 /// The vCPU state's fields, in the order [`vcpu_bytes`] writes them.
@@ -241,6 +247,8 @@ pub enum Section {
     KeepAlive,
     /// Part (or all) of a dirty bitmap's bits.
     Bitmap(BitmapChunk),
+    /// Answer SYNCED once everything before it is applied.
+    Sync,
 }
 
 /// What a BITMAPS section says of its bitmap: the same in every section
@@ -295,6 +303,7 @@ impl Section {
             Section::Abort(_) => "ABORT",
             Section::KeepAlive => "KEEPALIVE",
             Section::Bitmap(_) => "BITMAPS",
+            Section::Sync => "SYNC",
         }
     }
 }
@@ -329,6 +338,8 @@ pub enum Reply {
     Prepared,
     /// COMMIT taken.
     Committed,
+    /// Everything before SYNC is applied.
+    Synced,
 }
 
 /// A destination disk exported writable for the source's mirror.
@@ -578,6 +589,11 @@ pub async fn write_hello<W: AsyncWrite + Unpin>(w: &mut W, h: &Hello) -> std::io
 
 pub async fn write_keepalive<W: AsyncWrite + Unpin>(w: &mut W) -> std::io::Result<()> {
     section(w, KEEPALIVE, &[]).await?;
+    w.flush().await
+}
+
+pub async fn write_sync<W: AsyncWrite + Unpin>(w: &mut W) -> std::io::Result<()> {
+    section(w, SYNC, &[]).await?;
     w.flush().await
 }
 
@@ -881,6 +897,7 @@ pub async fn read_section<R: AsyncRead + Unpin>(r: &mut R) -> Result<Section, St
         },
         COMMIT if len == 0 => Ok(Section::Commit),
         KEEPALIVE if len == 0 => Ok(Section::KeepAlive),
+        SYNC if len == 0 => Ok(Section::Sync),
         ABORT if len <= u64::from(MAX_REPLY) => Ok(Section::Abort(String::from_utf8_lossy(p).into_owned())),
         BITMAPS => bitmap_from(p).map(Section::Bitmap).map_err(|why| bad(&why)),
         _ => Err(bad("wrong length")),
@@ -903,6 +920,7 @@ pub async fn write_reply<W: AsyncWrite + Unpin>(w: &mut W, reply: &Reply) -> std
         }
         Reply::Prepared => (REPLY_PREPARED, Vec::new()),
         Reply::Committed => (REPLY_COMMITTED, Vec::new()),
+        Reply::Synced => (REPLY_SYNCED, Vec::new()),
     };
     // One write: a reply leaves whole or not at all as far as this side can tell.
     w.write_all(&reply_bytes(tag, &payload)).await?;
@@ -974,6 +992,7 @@ pub async fn read_reply<R: AsyncRead + Unpin>(r: &mut R) -> Result<Reply, Stream
         REPLY_REFUSED => Ok(Reply::Refused(String::from_utf8_lossy(p).into_owned())),
         REPLY_PREPARED if len == 0 => Ok(Reply::Prepared),
         REPLY_COMMITTED if len == 0 => Ok(Reply::Committed),
+        REPLY_SYNCED if len == 0 => Ok(Reply::Synced),
         other => Err(StreamError::BadReply(format!("unknown reply {other} of {len} bytes"))),
     }
 }
@@ -1176,6 +1195,8 @@ mod tests {
         write_bitmap(&mut w, &meta, &vec![0; bits.len()]).await.unwrap();
         assert_eq!(w.len(), SECTION_HEADER_LEN + 2 + 4 + 4 + 26 + 4, "zero bits go as a zero chunk");
         out.push(("BITMAPS", std::mem::take(&mut w)));
+        write_sync(&mut w).await.unwrap();
+        out.push(("SYNC", std::mem::take(&mut w)));
         write_end(&mut w, true).await.unwrap();
         out.push(("END", std::mem::take(&mut w)));
         out
@@ -1503,6 +1524,7 @@ mod tests {
                 ("REFUSED", Reply::Refused("no".into())),
                 ("PREPARED", Reply::Prepared),
                 ("COMMITTED", Reply::Committed),
+                ("SYNCED", Reply::Synced),
             ] {
                 let mut w = Vec::new();
                 write_reply(&mut w, &reply).await.unwrap();

@@ -221,9 +221,7 @@ where
                         "RAM pages {first_page}+{n} are outside the guest's {pages} pages"
                     )));
                 }
-                let addr = first_page * PAGE as u64;
-                mem.write_slice(&data, GuestAddress(addr))
-                    .map_err(|source| crate::memory::error("write", addr, data.len(), source))?;
+                write_pages(&mem, first_page, &data)?;
                 for pg in first_page..first_page + n {
                     if let Some(word) = arrived.get_mut((pg / 64) as usize) {
                         *word |= 1 << (pg % 64);
@@ -252,6 +250,11 @@ where
             }
             Section::Abort(why) => return Err(MigrationError::SourceAborted(why)),
             Section::KeepAlive => {}
+            // The source is about to stop the guest: say when all before this is in RAM.
+            Section::Sync => tokio::time::timeout(p.io_timeout, stream::write_reply(w, &Reply::Synced))
+                .await
+                .map_err(|_| MigrationError::Timeout("the SYNCED write", p.io_timeout))?
+                .map_err(StreamError::Io)?,
             Section::Commit => return Err(MigrationError::Invalid("COMMIT before the end of the stream".into())),
             Section::End { running } => break running,
         }
@@ -273,11 +276,15 @@ where
     };
 
     // Everything arrived and fits: take over the disks, load the guest, do NOT run it.
+    let t = std::time::Instant::now();
     activated.extend(graph.nodes().iter().filter(|n| !n.is_active()).map(|n| n.name().to_string()));
     graph.activate_all().await.map_err(MigrationError::Activate)?;
+    mig.step_done("activate", t.elapsed());
     point("migration::incoming-before-ack").await?;
     bitmaps::apply(graph, incoming, created).map_err(MigrationError::Bitmap)?;
+    let t = std::time::Instant::now();
     vm.load_cpu_state(&vcpus, device).await?;
+    mig.step_done("load-state", t.elapsed());
     point("migration::incoming-before-prepared").await?;
     if !mig.try_prepare() {
         return Err(mig.stop_reason());
@@ -287,6 +294,39 @@ where
         .map_err(|_| MigrationError::Timeout("the PREPARED write", p.io_timeout))?
         .map_err(StreamError::Io)?;
     Ok(running)
+}
+
+/// Write pages from `first_page` on into guest RAM. An all-zero page over
+/// a page that already reads zero is not written: reading never-touched
+/// memory maps the kernel's zero page, while writing it would fault in and
+/// clear a fresh page (a 64 MiB guest is mostly such pages).
+fn write_pages(mem: &crate::memory::Mem, first_page: u64, data: &[u8]) -> Result<(), MigrationError> {
+    let mut here = [0u8; PAGE];
+    let mut run: Option<(u64, usize)> = None; // (first page, start in data) of pages to write
+    let flush = |run: &mut Option<(u64, usize)>, end: usize| -> Result<(), MigrationError> {
+        if let Some((pg, at)) = run.take() {
+            let addr = pg * PAGE as u64;
+            mem.write_slice(&data[at..end], GuestAddress(addr))
+                .map_err(|source| crate::memory::error("write", addr, end - at, source))?;
+        }
+        Ok(())
+    };
+    for (i, page) in data.chunks_exact(PAGE).enumerate() {
+        let pg = first_page + i as u64;
+        let at = i * PAGE;
+        let skip = page.iter().all(|&b| b == 0) && {
+            let addr = pg * PAGE as u64;
+            mem.read_slice(&mut here, GuestAddress(addr))
+                .map_err(|source| crate::memory::error("read", addr, PAGE, source))?;
+            here.iter().all(|&b| b == 0)
+        };
+        if skip {
+            flush(&mut run, at)?;
+        } else if run.is_none() {
+            run = Some((pg, at));
+        }
+    }
+    flush(&mut run, data.len() - data.len() % PAGE)
 }
 
 /// PREPARED: wait for COMMIT or ABORT from the source, or the operator's

@@ -83,6 +83,14 @@ pub enum MigrationError {
     },
     #[error("{0}")]
     Disk(String),
+    /// Pre-copy did not get the switchover's prediction within
+    /// `downtime-limit` (with `x-baton-strict-downtime`).
+    #[error(
+        "pre-copy did not converge: after {passes} passes the switchover would take {predicted_ms} ms \
+         ({ram_ms} ms of RAM and mirror work at {mbps:.1} MB/s, {fixed_ms} ms of flush and round trips), \
+         over downtime-limit {limit_ms} ms; the guest runs on here"
+    )]
+    NotConverged { passes: u64, predicted_ms: u64, ram_ms: u64, fixed_ms: u64, mbps: f64, limit_ms: u64 },
     /// The destination could not take over its disks.
     #[error("activating the disks failed")]
     Activate(#[source] block::BlockError),

@@ -69,6 +69,12 @@ pub struct Parameters {
     pub avail_switchover_bandwidth: u64,
     /// QEMU's `block-bitmap-mapping`, as set (None: match bitmaps by node name).
     pub block_bitmap_mapping: Option<Vec<BitmapMigrationNodeAlias>>,
+    /// Pre-copy passes at most (after the first, which sends every page).
+    pub max_passes: u64,
+    /// 1: fail the attempt (the guest runs on) when `max_passes` passes do
+    /// not bring the switchover's prediction within `downtime-limit`; 0:
+    /// switch over anyway, as QEMU overruns its limit.
+    pub strict_downtime: u64,
     /// The mapping as the client gave it, for `query-migrate-parameters`.
     block_bitmap_mapping_json: Option<Value>,
 }
@@ -103,7 +109,7 @@ const fn timeout(name: &'static str, default: u64, field: fn(&mut Parameters) ->
     Param { name, default, min: MIN_MS, max: MAX_MS, error_name: name, max_text: None, unit: "milliseconds", field }
 }
 
-const PARAMS: [Param; 10] = [
+const PARAMS: [Param; 12] = [
     Param {
         name: "downtime-limit",
         default: 300,
@@ -135,6 +141,26 @@ const PARAMS: [Param; 10] = [
         unit: "bytes/second",
         field: |p| Slot::Int(&mut p.avail_switchover_bandwidth),
     },
+    Param {
+        name: "x-baton-max-passes",
+        default: 8,
+        min: 1,
+        max: 1000,
+        error_name: "x-baton-max-passes",
+        max_text: None,
+        unit: "passes",
+        field: |p| Slot::Int(&mut p.max_passes),
+    },
+    Param {
+        name: "x-baton-strict-downtime",
+        default: 0,
+        min: 0,
+        max: 1,
+        error_name: "x-baton-strict-downtime",
+        max_text: None,
+        unit: "(0: switch over anyway, as QEMU; 1: fail and run on)",
+        field: |p| Slot::Int(&mut p.strict_downtime),
+    },
     timeout("x-baton-connect-timeout", 10_000, |p| Slot::Millis(&mut p.connect_timeout)),
     timeout("x-baton-hello-timeout", 10_000, |p| Slot::Millis(&mut p.hello_timeout)),
     timeout("x-baton-io-timeout", 30_000, |p| Slot::Millis(&mut p.io_timeout)),
@@ -161,6 +187,8 @@ impl Default for Parameters {
             downtime_limit: 0,
             max_bandwidth: 0,
             avail_switchover_bandwidth: 0,
+            max_passes: 0,
+            strict_downtime: 0,
             block_bitmap_mapping: None,
             block_bitmap_mapping_json: None,
         };

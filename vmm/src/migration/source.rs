@@ -26,8 +26,6 @@ use crate::stream::{self, Hello, Reply, StreamError, PAGE};
 use crate::switchover::{self, Bounds};
 use crate::vm::{RunState, Vm};
 
-/// Pre-copy passes at most before the switchover.
-const MAX_PASSES: u32 = 8;
 /// Pages per RAM section (a cancel takes effect between two).
 const RUN: usize = 64;
 /// How long a failing attempt tries to tell the destination (ABORT).
@@ -362,7 +360,7 @@ where
     let targets = match link.expect(mig, p.hello_timeout, "answer to HELLO").await? {
         Reply::Welcome(t) => t,
         Reply::Refused(why) => return Err(MigrationError::Refused(why)),
-        other @ (Reply::Prepared | Reply::Committed) => {
+        other @ (Reply::Prepared | Reply::Committed | Reply::Synced) => {
             let what = format!("{other:?} before anything was sent");
             return Err(MigrationError::Stream(StreamError::BadReply(what)));
         }
@@ -373,9 +371,13 @@ where
     }
 
     // Active: the first pass sends every page; later passes what the guest
-    // dirtied meanwhile, until the rest fits in `downtime-limit` (QEMU's
-    // test) or MAX_PASSES passes did not get there (then the switchover
-    // takes longer than the limit, and `downtime` says by how much).
+    // dirtied meanwhile, until the switchover's prediction fits
+    // `downtime-limit`: the dirty RAM and the mirrors' remaining work at the
+    // measured rate, plus the fixed costs measured while the guest still
+    // runs (a flush of every node, as the inactivation will do, and the
+    // round trips to PREPARED and to COMMIT's acknowledgement). If
+    // `x-baton-max-passes` do not get there: fail (`x-baton-strict-downtime`)
+    // or switch over anyway, as QEMU, and `downtime` says by how much.
     // As QEMU, the first sync (pass 1) is part of the setup.
     let _ = vm.take_dirty_log()?;
     let mut synced = Instant::now();
@@ -392,7 +394,13 @@ where
     point("migration::precopy").await?;
     // Dirty pages a sync found and pre-copy left to the switchover.
     let mut unsent = Vec::new();
-    for _ in 0..MAX_PASSES {
+    let mut rtt = Duration::MAX;
+    let mut converged = None;
+    for passes in 1..=p.max_passes {
+        // The destination has applied everything so far (the round trip
+        // only ever overstates the link's: take the least seen).
+        rtt = rtt.min(sync(link, mig, p.io_timeout).await?);
+        let flush = flush_all(graph, mig, p.io_timeout).await?;
         let log = vm.take_dirty_log()?;
         let n = crate::memory::count(&log);
         let since = synced.elapsed().as_secs_f64().max(1e-6);
@@ -406,16 +414,42 @@ where
             0 => bandwidth,
             b => b as f64 / 1000.0,
         };
-        let expected = (n * PAGE as u64) as f64 / at.max(1e-3);
-        mig.counters.expected_downtime.store(expected as u64, Ordering::SeqCst);
-        if expected <= p.downtime_limit as f64 {
+        let mirrors: u64 = carriers.iter().map(|c| c.job.remaining()).sum();
+        let ram_ms = ((n * PAGE as u64 + mirrors) as f64 / at.max(1e-3)) as u64;
+        let fixed_ms = (flush + 2 * rtt).as_millis() as u64 + 1;
+        let predicted = ram_ms + fixed_ms;
+        mig.counters.expected_downtime.store(predicted, Ordering::SeqCst);
+        if predicted <= p.downtime_limit {
             // The rest fits: it goes in the switchover, with what the guest dirties until it stops.
+            unsent = log;
+            converged = Some(());
+            break;
+        }
+        if passes == p.max_passes {
+            if p.strict_downtime == 1 {
+                return Err(MigrationError::NotConverged {
+                    passes,
+                    predicted_ms: predicted,
+                    ram_ms,
+                    fixed_ms,
+                    mbps: at / 1000.0,
+                    limit_ms: p.downtime_limit,
+                });
+            }
+            tracing::warn!(passes, predicted, limit = p.downtime_limit, "pre-copy did not converge; switching over");
             unsent = log;
             break;
         }
         let pass = Pass::start(link, mig);
         send_pages(link, mig, vm, &log, Some(&mut rate)).await?;
         bandwidth = pass.end(link, mig);
+    }
+    if converged.is_none() {
+        mig.set_decision_note(format!(
+            "downtime-limit {} ms not met: the switchover was predicted at {} ms",
+            p.downtime_limit,
+            mig.counters.expected_downtime.load(Ordering::SeqCst)
+        ));
     }
     if mig.is_stopping() {
         return Err(mig.stop_reason());
@@ -498,6 +532,44 @@ where
         }
     }
     Ok(())
+}
+
+/// SYNC and its answer: the destination applied everything before it.
+/// Returns the round trip.
+async fn sync<S>(link: &mut Link<S>, mig: &Migration, io: Duration) -> Result<Duration, MigrationError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let t = Instant::now();
+    if let Err(e) = guarded(mig, io, stream::write_sync(&mut link.w)).await {
+        return Err(link.reason_for(e).await);
+    }
+    match link.expect(mig, io, "SYNCED from the destination").await? {
+        Reply::Synced => Ok(t.elapsed()),
+        Reply::Refused(why) => Err(MigrationError::Refused(why)),
+        other => Err(MigrationError::Stream(StreamError::BadReply(format!("{other:?} instead of SYNCED")))),
+    }
+}
+
+/// Flush every active node, as the inactivation will (what is flushed now
+/// is not flushed again then), within the I/O bound and giving way to a
+/// cancel; returns how long it took.
+async fn flush_all(graph: &Graph, mig: &Migration, io: Duration) -> Result<Duration, MigrationError> {
+    let t = Instant::now();
+    for n in graph.nodes().into_iter().filter(|n| n.is_active()) {
+        let failed =
+            |why: String| MigrationError::Disk(format!("flushing '{}' before the switchover: {why}", n.name()));
+        tokio::select! {
+            biased;
+            _ = mig.cancelled() => return Err(mig.stop_reason()),
+            r = tokio::time::timeout(io, n.flush()) => match r {
+                Err(_) => return Err(failed(format!("no answer within {io:?}"))),
+                Ok(Err(e)) => return Err(failed(e.chain())),
+                Ok(Ok(())) => {}
+            }
+        }
+    }
+    Ok(t.elapsed())
 }
 
 /// Wait for migrate-continue (or a cancel). Meanwhile keep the destination's
@@ -608,7 +680,7 @@ where
     match link.expect(mig, prepared_timeout, "PREPARED from the destination").await? {
         Reply::Prepared => mig.step_done("prepared", t.elapsed()),
         Reply::Refused(why) => return Err(MigrationError::Refused(why)),
-        other @ (Reply::Welcome(_) | Reply::Committed) => {
+        other @ (Reply::Welcome(_) | Reply::Committed | Reply::Synced) => {
             return Err(MigrationError::Stream(StreamError::BadReply(format!("{other:?} instead of PREPARED"))))
         }
     }

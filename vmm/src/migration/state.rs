@@ -729,6 +729,10 @@ impl Migration {
         if source && running {
             v["expected-downtime"] = json!(c.expected_downtime.load(Ordering::SeqCst));
         }
+        if source && a.status == Status::Completed {
+            // The prediction the switchover was started on, beside `downtime`.
+            v["x-baton-expected-downtime"] = json!(c.expected_downtime.load(Ordering::SeqCst));
+        }
         if source && (running || a.status == Status::Completed) {
             let page = crate::stream::PAGE as u64;
             let normal = c.pages_sent.load(Ordering::SeqCst);
