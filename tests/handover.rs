@@ -1227,9 +1227,10 @@ fn a_return_path_reset_as_prepared_passes_never_runs_two_guests() {
 }
 
 /// The switchover's prediction counts the link, measured while the guest
-/// runs: with 40 ms added each way on the migration link, every round trip
-/// takes 80 ms or more, and the two of the switchover (to PREPARED, to
-/// COMMIT's acknowledgement) cannot fit a 50 ms `downtime-limit`. Strict,
+/// runs: with 80 ms added to the return path (the destination's replies),
+/// every round trip takes 80 ms or more, and the two of the switchover (to
+/// PREPARED, to COMMIT's acknowledgement) cannot fit a 50 ms
+/// `downtime-limit`. Strict,
 /// the attempt fails saying so and the guest runs on; as QEMU, it switches
 /// over anyway and reports the prediction beside the downtime.
 #[test]
@@ -1239,8 +1240,7 @@ fn a_downtime_limit_the_link_cannot_meet_fails_when_strict_and_is_reported_other
     }
     let mut rig = Rig::new();
     let uri = format!("unix:{}", rig.path("mig-proxy.sock").display());
-    rig.mig.delay(Dir::Up, 40);
-    rig.mig.delay(Dir::Down, 40);
+    rig.mig.delay(Dir::Down, 80);
     let strict = json!({"downtime-limit": 50, "x-baton-max-passes": 2, "x-baton-strict-downtime": 1});
     ok(rig.sq(), "migrate-set-parameters", strict);
     ok(rig.sq(), "migrate", json!({"uri": uri}));

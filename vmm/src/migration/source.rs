@@ -400,7 +400,7 @@ where
         // The destination has applied everything so far (the round trip
         // only ever overstates the link's: take the least seen).
         rtt = rtt.min(sync(link, mig, p.io_timeout).await?);
-        let flush = flush_all(graph, mig, p.io_timeout).await?;
+        let flush = flush_all(link, graph, mig, p.io_timeout).await?;
         let log = vm.take_dirty_log()?;
         let n = crate::memory::count(&log);
         let since = synced.elapsed().as_secs_f64().max(1e-6);
@@ -551,25 +551,53 @@ where
     }
 }
 
-/// Flush every active node, as the inactivation will (what is flushed now
-/// is not flushed again then), within the I/O bound and giving way to a
-/// cancel; returns how long it took.
-async fn flush_all(graph: &Graph, mig: &Migration, io: Duration) -> Result<Duration, MigrationError> {
+/// Flush every active local node, as the inactivation will (what is
+/// flushed now is not flushed again then); returns how long it took.
+/// `nbd` nodes (mirror targets on the destination) are left out: a stalled
+/// target must fail the mirror's check at the switchover, with its bounds,
+/// not here; their flush is a round trip, which the prediction counts.
+/// Keepalives go meanwhile (a flush may take seconds on a busy host), and a
+/// cancel ends the wait.
+async fn flush_all<S>(
+    link: &mut Link<S>,
+    graph: &Graph,
+    mig: &Migration,
+    io: Duration,
+) -> Result<Duration, MigrationError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let t = Instant::now();
-    for n in graph.nodes().into_iter().filter(|n| n.is_active()) {
-        let failed =
-            |why: String| MigrationError::Disk(format!("flushing '{}' before the switchover: {why}", n.name()));
+    let remote = |n: &std::sync::Arc<block::Node>| {
+        std::iter::successors(Some(n.clone()), |x| x.child().cloned()).any(|x| x.driver_name() == "nbd")
+    };
+    let nodes: Vec<_> = graph.nodes().into_iter().filter(|n| n.is_active() && !remote(n)).collect();
+    let flush = async {
+        for n in &nodes {
+            if let Err(e) = n.flush().await {
+                return Err(MigrationError::Disk(format!(
+                    "flushing '{}' before the switchover: {}",
+                    n.name(),
+                    e.chain()
+                )));
+            }
+        }
+        Ok(())
+    };
+    tokio::pin!(flush);
+    let every = (io / 3).max(Duration::from_millis(1));
+    loop {
         tokio::select! {
             biased;
             _ = mig.cancelled() => return Err(mig.stop_reason()),
-            r = tokio::time::timeout(io, n.flush()) => match r {
-                Err(_) => return Err(failed(format!("no answer within {io:?}"))),
-                Ok(Err(e)) => return Err(failed(e.chain())),
-                Ok(Ok(())) => {}
+            r = &mut flush => return r.map(|()| t.elapsed()),
+            _ = tokio::time::sleep(every) => {
+                if let Err(e) = guarded(mig, io, stream::write_keepalive(&mut link.w)).await {
+                    return Err(link.reason_for(e).await);
+                }
             }
         }
     }
-    Ok(t.elapsed())
 }
 
 /// Wait for migrate-continue (or a cancel). Meanwhile keep the destination's
