@@ -143,6 +143,8 @@ fn a_running_guest_and_its_disk_move_to_another_daemon() {
         after["writes"].as_u64().unwrap() > before["writes"].as_u64().unwrap(),
         "the guest goes on: {before} -> {after}"
     );
+    // Its own checks pass: the blocks it re-read and its SSE registers (the whole vCPU moved).
+    assert_eq!(after["mismatches"], 0, "{after}");
     // I6: every write the guest made before the switchover is there.
     let v = ok(&mut p.dq, "x-baton-guest-verify", json!({}));
     assert!(v["checked"].as_u64().unwrap() > 0 && v["mismatches"] == 0, "{v}");

@@ -42,6 +42,11 @@ const LAYOUT: &[(&str, u64)] = &[
     ("VERIFY_DONE", 0x2064),
     ("VERIFY_CHECKED", 0x2068),
     ("VERIFY_BAD", 0x206c),
+    // The guest's check of its own SSE registers (which only XSAVE carries):
+    // mismatches counted, the 32 bytes xmm0 and xmm1 must hold, and what they held.
+    ("ST_CPU_MISMATCHES", 0x2070),
+    ("ST_CPU_COPY", 0x2080),
+    ("ST_CPU_SEEN", 0x20a0),
     ("STACK_TOP", 0x8000),
     ("CODE", 0x10000),
     // One u32 generation per block: the guest's own record of what it wrote.

@@ -9,6 +9,16 @@
 # Loop: a batch of writes (distinct blocks, several requests in flight), one
 # read-back check of a random written block, some RAM pages dirtied; and on
 # request (VERIFY_REQ != VERIFY_DONE) a full pass over every written block.
+#
+# The guest checks its CPU state too: xmm0 holds a counter (four lanes,
+# from the seed) that goes up by one each batch, xmm1 a constant (the seed
+# inverted, never reloaded); ST_CPU_COPY holds what the two must be. Only
+# XSAVE (or the FPU state) carries the xmm registers across a migration, so
+# a build that drops them shows up in ST_CPU_MISMATCHES (and ST_MISMATCHES).
+# KVM may emulate this guest (a nested host runs it instruction by
+# instruction), and its emulator knows SSE moves but no SSE arithmetic: the
+# registers are only stored, loaded and compared in RAM. SSE is on from the
+# VMM (CR0.MP, CR4.OSFXSR|OSXMMEXCPT).
 
 .intel_syntax noprefix
 .code32
@@ -21,6 +31,17 @@ start:
     mov eax, [CFG_SEED]
     or eax, 1
     mov [ST_RNG], eax
+    mov [ST_CPU_COPY], eax
+    mov [ST_CPU_COPY + 4], eax
+    mov [ST_CPU_COPY + 8], eax
+    mov [ST_CPU_COPY + 12], eax
+    not eax
+    mov [ST_CPU_COPY + 16], eax
+    mov [ST_CPU_COPY + 20], eax
+    mov [ST_CPU_COPY + 24], eax
+    mov [ST_CPU_COPY + 28], eax
+    movdqa xmm0, xmmword ptr [ST_CPU_COPY]
+    movdqa xmm1, xmmword ptr [ST_CPU_COPY + 16]
 
 main_loop:
     mov eax, [VERIFY_REQ]
@@ -29,8 +50,30 @@ main_loop:
     call write_batch
     call check_one
     call dirty_ram
+    call check_sse
     inc dword ptr [ST_BATCHES]
     jmp main_loop
+
+# xmm0 and xmm1 must still be what ST_CPU_COPY says; then the counter goes
+# up by one, in RAM and in xmm0. A mismatch is counted once: xmm1 is set
+# again from its copy.
+check_sse:
+    movdqa xmmword ptr [ST_CPU_SEEN], xmm0
+    movdqa xmmword ptr [ST_CPU_SEEN + 16], xmm1
+    mov esi, ST_CPU_SEEN
+    mov edi, ST_CPU_COPY
+    mov ecx, 8
+    repe cmpsd
+    je 1f
+    inc dword ptr [ST_CPU_MISMATCHES]
+    inc dword ptr [ST_MISMATCHES]
+    movdqa xmm1, xmmword ptr [ST_CPU_COPY + 16]
+1:  inc dword ptr [ST_CPU_COPY]
+    inc dword ptr [ST_CPU_COPY + 4]
+    inc dword ptr [ST_CPU_COPY + 8]
+    inc dword ptr [ST_CPU_COPY + 12]
+    movdqa xmm0, xmmword ptr [ST_CPU_COPY]
+    ret
 
 # eax <- next xorshift32 value
 rand:

@@ -110,6 +110,12 @@ pub enum VmmError {
     RamSize { saved: u64, have: u64 },
     #[error("saved state has {saved} vCPUs, this VM has {have}")]
     VcpuCount { saved: usize, have: u32 },
+    /// An MSR of a vCPU's state could not be read or written.
+    #[error("vCPU {vcpu}: {op} stopped at MSR {index:#x}: {why}")]
+    Msrs { vcpu: u64, op: &'static str, index: u32, why: &'static str },
+    /// KVM would need more XSAVE state than the 4096 bytes a vCPU's state carries.
+    #[error("this host's KVM needs {0} bytes of XSAVE state per vCPU, more than the 4096 baton carries")]
+    XsaveSize(usize),
 }
 
 impl VmmError {

@@ -4,8 +4,10 @@
 //! two-phase handover; format 3 encodes the vCPU state field by field;
 //! format 4 checksums every section and reply (CRC32C), names this build's
 //! layouts in HELLO (a hash of [`layout_description`]) and sends an all-zero
-//! RAM page as a one-byte marker. Integers are big-endian but for the vCPU
-//! state, which is little-endian (x86's own order).
+//! RAM page as a one-byte marker; its VCPU section (version 2) carries the
+//! whole vCPU (registers, XSAVE, XCRs, MSRs, local APIC, events, debug
+//! registers, MP state) and KVMCLOCK the VM's KVM clock. Integers are
+//! big-endian but for the vCPU state, which is little-endian (x86's own order).
 //!
 //! ```text
 //!  source -> destination
@@ -16,8 +18,12 @@
 //!    1 HELLO   memory:u64 vcpus:u32 disk_size:u64 layout:u64   (first, exactly once)
 //!    2 RAM     first_page:u64 count:u32 count * (0 | 1 page[4096])
 //!              (0: the page is all zeroes, no payload follows; 1: its bytes follow)
-//!    3 VCPU    id:u32 state[VCPU_STATE_LEN]      (field by field, see vcpu_bytes)
+//!    3 VCPU    id:u32 state[VCPU_STATE_LEN]      (once per vCPU; field by field, see
+//!              vcpu_bytes and VCPU_FIELDS; v2: regs+sregs[436] xsave[4096] xcrs[200]
+//!              msrs[9 * MIGRATED_MSRS.len(): present:u8 value:u64 per slot]
+//!              lapic[1024] events[37] debugregs[56] mp_state[4]; fixed lengths)
 //!    4 DEVICE  consumed:u32
+//!    6 KVMCLOCK clock:u64                       (KVM_GET_CLOCK's ns; exactly once)
 //!    255 END   running:u8                       (the guest ran when the source stopped it)
 //!    7 COMMIT  (empty)                          (after PREPARED: the decision)
 //!    8 ABORT   reason (utf-8)                   (any time before COMMIT)
@@ -52,7 +58,7 @@
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::vcpu::VcpuState;
+use crate::vcpu::{VcpuState, MIGRATED_MSRS};
 
 pub const MAGIC: &[u8; 8] = b"BATONMIG";
 /// The stream format this build speaks. Two builds that speak the same
@@ -67,6 +73,7 @@ pub const HELLO: u8 = 1;
 pub const RAM: u8 = 2;
 pub const VCPU: u8 = 3;
 pub const DEVICE: u8 = 4;
+pub const KVMCLOCK: u8 = 6;
 pub const END: u8 = 255;
 pub const COMMIT: u8 = 7;
 pub const ABORT: u8 = 8;
@@ -117,7 +124,8 @@ pub const SECTIONS: &[Layout] = &[
         version: 1,
         fields: "first_page:u64be count:u32be count*(marker:u8 0=zero|1=data page[PAGE])",
     },
-    Layout { tag: VCPU, name: "VCPU", version: 1, fields: "id:u32be state[VCPU_STATE_LEN]" },
+    Layout { tag: VCPU, name: "VCPU", version: 2, fields: "id:u32be state[VCPU_STATE_LEN]" },
+    Layout { tag: KVMCLOCK, name: "KVMCLOCK", version: 1, fields: "clock:u64be" },
     Layout { tag: DEVICE, name: "DEVICE", version: 1, fields: "consumed:u32be" },
     Layout { tag: END, name: "END", version: 1, fields: "running:u8(0|1)" },
     Layout { tag: COMMIT, name: "COMMIT", version: 1, fields: "" },
@@ -164,7 +172,32 @@ pub const VCPU_FIELDS: &str =
     "le; regs: rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags :u64; \
      sregs: cs ds es fs gs ss tr ldt :segment(base:u64 limit:u32 selector:u16 \
      type present dpl db s l g avl unusable :u8); gdt idt :dtable(base:u64 limit:u16); \
-     cr0 cr2 cr3 cr4 cr8 efer apic_base :u64; interrupt_bitmap:4*u64";
+     cr0 cr2 cr3 cr4 cr8 efer apic_base :u64; interrupt_bitmap:4*u64; \
+     xsave:1024*u32 (KVM_GET_XSAVE's region; without XSAVE, KVM_GET_FPU in FXSAVE layout, XSTATE_BV=3); \
+     xcrs: nr_xcrs:u32(<=16) flags:u32 16*(xcr:u32 value:u64); \
+     msrs: MSRS*(present:u8(0|1) value:u64); lapic:1024*u8; \
+     events: exception(injected nr has_error_code pending :u8 error_code:u32) \
+     interrupt(injected nr soft shadow :u8) nmi(injected pending masked :u8) sipi_vector:u32 flags:u32 \
+     smi(smm pending smm_inside_nmi latched_init :u8) triple_fault_pending:u8 exception_has_payload:u8 \
+     exception_payload:u64; debugregs: db0 db1 db2 db3 dr6 dr7 flags :u64; mp_state:u32";
+
+/// The vCPU state's parts and their fixed lengths, in order.
+pub const VCPU_PARTS: &[(&str, usize)] = &[
+    ("regs+sregs", CORE_LEN),
+    ("xsave", crate::vcpu::XSAVE_LEN),
+    ("xcrs", XCRS_LEN),
+    ("msrs", MSRS_LEN),
+    ("lapic", LAPIC_LEN),
+    ("events", EVENTS_LEN),
+    ("debugregs", DEBUGREGS_LEN),
+    ("mp_state", 4),
+];
+
+/// The MSR slots of the vCPU state, as the layout hash sees them.
+fn msr_description() -> String {
+    let names: Vec<String> = MIGRATED_MSRS.iter().map(|(i, n)| format!("{i:#x}={n}")).collect();
+    names.join(" ")
+}
 
 /// The canonical description of this build's stream layouts: the framing,
 /// every section's tag, version and fields, the vCPU state, the replies.
@@ -173,7 +206,9 @@ pub fn layout_description() -> String {
         "baton migration format {VERSION}; section tag:u8 version:u8 len:u64be hcrc:u32be payload pcrc:u32be; \
          reply tag:u8 len:u32be hcrc:u32be payload pcrc:u32be; crc32c; PAGE={PAGE}; MAX_RUN={MAX_RUN}; \
          MAX_SECTION={MAX_SECTION}; MAX_REPLY={MAX_REPLY}; VCPU_STATE_LEN={VCPU_STATE_LEN} \
-         SEGMENT_LEN={SEGMENT_LEN} DTABLE_LEN={DTABLE_LEN} ({VCPU_FIELDS})"
+         SEGMENT_LEN={SEGMENT_LEN} DTABLE_LEN={DTABLE_LEN} ({VCPU_FIELDS}); VCPU_PARTS={VCPU_PARTS:?}; \
+         MSRS=[{}]",
+        msr_description()
     );
     for (kind, table) in [("section", SECTIONS), ("reply", REPLIES)] {
         for l in table {
@@ -237,6 +272,10 @@ pub enum Section {
     Device {
         consumed: u32,
     },
+    /// The VM's KVM clock.
+    KvmClock {
+        clock: u64,
+    },
     /// The end marker; `running`: the guest was running before the
     /// switchover (the destination runs it after COMMIT only then, as QEMU).
     End {
@@ -298,6 +337,7 @@ impl Section {
             Section::Ram { .. } => "RAM",
             Section::Vcpu { .. } => "VCPU",
             Section::Device { .. } => "DEVICE",
+            Section::KvmClock { .. } => "KVMCLOCK",
             Section::End { .. } => "END",
             Section::Commit => "COMMIT",
             Section::Abort(_) => "ABORT",
@@ -352,8 +392,20 @@ pub struct Target {
     pub size: u64,
 }
 
-/// The bytes of a vCPU's state in a VCPU section (after its id).
-pub const VCPU_STATE_LEN: usize = 18 * 8 + 8 * SEGMENT_LEN + 2 * DTABLE_LEN + 7 * 8 + 4 * 8;
+/// The bytes of a vCPU's state in a VCPU section (after its id): the sum of [`VCPU_PARTS`].
+pub const VCPU_STATE_LEN: usize =
+    CORE_LEN + crate::vcpu::XSAVE_LEN + XCRS_LEN + MSRS_LEN + LAPIC_LEN + EVENTS_LEN + DEBUGREGS_LEN + 4;
+/// kvm_regs and kvm_sregs (format 3's whole vCPU state).
+const CORE_LEN: usize = 18 * 8 + 8 * SEGMENT_LEN + 2 * DTABLE_LEN + 7 * 8 + 4 * 8;
+/// nr_xcrs, flags, 16 slots of (xcr:u32 value:u64).
+const XCRS_LEN: usize = 4 + 4 + 16 * 12;
+/// One slot per MIGRATED_MSRS entry: present:u8 value:u64.
+const MSRS_LEN: usize = MIGRATED_MSRS.len() * 9;
+const LAPIC_LEN: usize = 1024;
+/// exception 8, interrupt 4, nmi 3, sipi_vector 4, flags 4, smi 4, triple_fault 1, payload 1 + 8.
+const EVENTS_LEN: usize = 8 + 4 + 3 + 4 + 4 + 4 + 1 + 1 + 8;
+/// db0..db3, dr6, dr7, flags.
+const DEBUGREGS_LEN: usize = 7 * 8;
 /// base:u64 limit:u32 selector:u16, then type, present, dpl, db, s, l, g, avl, unusable (u8 each).
 const SEGMENT_LEN: usize = 8 + 4 + 2 + 9;
 /// base:u64 limit:u16.
@@ -439,7 +491,11 @@ impl Dec<'_> {
 /// A vCPU's state, field by field, little-endian, in a fixed order (format
 /// 3): kvm_regs (rax..r15, rip, rflags), then kvm_sregs (cs, ds, es, fs, gs,
 /// ss, tr, ldt, gdt, idt, cr0, cr2, cr3, cr4, cr8, efer, apic_base, the
-/// interrupt bitmap). Padding is not sent.
+/// interrupt bitmap); then (VCPU v2) the XSAVE region, the XCRs, one slot
+/// per [`MIGRATED_MSRS`] entry, the local APIC's page, the pending events,
+/// the debug registers, the MP state ([`VCPU_FIELDS`]). Padding and
+/// reserved fields are not sent; an MSR that is not one of
+/// [`MIGRATED_MSRS`] cannot be.
 fn vcpu_bytes(st: &VcpuState) -> Vec<u8> {
     let mut e = Enc(Vec::with_capacity(VCPU_STATE_LEN));
     let r = &st.regs;
@@ -461,13 +517,66 @@ fn vcpu_bytes(st: &VcpuState) -> Vec<u8> {
     for w in s.interrupt_bitmap {
         e.u64(w);
     }
+    for w in st.xsave.iter() {
+        e.u32(*w);
+    }
+    e.u32(st.xcrs.nr_xcrs);
+    e.u32(st.xcrs.flags);
+    for x in &st.xcrs.xcrs {
+        e.u32(x.xcr);
+        e.u64(x.value);
+    }
+    for (index, _) in MIGRATED_MSRS {
+        match st.msr(*index) {
+            Some(v) => {
+                e.u8(1);
+                e.u64(v);
+            }
+            None => {
+                e.u8(0);
+                e.u64(0);
+            }
+        }
+    }
+    for c in st.lapic.regs {
+        e.u8(c as u8);
+    }
+    let ev = &st.events;
+    for b in [ev.exception.injected, ev.exception.nr, ev.exception.has_error_code, ev.exception.pending] {
+        e.u8(b);
+    }
+    e.u32(ev.exception.error_code);
+    for b in [ev.interrupt.injected, ev.interrupt.nr, ev.interrupt.soft, ev.interrupt.shadow] {
+        e.u8(b);
+    }
+    for b in [ev.nmi.injected, ev.nmi.pending, ev.nmi.masked] {
+        e.u8(b);
+    }
+    e.u32(ev.sipi_vector);
+    e.u32(ev.flags);
+    for b in [ev.smi.smm, ev.smi.pending, ev.smi.smm_inside_nmi, ev.smi.latched_init] {
+        e.u8(b);
+    }
+    e.u8(ev.triple_fault.pending);
+    e.u8(ev.exception_has_payload);
+    e.u64(ev.exception_payload);
+    let d = &st.debugregs;
+    for v in [d.db[0], d.db[1], d.db[2], d.db[3], d.dr6, d.dr7, d.flags] {
+        e.u64(v);
+    }
+    e.u32(st.mp_state.mp_state);
     e.0
 }
 
 /// Decode [`vcpu_bytes`]; `Err` says why the bytes are not a vCPU state.
 fn vcpu_from(b: &[u8]) -> Result<VcpuState, String> {
     if b.len() != VCPU_STATE_LEN {
-        return Err(format!("vCPU state of {} bytes (format {VERSION} has {VCPU_STATE_LEN})", b.len()));
+        let parts: Vec<String> = VCPU_PARTS.iter().map(|(n, l)| format!("{n} {l}")).collect();
+        return Err(format!(
+            "vCPU state of {} bytes (format {VERSION} has {VCPU_STATE_LEN}: {})",
+            b.len(),
+            parts.join(", ")
+        ));
     }
     let mut d = Dec(b);
     let regs = kvm_bindings::kvm_regs {
@@ -510,7 +619,53 @@ fn vcpu_from(b: &[u8]) -> Result<VcpuState, String> {
         apic_base: d.u64(),
         interrupt_bitmap: [d.u64(), d.u64(), d.u64(), d.u64()],
     };
-    Ok(VcpuState { regs, sregs })
+    let mut xsave = Box::new([0u32; crate::vcpu::XSAVE_LEN / 4]);
+    for w in xsave.iter_mut() {
+        *w = d.u32();
+    }
+    let mut xcrs = kvm_bindings::kvm_xcrs { nr_xcrs: d.u32(), flags: d.u32(), ..Default::default() };
+    for x in xcrs.xcrs.iter_mut() {
+        x.xcr = d.u32();
+        x.value = d.u64();
+    }
+    if xcrs.nr_xcrs as usize > xcrs.xcrs.len() {
+        return Err(format!("{} XCRs, more than {}", xcrs.nr_xcrs, xcrs.xcrs.len()));
+    }
+    let mut msrs = Vec::new();
+    for (index, name) in MIGRATED_MSRS {
+        let (present, data) = (d.u8(), d.u64());
+        match present {
+            0 if data == 0 => {}
+            0 => return Err(format!("MSR {name} is absent but has a value")),
+            1 => msrs.push(kvm_bindings::kvm_msr_entry { index: *index, data, ..Default::default() }),
+            p => return Err(format!("MSR {name}: presence {p} is neither 0 nor 1")),
+        }
+    }
+    let mut lapic = kvm_bindings::kvm_lapic_state { regs: [0; 1024] };
+    for c in lapic.regs.iter_mut() {
+        *c = d.u8() as std::os::raw::c_char;
+    }
+    let mut events = kvm_bindings::kvm_vcpu_events::default();
+    let ex = &mut events.exception;
+    (ex.injected, ex.nr, ex.has_error_code, ex.pending, ex.error_code) = (d.u8(), d.u8(), d.u8(), d.u8(), d.u32());
+    let int = &mut events.interrupt;
+    (int.injected, int.nr, int.soft, int.shadow) = (d.u8(), d.u8(), d.u8(), d.u8());
+    let nmi = &mut events.nmi;
+    (nmi.injected, nmi.pending, nmi.masked) = (d.u8(), d.u8(), d.u8());
+    (events.sipi_vector, events.flags) = (d.u32(), d.u32());
+    let smi = &mut events.smi;
+    (smi.smm, smi.pending, smi.smm_inside_nmi, smi.latched_init) = (d.u8(), d.u8(), d.u8(), d.u8());
+    events.triple_fault.pending = d.u8();
+    (events.exception_has_payload, events.exception_payload) = (d.u8(), d.u64());
+    let debugregs = kvm_bindings::kvm_debugregs {
+        db: [d.u64(), d.u64(), d.u64(), d.u64()],
+        dr6: d.u64(),
+        dr7: d.u64(),
+        flags: d.u64(),
+        ..Default::default()
+    };
+    let mp_state = kvm_bindings::kvm_mp_state { mp_state: d.u32() };
+    Ok(VcpuState { regs, sregs, xsave, xcrs, msrs, lapic, events, debugregs, mp_state })
 }
 
 pub async fn write_header<W: AsyncWrite + Unpin>(w: &mut W) -> std::io::Result<()> {
@@ -761,6 +916,10 @@ fn bitmap_from(p: &[u8]) -> Result<BitmapChunk, String> {
     Ok(BitmapChunk { meta, first, bits })
 }
 
+pub async fn write_kvmclock<W: AsyncWrite + Unpin>(w: &mut W, clock: u64) -> std::io::Result<()> {
+    section(w, KVMCLOCK, &clock.to_be_bytes()).await
+}
+
 pub async fn write_end<W: AsyncWrite + Unpin>(w: &mut W, running: bool) -> std::io::Result<()> {
     section(w, END, &[u8::from(running)]).await?;
     w.flush().await
@@ -891,6 +1050,7 @@ pub async fn read_section<R: AsyncRead + Unpin>(r: &mut R) -> Result<Section, St
             Ok(Section::Vcpu { id, state: Box::new(state) })
         }
         DEVICE if len == 4 => Ok(Section::Device { consumed: u32_at(0).ok_or_else(|| bad("short"))? }),
+        KVMCLOCK if len == 8 => Ok(Section::KvmClock { clock: u64_at(0).ok_or_else(|| bad("short"))? }),
         END if len == 1 => match p.first() {
             Some(&b @ (0 | 1)) => Ok(Section::End { running: b == 1 }),
             _ => Err(bad("running is neither 0 nor 1")),
@@ -1028,11 +1188,13 @@ mod tests {
             write_hello(&mut w, &hello).await.unwrap();
             write_ram(&mut w, 3, &[7u8; 2 * PAGE]).await.unwrap();
             write_device(&mut w, 42).await.unwrap();
+            write_kvmclock(&mut w, 7_000_000_123).await.unwrap();
             write_end(&mut w, true).await.unwrap();
             let s = parse_all(&w).await.unwrap();
             assert!(matches!(s[0], Section::Hello(h) if h == hello));
             assert!(matches!(s[1], Section::Ram { first_page: 3, ref data } if data.len() == 2 * PAGE));
             assert!(matches!(s[2], Section::Device { consumed: 42 }));
+            assert!(matches!(s[3], Section::KvmClock { clock: 7_000_000_123 }));
             for cut in [0, 5, 12, 20, w.len() / 2, w.len() - 1] {
                 assert!(parse_all(&w[..cut]).await.is_err(), "truncated at {cut}");
             }
@@ -1125,7 +1287,49 @@ mod tests {
             apic_base: 0xfee0_0900,
             interrupt_bitmap: [1 << 32, 0, 1 << 63, 0x5555],
         };
-        VcpuState { regs, sregs }
+        let mut xsave = Box::new([0u32; crate::vcpu::XSAVE_LEN / 4]);
+        for (i, w) in xsave.iter_mut().enumerate() {
+            *w = 0x5000_0000 + i as u32;
+        }
+        let mut xcrs = kvm_bindings::kvm_xcrs { nr_xcrs: 1, flags: 0x11, ..Default::default() };
+        for (i, x) in xcrs.xcrs.iter_mut().enumerate() {
+            (x.xcr, x.value) = (i as u32 + 0x20, 0x7 + ((i as u64) << 40));
+        }
+        // Every other MSR present, each with its own value (absent slots carry no value).
+        let msrs = MIGRATED_MSRS
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % 2 == 0)
+            .map(|(i, (index, _))| kvm_bindings::kvm_msr_entry {
+                index: *index,
+                data: 0xabcd_0000_0000 + i as u64,
+                ..Default::default()
+            })
+            .collect();
+        let mut lapic = kvm_bindings::kvm_lapic_state { regs: [0; 1024] };
+        for (i, c) in lapic.regs.iter_mut().enumerate() {
+            *c = (i * 7 % 251) as std::os::raw::c_char;
+        }
+        let mut events = kvm_bindings::kvm_vcpu_events::default();
+        let ex = &mut events.exception;
+        (ex.injected, ex.nr, ex.has_error_code, ex.pending, ex.error_code) = (1, 13, 1, 0, 0xdead);
+        let int = &mut events.interrupt;
+        (int.injected, int.nr, int.soft, int.shadow) = (1, 0x30, 0, 2);
+        let nmi = &mut events.nmi;
+        (nmi.injected, nmi.pending, nmi.masked) = (0, 1, 1);
+        (events.sipi_vector, events.flags) = (0x9a, 0x0d);
+        let smi = &mut events.smi;
+        (smi.smm, smi.pending, smi.smm_inside_nmi, smi.latched_init) = (1, 0, 1, 1);
+        events.triple_fault.pending = 1;
+        (events.exception_has_payload, events.exception_payload) = (1, 0xffff_8000_0000_1234);
+        let debugregs = kvm_bindings::kvm_debugregs {
+            db: [0x1000, 0x2000, 0x3000, 0x4000],
+            dr6: 0xffff_0ff0,
+            dr7: 0x455,
+            ..Default::default()
+        };
+        let mp_state = kvm_bindings::kvm_mp_state { mp_state: 3 };
+        VcpuState { regs, sregs, xsave, xcrs, msrs, lapic, events, debugregs, mp_state }
     }
 
     #[test]
@@ -1142,11 +1346,28 @@ mod tests {
             let state_bytes = &w[12 + SECTION_HEADER_LEN + 4..][..VCPU_STATE_LEN];
             assert_eq!(state_bytes[16 * 8..17 * 8], st.regs.rip.to_le_bytes());
             assert_eq!(state_bytes[18 * 8..19 * 8], st.sregs.cs.base.to_le_bytes());
-            assert_eq!(state_bytes[VCPU_STATE_LEN - 8..], st.sregs.interrupt_bitmap[3].to_le_bytes());
+            assert_eq!(state_bytes[CORE_LEN - 8..CORE_LEN], st.sregs.interrupt_bitmap[3].to_le_bytes());
+            let xsave = &state_bytes[CORE_LEN..];
+            assert_eq!(xsave[4..8], st.xsave[1].to_le_bytes());
+            let msrs = &xsave[crate::vcpu::XSAVE_LEN + XCRS_LEN..];
+            assert_eq!(msrs[..9], [1, 0, 0, 0, 0, 0xcd, 0xab, 0, 0], "slot 0: IA32_TSC, present");
+            assert_eq!(msrs[9..18], [0; 9], "slot 1: absent");
+            let lapic = &msrs[MSRS_LEN..];
+            assert_eq!(lapic[7], 49);
+            assert_eq!(state_bytes[VCPU_STATE_LEN - 4..], 3u32.to_le_bytes(), "mp_state last");
+            assert_eq!(VCPU_PARTS.iter().map(|p| p.1).sum::<usize>(), VCPU_STATE_LEN);
             let s = parse_all(&w).await.unwrap();
             let Section::Vcpu { id: 2, state } = &s[0] else { panic!("{:?}", s[0]) };
             assert_eq!(state.regs, st.regs);
             assert_eq!(state.sregs, st.sregs);
+            assert_eq!(state.xsave, st.xsave);
+            assert_eq!(state.xcrs, st.xcrs);
+            assert_eq!(state.msrs, st.msrs);
+            assert_eq!(state.lapic, st.lapic);
+            assert_eq!(state.events, st.events);
+            assert_eq!(state.debugregs, st.debugregs);
+            assert_eq!(state.mp_state, st.mp_state);
+            assert!(**state == st);
             // Every truncation, and a section one byte too long, fails by name.
             for cut in 12..w.len() - 10 {
                 assert!(parse_all(&w[..cut]).await.is_err(), "truncated at {cut}");
@@ -1161,7 +1382,28 @@ mod tests {
                     matches!(&e, StreamError::BadSection { tag: VCPU, why, .. } if why.contains("vCPU state of")),
                     "{e}"
                 );
+                assert!(e.to_string().starts_with("VCPU section of "), "{e}");
+                assert!(e.to_string().contains("xsave 4096"), "{e}");
             }
+            // Right length, impossible contents: refused by name, never loaded.
+            let good = {
+                let mut p = 2u32.to_be_bytes().to_vec();
+                p.extend_from_slice(&vcpu_bytes(&st));
+                p
+            };
+            let at = 4 + CORE_LEN + crate::vcpu::XSAVE_LEN;
+            let mut p = good.clone();
+            p[at..at + 4].copy_from_slice(&17u32.to_le_bytes());
+            let e = first_section(&stream_of(&section_bytes(VCPU, &p))).await.unwrap_err();
+            assert!(e.to_string().ends_with("17 XCRs, more than 16"), "{e}");
+            let mut p = good.clone();
+            p[at + XCRS_LEN] = 2;
+            let e = first_section(&stream_of(&section_bytes(VCPU, &p))).await.unwrap_err();
+            assert!(e.to_string().ends_with("MSR IA32_TSC: presence 2 is neither 0 nor 1"), "{e}");
+            let mut p = good;
+            p[at + XCRS_LEN + 9 + 1] = 1;
+            let e = first_section(&stream_of(&section_bytes(VCPU, &p))).await.unwrap_err();
+            assert!(e.to_string().ends_with("MSR IA32_TSC_ADJUST is absent but has a value"), "{e}");
         });
     }
 
@@ -1183,6 +1425,8 @@ mod tests {
         out.push(("VCPU", std::mem::take(&mut w)));
         write_device(&mut w, 9).await.unwrap();
         out.push(("DEVICE", std::mem::take(&mut w)));
+        write_kvmclock(&mut w, 0x1234_5678_9abc).await.unwrap();
+        out.push(("KVMCLOCK", std::mem::take(&mut w)));
         write_commit(&mut w).await.unwrap();
         out.push(("COMMIT", std::mem::take(&mut w)));
         write_abort(&mut w, "no space").await.unwrap();
@@ -1412,6 +1656,10 @@ mod tests {
             assert_eq!(e.to_string(), format!("DEVICE section of {} bytes: too large", MAX_SECTION + 1));
             let e = first_section(&stream_of(&section_bytes(DEVICE, &[0; 5]))).await.unwrap_err();
             assert_eq!(e.to_string(), "DEVICE section of 5 bytes: wrong length");
+            let e = first_section(&stream_of(&section_bytes(KVMCLOCK, &[0; 4]))).await.unwrap_err();
+            assert_eq!(e.to_string(), "KVMCLOCK section of 4 bytes: wrong length");
+            let e = first_section(&stream_of(&section_bytes_versioned(VCPU, 1, &[]))).await.unwrap_err();
+            assert_eq!(e.to_string(), "VCPU section: version 1 is not supported (this build reads version 2)");
             let e = first_section(&stream_of(&section_bytes(END, &[2]))).await.unwrap_err();
             assert!(e.to_string().starts_with("END section of 1 bytes: running"), "{e}");
             // RAM: a page count the bytes do not bear out, an unknown marker, too many pages.
@@ -1506,6 +1754,10 @@ mod tests {
             assert!(d.contains(&format!(" {} {} v{}: {}", l.tag, l.name, l.version, l.fields)), "{}", l.name);
         }
         assert!(d.contains(&format!("VCPU_STATE_LEN={VCPU_STATE_LEN}")) && d.contains(VCPU_FIELDS));
+        for (index, name) in MIGRATED_MSRS {
+            assert!(d.contains(&format!("{index:#x}={name}")), "{name}");
+        }
+        assert!(d.contains("(\"xsave\", 4096)"), "{d}");
         assert!(d.contains(&format!("format {VERSION}")));
         // One tag, one layout.
         for (i, l) in SECTIONS.iter().enumerate() {
@@ -1605,6 +1857,53 @@ mod tests {
                 bitmaps_of(&w).await
             });
             proptest::prop_assert_eq!(got, vec![(meta, bits)]);
+        }
+
+        /// Any vCPU state the encoding can hold comes back field for field.
+        #[test]
+        fn any_vcpu_state_round_trips(
+            words in proptest::collection::vec(proptest::prelude::any::<u64>(), 64),
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 1024),
+            present in proptest::collection::vec(proptest::prelude::any::<bool>(), MIGRATED_MSRS.len()),
+            nr_xcrs in 0u32..=16,
+        ) {
+            let mut st = odd_vcpu_state();
+            let w = |i: usize| words[i % words.len()];
+            st.regs.rax = w(0);
+            st.regs.rip = w(1);
+            st.sregs.cr3 = w(2);
+            st.sregs.fs.base = w(3);
+            st.sregs.gdt.limit = w(4) as u16;
+            for (i, x) in st.xsave.iter_mut().enumerate() {
+                *x = (w(i) >> (i % 32)) as u32;
+            }
+            st.xcrs.nr_xcrs = nr_xcrs;
+            st.xcrs.xcrs[0].value = w(5);
+            st.msrs = MIGRATED_MSRS
+                .iter()
+                .zip(&present)
+                .enumerate()
+                .filter(|(_, (_, p))| **p)
+                .map(|(i, ((index, _), _))| kvm_bindings::kvm_msr_entry { index: *index, data: w(i), ..Default::default() })
+                .collect();
+            for (c, b) in st.lapic.regs.iter_mut().zip(&bytes) {
+                *c = *b as std::os::raw::c_char;
+            }
+            st.events.exception.error_code = w(6) as u32;
+            st.events.nmi.pending = bytes[0];
+            st.events.exception_payload = w(7);
+            st.events.flags = w(8) as u32;
+            st.debugregs.db = [w(9), w(10), w(11), w(12)];
+            st.debugregs.dr7 = w(13);
+            st.mp_state.mp_state = w(14) as u32;
+            let mut out = Vec::new();
+            rt().block_on(async {
+                write_header(&mut out).await.unwrap();
+                write_vcpu(&mut out, 5, &st).await.unwrap();
+            });
+            let Section::Vcpu { id, state } = rt().block_on(first_section(&out)).unwrap() else { panic!("not VCPU") };
+            proptest::prop_assert_eq!(id, 5);
+            proptest::prop_assert!(*state == st, "{:?} != {:?}", state, st);
         }
     }
 }

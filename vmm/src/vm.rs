@@ -14,14 +14,15 @@ use std::time::{Duration, Instant};
 
 use block::sync::lock;
 use block::BlockBackend;
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_bindings::CpuId;
+use kvm_ioctls::{Cap, Kvm, VmFd};
 use serde_json::{json, Value};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::device::{BlockDevice, ErrorSink};
 use crate::layout::*;
 use crate::memory::{self, Mem};
-use crate::vcpu::{ExitHandler, Vcpus};
+use crate::vcpu::{lapic_reg, set_lapic_reg, ExitHandler, VcpuCaps, Vcpus, APIC_LVT0, APIC_LVT1, MIGRATED_MSRS};
 use crate::VmmError;
 
 /// QEMU's RunState names.
@@ -77,6 +78,8 @@ pub struct GuestStats {
     pub io_errors: u32,
     pub batches: u32,
     pub last_bad_block: u32,
+    /// Batches whose check of the guest's own SSE registers failed (also in `mismatches`).
+    pub cpu_mismatches: u32,
 }
 
 /// The result of a full verification pass.
@@ -99,6 +102,8 @@ pub struct VmState {
     pub vcpus: Vec<crate::vcpu::VcpuState>,
     /// The block device's consumed counter.
     pub device: u32,
+    /// The KVM clock (kvmclock's nanoseconds; KVM_GET_CLOCK, one per VM).
+    pub clock: u64,
 }
 
 /// Sink for VM events (STOP, RESUME, BLOCK_IO_ERROR).
@@ -155,8 +160,32 @@ impl std::fmt::Debug for Vm {
 /// Where extra vCPUs idle: `hlt; jmp .-1`.
 const IDLE_CODE: u64 = CODE - 16;
 
-fn setup_vcpu(vm: &VmFd, id: u64, rip: u64) -> Result<kvm_ioctls::VcpuFd, VmmError> {
+/// The CPUID of vCPU `id`: everything this host's KVM supports (XSAVE and
+/// its leaf 0xD included), with the vCPU's APIC id in leaf 1 (EBX[31:24])
+/// and its x2APIC id in leaves 0xB and 0x1F (EDX).
+fn vcpu_cpuid(supported: &CpuId, id: u64) -> CpuId {
+    let mut c = supported.clone();
+    for e in c.as_mut_slice() {
+        match e.function {
+            1 => e.ebx = (e.ebx & 0x00ff_ffff) | ((id as u32 & 0xff) << 24),
+            0xb | 0x1f => e.edx = id as u32,
+            _ => {}
+        }
+    }
+    c
+}
+
+/// Make vCPU `id`, in the order KVM needs: CPUID first, then registers (32-bit
+/// protected mode, SSE on), the local APIC's LINT0/LINT1 wiring (ExtINT and
+/// NMI, as a PC's BIOS leaves them), and for an AP the MP state: KVM makes
+/// APs wait for a SIPI, and the idle vCPUs run (to their HLT) instead.
+fn setup_vcpu(vm: &VmFd, cpuid: &CpuId, id: u64, rip: u64) -> Result<kvm_ioctls::VcpuFd, VmmError> {
     let vcpu = vm.create_vcpu(id).map_err(|source| VmmError::Kvm { op: "KVM_CREATE_VCPU", source })?;
+    vcpu.set_cpuid2(&vcpu_cpuid(cpuid, id)).map_err(|source| VmmError::VcpuState {
+        vcpu: id,
+        op: "KVM_SET_CPUID2",
+        source,
+    })?;
     let mut sregs = vcpu.get_sregs().map_err(|source| VmmError::VcpuState { vcpu: id, op: "KVM_GET_SREGS", source })?;
     // 32-bit protected mode, flat 4 GiB segments, no paging.
     let code = kvm_bindings::kvm_segment {
@@ -183,10 +212,56 @@ fn setup_vcpu(vm: &VmFd, id: u64, rip: u64) -> Result<kvm_ioctls::VcpuFd, VmmErr
     sregs.ss = data;
     sregs.cr0 |= 0x1; // PE
     sregs.cr0 &= !0x8000_0000; // no paging
+
+    // SSE for the workload's register check: no x87 emulation (EM), WAIT
+    // honours TS (MP), FXSAVE/SSE and SIMD exceptions enabled (OSFXSR, OSXMMEXCPT).
+    sregs.cr0 = (sregs.cr0 & !(CR0_EM | CR0_TS)) | CR0_MP;
+    sregs.cr4 |= CR4_OSFXSR | CR4_OSXMMEXCPT;
     vcpu.set_sregs(&sregs).map_err(|source| VmmError::VcpuState { vcpu: id, op: "KVM_SET_SREGS", source })?;
     let regs = kvm_bindings::kvm_regs { rip, rsp: STACK_TOP, rflags: 0x2, ..Default::default() };
     vcpu.set_regs(&regs).map_err(|source| VmmError::VcpuState { vcpu: id, op: "KVM_SET_REGS", source })?;
+    let mut lapic = vcpu.get_lapic().map_err(|source| VmmError::VcpuState { vcpu: id, op: "KVM_GET_LAPIC", source })?;
+    for (reg, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
+        let v = lapic_reg(&lapic, reg);
+        set_lapic_reg(&mut lapic, reg, (v & !0x700) | (mode << 8));
+    }
+    vcpu.set_lapic(&lapic).map_err(|source| VmmError::VcpuState { vcpu: id, op: "KVM_SET_LAPIC", source })?;
+    if id > 0 {
+        let runnable = kvm_bindings::kvm_mp_state { mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE };
+        vcpu.set_mp_state(runnable).map_err(|source| VmmError::VcpuState {
+            vcpu: id,
+            op: "KVM_SET_MP_STATE",
+            source,
+        })?;
+    }
     Ok(vcpu)
+}
+
+const CR0_MP: u64 = 1 << 1;
+const CR0_EM: u64 = 1 << 2;
+const CR0_TS: u64 = 1 << 3;
+const CR4_OSFXSR: u64 = 1 << 9;
+const CR4_OSXMMEXCPT: u64 = 1 << 10;
+/// LVT delivery modes (bits 10:8).
+const APIC_MODE_NMI: u32 = 0b100;
+const APIC_MODE_EXTINT: u32 = 0b111;
+
+/// What this host's KVM offers for a vCPU's state (see [`VcpuCaps`]).
+fn vcpu_caps(kvm: &Kvm) -> Result<VcpuCaps, VmmError> {
+    let xsave = kvm.check_extension(Cap::Xsave) && !crate::vcpu::FORCE_FPU_STATE.load(Ordering::SeqCst);
+    if xsave {
+        // KVM_CAP_XSAVE2 is the XSAVE size KVM_GET/SET_XSAVE would need; more
+        // than `kvm_xsave` holds (dynamic features such as AMX, which this
+        // VMM never asks for) and the legacy calls would truncate or overrun.
+        let size = kvm.check_extension_int(Cap::Xsave2);
+        if size > crate::vcpu::XSAVE_LEN as i32 {
+            return Err(VmmError::XsaveSize(size as usize));
+        }
+    }
+    let listed = kvm.get_msr_index_list().map_err(|source| VmmError::Kvm { op: "KVM_GET_MSR_INDEX_LIST", source })?;
+    let listed = listed.as_slice();
+    let msrs = MIGRATED_MSRS.iter().map(|&(i, _)| i).filter(|i| listed.contains(i)).collect();
+    Ok(VcpuCaps { xsave, xcrs: kvm.check_extension(Cap::Xcrs), msrs })
 }
 
 impl Vm {
@@ -217,6 +292,15 @@ impl Vm {
         let kvm = Kvm::new().map_err(|source| VmmError::Kvm { op: "open /dev/kvm", source })?;
         let vm = kvm.create_vm().map_err(|source| VmmError::Kvm { op: "KVM_CREATE_VM", source })?;
         vm.set_tss_address(0xfffb_d000).map_err(|source| VmmError::Kvm { op: "KVM_SET_TSS_ADDR", source })?;
+        // The in-kernel PIC, IOAPIC and a local APIC per vCPU: before any vCPU is made.
+        // KVM sets up the default IRQ routing here and waits for an SRCU grace
+        // period (kvm_set_irq_routing): milliseconds as a rule, but seconds (10 s
+        // and more seen) on a loaded nested host, and `Vm::new` waits with it.
+        vm.create_irq_chip().map_err(|source| VmmError::Kvm { op: "KVM_CREATE_IRQCHIP", source })?;
+        let caps = Arc::new(vcpu_caps(&kvm)?);
+        let cpuid = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(|source| VmmError::Kvm { op: "KVM_GET_SUPPORTED_CPUID", source })?;
         let mem = memory::create(&vm, config.memory)?;
         let ev = events.clone();
         let on_error: ErrorSink = Arc::new(move |node: &str, op: &str, msg: &str| {
@@ -245,8 +329,10 @@ impl Vm {
         let exits = Arc::new(Exits { device: device.clone(), fatal: Mutex::new(None) });
         let vcpus = Arc::new(Vcpus::default());
         for id in 0..u64::from(config.vcpus) {
-            let started = setup_vcpu(&vm, id, if id == 0 { CODE } else { IDLE_CODE }).and_then(|vcpu| {
-                vcpus.spawn(id, vcpu, exits.clone()).map_err(|source| VmmError::VcpuThread { vcpu: id, source })
+            let started = setup_vcpu(&vm, &cpuid, id, if id == 0 { CODE } else { IDLE_CODE }).and_then(|vcpu| {
+                vcpus
+                    .spawn(id, vcpu, caps.clone(), exits.clone())
+                    .map_err(|source| VmmError::VcpuThread { vcpu: id, source })
             });
             if let Err(e) = started {
                 // No vCPU thread outlives a VM that was never made (nor its memory).
@@ -423,6 +509,7 @@ impl Vm {
             io_errors: r(ST_IOERRORS),
             batches: r(ST_BATCHES),
             last_bad_block: r(ST_LAST_BAD),
+            cpu_mismatches: r(ST_CPU_MISMATCHES),
         }
     }
 
@@ -476,7 +563,8 @@ impl Vm {
         for id in 0..u64::from(self.config.vcpus) {
             vcpus.push(self.vcpus.save(id)?);
         }
-        Ok(VmState { memory: self.config.memory, ram, vcpus, device: self.device.save() })
+        let clock = self.vm.get_clock().map_err(|source| VmmError::Kvm { op: "KVM_GET_CLOCK", source })?.clock;
+        Ok(VmState { memory: self.config.memory, ram, vcpus, device: self.device.save(), clock })
     }
 
     /// Load a saved guest into this VM (prelaunch or inmigrate; same
@@ -499,24 +587,37 @@ impl Vm {
             .write_slice(&st.ram, GuestAddress(0))
             .map_err(|source| memory::error("write", 0, st.ram.len(), source))?;
         for (id, v) in st.vcpus.iter().enumerate() {
-            self.vcpus.restore(id as u64, *v)?;
+            self.vcpus.restore(id as u64, v.clone())?;
         }
+        self.set_clock(st.clock)?;
         self.device.restore(st.device);
         Ok(())
     }
 
-    /// Load vCPU registers and the device counter (an incoming migration;
-    /// RAM arrived separately).
-    pub async fn load_cpu_state(&self, vcpus: &[crate::vcpu::VcpuState], device: u32) -> Result<(), VmmError> {
+    /// Load the vCPUs' state, the KVM clock and the device counter (an
+    /// incoming migration; RAM arrived separately).
+    pub async fn load_cpu_state(
+        &self,
+        vcpus: &[crate::vcpu::VcpuState],
+        device: u32,
+        clock: u64,
+    ) -> Result<(), VmmError> {
         let _c = self.control.lock().await;
         if vcpus.len() != self.config.vcpus as usize {
             return Err(VmmError::VcpuCount { saved: vcpus.len(), have: self.config.vcpus });
         }
         for (id, v) in vcpus.iter().enumerate() {
-            self.vcpus.restore(id as u64, *v)?;
+            self.vcpus.restore(id as u64, v.clone())?;
         }
+        self.set_clock(clock)?;
         self.device.restore(device);
         Ok(())
+    }
+
+    /// The KVM clock, once per VM, after the vCPUs (their kvmclock MSRs) are loaded.
+    fn set_clock(&self, clock: u64) -> Result<(), VmmError> {
+        let data = kvm_bindings::kvm_clock_data { clock, ..Default::default() };
+        self.vm.set_clock(&data).map_err(|source| VmmError::Kvm { op: "KVM_SET_CLOCK", source })
     }
 
     /// One dirty-log pass (guest and VMM writes since the last pass).

@@ -211,6 +211,7 @@ where
     let mut vcpus = vec![None; cfg.vcpus as usize];
     let mut device = None;
     let mut incoming = bitmaps::Incoming::default();
+    let mut clock = None;
     let running = loop {
         match section(mig, r, p.io_timeout, "next section").await? {
             Section::Hello(_) => return Err(MigrationError::Invalid("a second HELLO".into())),
@@ -248,6 +249,11 @@ where
                 }
                 incoming.take(graph, p.block_bitmap_mapping.as_deref(), chunk).map_err(MigrationError::Bitmap)?;
             }
+            Section::KvmClock { clock: c } => {
+                if clock.replace(c).is_some() {
+                    return Err(MigrationError::Invalid("the KVM clock arrived twice".into()));
+                }
+            }
             Section::Abort(why) => return Err(MigrationError::SourceAborted(why)),
             Section::KeepAlive => {}
             // The source is about to stop the guest: say when all before this is in RAM.
@@ -274,6 +280,9 @@ where
     let Some(device) = device else {
         return Err(MigrationError::Invalid("the stream ended without the device's state".into()));
     };
+    let Some(clock) = clock else {
+        return Err(MigrationError::Invalid("the stream ended without the KVM clock".into()));
+    };
 
     // Everything arrived and fits: take over the disks, load the guest, do NOT run it.
     let t = std::time::Instant::now();
@@ -283,7 +292,7 @@ where
     point("migration::incoming-before-ack").await?;
     bitmaps::apply(graph, incoming, created).map_err(MigrationError::Bitmap)?;
     let t = std::time::Instant::now();
-    vm.load_cpu_state(&vcpus, device).await?;
+    vm.load_cpu_state(&vcpus, device, clock).await?;
     mig.step_done("load-state", t.elapsed());
     point("migration::incoming-before-prepared").await?;
     if !mig.try_prepare() {

@@ -689,6 +689,7 @@ where
             stream::write_vcpu(&mut link.w, id as u32, v).await?;
         }
         stream::write_device(&mut link.w, st.device).await?;
+        stream::write_kvmclock(&mut link.w, st.clock).await?;
         tokio::io::AsyncWriteExt::flush(&mut link.w).await
     })
     .await;
