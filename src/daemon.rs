@@ -51,6 +51,9 @@ pub enum DaemonError {
     GuestState(&'static str),
     #[error(transparent)]
     Migration(#[from] vmm::migration::VerbError),
+    /// The dirty bitmaps cannot go (capability dirty-bitmaps): which, and why.
+    #[error("{0}")]
+    Bitmaps(String),
     #[error(transparent)]
     Vm(#[from] vmm::VmmError),
 }
@@ -198,6 +201,11 @@ impl Daemon {
         }
         if !matches!(vm.state(), vmm::RunState::Running | vmm::RunState::Paused) {
             return Err(DaemonError::GuestState(vm.state().as_str()));
+        }
+        if self.migration.capabilities().dirty_bitmaps {
+            // The mapping names what exists, nothing that goes is busy: else refused, nothing changed.
+            let mapping = self.migration.params().block_bitmap_mapping;
+            vmm::migration::bitmaps::outgoing(&self.graph, mapping.as_deref()).map_err(DaemonError::Bitmaps)?;
         }
         self.migration.begin(vmm::migration::Role::Source)?;
         let d = self.clone();

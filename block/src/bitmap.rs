@@ -54,6 +54,9 @@ pub enum BitmapError {
     /// The bitmap is owned by an operation (a job, an export) and cannot be changed by the user.
     #[error("bitmap '{name}' is in use by another operation")]
     Busy { name: String },
+    /// Serialized bits that cannot be this bitmap's (a migration stream's).
+    #[error("bitmap '{name}': {why}")]
+    BadBits { name: String, why: String },
 }
 
 /// The granularity rule: a power of two in [`MIN_GRANULARITY`]`..=`[`MAX_GRANULARITY`].
@@ -195,6 +198,38 @@ impl HBitmap {
     /// words can be hashed or serialized as they are.
     pub fn as_words(&self) -> &[u64] {
         self.bits.as_raw_slice()
+    }
+
+    /// The bits as bytes: bit `i` is bit `i % 8` of byte `i / 8`; `len().div_ceil(8)` bytes,
+    /// the bits of the last byte past `len()` clear. The format a migration stream carries.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out: Vec<u8> = self.as_words().iter().flat_map(|w| w.to_le_bytes()).collect();
+        out.truncate(self.len().div_ceil(8) as usize);
+        out
+    }
+
+    /// The bitmap of `len` bits that [`HBitmap::to_bytes`] wrote: exactly `len.div_ceil(8)`
+    /// bytes, and no bit set at or past `len`; `Err` says which rule the bytes break.
+    pub fn from_bytes(len: u64, bytes: &[u8]) -> Result<Self, String> {
+        let want = len.div_ceil(8);
+        if bytes.len() as u64 != want {
+            return Err(format!("{} bytes of bits for {len} bits (want {want})", bytes.len()));
+        }
+        let tail = len % 8;
+        if let (Some(&last), true) = (bytes.last(), tail != 0) {
+            if last >> tail != 0 {
+                return Err(format!("bits set past the end ({len} bits)"));
+            }
+        }
+        let mut bits: BitVec<u64, Lsb0> = BitVec::repeat(false, len as usize);
+        for (word, chunk) in bits.as_raw_mut_slice().iter_mut().zip(bytes.chunks(8)) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            *word = u64::from_le_bytes(b);
+        }
+        let count = bits.as_raw_slice().iter().map(|w| u64::from(w.count_ones())).sum();
+        let summary = build_summary(bits.as_raw_slice());
+        Ok(Self { bits, summary, count })
     }
 
     /// `start..start + count` clipped to the bitmap, or `None` when that is empty.
@@ -503,6 +538,12 @@ impl DirtyBitmap {
         self.busy.store(busy, Ordering::Release);
     }
 
+    /// Mark the bitmap busy if it is not: whether this call did (an operation that must own it
+    /// alone, e.g. a migration carrying it, without a window between the check and the mark).
+    pub fn try_claim(&self) -> bool {
+        self.busy.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
+
     /// Fails when an operation owns the bitmap, as QEMU's `bdrv_dirty_bitmap_check` does before
     /// a user command (merge, clear, remove, enable, disable) touches it.
     pub fn check_not_busy(&self) -> Result<(), BitmapError> {
@@ -697,6 +738,30 @@ impl DirtyBitmap {
     /// clear: what `x-debug-block-dirty-bitmap-sha256` hashes and a migration stream carries.
     pub fn snapshot_bits(&self) -> Vec<u64> {
         self.lock().bits.as_words().to_vec()
+    }
+
+    /// Number of bits (granules): `size().div_ceil(granularity())`.
+    pub fn bit_len(&self) -> u64 {
+        self.lock().bits.len()
+    }
+
+    /// The disk size and the bits as bytes ([`HBitmap::to_bytes`]), read under one lock: what a
+    /// migration stream carries of the bitmap.
+    pub fn export(&self) -> (u64, Vec<u8>) {
+        let st = self.lock();
+        (st.size, st.bits.to_bytes())
+    }
+
+    /// A bitmap over a disk of `size` bytes with the bits [`DirtyBitmap::export`] gave, enabled
+    /// or not: the name and granularity rules of [`DirtyBitmap::new`], and bytes that are
+    /// exactly this bitmap's (count, no bit past the end).
+    pub fn import(name: &str, size: u64, granularity: u64, enabled: bool, bytes: &[u8]) -> Result<Self, BitmapError> {
+        let bm = Self::new(name, size, granularity)?;
+        let bits = HBitmap::from_bytes(size.div_ceil(granularity), bytes)
+            .map_err(|why| BitmapError::BadBits { name: name.to_owned(), why })?;
+        bm.lock().bits = bits;
+        bm.set_enabled(enabled);
+        Ok(bm)
     }
 }
 
@@ -1227,8 +1292,64 @@ mod tests {
     }
 
     #[test]
+    fn export_and_import_round_trip_every_bit_and_refuse_foreign_bytes() {
+        // 100 granules of 4 KiB and a partial one: 101 bits, 13 bytes.
+        let size = 100 * 4096 + 1;
+        let bm = DirtyBitmap::new("b", size, 4096).unwrap();
+        for at in [0, 7 * 4096, 64 * 4096, 100 * 4096] {
+            bm.mark(at, 1);
+        }
+        let (sz, bytes) = bm.export();
+        assert_eq!((sz, bytes.len(), bm.bit_len()), (size, 13, 101));
+        assert_eq!(bytes[0], 0b1000_0001);
+        assert_eq!(bytes[12], 0b1_0000, "bit 100 is bit 4 of byte 12");
+        assert_eq!(bytes[8], 1, "bit 64 is bit 0 of byte 8");
+        let back = DirtyBitmap::import("c", size, 4096, false, &bytes).unwrap();
+        assert_eq!(back.snapshot_bits(), bm.snapshot_bits());
+        assert_eq!(back.dirty_granules(), 4);
+        assert!(!back.is_enabled());
+        assert_eq!(back.next_dirty_area(4096, u64::MAX), Some((7 * 4096, 4096)), "the summary follows the bits");
+        back.mark(4096, 1);
+        assert_eq!(back.dirty_granules(), 4, "disabled: writes are not recorded");
+        // Another count of bytes, a bit past the end, a bad granularity or name.
+        let e = DirtyBitmap::import("c", size, 4096, true, &bytes[..12]).unwrap_err();
+        assert_eq!(e.to_string(), "bitmap 'c': 12 bytes of bits for 101 bits (want 13)");
+        let mut past = bytes.clone();
+        past[12] |= 0x20;
+        let e = DirtyBitmap::import("c", size, 4096, true, &past).unwrap_err();
+        assert!(e.to_string().ends_with("bits set past the end (101 bits)"), "{e}");
+        assert!(matches!(DirtyBitmap::import("c", size, 1000, true, &bytes), Err(BitmapError::BadGranularity { .. })));
+        assert!(matches!(DirtyBitmap::import("", size, 4096, true, &bytes), Err(BitmapError::EmptyName)));
+        // An empty disk has no bits.
+        let empty = DirtyBitmap::import("e", 0, 512, true, &[]).unwrap();
+        assert_eq!(empty.export(), (0, vec![]));
+    }
+
+    #[tokio::test]
+    async fn an_adopted_bitmap_is_detached_by_identity() {
+        let g = graph_with_node().await;
+        let bm = DirtyBitmap::new("b", MIB, 4096).unwrap();
+        bm.mark(0, 1);
+        let adopted = g.bitmap_adopt("n", bm).unwrap();
+        assert!(lookup(&g, "n", "b").unwrap().is_dirty(0));
+        let e = g.bitmap_adopt("n", DirtyBitmap::new("b", MIB, 4096).unwrap()).unwrap_err();
+        assert_eq!(e.to_string(), "bitmap 'b' already exists on node 'n'");
+        let e = g.bitmap_adopt("n", DirtyBitmap::new("c", MIB + 1, 4096).unwrap()).unwrap_err();
+        assert!(crate::error::chain(&e).contains("ours covers 1048576 bytes, theirs 1048577"), "{e}");
+        // Another bitmap of the same name is not the adopted one.
+        let other = Arc::new(DirtyBitmap::new("b", MIB, 4096).unwrap());
+        assert!(!g.bitmap_detach("n", &other));
+        assert!(g.bitmap_detach("n", &adopted));
+        assert!(lookup(&g, "n", "b").is_err());
+        assert!(!g.bitmap_detach("n", &adopted));
+        assert!(!g.bitmap_detach("nosuch", &adopted));
+    }
+
+    #[test]
     fn busy_bitmap_refuses_user_commands() {
         let bm = DirtyBitmap::new("job", MIB, 512).unwrap();
+        assert!(bm.try_claim() && !bm.try_claim() && bm.is_busy());
+        bm.set_busy(false);
         assert!(bm.check_not_busy().is_ok());
         bm.set_busy(true);
         let err = bm.check_not_busy().err().map(|e| e.to_string());

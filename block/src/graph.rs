@@ -578,6 +578,36 @@ impl Graph {
         Ok(())
     }
 
+    /// Add a bitmap made elsewhere (an incoming migration's): refused when the node has one of
+    /// that name (QEMU's rule for migrated bitmaps) or the bitmap covers another size.
+    pub fn bitmap_adopt(&self, node: &str, bitmap: DirtyBitmap) -> Result<Arc<DirtyBitmap>> {
+        let node = self.find(node)?;
+        let mut list = sync::write(&node.bitmaps);
+        if list.iter().any(|b| b.name() == bitmap.name()) {
+            return Err(BlockError::BitmapExists { node: node.name.clone(), bitmap: bitmap.name().to_string() });
+        }
+        let (ours, theirs) = (node.length(), bitmap.size());
+        if ours != theirs {
+            return Err(BlockError::Bitmap {
+                node: node.name.clone(),
+                source: crate::bitmap::BitmapError::SizeMismatch { ours, theirs },
+            });
+        }
+        let bm = Arc::new(bitmap);
+        list.push(bm.clone());
+        Ok(bm)
+    }
+
+    /// Remove exactly `bitmap` from `node` (not another one of the same name), busy or not: the
+    /// undo of [`Graph::bitmap_adopt`]. Whether it was there.
+    pub fn bitmap_detach(&self, node: &str, bitmap: &Arc<DirtyBitmap>) -> bool {
+        let Ok(node) = self.find(node) else { return false };
+        let mut list = sync::write(&node.bitmaps);
+        let before = list.len();
+        list.retain(|b| !Arc::ptr_eq(b, bitmap));
+        list.len() != before
+    }
+
     /// `block-dirty-bitmap-remove`.
     pub fn bitmap_remove(&self, node: &str, name: &str) -> Result<Arc<DirtyBitmap>> {
         let node = self.find(node)?;

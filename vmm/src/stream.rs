@@ -28,6 +28,12 @@
 //!    7 COMMIT  (empty)                          (after PREPARED: the decision)
 //!    8 ABORT   reason (utf-8)                   (any time before COMMIT)
 //!    9 KEEPALIVE (empty)                        (while the source waits at pre-switchover)
+//!   10 BITMAPS node_len:u8 node[node_len] bitmap_len:u8 bitmap[bitmap_len]
+//!              granularity:u32 flags:u8 size:u64 first:u64 count:u32 kind:u8 (kind 1: bytes[count])
+//!              (a dirty bitmap's bits, or part of them: bytes first..first+count of
+//!              its bits, LSB first; kind 0: those bytes are zero and none follow;
+//!              flags: 1 enabled, 2 persistent, the rest zero; only with
+//!              capability dirty-bitmaps, after the nodes went inactive, before END)
 //!   11 SYNC    (empty)                          (end of pre-copy: answer once all before it is applied)
 //!
 //!  destination -> source (the return path)
@@ -72,6 +78,7 @@ pub const END: u8 = 255;
 pub const COMMIT: u8 = 7;
 pub const ABORT: u8 = 8;
 pub const KEEPALIVE: u8 = 9;
+pub const BITMAPS: u8 = 10;
 pub const SYNC: u8 = 11;
 
 pub const REPLY_WELCOME: u8 = 1;
@@ -124,8 +131,27 @@ pub const SECTIONS: &[Layout] = &[
     Layout { tag: COMMIT, name: "COMMIT", version: 1, fields: "" },
     Layout { tag: ABORT, name: "ABORT", version: 1, fields: "reason:utf8[<=MAX_REPLY]" },
     Layout { tag: KEEPALIVE, name: "KEEPALIVE", version: 1, fields: "" },
+    Layout { tag: BITMAPS, name: "BITMAPS", version: 1, fields: BITMAP_FIELDS },
     Layout { tag: SYNC, name: "SYNC", version: 1, fields: "" },
 ];
+
+/// A BITMAPS section's fields (see the module doc).
+pub const BITMAP_FIELDS: &str = "node_len:u8 node:utf8[node_len] bitmap_len:u8 bitmap:utf8[bitmap_len] \
+     granularity:u32be flags:u8(1=enabled 2=persistent) size:u64be first:u64be count:u32be[<=MAX_BITMAP_CHUNK] \
+     kind:u8(0=zeroes|1=data bytes[count], bit i of the bitmap = bit i%8 of byte i/8)";
+/// Most bytes of bits in one BITMAPS section (8 Mi bits): a bigger bitmap
+/// goes in several, in order.
+pub const MAX_BITMAP_CHUNK: u32 = 1 << 20;
+// The largest BITMAPS section (two names of 255 bytes, their lengths, the fixed fields) fits.
+const _: () = assert!(MAX_BITMAP_CHUNK as u64 + 2 * 256 + 26 <= MAX_SECTION);
+/// BITMAPS flags: the bitmap records writes (QEMU's `recording`).
+pub const BITMAP_ENABLED: u8 = 1;
+/// BITMAPS flags: the bitmap is persistent.
+pub const BITMAP_PERSISTENT: u8 = 2;
+/// A BITMAPS chunk's kind: its bytes are all zero, none follow.
+pub const CHUNK_ZEROES: u8 = 0;
+/// A BITMAPS chunk's kind: its bytes follow.
+pub const CHUNK_DATA: u8 = 1;
 
 /// Every reply on the return path.
 pub const REPLIES: &[Layout] = &[
@@ -258,8 +284,41 @@ pub enum Section {
     Commit,
     Abort(String),
     KeepAlive,
+    /// Part (or all) of a dirty bitmap's bits.
+    Bitmap(BitmapChunk),
     /// Answer SYNCED once everything before it is applied.
     Sync,
+}
+
+/// What a BITMAPS section says of its bitmap: the same in every section
+/// that carries part of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapMeta {
+    /// The node's alias (its name when no mapping is set); 1..=255 bytes.
+    pub node: String,
+    /// The bitmap's alias (its name when no mapping is set); 1..=255 bytes.
+    pub bitmap: String,
+    /// Bytes of disk per bit.
+    pub granularity: u32,
+    pub enabled: bool,
+    pub persistent: bool,
+    /// Bytes of disk the bitmap covers: it has `size.div_ceil(granularity)` bits.
+    pub size: u64,
+}
+
+impl BitmapMeta {
+    /// Bytes of bits of the whole bitmap.
+    pub fn byte_len(&self) -> u64 {
+        self.size.div_ceil(u64::from(self.granularity.max(1))).div_ceil(8)
+    }
+}
+
+/// One BITMAPS section: bytes `first..first + bits.len()` of a bitmap's bits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapChunk {
+    pub meta: BitmapMeta,
+    pub first: u64,
+    pub bits: Vec<u8>,
 }
 
 /// A section tag's name, for messages.
@@ -283,6 +342,7 @@ impl Section {
             Section::Commit => "COMMIT",
             Section::Abort(_) => "ABORT",
             Section::KeepAlive => "KEEPALIVE",
+            Section::Bitmap(_) => "BITMAPS",
             Section::Sync => "SYNC",
         }
     }
@@ -740,6 +800,122 @@ pub async fn write_device<W: AsyncWrite + Unpin>(w: &mut W, consumed: u32) -> st
     section(w, DEVICE, &consumed.to_be_bytes()).await
 }
 
+/// A BITMAPS section's payload: bytes `first..first + bits.len()` of the
+/// bitmap `meta` describes (all-zero bytes go as a zero chunk).
+pub fn bitmap_payload(meta: &BitmapMeta, first: u64, bits: &[u8]) -> Vec<u8> {
+    let zero = bits.iter().all(|&b| b == 0);
+    let mut b = Vec::with_capacity(2 + meta.node.len() + meta.bitmap.len() + 26 + if zero { 0 } else { bits.len() });
+    for name in [&meta.node, &meta.bitmap] {
+        b.push(name.len() as u8);
+        b.extend_from_slice(name.as_bytes());
+    }
+    b.extend_from_slice(&meta.granularity.to_be_bytes());
+    let flags = if meta.enabled { BITMAP_ENABLED } else { 0 } | if meta.persistent { BITMAP_PERSISTENT } else { 0 };
+    b.push(flags);
+    b.extend_from_slice(&meta.size.to_be_bytes());
+    b.extend_from_slice(&first.to_be_bytes());
+    b.extend_from_slice(&(bits.len() as u32).to_be_bytes());
+    if zero {
+        b.push(CHUNK_ZEROES);
+    } else {
+        b.push(CHUNK_DATA);
+        b.extend_from_slice(bits);
+    }
+    b
+}
+
+/// A whole bitmap: its bits (`meta.byte_len()` bytes) in sections of at
+/// most [`MAX_BITMAP_CHUNK`] bytes, in order; one section for a bitmap of
+/// no bits. Names of 1..=255 bytes and the bits' length are checked here.
+pub async fn write_bitmap<W: AsyncWrite + Unpin>(w: &mut W, meta: &BitmapMeta, bits: &[u8]) -> std::io::Result<()> {
+    write_bitmap_in(w, meta, bits, MAX_BITMAP_CHUNK as usize).await
+}
+
+/// [`write_bitmap`] in chunks of at most `chunk` bytes.
+pub async fn write_bitmap_in<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    meta: &BitmapMeta,
+    bits: &[u8],
+    chunk: usize,
+) -> std::io::Result<()> {
+    let invalid = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, why);
+    for name in [&meta.node, &meta.bitmap] {
+        if name.is_empty() || name.len() > usize::from(u8::MAX) {
+            return Err(invalid(format!("a BITMAPS name of {} bytes (1 to 255)", name.len())));
+        }
+    }
+    if bits.len() as u64 != meta.byte_len() {
+        return Err(invalid(format!(
+            "bitmap '{}': {} bytes of bits, {} expected",
+            meta.bitmap,
+            bits.len(),
+            meta.byte_len()
+        )));
+    }
+    let chunk = chunk.clamp(1, MAX_BITMAP_CHUNK as usize);
+    if bits.is_empty() {
+        return section(w, BITMAPS, &bitmap_payload(meta, 0, &[])).await;
+    }
+    for (i, part) in bits.chunks(chunk).enumerate() {
+        section(w, BITMAPS, &bitmap_payload(meta, (i * chunk) as u64, part)).await?;
+    }
+    Ok(())
+}
+
+/// Decode a BITMAPS payload; `Err` says what is wrong with it.
+fn bitmap_from(p: &[u8]) -> Result<BitmapChunk, String> {
+    let mut at = 0usize;
+    let mut names = Vec::with_capacity(2);
+    for what in ["node", "bitmap"] {
+        let n = usize::from(*p.get(at).ok_or_else(|| format!("short before the {what} name"))?);
+        let raw = p.get(at + 1..at + 1 + n).ok_or_else(|| format!("the {what} name of {n} bytes runs past the end"))?;
+        if n == 0 {
+            return Err(format!("an empty {what} name"));
+        }
+        let name = std::str::from_utf8(raw).map_err(|_| format!("the {what} name is not UTF-8"))?;
+        names.push(name.to_string());
+        at += 1 + n;
+    }
+    let fixed = p.get(at..at + 4 + 1 + 8 + 8 + 4 + 1).ok_or("short after the names")?;
+    let granularity = be_u32(fixed).ok_or("short")?;
+    let flags = fixed[4];
+    let size = be_u64(&fixed[5..]).ok_or("short")?;
+    let first = be_u64(&fixed[13..]).ok_or("short")?;
+    let count = be_u32(&fixed[21..]).ok_or("short")?;
+    let kind = fixed[25];
+    at += fixed.len();
+    let (bitmap, node) = (names.pop().unwrap_or_default(), names.pop().unwrap_or_default());
+    let whose = format!("bitmap '{bitmap}' of node '{node}'");
+    block::bitmap::check_granularity(u64::from(granularity)).map_err(|e| format!("{whose}: {e}"))?;
+    if flags & !(BITMAP_ENABLED | BITMAP_PERSISTENT) != 0 {
+        return Err(format!("{whose}: unknown flags {flags:#04x}"));
+    }
+    if count > MAX_BITMAP_CHUNK {
+        return Err(format!("{whose}: {count} bytes of bits, more than {MAX_BITMAP_CHUNK}"));
+    }
+    let meta = BitmapMeta {
+        node,
+        bitmap,
+        granularity,
+        enabled: flags & BITMAP_ENABLED != 0,
+        persistent: flags & BITMAP_PERSISTENT != 0,
+        size,
+    };
+    if first.checked_add(u64::from(count)).is_none_or(|end| end > meta.byte_len()) {
+        return Err(format!("{whose}: bytes {first}+{count} are outside its {} bytes of bits", meta.byte_len()));
+    }
+    let rest = p.get(at..).unwrap_or_default();
+    let bits = match kind {
+        CHUNK_ZEROES if rest.is_empty() => vec![0; count as usize],
+        CHUNK_DATA if rest.len() == count as usize => rest.to_vec(),
+        CHUNK_ZEROES | CHUNK_DATA => {
+            return Err(format!("{whose}: {} bytes follow a chunk of {count} (kind {kind})", rest.len()))
+        }
+        other => return Err(format!("{whose}: unknown chunk kind {other}")),
+    };
+    Ok(BitmapChunk { meta, first, bits })
+}
+
 pub async fn write_kvmclock<W: AsyncWrite + Unpin>(w: &mut W, clock: u64) -> std::io::Result<()> {
     section(w, KVMCLOCK, &clock.to_be_bytes()).await
 }
@@ -883,6 +1059,7 @@ pub async fn read_section<R: AsyncRead + Unpin>(r: &mut R) -> Result<Section, St
         KEEPALIVE if len == 0 => Ok(Section::KeepAlive),
         SYNC if len == 0 => Ok(Section::Sync),
         ABORT if len <= u64::from(MAX_REPLY) => Ok(Section::Abort(String::from_utf8_lossy(p).into_owned())),
+        BITMAPS => bitmap_from(p).map(Section::Bitmap).map_err(|why| bad(&why)),
         _ => Err(bad("wrong length")),
     }
 }
@@ -1256,11 +1433,135 @@ mod tests {
         out.push(("ABORT", std::mem::take(&mut w)));
         write_keepalive(&mut w).await.unwrap();
         out.push(("KEEPALIVE", std::mem::take(&mut w)));
+        let (meta, bits) = odd_bitmap();
+        write_bitmap(&mut w, &meta, &bits).await.unwrap();
+        out.push(("BITMAPS", std::mem::take(&mut w)));
+        write_bitmap(&mut w, &meta, &vec![0; bits.len()]).await.unwrap();
+        assert_eq!(w.len(), SECTION_HEADER_LEN + 2 + 4 + 4 + 26 + 4, "zero bits go as a zero chunk");
+        out.push(("BITMAPS", std::mem::take(&mut w)));
         write_sync(&mut w).await.unwrap();
         out.push(("SYNC", std::mem::take(&mut w)));
         write_end(&mut w, true).await.unwrap();
         out.push(("END", std::mem::take(&mut w)));
         out
+    }
+
+    /// A bitmap of 1 MiB + 1 byte at 4 KiB: 257 bits, 33 bytes, some set.
+    fn odd_bitmap() -> (BitmapMeta, Vec<u8>) {
+        let meta = BitmapMeta {
+            node: "disk".into(),
+            bitmap: "inc0".into(),
+            granularity: 4096,
+            enabled: true,
+            persistent: false,
+            size: (1 << 20) + 1,
+        };
+        let mut bits = vec![0u8; 33];
+        bits[0] = 0x81;
+        bits[17] = 0x3c;
+        bits[32] = 1;
+        (meta, bits)
+    }
+
+    /// Parse BITMAPS sections back into (meta, whole bits).
+    async fn bitmaps_of(w: &[u8]) -> Vec<(BitmapMeta, Vec<u8>)> {
+        let mut r = w;
+        let mut out: Vec<(BitmapMeta, Vec<u8>)> = Vec::new();
+        while !r.is_empty() {
+            let Section::Bitmap(c) = read_section(&mut r).await.unwrap() else { panic!("not BITMAPS") };
+            match out.last_mut() {
+                Some((m, b)) if *m == c.meta && b.len() as u64 == c.first => b.extend_from_slice(&c.bits),
+                _ => {
+                    assert_eq!(c.first, 0);
+                    out.push((c.meta, c.bits));
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_bitmap_round_trips_whole_or_split_and_zero_chunks_are_markers() {
+        rt().block_on(async {
+            let (meta, bits) = odd_bitmap();
+            for chunk in [1, 5, 16, 33, 1000] {
+                let mut w = Vec::new();
+                write_bitmap_in(&mut w, &meta, &bits, chunk).await.unwrap();
+                assert_eq!(bitmaps_of(&w).await, vec![(meta.clone(), bits.clone())], "chunk {chunk}");
+            }
+            // Split in 11-byte chunks: the middle one (bytes 11..22) holds bits, the others not all.
+            let mut w = Vec::new();
+            write_bitmap_in(&mut w, &meta, &bits, 11).await.unwrap();
+            let frame = SECTION_HEADER_LEN + 4 + 2 + 4 + 4 + 26;
+            assert_eq!(w.len(), 3 * frame + 3 * 11);
+            // Disabled, persistent, no bits at all.
+            let empty = BitmapMeta { enabled: false, persistent: true, size: 0, ..meta.clone() };
+            let mut w = Vec::new();
+            write_bitmap(&mut w, &empty, &[]).await.unwrap();
+            assert_eq!(bitmaps_of(&w).await, vec![(empty, vec![])]);
+            // The writer refuses what the reader would.
+            let mut w = Vec::new();
+            assert!(write_bitmap(&mut w, &meta, &bits[1..]).await.is_err());
+            let long = BitmapMeta { bitmap: "x".repeat(256), ..meta.clone() };
+            assert!(write_bitmap(&mut w, &long, &bits).await.is_err());
+            let unnamed = BitmapMeta { node: String::new(), ..meta.clone() };
+            assert!(write_bitmap(&mut w, &unnamed, &bits).await.is_err());
+            assert!(w.is_empty());
+        });
+    }
+
+    #[test]
+    fn bad_bitmap_sections_are_refused_naming_the_bitmap() {
+        rt().block_on(async {
+            let (meta, bits) = odd_bitmap();
+            let good = bitmap_payload(&meta, 0, &bits);
+            // Offsets in `good`: names at 0..10, granularity 10, flags 14, size 15, first 23, count 31, kind 35.
+            let err = |p: &[u8]| {
+                let bytes = stream_of(&section_bytes(BITMAPS, p));
+                async move { first_section(&bytes).await.unwrap_err() }
+            };
+            let text = |e: StreamError| e.to_string();
+            let with = |at: usize, v: &[u8]| {
+                let mut p = good.clone();
+                p[at..at + v.len()].copy_from_slice(v);
+                p
+            };
+            let e = text(err(&with(10, &1000u32.to_be_bytes())).await);
+            assert!(e.starts_with("BITMAPS section of 69 bytes: bitmap 'inc0' of node 'disk': granularity"), "{e}");
+            let e = text(err(&with(14, &[4])).await);
+            assert!(e.ends_with("bitmap 'inc0' of node 'disk': unknown flags 0x04"), "{e}");
+            let e = text(err(&with(23, &1u64.to_be_bytes())).await);
+            assert!(e.ends_with("bytes 1+33 are outside its 33 bytes of bits"), "{e}");
+            let e = text(err(&with(23, &u64::MAX.to_be_bytes())).await);
+            assert!(e.contains("are outside its"), "{e}");
+            let e = text(err(&with(31, &(MAX_BITMAP_CHUNK + 1).to_be_bytes())).await);
+            assert!(
+                e.ends_with(&format!("{} bytes of bits, more than {MAX_BITMAP_CHUNK}", MAX_BITMAP_CHUNK + 1)),
+                "{e}"
+            );
+            let e = text(err(&with(35, &[2])).await);
+            assert!(e.ends_with("unknown chunk kind 2"), "{e}");
+            let e = text(err(&good[..good.len() - 1]).await);
+            assert!(e.ends_with("32 bytes follow a chunk of 33 (kind 1)"), "{e}");
+            let mut long = good.clone();
+            long.push(0);
+            assert!(text(err(&long).await).ends_with("34 bytes follow a chunk of 33 (kind 1)"));
+            let zero = bitmap_payload(&meta, 0, &[0; 33]);
+            let mut p = zero.clone();
+            p.push(0);
+            assert!(text(err(&p).await).ends_with("1 bytes follow a chunk of 33 (kind 0)"));
+            // The names: empty, not UTF-8, running past the end; a payload cut short of its fields.
+            let e = text(err(&with(0, &[0])).await);
+            assert!(e.ends_with("an empty node name"), "{e}");
+            let e = text(err(&with(6, &[0xff])).await);
+            assert!(e.ends_with("the bitmap name is not UTF-8"), "{e}");
+            let e = text(err(&[9, b'a']).await);
+            assert!(e.ends_with("the node name of 9 bytes runs past the end"), "{e}");
+            let e = text(err(&good[..20]).await);
+            assert!(e.ends_with("short after the names"), "{e}");
+            let e = text(err(&[]).await);
+            assert!(e.ends_with("short before the node name"), "{e}");
+        });
     }
 
     fn stream_of(section: &[u8]) -> Vec<u8> {
@@ -1516,6 +1817,46 @@ mod tests {
             v.extend_from_slice(&section_bytes(tag, &body));
             let _ = rt().block_on(parse_all(&v));
             let _ = rt().block_on(read_reply(&mut &reply_bytes(tag, &body)[..]));
+        }
+
+        /// Any bitmap, split anywhere, reads back as it was written.
+        #[test]
+        fn any_bitmap_round_trips(
+            node in "[a-z][a-z0-9_.-]{0,40}",
+            bitmap in "\\PC{1,60}",
+            shift in 9u32..=31,
+            flags in 0u8..4,
+            size in 0u64..(1 << 24),
+            chunk in 1usize..64,
+            seed in proptest::prelude::any::<u64>(),
+        ) {
+            let granularity = 1u32 << shift;
+            let meta = BitmapMeta {
+                node,
+                bitmap,
+                granularity,
+                enabled: flags & 1 != 0,
+                persistent: flags & 2 != 0,
+                size: size.saturating_mul(u64::from(granularity) / 512),
+            };
+            let bits_len = meta.size.div_ceil(u64::from(granularity));
+            let mut bits = vec![0u8; bits_len.div_ceil(8) as usize];
+            let mut x = seed | 1;
+            for bit in 0..bits_len.min(4096) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                if x % 5 == 0 {
+                    bits[(bit / 8) as usize] |= 1 << (bit % 8);
+                }
+            }
+            proptest::prop_assume!(meta.bitmap.len() <= 255);
+            let got = rt().block_on(async {
+                let mut w = Vec::new();
+                write_bitmap_in(&mut w, &meta, &bits, chunk).await.unwrap();
+                bitmaps_of(&w).await
+            });
+            proptest::prop_assert_eq!(got, vec![(meta, bits)]);
         }
 
         /// Any vCPU state the encoding can hold comes back field for field.

@@ -10,6 +10,7 @@ use block::Graph;
 use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 use vm_memory::{Bytes, GuestAddress};
 
+use super::bitmaps::{self, Created};
 use super::params::Parameters;
 use super::points::point;
 use super::state::{Decision, Handover, Migration, Role, Status};
@@ -59,7 +60,8 @@ where
     let (r, mut w) = tokio::io::split(conn);
     let mut r = BufReader::with_capacity(1 << 20, r);
     let mut activated = Vec::new();
-    let res = receive(mig, graph, vm, &targets, &p, &mut r, &mut w, &mut activated).await;
+    let mut created = Vec::new();
+    let res = receive(mig, graph, vm, &targets, &p, &mut r, &mut w, &mut activated, &mut created).await;
     let failure = match res {
         Ok(run) => match decide(mig, &p, &mut r).await {
             Ok(()) => {
@@ -85,7 +87,7 @@ where
         }
     };
     let mut text = crate::error_text(&failure);
-    if let Err(e) = roll_back(graph, vm, &activated).await {
+    if let Err(e) = roll_back(graph, vm, &activated, &mut created).await {
         text = format!("{text}; and rolling back failed: {e}");
     }
     tracing::warn!(error = %text, "incoming migration failed; waiting for another attempt");
@@ -94,9 +96,15 @@ where
     Landing::RolledBack
 }
 
-/// Inactivate what this attempt activated and drop the loaded state: back
-/// to `inmigrate`, ready for the next attempt.
-async fn roll_back(graph: &Arc<Graph>, vm: &Arc<Vm>, activated: &[String]) -> Result<(), String> {
+/// Remove the bitmaps this attempt created, inactivate what it activated
+/// and drop the loaded state: back to `inmigrate`, ready for the next attempt.
+async fn roll_back(
+    graph: &Arc<Graph>,
+    vm: &Arc<Vm>,
+    activated: &[String],
+    created: &mut Vec<Created>,
+) -> Result<(), String> {
+    bitmaps::remove(graph, created);
     let mut failed = Vec::new();
     for name in activated.iter().rev() {
         let Ok(node) = graph.find(name) else { continue };
@@ -149,6 +157,7 @@ async fn receive<R, W>(
     r: &mut R,
     w: &mut W,
     activated: &mut Vec<String>,
+    created: &mut Vec<Created>,
 ) -> Result<bool, MigrationError>
 where
     R: AsyncRead + Unpin,
@@ -201,6 +210,7 @@ where
     let mut arrived = vec![0u64; pages.div_ceil(64) as usize];
     let mut vcpus = vec![None; cfg.vcpus as usize];
     let mut device = None;
+    let mut incoming = bitmaps::Incoming::default();
     let mut clock = None;
     let running = loop {
         match section(mig, r, p.io_timeout, "next section").await? {
@@ -229,6 +239,15 @@ where
                 if device.replace(consumed).is_some() {
                     return Err(MigrationError::Invalid("the device's state arrived twice".into()));
                 }
+            }
+            Section::Bitmap(chunk) => {
+                if !mig.capabilities().dirty_bitmaps {
+                    return Err(MigrationError::Bitmap(format!(
+                        "the source sent bitmap '{}' of node '{}', but capability dirty-bitmaps is off here",
+                        chunk.meta.bitmap, chunk.meta.node
+                    )));
+                }
+                incoming.take(graph, p.block_bitmap_mapping.as_deref(), chunk).map_err(MigrationError::Bitmap)?;
             }
             Section::KvmClock { clock: c } => {
                 if clock.replace(c).is_some() {
@@ -271,6 +290,7 @@ where
     graph.activate_all().await.map_err(MigrationError::Activate)?;
     mig.step_done("activate", t.elapsed());
     point("migration::incoming-before-ack").await?;
+    bitmaps::apply(graph, incoming, created).map_err(MigrationError::Bitmap)?;
     let t = std::time::Instant::now();
     vm.load_cpu_state(&vcpus, device, clock).await?;
     mig.step_done("load-state", t.elapsed());

@@ -102,6 +102,9 @@ pub enum MigrationError {
     Injected(#[from] points::Injected),
     #[error("{0}")]
     Invalid(String),
+    /// A dirty bitmap could not go (source) or be taken (destination); the text names it.
+    #[error("dirty bitmaps: {0}")]
+    Bitmap(String),
 }
 
 impl MigrationError {

@@ -16,6 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite, BufWriter, WriteHalf};
 use tokio::sync::mpsc;
 use vm_memory::{Bytes, GuestAddress};
 
+use super::bitmaps;
 use super::carriers::{self, Carrier};
 use super::params::Parameters;
 use super::points::point;
@@ -327,6 +328,12 @@ where
     C: Future<Output = std::io::Result<S>> + Send,
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // Capability dirty-bitmaps: the bitmaps that go are chosen now and stay
+    // busy until the attempt ends (they are read once the nodes are inactive).
+    let claimed = match mig.capabilities().dirty_bitmaps {
+        true => Some(bitmaps::claim(graph, p.block_bitmap_mapping.as_deref()).map_err(MigrationError::Bitmap)?),
+        false => None,
+    };
     // Setup: connect (abandoned on cancel), HELLO, the destination's disks.
     let conn = tokio::select! {
         biased;
@@ -478,8 +485,9 @@ where
     let sync = || carriers::in_sync(&carriers, vm);
     let cancelled = || mig.is_stopping();
     let prepared_timeout = p.prepared_timeout;
+    let bitmaps_of = claimed.as_ref().map(bitmaps::Claimed::bitmaps);
     let handover = |st: crate::vm::VmState| async move {
-        hand_over(link, mig, vm, st, &unsent, was_running, prepared_timeout)
+        hand_over(link, mig, vm, st, &unsent, was_running, prepared_timeout, bitmaps_of)
             .await
             .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
     };
@@ -626,8 +634,30 @@ fn keep_carriers(carriers: &[Carrier]) {
     }
 }
 
+/// Send the dirty bitmaps the attempt claimed (the nodes are inactive:
+/// their bits are final). A cancel acts between two.
+async fn send_bitmaps<S>(link: &mut Link<S>, mig: &Migration, list: &[bitmaps::Outgoing]) -> Result<(), MigrationError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = link.io;
+    for o in list {
+        let (meta, bits) = o.export().map_err(MigrationError::Bitmap)?;
+        if let Some(why) = link.refusal() {
+            return Err(MigrationError::Refused(why));
+        }
+        if let Err(e) = guarded(mig, io, stream::write_bitmap(&mut link.w, &meta, &bits)).await {
+            return Err(link.reason_for(e).await);
+        }
+        tracing::debug!(node = %o.node, bitmap = %o.bitmap.name(), bytes = bits.len(), "dirty bitmap sent");
+    }
+    Ok(())
+}
+
 /// The guest is stopped and every node inactive: the last dirty pages, the
-/// vCPUs, the device, END; then PREPARED, and the commit point.
+/// dirty bitmaps (capability dirty-bitmaps: `bitmaps_of`, those the attempt
+/// claimed), the vCPUs, the device, END; then PREPARED, and the commit point.
+#[allow(clippy::too_many_arguments)]
 async fn hand_over<S>(
     link: &mut Link<S>,
     mig: &Migration,
@@ -636,6 +666,7 @@ async fn hand_over<S>(
     unsent: &[u64],
     was_running: bool,
     prepared_timeout: Duration,
+    bitmaps_of: Option<&[bitmaps::Outgoing]>,
 ) -> Result<(), MigrationError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -648,6 +679,10 @@ where
     mig.counters.dirty_pages.store(crate::memory::count(&log), Ordering::SeqCst);
     mig.dirty_sync();
     send_pages(link, mig, vm, &log, None).await?;
+    if let Some(list) = bitmaps_of {
+        send_bitmaps(link, mig, list).await?;
+        point("migration::after-bitmaps").await?;
+    }
     let io = link.io;
     let sent = guarded(mig, io, async {
         for (id, v) in st.vcpus.iter().enumerate() {
