@@ -1120,14 +1120,14 @@ fn a_stalled_mirror_target_bounds_the_drain_and_the_run_state_tells_the_truth() 
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut saw_stopped = false;
     loop {
-        let before = ok(rig.sq(), "query-migrate", json!({}));
         let st = ok(rig.sq(), "query-status", json!({}));
         let m = ok(rig.sq(), "query-migrate", json!({}));
-        if before["status"] == "device" && m["status"] == "device" {
-            // Read while the vCPUs were stopped for the switchover: the run state says so.
-            assert_ne!(st["status"], "running", "{st}");
+        // The vCPUs stopped for the switchover while the drain is stuck: the
+        // run state says so (and `device` comes only after the drain).
+        if st["status"] == "finish-migrate" {
             saw_stopped = true;
         }
+        assert_ne!(m["status"], "device", "the drain never completed: {m}");
         if is_final(&m["status"]) {
             assert_eq!(m["status"], "failed", "{m}");
             assert!(
@@ -1139,7 +1139,7 @@ fn a_stalled_mirror_target_bounds_the_drain_and_the_run_state_tells_the_truth() 
         assert!(Instant::now() < deadline, "the drain was not bounded: {m}");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let _ = saw_stopped;
+    assert!(saw_stopped, "query-status said finish-migrate while the drain was stuck");
     assert!(nodes(rig.sq()).values().all(|a| *a), "every node active again");
     rig.dest_rolled_back();
 }
@@ -1157,9 +1157,11 @@ fn yanking_the_migration_fails_the_attempt_and_both_sides_roll_back() {
     assert!(!ok(rig.sq(), "query-yank", json!({})).as_array().unwrap().iter().any(|i| i["type"] == "migration"));
     rig.fp(true, "migration::precopy", "return(hold)");
     ok(rig.sq(), "migrate", json!({"uri": uri}));
-    while !Rig::held(rig.sq(), "migration::precopy") {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    // Bounded: an attempt that ended before the hold fails the test, saying how.
+    wait(rig.sq(), "query-migrate", "the attempt to reach its pre-copy hold", 60, |v| {
+        assert!(!is_final(&v["status"]), "the attempt ended before its pre-copy hold: {v}");
+        v["x-baton-held"].as_array().is_some_and(|h| h.iter().any(|n| n == "migration::precopy"))
+    });
     let y = ok(rig.sq(), "query-yank", json!({}));
     assert!(y.as_array().unwrap().iter().any(|i| i["type"] == "migration"), "{y}");
     ok(rig.sq(), "yank", json!({"instances": [{"type": "migration"}]}));

@@ -478,8 +478,9 @@ where
         }
     }
 
-    // Device: the switchover, up to PREPARED and the commit point.
-    mig.transition(Status::Device);
+    // Device: the switchover, up to PREPARED and the commit point. As in
+    // QEMU, the status says `device` once the guest is stopped and drained
+    // (so `device` never goes with a `running` run state).
     link.mark_stopped(mig);
     let bounds = Bounds { drain: p.drain_timeout, sync: p.mirror_sync_timeout, with_ram: false };
     let sync = || carriers::in_sync(&carriers, vm);
@@ -491,7 +492,12 @@ where
             .await
             .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
     };
-    let on_step = |step, took| mig.step_done(step, took);
+    let on_step = |step, took| {
+        mig.step_done(step, took);
+        if step == "drain" {
+            mig.transition(Status::Device);
+        }
+    };
     let r = switchover::run(graph, vm, was_running, bounds, sync, &cancelled, &on_step, handover).await;
     if let Err(e) = r {
         return Err(e.into());
