@@ -7,46 +7,13 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Proc, Qmp};
-use serde_json::{json, Value};
+use common::{daemon_env, image, ok, wait_for, Proc, Qmp};
+use serde_json::json;
 
 fn daemon(args: &[String]) -> Proc {
     daemon_env(args, &[])
-}
-
-fn daemon_env(args: &[String], env: &[(&str, &str)]) -> Proc {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_baton"));
-    c.arg("daemon").args(args).stdout(Stdio::null());
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    Proc(c.spawn().unwrap())
-}
-
-fn image(p: &Path) {
-    std::fs::File::create(p).unwrap().set_len(16 << 20).unwrap();
-}
-
-fn wait_for(q: &mut Qmp, cmd: &str, what: &str, f: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let r = q.execute(cmd, json!({}));
-        if f(&r["return"]) {
-            return r["return"].clone();
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}: last {r}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn ok(q: &mut Qmp, cmd: &str, args: Value) -> Value {
-    let r = q.execute(cmd, args.clone());
-    assert!(r.get("return").is_some(), "{cmd} {args}: {r}");
-    r["return"].clone()
 }
 
 struct Pair {
@@ -207,6 +174,10 @@ fn pause_before_switchover_waits_for_continue_and_a_cancel_there_resumes_the_sou
     ok(&mut p.sq, "migrate_cancel", json!({}));
     wait_for(&mut p.sq, "query-migrate", "cancelled", |v| v["status"] == "cancelled");
     assert_eq!(ok(&mut p.sq, "query-status", json!({}))["status"], "running", "a cancel resumes the guest");
+    // The destination heard ABORT and rolls back; its attempt ends before it takes the next.
+    wait_for(&mut p.dq, "query-migrate", "the destination's attempt to end", |v| {
+        matches!(v["status"].as_str(), Some("failed" | "cancelled"))
+    });
     // Second attempt: continue, and it completes.
     ok(&mut p.sq, "migrate", json!({"uri": uri}));
     wait_for(&mut p.sq, "query-migrate", "pre-switchover", |v| v["status"] == "pre-switchover");

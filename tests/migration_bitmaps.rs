@@ -9,43 +9,14 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Proc, Qmp};
-use serde_json::{json, Value};
+use common::{image, ok, wait_for, Proc, Qmp};
 
 fn daemon(args: &[String], env: &[(&str, &str)]) -> Proc {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_baton"));
-    c.arg("daemon").args(args).stdout(Stdio::null());
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    Proc(c.spawn().unwrap())
+    common::daemon_env(args, env)
 }
-
-fn image(p: &Path) {
-    std::fs::File::create(p).unwrap().set_len(16 << 20).unwrap();
-}
-
-fn wait_for(q: &mut Qmp, cmd: &str, what: &str, f: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let r = q.execute(cmd, json!({}));
-        if f(&r["return"]) {
-            return r["return"].clone();
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}: last {r}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn ok(q: &mut Qmp, cmd: &str, args: Value) -> Value {
-    let r = q.execute(cmd, args.clone());
-    assert!(r.get("return").is_some(), "{cmd} {args}: {r}");
-    r["return"].clone()
-}
+use serde_json::{json, Value};
 
 fn err(q: &mut Qmp, cmd: &str, args: Value) -> String {
     let r = q.execute(cmd, args.clone());

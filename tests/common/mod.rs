@@ -135,3 +135,38 @@ impl Qmp {
         }
     }
 }
+
+/// `baton daemon ARGS` with extra environment, stdout discarded.
+pub fn daemon_env(args: &[String], env: &[(&str, &str)]) -> Proc {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_baton"));
+    c.arg("daemon").args(args).stdout(std::process::Stdio::null());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    Proc(c.spawn().unwrap())
+}
+
+/// A 16 MiB sparse image.
+pub fn image(p: &Path) {
+    std::fs::File::create(p).unwrap().set_len(16 << 20).unwrap();
+}
+
+/// Poll `cmd` until `f` holds for its return (a minute at most).
+pub fn wait_for(q: &mut Qmp, cmd: &str, what: &str, f: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = q.execute(cmd, serde_json::json!({}));
+        if f(&r["return"]) {
+            return r["return"].clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}: last {r}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Run `cmd`; it must succeed. Its return.
+pub fn ok(q: &mut Qmp, cmd: &str, args: serde_json::Value) -> serde_json::Value {
+    let r = q.execute(cmd, args.clone());
+    assert!(r.get("return").is_some(), "{cmd} {args}: {r}");
+    r["return"].clone()
+}

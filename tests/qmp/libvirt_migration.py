@@ -34,7 +34,6 @@ are reported but allowed; anything else fails.
 Env: BATON = the baton binary; QEMU_SYSTEM (default qemu-system-x86_64).
 """
 
-import fnmatch
 import json
 import os
 import queue
@@ -45,6 +44,9 @@ import sys
 import tempfile
 import threading
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conformance import Diffs  # noqa: E402 - the same allowlist matching as the QSD comparison
 
 BATON = os.environ.get("BATON")
 QEMU = os.environ.get("QEMU_SYSTEM", "qemu-system-x86_64")
@@ -376,23 +378,6 @@ def jtype(v):
     if isinstance(v, dict):
         return "object"
     return "null"
-
-
-class Diffs:
-    def __init__(self, allow):
-        self.allow = allow
-        self.used = set()
-        self.rows = []
-
-    def add(self, step, what, path, q, b):
-        reason = None
-        for i, a in enumerate(self.allow):
-            if a["what"] == what and fnmatch.fnmatchcase(step, a.get("step", "*")) \
-                    and fnmatch.fnmatchcase(path, a.get("path", "*")):
-                reason = a["reason"]
-                self.used.add(i)
-                break
-        self.rows.append((step, what, path, q, b, reason))
 
 
 def short(v, n=100):
