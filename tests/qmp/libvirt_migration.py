@@ -46,7 +46,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conformance import Diffs  # noqa: E402 - the same allowlist matching as the QSD comparison
+from conformance import Diffs, short  # noqa: E402 - the same allowlist matching as the QSD comparison
 
 BATON = os.environ.get("BATON")
 QEMU = os.environ.get("QEMU_SYSTEM", "qemu-system-x86_64")
@@ -378,11 +378,6 @@ def jtype(v):
     if isinstance(v, dict):
         return "object"
     return "null"
-
-
-def short(v, n=100):
-    s = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
-    return s if len(s) <= n else s[: n - 3] + "..."
 
 
 def shape(diffs, step, path, q, b):

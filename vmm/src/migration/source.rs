@@ -494,7 +494,9 @@ where
     };
     let on_step = |step, took| {
         mig.step_done(step, took);
-        if step == "drain" {
+        // A cancel that came during the stop already moved the status to
+        // `cancelling`: the switchover rolls back at its next check.
+        if step == "drain" && !mig.is_stopping() {
             mig.transition(Status::Device);
         }
     };
