@@ -192,9 +192,10 @@ impl Daemon {
         Ok(vm)
     }
 
-    /// Start an outgoing migration to `target`.
+    /// Start an outgoing migration to `target`; with `storage`, the guest's
+    /// disk is copied too (`x-baton-storage: copy`).
     /// Refused, with no state change, while another attempt is not final.
-    pub fn migrate(self: &Arc<Self>, target: NbdAddr) -> Result<(), DaemonError> {
+    pub fn migrate(self: &Arc<Self>, target: NbdAddr, storage: bool) -> Result<(), DaemonError> {
         let vm = self.vm().ok_or(DaemonError::NoGuest)?;
         if !self.migration.status().is_final() {
             return Err(vmm::migration::VerbError::InProgress.into());
@@ -209,16 +210,23 @@ impl Daemon {
         }
         self.migration.begin(vmm::migration::Role::Source)?;
         let d = self.clone();
+        // The storage copy reaches the destination's exports where it reaches the migration.
+        let route = storage.then(|| vmm::migration::storage::Route {
+            host: match &target {
+                NbdAddr::Unix { .. } => None,
+                NbdAddr::Inet { host, .. } => Some(host.clone()),
+            },
+        });
         // Not under the command lock: query-migrate and migrate_cancel work meanwhile.
         tokio::spawn(async move {
             let (m, g, j) = (&d.migration, &d.graph, &d.jobs);
             match target {
                 NbdAddr::Unix { path } => {
-                    vmm::migration::migrate_out(m, g, j, &vm, tokio::net::UnixStream::connect(path)).await
+                    vmm::migration::migrate_out(m, g, j, &vm, tokio::net::UnixStream::connect(path), route).await
                 }
                 NbdAddr::Inet { host, port } => {
-                    vmm::migration::migrate_out(m, g, j, &vm, tokio::net::TcpStream::connect(format!("{host}:{port}")))
-                        .await
+                    let a = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+                    vmm::migration::migrate_out(m, g, j, &vm, tokio::net::TcpStream::connect(a), route).await
                 }
             }
         });
@@ -238,6 +246,7 @@ impl Daemon {
                     node: node.name().to_string(),
                     export: e.config.name.clone(),
                     size: e.size(),
+                    at: None,
                 });
             }
         }
@@ -299,7 +308,7 @@ impl Daemon {
     /// Listen for incoming attempts on `at`; with `exit_on_error`, the first
     /// failed attempt ends the daemon (QEMU's `exit-on-error`).
     async fn listen(self: &Arc<Self>, at: NbdAddr, paused: bool, exit_on_error: bool) -> Result<(), DaemonError> {
-        let listener = match at {
+        let listener = match at.clone() {
             NbdAddr::Unix { path } => {
                 let _ = std::fs::remove_file(&path);
                 Incoming::Unix(
@@ -322,11 +331,11 @@ impl Daemon {
             loop {
                 let landed = match &listener {
                     Incoming::Unix(l) => match l.accept().await {
-                        Ok((s, _)) => d.clone().incoming_attempt(s, paused),
+                        Ok((s, _)) => d.clone().incoming_attempt(s, paused, at.clone()),
                         Err(_) => continue,
                     },
                     Incoming::Tcp(l) => match l.accept().await {
-                        Ok((s, _)) => d.clone().incoming_attempt(s, paused),
+                        Ok((s, _)) => d.clone().incoming_attempt(s, paused, at.clone()),
                         Err(_) => continue,
                     },
                 };
@@ -351,17 +360,22 @@ impl Daemon {
     }
 
     /// One incoming connection, in a task of its own; the task's result is
-    /// how an attempt it began ended (None: refused before it began).
+    /// how an attempt it began ended (None: refused before it began). `at`
+    /// is where the migration listens (a storage copy's exports go next to it).
     fn incoming_attempt<S>(
         self: Arc<Self>,
         conn: S,
         paused: bool,
+        at: NbdAddr,
     ) -> tokio::task::JoinHandle<Option<vmm::migration::Landing>>
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         tokio::spawn(async move {
-            let vm = self.vm()?;
+            let Some(vm) = self.vm() else {
+                vmm::migration::refuse_busy(conn, "the destination has no guest (--vm) to migrate into").await;
+                return None;
+            };
             if !self.migration.status().is_final()
                 || matches!(
                     self.migration.handover(),
@@ -372,7 +386,10 @@ impl Daemon {
                 return None;
             }
             let targets = self.mirror_targets(&vm).await;
-            let landing = vmm::migration::migrate_in(&self.migration, &self.graph, &vm, targets, conn).await;
+            let existing = self.exports().await.iter().map(|e| (e.config.name.clone(), e.backend.node())).collect();
+            let exporter = crate::storage::AttemptExports::new(self.graph.clone(), at, existing);
+            let landing =
+                vmm::migration::migrate_in(&self.migration, &self.graph, &vm, targets, &exporter, conn).await;
             if let vmm::migration::Landing::Committed { run } = landing {
                 self.drop_target_exports(&vm).await;
                 // As QEMU: a guest that was paused on the source stays paused here.

@@ -9,6 +9,7 @@ mod exercise;
 mod keyval;
 mod qmp;
 mod serve;
+mod storage;
 
 use std::process::ExitCode;
 

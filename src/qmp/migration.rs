@@ -49,6 +49,7 @@ block::qapi_struct! {
         "channels" channels: Option<Vec<MigrationChannel>>,
         "detach" detach: Option<bool>,
         "resume" resume: Option<bool>,
+        "x-baton-storage" storage: Option<String>,
     }
 }
 
@@ -90,8 +91,18 @@ pub async fn migrate(d: Arc<Daemon>, a: Migrate) -> Reply {
     if a.resume == Some(true) {
         return Err(QmpError::generic("resuming a postcopy migration is not supported"));
     }
+    let storage = match a.storage.as_deref() {
+        None => false,
+        Some("copy") => true,
+        Some(other) => {
+            return Err(QmpError::generic(format!(
+                "Parameter 'x-baton-storage' does not accept value '{other}' (only 'copy': the destination \
+                 exports the disk it holds for the guest, and this side mirrors into it)"
+            )))
+        }
+    };
     let to = address(a.uri, a.channels)?;
-    d.migrate(to)?;
+    d.migrate(to, storage)?;
     Ok(json!({}))
 }
 

@@ -15,7 +15,8 @@
 //!  section: tag:u8 version:u8 len:u64 hcrc:u32 payload[len] pcrc:u32
 //!           hcrc = CRC32C(tag version len)
 //!           pcrc = CRC32C(tag version len hcrc payload)
-//!    1 HELLO   memory:u64 vcpus:u32 disk_size:u64 layout:u64   (first, exactly once)
+//!    1 HELLO   memory:u64 vcpus:u32 disk_size:u64 layout:u64 flags:u8   (first, exactly once;
+//!              flags bit 0: storage copy, the destination exports its disks itself)
 //!    2 RAM     first_page:u64 count:u32 count * (0 | 1 page[4096])
 //!              (0: the page is all zeroes, no payload follows; 1: its bytes follow)
 //!    3 VCPU    id:u32 state[VCPU_STATE_LEN]      (once per vCPU; field by field, see
@@ -38,8 +39,11 @@
 //!
 //!  destination -> source (the return path)
 //!  reply: tag:u8 len:u32 hcrc:u32 payload[len] pcrc:u32   (CRCs as for sections)
-//!    1 WELCOME   JSON {"targets": [{"node", "export", "size"}]}  (answer to HELLO:
-//!                the destination's disks that are incoming mirror targets)
+//!    1 WELCOME   JSON {"targets": [{"node", "export", "size"[, "unix" | "port"]}]}
+//!                (answer to HELLO: the destination's disks that are incoming mirror
+//!                targets; with storage copy, each on the NBD server it opened for
+//!                this attempt: a unix socket's path, or a TCP port on the host the
+//!                source reached it at)
 //!    2 REFUSED   reason (utf-8)                  (the attempt is over; why)
 //!    3 PREPARED  (empty)                         (everything arrived and is loaded)
 //!    5 SYNCED    (empty)                         (answer to SYNC: everything before it is in RAM)
@@ -117,7 +121,12 @@ pub struct Layout {
 /// are described. Change a section's encoding, change its line here (and
 /// the layout hash changes with it).
 pub const SECTIONS: &[Layout] = &[
-    Layout { tag: HELLO, name: "HELLO", version: 1, fields: "memory:u64be vcpus:u32be disk_size:u64be layout:u64be" },
+    Layout {
+        tag: HELLO,
+        name: "HELLO",
+        version: 2,
+        fields: "memory:u64be vcpus:u32be disk_size:u64be layout:u64be flags:u8(bit 0: storage copy)",
+    },
     Layout {
         tag: RAM,
         name: "RAM",
@@ -159,7 +168,7 @@ pub const REPLIES: &[Layout] = &[
         tag: REPLY_WELCOME,
         name: "WELCOME",
         version: 0,
-        fields: "json{targets:[{node:str,export:str,size:u64}]}",
+        fields: "json{targets:[{node:str,export:str,size:u64[,unix:str|port:u16]}]}",
     },
     Layout { tag: REPLY_REFUSED, name: "REFUSED", version: 0, fields: "reason:utf8[<=MAX_REPLY]" },
     Layout { tag: REPLY_PREPARED, name: "PREPARED", version: 0, fields: "" },
@@ -356,6 +365,9 @@ pub struct Hello {
     pub disk_size: u64,
     /// The sender's [`layout_hash`].
     pub layout: u64,
+    /// Storage copy (`x-baton-storage: copy`): the destination exports its
+    /// disks for this attempt and says where in WELCOME.
+    pub storage: bool,
 }
 
 impl Hello {
@@ -390,6 +402,19 @@ pub struct Target {
     /// The NBD export name the source's `nbd` node must connect to.
     pub export: String,
     pub size: u64,
+    /// Where the export is served, when the destination opened a server
+    /// for this attempt (storage copy); None: the management's server.
+    pub at: Option<TargetAt>,
+}
+
+/// Where a destination serves an export it made for a storage copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetAt {
+    /// A unix socket's path (on the destination's host, which the
+    /// source shares when it reached the migration socket by path).
+    Unix(String),
+    /// A TCP port on the host the source reached the migration at.
+    Port(u16),
 }
 
 /// The bytes of a vCPU's state in a VCPU section (after its id): the sum of [`VCPU_PARTS`].
@@ -733,11 +758,12 @@ async fn section<W: AsyncWrite + Unpin>(w: &mut W, tag: u8, payload: &[u8]) -> s
 }
 
 pub async fn write_hello<W: AsyncWrite + Unpin>(w: &mut W, h: &Hello) -> std::io::Result<()> {
-    let mut p = Vec::with_capacity(28);
+    let mut p = Vec::with_capacity(29);
     p.extend_from_slice(&h.memory.to_be_bytes());
     p.extend_from_slice(&h.vcpus.to_be_bytes());
     p.extend_from_slice(&h.disk_size.to_be_bytes());
     p.extend_from_slice(&h.layout.to_be_bytes());
+    p.push(u8::from(h.storage));
     section(w, HELLO, &p).await?;
     w.flush().await
 }
@@ -1005,11 +1031,16 @@ pub async fn read_section<R: AsyncRead + Unpin>(r: &mut R) -> Result<Section, St
     let u32_at = |at: usize| p.get(at..).and_then(be_u32);
     let u64_at = |at: usize| p.get(at..).and_then(be_u64);
     match tag {
-        HELLO if len == 28 => Ok(Section::Hello(Hello {
+        HELLO if len == 29 => Ok(Section::Hello(Hello {
             memory: u64_at(0).ok_or_else(|| bad("short"))?,
             vcpus: u32_at(8).ok_or_else(|| bad("short"))?,
             disk_size: u64_at(12).ok_or_else(|| bad("short"))?,
             layout: u64_at(20).ok_or_else(|| bad("short"))?,
+            storage: match p.get(28) {
+                Some(0) => false,
+                Some(1) => true,
+                _ => return Err(bad("flags other than bit 0 (storage copy)")),
+            },
         })),
         RAM => {
             let first_page = u64_at(0).ok_or_else(|| bad("short header"))?;
@@ -1069,7 +1100,15 @@ pub async fn write_reply<W: AsyncWrite + Unpin>(w: &mut W, reply: &Reply) -> std
         Reply::Welcome(targets) => {
             let t: Vec<serde_json::Value> = targets
                 .iter()
-                .map(|t| serde_json::json!({"node": t.node, "export": t.export, "size": t.size}))
+                .map(|t| {
+                    let mut o = serde_json::json!({"node": t.node, "export": t.export, "size": t.size});
+                    match &t.at {
+                        Some(TargetAt::Unix(path)) => o["unix"] = path.as_str().into(),
+                        Some(TargetAt::Port(port)) => o["port"] = (*port).into(),
+                        None => {}
+                    }
+                    o
+                })
                 .collect();
             (REPLY_WELCOME, serde_json::json!({"targets": t}).to_string().into_bytes())
         }
@@ -1094,7 +1133,13 @@ fn parse_targets(p: &[u8]) -> Result<Vec<Target>, StreamError> {
     let list = obj.get("targets").and_then(|t| t.as_array()).ok_or_else(|| bad("'targets' is not an array"))?;
     let mut out = Vec::with_capacity(list.len());
     for t in list {
-        let o = t.as_object().filter(|o| o.len() == 3).ok_or_else(|| bad("a target is not {node, export, size}"))?;
+        let o = t
+            .as_object()
+            .filter(|o| {
+                let extra = o.keys().filter(|k| !["node", "export", "size"].contains(&k.as_str())).count();
+                o.len() - extra == 3 && extra <= 1
+            })
+            .ok_or_else(|| bad("a target is not {node, export, size} with at most one of unix or port"))?;
         let s = |k: &str| {
             o.get(k)
                 .and_then(|v| v.as_str())
@@ -1103,7 +1148,21 @@ fn parse_targets(p: &[u8]) -> Result<Vec<Target>, StreamError> {
         };
         let size =
             o.get("size").and_then(|v| v.as_u64()).ok_or_else(|| bad("target 'size' missing or not a number"))?;
-        out.push(Target { node: s("node")?, export: s("export")?, size });
+        let at = match (o.get("unix"), o.get("port")) {
+            (None, None) => None,
+            (Some(_), None) => Some(TargetAt::Unix(s("unix")?)),
+            (None, Some(p)) => Some(TargetAt::Port(
+                p.as_u64()
+                    .and_then(|p| u16::try_from(p).ok())
+                    .filter(|&p| p != 0)
+                    .ok_or_else(|| bad("target 'port' is not a TCP port"))?,
+            )),
+            (Some(_), Some(_)) => return Err(bad("a target has both unix and port")),
+        };
+        if o.len() != 3 + usize::from(at.is_some()) {
+            return Err(bad("a target has a member other than node, export, size, unix or port"));
+        }
+        out.push(Target { node: s("node")?, export: s("export")?, size, at });
     }
     Ok(out)
 }
@@ -1184,7 +1243,7 @@ mod tests {
         rt().block_on(async {
             let mut w = Vec::new();
             write_header(&mut w).await.unwrap();
-            let hello = Hello { memory: 64 << 20, vcpus: 1, disk_size: 1 << 20, layout: layout_hash() };
+            let hello = Hello { memory: 64 << 20, vcpus: 1, disk_size: 1 << 20, layout: layout_hash(), storage: true };
             write_hello(&mut w, &hello).await.unwrap();
             write_ram(&mut w, 3, &[7u8; 2 * PAGE]).await.unwrap();
             write_device(&mut w, 42).await.unwrap();
@@ -1209,7 +1268,11 @@ mod tests {
     #[test]
     fn replies_round_trip_and_bad_ones_are_named() {
         rt().block_on(async {
-            let targets = vec![Target { node: "disk".into(), export: "e".into(), size: 4096 }];
+            let targets = vec![
+                Target { node: "disk".into(), export: "e".into(), size: 4096, at: None },
+                Target { node: "d2".into(), export: "f".into(), size: 512, at: Some(TargetAt::Unix("/run/x.sock".into())) },
+                Target { node: "d3".into(), export: "g".into(), size: 1, at: Some(TargetAt::Port(10809)) },
+            ];
             for reply in
                 [Reply::Welcome(targets.clone()), Reply::Refused("no".into()), Reply::Prepared, Reply::Welcome(vec![])]
             {
@@ -1220,8 +1283,18 @@ mod tests {
                     assert!(read_reply(&mut &w[..cut]).await.is_err());
                 }
             }
-            let w = reply_bytes(REPLY_WELCOME, br#"{"targets": [{"node": "d", "export": "e"}]}"#);
-            assert!(matches!(read_reply(&mut &w[..]).await, Err(StreamError::BadReply(m)) if m.contains("target")));
+            for bad in [
+                &br#"{"targets": [{"node": "d", "export": "e"}]}"#[..],
+                br#"{"targets": [{"node": "d", "export": "e", "size": 1, "port": 0}]}"#,
+                br#"{"targets": [{"node": "d", "export": "e", "size": 1, "port": 65536}]}"#,
+                br#"{"targets": [{"node": "d", "export": "e", "size": 1, "unix": 5}]}"#,
+                br#"{"targets": [{"node": "d", "export": "e", "size": 1, "unix": "/a", "port": 1}]}"#,
+                br#"{"targets": [{"node": "d", "export": "e", "size": 1, "host": "h"}]}"#,
+            ] {
+                let w = reply_bytes(REPLY_WELCOME, bad);
+                let r = read_reply(&mut &w[..]).await;
+                assert!(matches!(&r, Err(StreamError::BadReply(m)) if m.contains("target")), "{r:?}");
+            }
             let w = reply_bytes(9, &[]);
             assert!(
                 matches!(read_reply(&mut &w[..]).await, Err(StreamError::BadReply(m)) if m.contains("unknown reply 9"))
@@ -1411,7 +1484,7 @@ mod tests {
     async fn one_of_each() -> Vec<(&'static str, Vec<u8>)> {
         let mut out = Vec::new();
         let mut w = Vec::new();
-        let hello = Hello { memory: 16 << 20, vcpus: 2, disk_size: 1 << 20, layout: layout_hash() };
+        let hello = Hello { memory: 16 << 20, vcpus: 2, disk_size: 1 << 20, layout: layout_hash(), storage: false };
         write_hello(&mut w, &hello).await.unwrap();
         out.push(("HELLO", std::mem::take(&mut w)));
         let mut page = vec![0u8; PAGE];
@@ -1736,7 +1809,7 @@ mod tests {
             let theirs = ours ^ 0x8000;
             let mut w = Vec::new();
             write_header(&mut w).await.unwrap();
-            write_hello(&mut w, &Hello { memory: 1, vcpus: 1, disk_size: 1, layout: theirs }).await.unwrap();
+            write_hello(&mut w, &Hello { memory: 1, vcpus: 1, disk_size: 1, layout: theirs, storage: false }).await.unwrap();
             let Section::Hello(h) = first_section(&w).await.unwrap() else { panic!("not HELLO") };
             assert_eq!(h.layout, theirs);
             let e = h.check_layout().unwrap_err();
@@ -1770,7 +1843,7 @@ mod tests {
     #[test]
     fn a_flipped_bit_in_any_reply_is_caught_and_named() {
         rt().block_on(async {
-            let targets = vec![Target { node: "disk".into(), export: "e".into(), size: 4096 }];
+            let targets = vec![Target { node: "disk".into(), export: "e".into(), size: 4096, at: None }];
             for (name, reply) in [
                 ("WELCOME", Reply::Welcome(targets)),
                 ("REFUSED", Reply::Refused("no".into())),

@@ -14,6 +14,7 @@ use super::bitmaps::{self, Created};
 use super::params::Parameters;
 use super::points::point;
 use super::state::{Decision, Handover, Migration, Role, Status};
+use super::storage::Exporter;
 use super::MigrationError;
 use crate::stream::{self, Reply, Section, StreamError, Target, PAGE};
 use crate::vm::{RunState, Vm};
@@ -37,12 +38,15 @@ pub async fn refuse_busy<S: AsyncRead + AsyncWrite + Unpin>(conn: S, why: &str) 
 }
 
 /// One incoming attempt on `conn`. `targets` are this side's disks exported
-/// writable for the source's mirror. Opens and ends the attempt in `mig`.
+/// writable for the source's mirror; `exporter` makes the exports of a
+/// storage copy, which the attempt withdraws however it ends. Opens and
+/// ends the attempt in `mig`.
 pub async fn migrate_in<S>(
     mig: &Arc<Migration>,
     graph: &Arc<Graph>,
     vm: &Arc<Vm>,
     targets: Vec<Target>,
+    exporter: &dyn Exporter,
     conn: S,
 ) -> Landing
 where
@@ -61,7 +65,7 @@ where
     let mut r = BufReader::with_capacity(1 << 20, r);
     let mut activated = Vec::new();
     let mut created = Vec::new();
-    let res = receive(mig, graph, vm, &targets, &p, &mut r, &mut w, &mut activated, &mut created).await;
+    let res = receive(mig, graph, vm, &targets, exporter, &p, &mut r, &mut w, &mut activated, &mut created).await;
     let failure = match res {
         Ok(run) => match decide(mig, &p, &mut r).await {
             Ok(()) => {
@@ -70,6 +74,10 @@ where
                 // decision stands either way).
                 let ack = stream::write_reply(&mut w, &Reply::Committed);
                 let _ = tokio::time::timeout(Duration::from_secs(1), ack).await;
+                // The storage copy's exports go before the guest takes its disk.
+                let t = std::time::Instant::now();
+                exporter.withdraw().await;
+                mig.step_done("withdraw-exports", t.elapsed());
                 vm.set_state(RunState::Paused);
                 if !mig.transition(Status::Completed) {
                     tracing::error!(status = mig.status().as_str(), "committed, but the status cannot say completed");
@@ -87,6 +95,7 @@ where
         }
     };
     let mut text = crate::error_text(&failure);
+    exporter.withdraw().await;
     if let Err(e) = roll_back(graph, vm, &activated, &mut created).await {
         text = format!("{text}; and rolling back failed: {e}");
     }
@@ -153,6 +162,7 @@ async fn receive<R, W>(
     graph: &Arc<Graph>,
     vm: &Arc<Vm>,
     targets: &[Target],
+    exporter: &dyn Exporter,
     p: &Parameters,
     r: &mut R,
     w: &mut W,
@@ -198,7 +208,22 @@ where
         )));
     }
     point("migration::incoming-hello").await?;
-    tokio::time::timeout(p.io_timeout, stream::write_reply(w, &Reply::Welcome(targets.to_vec())))
+    let targets = match h.storage {
+        false => targets.to_vec(),
+        true => {
+            // Storage copy: this side exports its guest's disk itself (the
+            // export activates it; a rollback inactivates it again).
+            let node = vm.device().backend().node();
+            activated.extend(
+                std::iter::successors(Some(node.clone()), |n| n.child().cloned())
+                    .filter(|n| !n.is_active())
+                    .map(|n| n.name().to_string()),
+            );
+            point("migration::incoming-storage").await?;
+            vec![exporter.export(node.name()).await.map_err(MigrationError::Disk)?]
+        }
+    };
+    tokio::time::timeout(p.io_timeout, stream::write_reply(w, &Reply::Welcome(targets)))
         .await
         .map_err(|_| MigrationError::Timeout("the WELCOME write", p.io_timeout))?
         .map_err(StreamError::Io)?;

@@ -40,6 +40,7 @@ pub mod params;
 pub mod points;
 pub mod source;
 pub mod state;
+pub mod storage;
 
 pub use dest::{migrate_in, refuse_busy, Landing};
 pub use params::Parameters;

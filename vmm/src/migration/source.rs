@@ -21,6 +21,7 @@ use super::carriers::{self, Carrier};
 use super::params::Parameters;
 use super::points::point;
 use super::state::{Handover, Migration, Status};
+use super::storage::{self, Route};
 use super::MigrationError;
 use crate::stream::{self, Hello, Reply, StreamError, PAGE};
 use crate::switchover::{self, Bounds};
@@ -102,6 +103,9 @@ struct Link<S> {
     w: Counted<BufWriter<WriteHalf<S>>>,
     /// Bytes written when the guest stopped for the switchover.
     at_stop: Option<u64>,
+    /// COMMIT went out (its acknowledgement is awaited after the storage
+    /// copy's teardown, which overlaps the destination's).
+    commit_sent: bool,
     replies: mpsc::Receiver<Result<Reply, StreamError>>,
     reader: tokio::task::JoinHandle<()>,
     io: Duration,
@@ -127,7 +131,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Link<S> {
             }
         });
         let w = Counted { inner: BufWriter::with_capacity(1 << 20, w), bytes: 0 };
-        Link { w, at_stop: None, replies, reader, io }
+        Link { w, at_stop: None, commit_sent: false, replies, reader, io }
     }
 
     /// The guest stopped: what is written from now on is downtime's.
@@ -289,25 +293,41 @@ impl Pass {
 /// `connect` opens the connection. Ends the attempt: completed, failed or
 /// cancelled. On failure the source is as before (the switchover rolled
 /// back, or never started) and the destination was told (ABORT, best effort).
+/// `storage`: copy the guest's disk to the destination's (storage copy,
+/// reaching its exports by this route); the copy's nodes and jobs are
+/// gone when the attempt ends, however it ends.
 pub async fn migrate_out<C, S>(
     mig: &Arc<Migration>,
     graph: &Arc<Graph>,
     jobs: &Arc<JobManager>,
     vm: &Arc<Vm>,
     connect: C,
+    storage: Option<Route>,
 ) where
     C: Future<Output = std::io::Result<S>> + Send,
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let p = mig.params();
     let mut link = None;
-    match outgoing(mig, graph, jobs, vm, connect, &p, &mut link).await {
-        Ok(()) => mig.complete(),
+    let mut made = Vec::new();
+    match outgoing(mig, graph, jobs, vm, connect, &p, storage.as_ref(), &mut made, &mut link).await {
+        Ok(()) => {
+            if let Err(e) = storage::detach(graph, jobs, &mut made, true).await {
+                tracing::warn!(error = %e, "migrated; removing the storage copy's nodes and jobs left some");
+            }
+            if let Some(l) = link.as_mut() {
+                acknowledged(l, mig, &p).await;
+            }
+            mig.complete()
+        }
         Err(e) => {
-            let text = crate::error_text(&e);
+            let mut text = crate::error_text(&e);
             tracing::warn!(error = %text, "migration failed; the source is as it was");
             if let Some(l) = link.as_mut() {
                 l.abort(&text).await;
+            }
+            if let Err(e) = storage::detach(graph, jobs, &mut made, false).await {
+                text = format!("{text}; and removing the storage copy left: {e}");
             }
             mig.set_handover(Handover::RolledBack);
             mig.fail(text, mig.is_cancelled());
@@ -315,6 +335,27 @@ pub async fn migrate_out<C, S>(
     }
 }
 
+/// The destination acknowledges COMMIT: only for the record (and the
+/// downtime, which ends here); the guest is its own either way.
+async fn acknowledged<S>(link: &mut Link<S>, mig: &Migration, p: &Parameters)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    if !link.commit_sent {
+        return;
+    }
+    let t = Instant::now();
+    match link.expect(mig, ACK_BOUND.min(p.io_timeout), "the acknowledgement of COMMIT").await {
+        Ok(Reply::Committed) => {
+            mig.step_done("commit-acknowledged", t.elapsed());
+            mig.set_decision_note("COMMIT acknowledged".into());
+        }
+        Ok(other) => tracing::warn!(reply = ?other, "an unexpected reply to COMMIT"),
+        Err(e) => tracing::warn!(error = %crate::error_text(&e), "COMMIT sent but not acknowledged"),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn outgoing<C, S>(
     mig: &Arc<Migration>,
     graph: &Arc<Graph>,
@@ -322,6 +363,8 @@ async fn outgoing<C, S>(
     vm: &Arc<Vm>,
     connect: C,
     p: &Parameters,
+    storage: Option<&Route>,
+    made: &mut Vec<storage::Copy>,
     slot: &mut Option<Link<S>>,
 ) -> Result<(), MigrationError>
 where
@@ -351,6 +394,7 @@ where
         vcpus: vm.config().vcpus,
         disk_size: vm.device().backend().node().length(),
         layout: stream::layout_hash(),
+        storage: storage.is_some(),
     };
     guarded(mig, p.hello_timeout, async {
         stream::write_header(&mut link.w).await?;
@@ -365,7 +409,16 @@ where
             return Err(MigrationError::Stream(StreamError::BadReply(what)));
         }
     };
-    let carriers = carriers::bind(jobs, vm, &targets).map_err(MigrationError::Disk)?;
+    let carriers = match storage {
+        None => carriers::bind(jobs, vm, &targets).map_err(MigrationError::Disk)?,
+        Some(route) => {
+            // Storage copy: the disks first, in sync before RAM moves.
+            let c = storage::attach(graph, jobs, vm, &targets, route, p.io_timeout, made).await?;
+            copies_ready(link, mig, jobs, &c, p.io_timeout).await?;
+            point("migration::storage-ready").await?;
+            c
+        }
+    };
     if !matches!(vm.state(), RunState::Running | RunState::Paused) {
         return Err(MigrationError::Invalid(format!("the guest is {} now", vm.state().as_str())));
     }
@@ -521,22 +574,55 @@ where
         Ok(()) => {
             mig.step_done("commit-sent", t.elapsed());
             mig.set_decision_note("COMMIT sent".into());
-            // The destination acknowledges: only for the record (and the
-            // downtime, which ends here); the guest is its own either way.
-            let t = Instant::now();
-            match link.expect(mig, ACK_BOUND.min(p.io_timeout), "the acknowledgement of COMMIT").await {
-                Ok(Reply::Committed) => {
-                    mig.step_done("commit-acknowledged", t.elapsed());
-                    mig.set_decision_note("COMMIT acknowledged".into());
-                }
-                Ok(other) => tracing::warn!(reply = ?other, "an unexpected reply to COMMIT"),
-                Err(e) => tracing::warn!(error = %crate::error_text(&e), "COMMIT sent but not acknowledged"),
-            }
+            link.commit_sent = true;
         }
         Err(e) => {
             let why = crate::error_text(&e);
             tracing::warn!(error = %why, "COMMIT not delivered: the destination waits for x-baton-migrate-decide commit");
             mig.set_decision_note(format!("committed, but COMMIT could not be sent ({why}): resolve the destination with x-baton-migrate-decide commit"));
+        }
+    }
+    Ok(())
+}
+
+/// Wait until every storage copy is READY (then write-blocking, so the disk
+/// stays in sync and the switchover has nothing to drain): RAM pre-copy
+/// starts with the disks in sync, as libvirt starts `migrate` after
+/// BLOCK_JOB_READY. Keepalives go meanwhile, a cancel or a refusal ends
+/// the wait, and copies that make no progress within `io` fail it.
+async fn copies_ready<S>(
+    link: &mut Link<S>,
+    mig: &Migration,
+    jobs: &JobManager,
+    carriers: &[Carrier],
+    io: Duration,
+) -> Result<(), MigrationError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let left = || carriers.iter().map(|c| c.job.remaining()).sum::<u64>();
+    let mut last = (left(), Instant::now());
+    let mut alive = Instant::now();
+    while !storage::ready(jobs, carriers)? {
+        let now = left();
+        if now != last.0 {
+            last = (now, Instant::now());
+        } else if last.1.elapsed() > io {
+            return Err(MigrationError::Timeout("progress copying the guest's disk to the destination", io));
+        }
+        if let Some(why) = link.refusal() {
+            return Err(MigrationError::Refused(why));
+        }
+        if alive.elapsed() >= io / 3 {
+            if let Err(e) = guarded(mig, io, stream::write_keepalive(&mut link.w)).await {
+                return Err(link.reason_for(e).await);
+            }
+            alive = Instant::now();
+        }
+        tokio::select! {
+            biased;
+            _ = mig.cancelled() => return Err(mig.stop_reason()),
+            _ = tokio::time::sleep(storage::READY_POLL) => {}
         }
     }
     Ok(())
