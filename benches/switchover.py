@@ -1,11 +1,16 @@
 #!/usr/bin/env python3
-"""The switchover, baton against real QEMU 10 in the same run.
+"""The switchover, baton against real QEMU (Debian 12's 7.2; optionally 10) in the same run.
 
 Each case migrates a guest between two processes on unix sockets and reads
 the daemons' own QMP event timestamps (same host clock):
 
   switchover  source STOP (or, for a guest paused beforehand, MIGRATION
-              `device`) -> source MIGRATION `completed`
+              `device`) -> source MIGRATION `completed`. QEMU 7.2 enters
+              `device` only with the pause-before-switchover capability
+              (QEMU 10 on every switchover), so for a paused guest 7.2's
+              source runs with it and gets `migrate-continue` at once on
+              `pre-switchover`; 7.2's `total` then leaves out that wait
+              (pre-switchover -> device).
   to-resume   source STOP -> destination RESUME (running guests: the
               destination runs the guest on its own, no -S)
   total       source MIGRATION `setup` -> `completed`
@@ -19,18 +24,34 @@ baton's guest writes its disk, QEMU's SeaBIOS has no OS and idles, so its
 the same image inactive; mirrored: libvirt's sequence without
 pause-before-switchover, a 128 MiB raw image mirrored over NBD into the
 destination's export, READY before `migrate`, `block-job-cancel` after).
-QEMU is qemu-system-x86_64 10 (-M pc, KVM, -nodefaults, SeaBIOS, the disk
-on virtio-blk). Medians of REPS runs (default 5) and ranges; ratios are
-baton / QEMU (below 1: baton is faster).
+
+The peers, each column labelled with the version the binary reports:
+
+  baton      $BATON (default target/release/baton)
+  qemu 7.2   Debian 12's qemu-system-x86 7.2, unpacked beside the installed
+             QEMU (whose packages it conflicts with): $QEMU72, else the
+             wrapper benches/qemu-7.2.sh prints (it fetches and unpacks the
+             .debs into target/qemu-7.2 once, installing nothing). If 7.2
+             cannot be had the run says why and goes on without it.
+  qemu 10    only with QEMU10=1: the installed qemu-system-x86_64 (or
+             $QEMU_SYSTEM), off by default to keep the run short.
+
+QEMU runs -M pc, KVM, -nodefaults, SeaBIOS, the disk on virtio-blk; the QMP
+commands used (migrate-incoming, nbd-server-start on a unix socket,
+block-export-add, blockdev-mirror) are the same in 7.2 and 10. Medians of
+REPS runs (default 5) and ranges; ratios are baton / QEMU 7.2 (below 1:
+baton is faster), or baton / QEMU 10 when 7.2 is missing.
 
   cargo build --release
   benches/switchover.py                  # REPS=5
   REPS=3 MEMS=64 benches/switchover.py
+  QEMU72=/path/to/qemu-system-x86_64 QEMU10=1 benches/switchover.py
 """
 
 import json
 import os
 import queue
+import re
 import shutil
 import socket
 import statistics
@@ -45,8 +66,64 @@ MEMS = [int(m) for m in os.environ.get("MEMS", "64,256").split(",")]
 DISK = int(os.environ.get("DISK_MB", "128")) << 20
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATON = os.environ.get("BATON", os.path.join(ROOT, "target", "release", "baton"))
-QEMU = os.environ.get("QEMU_SYSTEM", "qemu-system-x86_64")
+QEMU10 = os.environ.get("QEMU10", "0") not in ("", "0")
+QEMU_SYSTEM = os.environ.get("QEMU_SYSTEM", "qemu-system-x86_64")
 TIMEOUT = 60
+
+
+class Peer:
+    """One side of the comparison: baton or a QEMU binary of a known version."""
+
+    def __init__(self, kind, path, version=None):
+        self.kind = kind  # "baton" or "qemu"
+        self.path = path
+        self.version = version  # (major, minor) for QEMU
+        self.label = "baton" if kind == "baton" else f"qemu {version[0]}.{version[1]}"
+        # QEMU 10 enters MIGRATION `device` on every switchover, 7.2 only
+        # with pause-before-switchover.
+        self.device_needs_pause = kind == "qemu" and version < (10, 0)
+
+
+def qemu_version(path):
+    """(major, minor) from `path --version`, or an error string."""
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=TIMEOUT)
+    except OSError as e:
+        return f"{path}: {e.strerror}"
+    m = re.match(r"QEMU emulator version (\d+)\.(\d+)", out.stdout)
+    if out.returncode != 0 or not m:
+        return f"{path} --version (rc={out.returncode}): {(out.stdout + out.stderr).strip()[:300]}"
+    return int(m[1]), int(m[2])
+
+
+def qemu72():
+    """The QEMU 7.2 peer, or an error string saying why there is none."""
+    path = os.environ.get("QEMU72")
+    if not path:
+        script = os.path.join(ROOT, "benches", "qemu-7.2.sh")
+        print(f"QEMU 7.2: {script} ...", file=sys.stderr, flush=True)
+        try:  # its progress goes to our stderr
+            out = subprocess.run([script], stdout=subprocess.PIPE, text=True)
+        except OSError as e:
+            return f"{script}: {e.strerror}"
+        if out.returncode != 0:
+            return f"{script} failed (rc={out.returncode}), see its messages above"
+        path = out.stdout.strip()
+    v = qemu_version(path)
+    if isinstance(v, str):
+        return v
+    if v != (7, 2):
+        return f"{path} is QEMU {v[0]}.{v[1]}, not 7.2"
+    return Peer("qemu", path, v)
+
+
+def qemu10():
+    """The installed QEMU (10), or an error string."""
+    path = shutil.which(QEMU_SYSTEM)
+    if path is None:
+        return f"{QEMU_SYSTEM} not found"
+    v = qemu_version(path)
+    return v if isinstance(v, str) else Peer("qemu", path, v)
 
 
 class Monitor:
@@ -125,12 +202,12 @@ def ts(e):
 
 def argv(peer, side, mem, disk_arg, sock):
     chardev = f"socket,path={sock},server=on,wait=off,id=m"
-    if peer == "qemu":
-        a = [QEMU, "-M", "pc", "-accel", "kvm", "-m", f"{mem}M", "-nodefaults", "-display", "none",
+    if peer.kind == "qemu":
+        a = [peer.path, "-M", "pc", "-accel", "kvm", "-m", f"{mem}M", "-nodefaults", "-display", "none",
              "-blockdev", disk_arg, "-device", "virtio-blk-pci,drive=disk", "-chardev", chardev,
              "-mon", "chardev=m,mode=control"]
         return a + (["-incoming", "defer"] if side == "D" else [])
-    a = [BATON, "daemon", "--blockdev", disk_arg, "--vm", f"memory={mem}M,disk=disk", "--chardev", chardev,
+    a = [peer.path, "daemon", "--blockdev", disk_arg, "--vm", f"memory={mem}M,disk=disk", "--chardev", chardev,
          "--monitor", "chardev=m"]
     return a + (["--incoming", "defer"] if side == "D" else [])
 
@@ -143,7 +220,7 @@ def one(peer, mem, writing, mirrored, tmp):
     src = f"driver=file,node-name=disk,filename={d}/src.img"
     if mirrored:
         dst = f"driver=file,node-name=disk,filename={d}/dst.img"
-    elif peer == "qemu":
+    elif peer.kind == "qemu":
         dst = src  # QEMU opens an incoming guest's images inactive
     else:
         dst = src + ",active=off"
@@ -156,6 +233,9 @@ def one(peer, mem, writing, mirrored, tmp):
         mons.append(sq)
         for m in (sq, dq):
             m.ok("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
+        pause = not writing and peer.device_needs_pause
+        if pause:
+            sq.ok("migrate-set-capabilities", capabilities=[{"capability": "pause-before-switchover", "state": True}])
         if mirrored:
             dq.ok("nbd-server-start", addr={"type": "unix", "data": {"path": f"{d}/nbd.sock"}})
             dq.ok("block-export-add", type="nbd", id="e", **{"node-name": "disk"}, writable=True, name="disk")
@@ -170,12 +250,21 @@ def one(peer, mem, writing, mirrored, tmp):
         time.sleep(0.3 if writing else 0)
         stops_before = len([e for e in sq.events if e["event"] == "STOP"])
         sq.ok("migrate", uri=f"unix:{d}/mig.sock")
+        waited = 0.0
+        if pause:
+            pre = sq.wait("MIGRATION", status="pre-switchover")
+            sq.ok("migrate-continue", state="pre-switchover")
+            waited = ts(sq.wait("MIGRATION", status="device")) - ts(pre)
         done = sq.wait("MIGRATION", status="completed")
         setup = sq.first("MIGRATION", status="setup")
         stops = [e for e in sq.events if e["event"] == "STOP"][stops_before:]
         start = stops[0] if stops else sq.first("MIGRATION", status="device")
-        r = {"switchover": (ts(done) - ts(start)) * 1000, "total": (ts(done) - ts(setup)) * 1000}
-        if peer == "baton":
+        if start is None or setup is None:
+            raise RuntimeError(f"{peer.label}: no STOP/`device` or no `setup` event on the source: "
+                               + ", ".join(e["event"] + " " + str((e.get("data") or {}).get("status", ""))
+                                           for e in sq.events))
+        r = {"switchover": (ts(done) - ts(start)) * 1000, "total": (ts(done) - ts(setup) - waited) * 1000}
+        if peer.kind == "baton":
             r["steps"] = sq.ok("query-migrate").get("x-baton-switchover", {})
             dq.wait("MIGRATION", status="completed")
             r["dsteps"] = dq.ok("query-migrate").get("x-baton-switchover", {})
@@ -197,19 +286,34 @@ def main():
     if not os.access(BATON, os.X_OK):
         print(f"{BATON} not found: cargo build --release", file=sys.stderr)
         return 2
-    have_qemu = shutil.which(QEMU) is not None
+    peers = [Peer("baton", BATON)]
+    for name, find, wanted in (("QEMU 7.2", qemu72, True), ("QEMU 10", qemu10, QEMU10)):
+        if not wanted:
+            continue
+        p = find()
+        if isinstance(p, str):
+            print(f"{name} left out: {p}", file=sys.stderr, flush=True)
+        elif any(q.label == p.label for q in peers):
+            print(f"{name} left out: {p.path} is {p.label} again", file=sys.stderr, flush=True)
+        else:
+            peers.append(p)
+    qemus = [p for p in peers if p.kind == "qemu"]
+    ref = qemus[0] if qemus else None  # the ratios' denominator: 7.2 when it is there
+    for p in peers:
+        print(f"{p.label:10} {p.path}", flush=True)
+    print(f"REPS={REPS}, medians (min-max) in ms", flush=True)
     tmp = tempfile.mkdtemp(prefix="baton-switchover-")
     rows = []
     try:
         for mem in MEMS:
             for writing in (False, True):
                 for mirrored in (False, True):
-                    res = {"baton": [], "qemu": []}
+                    res = {p.label: [] for p in peers}
                     for _ in range(REPS):
-                        for peer in ("baton", "qemu") if have_qemu else ("baton",):
-                            res[peer].append(one(peer, mem, writing, mirrored, tmp))
+                        for p in peers:
+                            res[p.label].append(one(p, mem, writing, mirrored, tmp))
                     rows.append((mem, writing, mirrored, res))
-                    print_row(rows[-1])
+                    print_row(rows[-1], ref)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
@@ -226,16 +330,18 @@ def fmt(m):
     return "-" if m is None else f"{m[0]:7.1f} ({m[1]:.1f}-{m[2]:.1f})"
 
 
-def print_row(row):
+def print_row(row, ref):
     mem, writing, mirrored, res = row
     name = f"{mem} MiB, {'running' if writing else 'paused'}, {'mirrored' if mirrored else 'shared'} disk"
     for k in ("switchover", "to-resume", "total"):
-        b, q = med(res["baton"], k), med(res["qemu"], k)
-        if b is None and q is None:
+        m = {label: med(xs, k) for label, xs in res.items()}
+        if all(v is None for v in m.values()):
             continue
-        ratio = f"{b[0] / q[0]:.2f}" if b and q and q[0] > 0 else "-"
-        qlabel = " (QEMU idles: SeaBIOS)" if writing and q else ""
-        print(f"{name:38} {k:11} baton {fmt(b):26} qemu {fmt(q):26} baton/qemu {ratio}{qlabel}", flush=True)
+        cols = " ".join(f"{label} {fmt(v):26}" for label, v in m.items())
+        b, q = m["baton"], (m[ref.label] if ref else None)
+        ratio = f"  baton/{ref.label} {b[0] / q[0]:.2f}" if b and q and q[0] > 0 else ""
+        note = " (QEMU idles: SeaBIOS)" if writing and ref else ""
+        print(f"{name:38} {k:11} {cols}{ratio}{note}", flush=True)
     for key, side in (("steps", "source"), ("dsteps", "destination")):
         steps = [x.get(key, {}) for x in res["baton"]]
         if steps and steps[0]:
