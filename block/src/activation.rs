@@ -201,9 +201,30 @@ impl Graph {
             event: "inactivate",
             errno: 5
         }));
-        // 2. Flush every node, parents first, so their data is in the children before those flush.
-        for n in &set {
-            if let Err(e) = n.flush_quiesced().await {
+        // 2. Flush every node, parents first, so their data is in the children
+        // before those flush: by levels (a node's level is past each of its
+        // parents'), each level's nodes at once, so independent disks (a
+        // guest's image, a mirror's remote target) flush side by side.
+        let levels = {
+            let st = self.lock_state();
+            let mut level: Vec<usize> = Vec::with_capacity(set.len());
+            for (i, n) in set.iter().enumerate() {
+                let parents = st.parents(n);
+                let l = set[..i]
+                    .iter()
+                    .zip(&level)
+                    .filter(|(p, _)| parents.iter().any(|q| Arc::ptr_eq(p, q)))
+                    .map(|(_, l)| l + 1)
+                    .max()
+                    .unwrap_or(0);
+                level.push(l);
+            }
+            level
+        };
+        for l in 0..=levels.iter().copied().max().unwrap_or(0) {
+            let these: Vec<&Arc<Node>> = set.iter().zip(&levels).filter(|(_, x)| **x == l).map(|(n, _)| n).collect();
+            let flushed = crate::sync::join_all(these.iter().map(|n| n.flush_quiesced()).collect()).await;
+            if let Some((n, Err(e))) = these.iter().zip(flushed).find(|(_, r)| r.is_err()) {
                 return Err(BlockError::InactivateFlush { node: n.name.clone(), source: Box::new(e) });
             }
         }

@@ -63,7 +63,13 @@ pub fn in_sync(carriers: &[Carrier], vm: &Vm) -> Result<bool, String> {
     for c in carriers {
         let j = &c.job;
         match j.status() {
-            jobs::Status::Ready => all &= j.in_sync(),
+            jobs::Status::Ready => {
+                if !j.in_sync() {
+                    // Copy what is left now, not at the job's next tick.
+                    j.wake();
+                    all = false;
+                }
+            }
             jobs::Status::Running | jobs::Status::Paused | jobs::Status::Standby => all = false,
             _ => match j.ended() {
                 Some(e) if e.outcome == jobs::Outcome::Done && !e.committed => {

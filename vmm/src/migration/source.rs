@@ -454,6 +454,10 @@ where
         // only ever overstates the link's: take the least seen).
         rtt = rtt.min(sync(link, mig, p.io_timeout).await?);
         let flush = flush_all(link, graph, mig, p.io_timeout).await?;
+        if storage.is_some() {
+            // A copy that failed meanwhile fails the attempt now, not at the switchover.
+            storage::ready(jobs, &carriers)?;
+        }
         let log = vm.take_dirty_log()?;
         let n = crate::memory::count(&log);
         let since = synced.elapsed().as_secs_f64().max(1e-6);
@@ -645,13 +649,14 @@ where
     }
 }
 
-/// Flush every active local node, as the inactivation will (what is
-/// flushed now is not flushed again then); returns how long it took.
-/// `nbd` nodes (mirror targets on the destination) are left out: a stalled
-/// target must fail the mirror's check at the switchover, with its bounds,
-/// not here; their flush is a round trip, which the prediction counts.
-/// Keepalives go meanwhile (a flush may take seconds on a busy host), and a
-/// cancel ends the wait.
+/// Flush every active node, as the inactivation will (what is flushed now
+/// is not flushed again then); returns how long it took. Disks flush side
+/// by side; a remote one (an `nbd` node: a mirror's target on the
+/// destination) in a task of its own, bounded by `io`: a target that cannot
+/// flush in that time is stalled and fails the attempt now (its flush goes
+/// on by itself; the switchover would fail on it anyway). Keepalives go
+/// meanwhile (a flush may take seconds on a busy host), and a cancel ends
+/// the wait.
 async fn flush_all<S>(
     link: &mut Link<S>,
     graph: &Graph,
@@ -662,19 +667,31 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let t = Instant::now();
-    let remote = |n: &std::sync::Arc<block::Node>| {
+    let is_remote = |n: &Arc<block::Node>| {
         std::iter::successors(Some(n.clone()), |x| x.child().cloned()).any(|x| x.driver_name() == "nbd")
     };
-    let nodes: Vec<_> = graph.nodes().into_iter().filter(|n| n.is_active() && !remote(n)).collect();
+    let (remote, local): (Vec<_>, Vec<_>) = graph.nodes().into_iter().filter(|n| n.is_active()).partition(is_remote);
     let flush = async {
-        for n in &nodes {
-            if let Err(e) = n.flush().await {
-                return Err(MigrationError::Disk(format!(
-                    "flushing '{}' before the switchover: {}",
-                    n.name(),
-                    e.chain()
-                )));
-            }
+        let remote: Vec<_> = remote
+            .into_iter()
+            .map(|n| {
+                let name = n.name().to_string();
+                (name, tokio::spawn(async move { n.flush().await.map_err(|e| e.chain()) }))
+            })
+            .collect();
+        let flushed = block::sync::join_all(local.iter().map(|n| n.flush()).collect()).await;
+        if let Some((n, Err(e))) = local.iter().zip(flushed).find(|(_, r)| r.is_err()) {
+            return Err(MigrationError::Disk(format!("flushing '{}' before the switchover: {}", n.name(), e.chain())));
+        }
+        let deadline = t + io;
+        for (name, task) in remote {
+            let why = match tokio::time::timeout_at(deadline.into(), task).await {
+                Ok(Ok(Ok(()))) => continue,
+                Ok(Ok(Err(e))) => e,
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no answer within {io:?}"),
+            };
+            return Err(MigrationError::Disk(format!("flushing '{name}' (on the destination) before the switchover: {why}")));
         }
         Ok(())
     };
