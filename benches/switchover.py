@@ -23,7 +23,11 @@ baton's guest writes its disk, QEMU's SeaBIOS has no OS and idles, so its
 "running" row is idle, labelled so) x disk (shared: the destination opens
 the same image inactive; mirrored: libvirt's sequence without
 pause-before-switchover, a 128 MiB raw image mirrored over NBD into the
-destination's export, READY before `migrate`, `block-job-cancel` after).
+destination's export, READY before `migrate`, `block-job-cancel` after;
+one command: baton's `migrate` with `x-baton-storage: copy`, which does
+all of that itself, against QEMU's libvirt sequence, its only way. baton's
+`total` there includes copying the disk, QEMU's does not: its mirror is
+READY before `migrate`).
 
 The peers, each column labelled with the version the binary reports:
 
@@ -45,6 +49,7 @@ baton is faster), or baton / QEMU 10 when 7.2 is missing.
   cargo build --release
   benches/switchover.py                  # REPS=5
   REPS=3 MEMS=64 benches/switchover.py
+  DISKS=copy benches/switchover.py       # shared, mirrored, copy (default all three)
   QEMU72=/path/to/qemu-system-x86_64 QEMU10=1 benches/switchover.py
 """
 
@@ -63,6 +68,7 @@ import time
 
 REPS = int(os.environ.get("REPS", "5"))
 MEMS = [int(m) for m in os.environ.get("MEMS", "64,256").split(",")]
+DISKS = os.environ.get("DISKS", "shared,mirrored,copy").split(",")
 DISK = int(os.environ.get("DISK_MB", "128")) << 20
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATON = os.environ.get("BATON", os.path.join(ROOT, "target", "release", "baton"))
@@ -212,13 +218,19 @@ def argv(peer, side, mem, disk_arg, sock):
     return a + (["--incoming", "defer"] if side == "D" else [])
 
 
-def one(peer, mem, writing, mirrored, tmp):
+def one(peer, mem, writing, disk, tmp):
+    # disk: "shared", "mirrored" (libvirt's sequence) or "copy" (baton's one
+    # command; QEMU, which has none, runs libvirt's sequence).
+    copy = disk == "copy" and peer.kind == "baton"
+    mirrored = disk != "shared" and not copy
     d = tempfile.mkdtemp(dir=tmp)
     for n in ("src.img", "dst.img"):
         with open(os.path.join(d, n), "wb") as f:
             f.truncate(DISK)
     src = f"driver=file,node-name=disk,filename={d}/src.img"
-    if mirrored:
+    if copy:
+        dst = f"driver=file,node-name=disk,filename={d}/dst.img,active=off"
+    elif mirrored:
         dst = f"driver=file,node-name=disk,filename={d}/dst.img"
     elif peer.kind == "qemu":
         dst = src  # QEMU opens an incoming guest's images inactive
@@ -249,7 +261,7 @@ def one(peer, mem, writing, mirrored, tmp):
             sq.wait("BLOCK_JOB_READY")
         time.sleep(0.3 if writing else 0)
         stops_before = len([e for e in sq.events if e["event"] == "STOP"])
-        sq.ok("migrate", uri=f"unix:{d}/mig.sock")
+        sq.ok("migrate", uri=f"unix:{d}/mig.sock", **({"x-baton-storage": "copy"} if copy else {}))
         waited = 0.0
         if pause:
             pre = sq.wait("MIGRATION", status="pre-switchover")
@@ -307,12 +319,12 @@ def main():
     try:
         for mem in MEMS:
             for writing in (False, True):
-                for mirrored in (False, True):
+                for disk in DISKS:
                     res = {p.label: [] for p in peers}
                     for _ in range(REPS):
                         for p in peers:
-                            res[p.label].append(one(p, mem, writing, mirrored, tmp))
-                    rows.append((mem, writing, mirrored, res))
+                            res[p.label].append(one(p, mem, writing, disk, tmp))
+                    rows.append((mem, writing, disk, res))
                     print_row(rows[-1], ref)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -331,8 +343,9 @@ def fmt(m):
 
 
 def print_row(row, ref):
-    mem, writing, mirrored, res = row
-    name = f"{mem} MiB, {'running' if writing else 'paused'}, {'mirrored' if mirrored else 'shared'} disk"
+    mem, writing, disk, res = row
+    kind = {"shared": "shared disk", "mirrored": "mirrored disk", "copy": "one command"}[disk]
+    name = f"{mem} MiB, {'running' if writing else 'paused'}, {kind}"
     for k in ("switchover", "to-resume", "total"):
         m = {label: med(xs, k) for label, xs in res.items()}
         if all(v is None for v in m.values()):

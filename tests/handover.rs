@@ -970,7 +970,7 @@ fn a_hostile_peer_fails_its_attempt_and_the_destination_stays_ready() {
     let section = |w: &mut Vec<u8>, tag: u8, body: &[u8]| {
         w.extend_from_slice(&vmm::stream::section_bytes(tag, body));
     };
-    let hello_with = |w: &mut Vec<u8>, memory: u64, layout: u64| {
+    let hello_with = |w: &mut Vec<u8>, memory: u64, layout: u64, flags: u8| {
         w.extend_from_slice(b"BATONMIG");
         w.extend_from_slice(&vmm::stream::VERSION.to_be_bytes());
         let mut b = Vec::new();
@@ -978,9 +978,10 @@ fn a_hostile_peer_fails_its_attempt_and_the_destination_stays_ready() {
         b.extend_from_slice(&1u32.to_be_bytes());
         b.extend_from_slice(&DISK.to_be_bytes());
         b.extend_from_slice(&layout.to_be_bytes());
+        b.push(flags);
         section(w, 1, &b);
     };
-    let hello = |w: &mut Vec<u8>, memory: u64| hello_with(w, memory, vmm::stream::layout_hash());
+    let hello = |w: &mut Vec<u8>, memory: u64| hello_with(w, memory, vmm::stream::layout_hash(), 0);
     // (what the peer sends, what the refusal must say)
     let mut cases: Vec<(&str, Vec<u8>, &str)> = Vec::new();
     cases.push(("garbage", b"GET / HTTP/1.1\r\n\r\n".to_vec(), "bad magic"));
@@ -989,8 +990,11 @@ fn a_hostile_peer_fails_its_attempt_and_the_destination_stays_ready() {
     v.extend_from_slice(&9u32.to_be_bytes());
     cases.push(("another format", v, "version 9 is not supported"));
     let mut v = Vec::new();
-    hello_with(&mut v, mem, vmm::stream::layout_hash() ^ 1);
+    hello_with(&mut v, mem, vmm::stream::layout_hash() ^ 1, 0);
     cases.push(("other layouts", v, "the stream layouts differ"));
+    let mut v = Vec::new();
+    hello_with(&mut v, mem, vmm::stream::layout_hash(), 0x82);
+    cases.push(("unknown HELLO flags", v, "flags other than bit 0"));
     let mut v = Vec::new();
     hello(&mut v, 32 << 20);
     cases.push(("another guest", v, "33554432 bytes of RAM"));

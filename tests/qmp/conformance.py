@@ -414,7 +414,8 @@ class Daemon:
             else:
                 return m, events
 
-    def wait_event(self, name, data=None, timeout=5):
+    def wait_event(self, name, data=None, timeout=30):
+        # Generous: on a loaded 2-core machine a mirror can take seconds to get ready.
         events = self.pending_events
         self.pending_events = []
         deadline = time.monotonic() + timeout

@@ -453,7 +453,7 @@ where
         // The destination has applied everything so far (the round trip
         // only ever overstates the link's: take the least seen).
         rtt = rtt.min(sync(link, mig, p.io_timeout).await?);
-        let flush = flush_all(link, graph, mig, p.io_timeout).await?;
+        let flush = flush_all(link, graph, mig, made, p.io_timeout).await?;
         if storage.is_some() {
             // A copy that failed meanwhile fails the attempt now, not at the switchover.
             storage::ready(jobs, &carriers)?;
@@ -649,18 +649,21 @@ where
     }
 }
 
-/// Flush every active node, as the inactivation will (what is flushed now
-/// is not flushed again then); returns how long it took. Disks flush side
-/// by side; a remote one (an `nbd` node: a mirror's target on the
-/// destination) in a task of its own, bounded by `io`: a target that cannot
-/// flush in that time is stalled and fails the attempt now (its flush goes
-/// on by itself; the switchover would fail on it anyway). Keepalives go
-/// meanwhile (a flush may take seconds on a busy host), and a cancel ends
-/// the wait.
+/// Flush every active local node, as the inactivation will (what is
+/// flushed now is not flushed again then), side by side; returns how long
+/// it took. Of the remote ones (`nbd` nodes: mirror targets on the
+/// destination) only the storage copy's own (`copies`, whose requests are
+/// bounded by `io`) flush here, each in a task of its own: a target that
+/// cannot flush within `io` is stalled and fails the attempt now (its flush
+/// goes on by itself). The management's `nbd` nodes are left to the
+/// switchover, whose bounds a stalled target must fail (their flush is a
+/// round trip, which the prediction counts). Keepalives go meanwhile (a
+/// flush may take seconds on a busy host), and a cancel ends the wait.
 async fn flush_all<S>(
     link: &mut Link<S>,
     graph: &Graph,
     mig: &Migration,
+    copies: &[storage::Copy],
     io: Duration,
 ) -> Result<Duration, MigrationError>
 where
@@ -671,6 +674,7 @@ where
         std::iter::successors(Some(n.clone()), |x| x.child().cloned()).any(|x| x.driver_name() == "nbd")
     };
     let (remote, local): (Vec<_>, Vec<_>) = graph.nodes().into_iter().filter(|n| n.is_active()).partition(is_remote);
+    let remote: Vec<_> = remote.into_iter().filter(|n| copies.iter().any(|c| c.node == n.name())).collect();
     let flush = async {
         let remote: Vec<_> = remote
             .into_iter()
