@@ -107,7 +107,8 @@ impl AttemptExports {
                 return Err(format!("exporting disk '{node_name}' for the storage copy: {why}"));
             }
         };
-        let target = Target { node: node_name.to_string(), export: node_name.to_string(), size: export.size(), at: Some(at) };
+        let target =
+            Target { node: node_name.to_string(), export: node_name.to_string(), size: export.size(), at: Some(at) };
         served.exports.push(export);
         *block::sync::lock(&self.served) = Some(served);
         tracing::info!(node = node_name, "exported for the storage copy");

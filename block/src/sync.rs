@@ -73,6 +73,30 @@ pub async fn wait_for(notify: &Notify, mut cond: impl FnMut() -> bool) {
     wait_until(notify, || cond().then_some(())).await
 }
 
+/// Run `futs` concurrently on this task; their outputs, in order.
+pub async fn join_all<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output> {
+    let mut futs: Vec<std::pin::Pin<Box<F>>> = futs.into_iter().map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, o) in futs.iter_mut().zip(out.iter_mut()) {
+            if o.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *o = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter().flatten().collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,28 +145,21 @@ mod tests {
         *lock(&m) += 1;
         assert_eq!(*lock(&m), 2);
     }
-}
 
-/// Run `futs` concurrently on this task; their outputs, in order.
-pub async fn join_all<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output> {
-    let mut futs: Vec<std::pin::Pin<Box<F>>> = futs.into_iter().map(Box::pin).collect();
-    let mut out: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (f, o) in futs.iter_mut().zip(out.iter_mut()) {
-            if o.is_none() {
-                match f.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => *o = Some(v),
-                    std::task::Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending {
-            std::task::Poll::Pending
-        } else {
-            std::task::Poll::Ready(())
-        }
-    })
-    .await;
-    out.into_iter().flatten().collect()
+    #[test]
+    fn join_all_runs_its_futures_side_by_side_and_keeps_their_order() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        rt.block_on(async {
+            let t = std::time::Instant::now();
+            let futs: Vec<_> = [30u64, 10, 20]
+                .into_iter()
+                .map(|ms| async move {
+                    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                    ms
+                })
+                .collect();
+            assert_eq!(super::join_all(futs).await, [30, 10, 20]);
+            assert!(t.elapsed() < std::time::Duration::from_millis(55), "not one after another: {:?}", t.elapsed());
+        });
+    }
 }

@@ -1270,7 +1270,12 @@ mod tests {
         rt().block_on(async {
             let targets = vec![
                 Target { node: "disk".into(), export: "e".into(), size: 4096, at: None },
-                Target { node: "d2".into(), export: "f".into(), size: 512, at: Some(TargetAt::Unix("/run/x.sock".into())) },
+                Target {
+                    node: "d2".into(),
+                    export: "f".into(),
+                    size: 512,
+                    at: Some(TargetAt::Unix("/run/x.sock".into())),
+                },
                 Target { node: "d3".into(), export: "g".into(), size: 1, at: Some(TargetAt::Port(10809)) },
             ];
             for reply in
@@ -1809,7 +1814,9 @@ mod tests {
             let theirs = ours ^ 0x8000;
             let mut w = Vec::new();
             write_header(&mut w).await.unwrap();
-            write_hello(&mut w, &Hello { memory: 1, vcpus: 1, disk_size: 1, layout: theirs, storage: false }).await.unwrap();
+            write_hello(&mut w, &Hello { memory: 1, vcpus: 1, disk_size: 1, layout: theirs, storage: false })
+                .await
+                .unwrap();
             let Section::Hello(h) = first_section(&w).await.unwrap() else { panic!("not HELLO") };
             assert_eq!(h.layout, theirs);
             let e = h.check_layout().unwrap_err();

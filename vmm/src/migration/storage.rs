@@ -81,6 +81,14 @@ fn free_name(graph: &Graph, jobs: &JobManager) -> String {
         .unwrap_or_else(|| "baton-copy".into())
 }
 
+/// The copy's granularity: a guest's 4 KiB write covers whole granules, so
+/// once write-blocking it leaves nothing dirty (a 64 KiB granule a write
+/// covers in part stays dirty for the background copy, which the switchover
+/// would wait for); past 64 GiB it grows to keep the bitmap within 2 MiB.
+fn granularity(size: u64) -> u64 {
+    (size >> 24).next_power_of_two().clamp(4096, 64 << 10)
+}
+
 /// The nbd node's options for `t`.
 fn nbd_options(name: &str, t: &Target, route: &Route, io: Duration) -> Result<serde_json::Value, MigrationError> {
     let server = match (&t.at, &route.host) {
@@ -146,9 +154,14 @@ pub async fn attach(
         super::points::point("migration::storage-mirror").await?;
         let mut m = jobs::mirror::MirrorOptions::new(disk.name(), &name);
         m.auto_converge = true;
+        m.granularity = granularity(disk.length());
         let job = jobs::JobOptions { id: name.clone(), speed: 0, auto_finalize: true, auto_dismiss: true };
         let (job, _) = jobs::mirror::start(graph, jobs, job, m).map_err(|e| {
-            MigrationError::Disk(format!("mirroring disk '{}' to the destination: {}", disk.name(), crate::error_text(&e)))
+            MigrationError::Disk(format!(
+                "mirroring disk '{}' to the destination: {}",
+                disk.name(),
+                crate::error_text(&e)
+            ))
         })?;
         if let Some(c) = made.last_mut() {
             c.job = Some(job.clone());
