@@ -743,7 +743,7 @@ pub fn ram_payload(first_page: u64, pages: &[u8], zero_markers: bool) -> Vec<u8>
     b.extend_from_slice(&first_page.to_be_bytes());
     b.extend_from_slice(&(count as u32).to_be_bytes());
     for page in pages.chunks_exact(PAGE) {
-        if zero_markers && page.iter().all(|&x| x == 0) {
+        if zero_markers && crate::memory::is_zero(page) {
             b.push(PAGE_ZERO);
         } else {
             b.push(PAGE_DATA);

@@ -348,11 +348,11 @@ fn write_pages(mem: &crate::memory::Mem, first_page: u64, data: &[u8]) -> Result
     for (i, page) in data.chunks_exact(PAGE).enumerate() {
         let pg = first_page + i as u64;
         let at = i * PAGE;
-        let skip = page.iter().all(|&b| b == 0) && {
+        let skip = crate::memory::is_zero(page) && {
             let addr = pg * PAGE as u64;
             mem.read_slice(&mut here, GuestAddress(addr))
                 .map_err(|source| crate::memory::error("read", addr, PAGE, source))?;
-            here.iter().all(|&b| b == 0)
+            crate::memory::is_zero(&here)
         };
         if skip {
             flush(&mut run, at)?;
