@@ -28,6 +28,13 @@ pub enum VmmError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// A system call on the VM's resources failed.
+    #[error("{op} failed: {source}")]
+    Sys {
+        op: &'static str,
+        #[source]
+        source: nix::Error,
+    },
     /// A KVM ioctl on one vCPU failed (its registers, on its own thread).
     #[error("vCPU {vcpu}: {op} failed with errno {}", .source.errno())]
     VcpuState {

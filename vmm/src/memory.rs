@@ -76,6 +76,29 @@ pub fn take_dirty_log(vm: &VmFd, mem: &Mem) -> Result<Vec<u64>, VmmError> {
     Ok(out)
 }
 
+/// Give every page of guest RAM back to the kernel: it reads as zeroes
+/// again (the kernel's zero page) until written. For a destination before
+/// an incoming attempt, so a zero page that arrives needs no write and no
+/// read of what was there.
+pub fn discard(mem: &Mem) -> Result<(), VmmError> {
+    for region in mem.iter() {
+        let len = region.len() as usize;
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|source| error("map", region.start_addr().0, len, source))?;
+        let Some(addr) = std::ptr::NonNull::new(host.cast::<std::ffi::c_void>()) else { continue };
+        // SAFETY: `host` starts the private anonymous mapping vm-memory made
+        // for `region`, `len` bytes long, alive while `mem` is. MADV_DONTNEED
+        // on such a mapping only drops its pages' contents (later reads see
+        // zeroes); it never unmaps, so no reference into it dangles. KVM
+        // follows through its MMU notifier. Callers ensure no vCPU or device
+        // uses the memory meanwhile (an incoming guest that never ran here).
+        unsafe { nix::sys::mman::madvise(addr, len, nix::sys::mman::MmapAdvise::MADV_DONTNEED) }
+            .map_err(|source| VmmError::Sys { op: "madvise(MADV_DONTNEED) of guest RAM", source })?;
+    }
+    Ok(())
+}
+
 /// Number of pages set in a dirty log.
 pub fn count(log: &[u64]) -> u64 {
     log.iter().map(|w| u64::from(w.count_ones())).sum()

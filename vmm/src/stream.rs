@@ -269,11 +269,8 @@ pub enum StreamError {
 #[derive(Debug)]
 pub enum Section {
     Hello(Hello),
-    /// Pages from `first_page` on; zero pages (sent as markers) are zeroes here.
-    Ram {
-        first_page: u64,
-        data: Vec<u8>,
-    },
+    /// Pages from `first_page` on.
+    Ram(RamRun),
     Vcpu {
         id: u32,
         state: Box<VcpuState>,
@@ -343,7 +340,7 @@ impl Section {
     pub fn name(&self) -> &'static str {
         match self {
             Section::Hello(_) => "HELLO",
-            Section::Ram { .. } => "RAM",
+            Section::Ram(_) => "RAM",
             Section::Vcpu { .. } => "VCPU",
             Section::Device { .. } => "DEVICE",
             Section::KvmClock { .. } => "KVMCLOCK",
@@ -354,6 +351,37 @@ impl Section {
             Section::Bitmap(_) => "BITMAPS",
             Section::Sync => "SYNC",
         }
+    }
+}
+
+/// A RAM section's pages as they came: a zero page (sent as a marker) is
+/// only a flag, never 4 KiB of zeroes to allocate, fill and scan again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RamRun {
+    pub first_page: u64,
+    /// Per page of the run: true if it is all zeroes.
+    pub zero: Vec<bool>,
+    /// The other pages' bytes, in order.
+    pub data: Vec<u8>,
+}
+
+impl RamRun {
+    /// Each page in order: None for a zero page, else its bytes.
+    pub fn pages(&self) -> impl Iterator<Item = Option<&[u8]>> {
+        let mut data = self.data.chunks_exact(PAGE);
+        self.zero.iter().map(move |&z| if z { None } else { data.next() })
+    }
+
+    /// Every page's bytes, zero pages as zeroes.
+    pub fn expand(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.zero.len() * PAGE);
+        for p in self.pages() {
+            match p {
+                Some(p) => out.extend_from_slice(p),
+                None => out.resize(out.len() + PAGE, 0),
+            }
+        }
+        out
     }
 }
 
@@ -1051,12 +1079,14 @@ pub async fn read_section<R: AsyncRead + Unpin>(r: &mut R) -> Result<Section, St
             if p.len() < 12 + count {
                 return Err(bad(&format!("{count} pages cannot fit in it")));
             }
-            let mut data = Vec::with_capacity(count * PAGE);
+            // Every page took a marker byte (checked above); the rest are data pages.
+            let mut data = Vec::with_capacity((p.len() - 12 - count) / PAGE * PAGE);
+            let mut zero = Vec::with_capacity(count);
             let mut at = 12;
             for i in 0..count {
                 match p.get(at) {
                     Some(&PAGE_ZERO) => {
-                        data.resize(data.len() + PAGE, 0);
+                        zero.push(true);
                         at += 1;
                     }
                     Some(&PAGE_DATA) => {
@@ -1064,6 +1094,7 @@ pub async fn read_section<R: AsyncRead + Unpin>(r: &mut R) -> Result<Section, St
                             .get(at + 1..at + 1 + PAGE)
                             .ok_or_else(|| bad(&format!("page {i} of {count} runs past the section's end")))?;
                         data.extend_from_slice(page);
+                        zero.push(false);
                         at += 1 + PAGE;
                     }
                     Some(m) => return Err(bad(&format!("page {i} of {count} has an unknown marker {m}"))),
@@ -1073,7 +1104,7 @@ pub async fn read_section<R: AsyncRead + Unpin>(r: &mut R) -> Result<Section, St
             if at != p.len() {
                 return Err(bad("the page count does not match the length"));
             }
-            Ok(Section::Ram { first_page, data })
+            Ok(Section::Ram(RamRun { first_page, zero, data }))
         }
         VCPU => {
             let id = u32_at(0).ok_or_else(|| bad("short"))?;
@@ -1251,7 +1282,7 @@ mod tests {
             write_end(&mut w, true).await.unwrap();
             let s = parse_all(&w).await.unwrap();
             assert!(matches!(s[0], Section::Hello(h) if h == hello));
-            assert!(matches!(s[1], Section::Ram { first_page: 3, ref data } if data.len() == 2 * PAGE));
+            assert!(matches!(&s[1], Section::Ram(r) if r.first_page == 3 && r.expand() == [7u8; 2 * PAGE]));
             assert!(matches!(s[2], Section::Device { consumed: 42 }));
             assert!(matches!(s[3], Section::KvmClock { clock: 7_000_000_123 }));
             for cut in [0, 5, 12, 20, w.len() / 2, w.len() - 1] {
@@ -1790,9 +1821,11 @@ mod tests {
             let frame = SECTION_HEADER_LEN + 4;
             assert_eq!(w.len(), 12 + (frame + 12 + 5 + 2 * PAGE) + (frame + 12 + 64) + (frame + 1));
             let s = parse_all(&w).await.unwrap();
-            assert!(matches!(&s[0], Section::Ram { first_page: 10, data } if *data == pages));
-            assert!(matches!(&s[1], Section::Ram { first_page: 15, data } if data.len() == 64 * PAGE
-                && data.iter().all(|&b| b == 0)));
+            assert!(matches!(&s[0], Section::Ram(r) if r.first_page == 10 && r.expand() == pages
+                && r.zero == [true, false, true, true, false] && r.data.len() == 2 * PAGE));
+            assert!(
+                matches!(&s[1], Section::Ram(r) if r.first_page == 15 && r.zero == [true; 64] && r.data.is_empty())
+            );
             assert!(matches!(s[2], Section::End { running: false }));
             // Without markers every page goes whole, and reads back the same.
             let mut w = Vec::new();
@@ -1800,7 +1833,7 @@ mod tests {
             write_ram_with(&mut w, 10, &pages, false).await.unwrap();
             assert_eq!(w.len(), 12 + frame + 12 + 5 * (PAGE + 1));
             let s = first_section(&w).await.unwrap();
-            assert!(matches!(&s, Section::Ram { first_page: 10, data } if *data == pages));
+            assert!(matches!(&s, Section::Ram(r) if r.first_page == 10 && r.expand() == pages && r.zero == [false; 5]));
             // Not whole pages, or too many: refused on the writing side.
             assert!(write_ram(&mut Vec::new(), 0, &[0u8; 100]).await.is_err());
             assert!(write_ram(&mut Vec::new(), 0, &vec![0u8; (MAX_RUN + 1) * PAGE]).await.is_err());

@@ -233,6 +233,10 @@ where
     let mem = vm.memory().clone();
     let pages = cfg.memory / PAGE as u64;
     let mut arrived = vec![0u64; pages.div_ceil(64) as usize];
+    // The guest never ran here: its RAM starts as zeroes, and the pages
+    // written with data are tracked, so a zero page is written only over one.
+    crate::memory::discard(&mem)?;
+    let mut written = vec![0u64; pages.div_ceil(64) as usize];
     let mut vcpus = vec![None; cfg.vcpus as usize];
     let mut device = None;
     let mut incoming = bitmaps::Incoming::default();
@@ -240,14 +244,14 @@ where
     let running = loop {
         match section(mig, r, p.io_timeout, "next section").await? {
             Section::Hello(_) => return Err(MigrationError::Invalid("a second HELLO".into())),
-            Section::Ram { first_page, data } => {
-                let n = (data.len() / PAGE) as u64;
+            Section::Ram(run) => {
+                let (first_page, n) = (run.first_page, run.zero.len() as u64);
                 if first_page.checked_add(n).is_none_or(|end| end > pages) {
                     return Err(MigrationError::Invalid(format!(
                         "RAM pages {first_page}+{n} are outside the guest's {pages} pages"
                     )));
                 }
-                write_pages(&mem, first_page, &data)?;
+                write_pages(&mem, &run, &mut written)?;
                 for pg in first_page..first_page + n {
                     if let Some(word) = arrived.get_mut((pg / 64) as usize) {
                         *word |= 1 << (pg % 64);
@@ -330,37 +334,33 @@ where
     Ok(running)
 }
 
-/// Write pages from `first_page` on into guest RAM. An all-zero page over
-/// a page that already reads zero is not written: reading never-touched
-/// memory maps the kernel's zero page, while writing it would fault in and
-/// clear a fresh page (a 64 MiB guest is mostly such pages).
-fn write_pages(mem: &crate::memory::Mem, first_page: u64, data: &[u8]) -> Result<(), MigrationError> {
-    let mut here = [0u8; PAGE];
-    let mut run: Option<(u64, usize)> = None; // (first page, start in data) of pages to write
-    let flush = |run: &mut Option<(u64, usize)>, end: usize| -> Result<(), MigrationError> {
-        if let Some((pg, at)) = run.take() {
-            let addr = pg * PAGE as u64;
-            mem.write_slice(&data[at..end], GuestAddress(addr))
-                .map_err(|source| crate::memory::error("write", addr, end - at, source))?;
-        }
-        Ok(())
-    };
-    for (i, page) in data.chunks_exact(PAGE).enumerate() {
-        let pg = first_page + i as u64;
-        let at = i * PAGE;
-        let skip = crate::memory::is_zero(page) && {
-            let addr = pg * PAGE as u64;
-            mem.read_slice(&mut here, GuestAddress(addr))
-                .map_err(|source| crate::memory::error("read", addr, PAGE, source))?;
-            crate::memory::is_zero(&here)
+/// Write a run's pages into guest RAM, which read zeroes when the attempt
+/// began (see [`crate::memory::discard`]): a data page is written and
+/// marked in `written`; a zero page is written only over a page marked
+/// there (and unmarked), else skipped: no fresh page is faulted in and
+/// cleared, and nothing is read (a 64 MiB guest is mostly such pages).
+fn write_pages(mem: &crate::memory::Mem, run: &stream::RamRun, written: &mut [u64]) -> Result<(), MigrationError> {
+    const ZERO: [u8; PAGE] = [0; PAGE];
+    for (i, page) in run.pages().enumerate() {
+        let pg = run.first_page + i as u64;
+        let Some(word) = written.get_mut((pg / 64) as usize) else { continue };
+        let bit = 1u64 << (pg % 64);
+        let bytes = match page {
+            Some(p) => {
+                *word |= bit;
+                p
+            }
+            None if *word & bit != 0 => {
+                *word &= !bit;
+                &ZERO[..]
+            }
+            None => continue,
         };
-        if skip {
-            flush(&mut run, at)?;
-        } else if run.is_none() {
-            run = Some((pg, at));
-        }
+        let addr = pg * PAGE as u64;
+        mem.write_slice(bytes, GuestAddress(addr))
+            .map_err(|source| crate::memory::error("write", addr, PAGE, source))?;
     }
-    flush(&mut run, data.len() - data.len() % PAGE)
+    Ok(())
 }
 
 /// PREPARED: wait for COMMIT or ABORT from the source, or the operator's
