@@ -844,6 +844,33 @@ pub async fn write_ram_with<W: AsyncWrite + Unpin>(
     Ok(zero as u64)
 }
 
+/// Write a run the sender built itself (zero pages flagged, never read or
+/// copied); returns how many went as markers.
+pub async fn write_ram_run<W: AsyncWrite + Unpin>(w: &mut W, run: &RamRun) -> std::io::Result<u64> {
+    let count = run.zero.len();
+    let data_pages = run.zero.iter().filter(|&&z| !z).count();
+    if count > MAX_RUN || run.data.len() != data_pages * PAGE {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("a RAM run of {count} pages with {} bytes of data pages", run.data.len()),
+        ));
+    }
+    let mut b = Vec::with_capacity(12 + count + run.data.len());
+    b.extend_from_slice(&run.first_page.to_be_bytes());
+    b.extend_from_slice(&(count as u32).to_be_bytes());
+    for p in run.pages() {
+        match p {
+            None => b.push(PAGE_ZERO),
+            Some(p) => {
+                b.push(PAGE_DATA);
+                b.extend_from_slice(p);
+            }
+        }
+    }
+    section(w, RAM, &b).await?;
+    Ok((count - data_pages) as u64)
+}
+
 pub async fn write_vcpu<W: AsyncWrite + Unpin>(w: &mut W, id: u32, st: &VcpuState) -> std::io::Result<()> {
     let mut p = id.to_be_bytes().to_vec();
     p.extend_from_slice(&vcpu_bytes(st));

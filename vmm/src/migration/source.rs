@@ -208,12 +208,16 @@ async fn guarded<T, F: Future<Output = std::io::Result<T>>>(
 }
 
 /// Send the pages set in `log` (a dirty-log bitmap), in runs of at most
-/// RUN pages, within `rate` if given (pre-copy: `max-bandwidth`).
+/// RUN pages, within `rate` if given (pre-copy: `max-bandwidth`). A page set
+/// in `untouched` (see [`crate::memory::untouched`]) goes as a zero page
+/// unread; the others are read straight into the run, and an all-zero one
+/// goes as a marker.
 async fn send_pages<S>(
     link: &mut Link<S>,
     mig: &Migration,
     vm: &Vm,
     log: &[u64],
+    untouched: Option<&[u64]>,
     mut rate: Option<&mut RateLimit>,
 ) -> Result<(), MigrationError>
 where
@@ -221,22 +225,32 @@ where
 {
     let mem = vm.memory();
     let pages = vm.config().memory / PAGE as u64;
-    let mut buf = Vec::with_capacity(RUN * PAGE);
-    let dirty = |i: u64| log.get((i / 64) as usize).is_some_and(|w| w & (1 << (i % 64)) != 0);
+    let bit = |map: &[u64], i: u64| map.get((i / 64) as usize).is_some_and(|w| w & (1 << (i % 64)) != 0);
+    let mut run = stream::RamRun { first_page: 0, zero: Vec::with_capacity(RUN), data: Vec::with_capacity(RUN * PAGE) };
     let mut i = 0u64;
     while i < pages {
-        if !dirty(i) {
+        if !bit(log, i) {
             i += 1;
             continue;
         }
-        let first = i;
-        buf.clear();
-        while i < pages && dirty(i) && buf.len() < RUN * PAGE {
-            let at = buf.len();
-            buf.resize(at + PAGE, 0);
-            let addr = i * PAGE as u64;
-            mem.read_slice(&mut buf[at..], GuestAddress(addr))
-                .map_err(|source| crate::memory::error("read", addr, PAGE, source))?;
+        run.first_page = i;
+        run.zero.clear();
+        run.data.clear();
+        while i < pages && bit(log, i) && run.zero.len() < RUN {
+            if untouched.is_some_and(|u| bit(u, i)) {
+                run.zero.push(true);
+            } else {
+                let at = run.data.len();
+                run.data.resize(at + PAGE, 0);
+                let addr = i * PAGE as u64;
+                mem.read_slice(&mut run.data[at..], GuestAddress(addr))
+                    .map_err(|source| crate::memory::error("read", addr, PAGE, source))?;
+                let zero = crate::memory::is_zero(&run.data[at..]);
+                if zero {
+                    run.data.truncate(at);
+                }
+                run.zero.push(zero);
+            }
             i += 1;
         }
         if let Some(why) = link.refusal() {
@@ -244,11 +258,11 @@ where
         }
         let io = link.io;
         let before = link.w.bytes;
-        let zero = match guarded(mig, io, stream::write_ram(&mut link.w, first, &buf)).await {
+        let zero = match guarded(mig, io, stream::write_ram_run(&mut link.w, &run)).await {
             Ok(zero) => zero,
             Err(e) => return Err(link.reason_for(e).await),
         };
-        let n = (buf.len() / PAGE) as u64;
+        let n = run.zero.len() as u64;
         mig.counters.pages_sent.fetch_add(n - zero, Ordering::SeqCst);
         mig.counters.zero_pages.fetch_add(zero, Ordering::SeqCst);
         let _ =
@@ -444,8 +458,13 @@ where
     mig.transition(Status::Active);
     let mut rate = RateLimit::new(p.max_bandwidth);
     let all = vec![u64::MAX; pages.div_ceil(64) as usize];
+    // Pages the guest never touched go unread (a page touched from now on is
+    // in the next pass's dirty log anyway).
+    let untouched = crate::memory::untouched(vm.memory())
+        .map_err(|e| tracing::info!(error = %e, "every page is read in the first pass"))
+        .ok();
     let pass = Pass::start(link, mig);
-    send_pages(link, mig, vm, &all, Some(&mut rate)).await?;
+    send_pages(link, mig, vm, &all, untouched.as_deref(), Some(&mut rate)).await?;
     let mut bandwidth = pass.end(link, mig);
     point("migration::precopy").await?;
     // Dirty pages a sync found and pre-copy left to the switchover.
@@ -501,7 +520,7 @@ where
             break;
         }
         let pass = Pass::start(link, mig);
-        send_pages(link, mig, vm, &log, Some(&mut rate)).await?;
+        send_pages(link, mig, vm, &log, None, Some(&mut rate)).await?;
         bandwidth = pass.end(link, mig);
     }
     if converged.is_none() {
@@ -806,7 +825,7 @@ where
     }
     mig.counters.dirty_pages.store(crate::memory::count(&log), Ordering::SeqCst);
     mig.dirty_sync();
-    send_pages(link, mig, vm, &log, None).await?;
+    send_pages(link, mig, vm, &log, None, None).await?;
     if let Some(list) = bitmaps_of {
         send_bitmaps(link, mig, list).await?;
         point("migration::after-bitmaps").await?;
