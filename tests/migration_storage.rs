@@ -16,8 +16,8 @@ use serde_json::{json, Value};
 
 struct Pair {
     dir: tempfile::TempDir,
-    _src: Proc,
-    _dst: Proc,
+    src: Proc,
+    dst: Proc,
     sq: Qmp,
     dq: Qmp,
 }
@@ -102,7 +102,7 @@ fn pair(src_size: u64, dst_size: u64, extra: &[String]) -> Pair {
     );
     let sq = Qmp::connect(&dir.path().join("sq.sock"));
     let dq = Qmp::connect(&dir.path().join("dq.sock"));
-    Pair { dir, _src: src, _dst: dst, sq, dq }
+    Pair { dir, src, dst, sq, dq }
 }
 
 /// The case: a writing guest with a 256 MiB disk moves in one
@@ -268,4 +268,53 @@ fn a_storage_copy_over_tcp_reaches_the_export_on_the_migrations_host() {
     ok(&mut dq, "cont", json!({}));
     let v = ok(&mut dq, "x-baton-guest-verify", json!({}));
     assert!(v["checked"].as_u64().unwrap() > 0 && v["mismatches"] == 0, "{v}");
+}
+
+/// Either process killed while the copy runs (held at READY): the other
+/// side ends its attempt and is as before, with nothing of the copy left.
+#[test]
+fn a_process_killed_during_the_copy_leaves_the_other_side_as_before() {
+    if !common::kvm_or_skip() {
+        return;
+    }
+    // The destination dies: the source fails the attempt and runs on.
+    let mut p = pair(16 << 20, 16 << 20, &[]);
+    ok(&mut p.sq, "x-baton-failpoint", json!({"name": "migration::storage-ready", "actions": "return(hold)"}));
+    let uri = p.uri();
+    ok(&mut p.sq, "migrate", json!({"uri": uri, "x-baton-storage": "copy"}));
+    wait_for(&mut p.sq, "query-migrate", "the copy to be READY", |v| {
+        v["x-baton-held"].as_array().is_some_and(|h| h.iter().any(|n| n == "migration::storage-ready"))
+    });
+    p.dst.0.kill().unwrap();
+    p.dst.0.wait().unwrap();
+    ok(&mut p.sq, "x-baton-failpoint", json!({"name": "migration::storage-ready", "actions": "off"}));
+    let m = wait_for(&mut p.sq, "query-migrate", "the end", |v| {
+        matches!(v["status"].as_str(), Some("completed" | "failed"))
+    });
+    assert_eq!(m["status"], "failed", "{m}");
+    assert_eq!(ok(&mut p.sq, "query-status", json!({}))["status"], "running");
+    let nodes = ok(&mut p.sq, "query-named-block-nodes", json!({}));
+    let names: Vec<&str> = nodes.as_array().unwrap().iter().filter_map(|n| n["node-name"].as_str()).collect();
+    assert_eq!(names, ["disk"], "{nodes}");
+    wait_for(&mut p.sq, "query-block-jobs", "the copy's job to be gone", |v| v == &json!([]));
+
+    // The source dies: the destination rolls back, withdraws its export and waits.
+    let mut p = pair(16 << 20, 16 << 20, &[]);
+    ok(&mut p.sq, "x-baton-failpoint", json!({"name": "migration::storage-ready", "actions": "return(hold)"}));
+    let uri = p.uri();
+    ok(&mut p.sq, "migrate", json!({"uri": uri, "x-baton-storage": "copy"}));
+    wait_for(&mut p.sq, "query-migrate", "the copy to be READY", |v| {
+        v["x-baton-held"].as_array().is_some_and(|h| h.iter().any(|n| n == "migration::storage-ready"))
+    });
+    assert!(p.path("mig.sock.disk").exists(), "the copy's export listens");
+    p.src.0.kill().unwrap();
+    p.src.0.wait().unwrap();
+    let d = wait_for(&mut p.dq, "query-migrate", "the destination to roll back", |v| v["status"] == "failed");
+    assert_eq!(d["x-baton-handover"], "rolled-back", "{d}");
+    assert_eq!(ok(&mut p.dq, "query-status", json!({}))["status"], "inmigrate");
+    assert_eq!(ok(&mut p.dq, "query-block-exports", json!({})), json!([]));
+    let dnodes = ok(&mut p.dq, "query-named-block-nodes", json!({}));
+    assert!(dnodes.as_array().unwrap().iter().all(|n| n["active"] == false), "{dnodes}");
+    assert!(common::locked_bytes(&p.path("dst.img")).is_empty(), "the destination's image is free");
+    assert!(!p.path("mig.sock.disk").exists());
 }
