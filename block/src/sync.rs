@@ -73,6 +73,20 @@ pub async fn wait_for(notify: &Notify, mut cond: impl FnMut() -> bool) {
     wait_until(notify, || cond().then_some(())).await
 }
 
+/// Resolve once any of `futs` does (never, for none).
+pub async fn select_any<F: std::future::Future>(futs: Vec<F>) {
+    let mut futs: Vec<std::pin::Pin<Box<F>>> = futs.into_iter().map(Box::pin).collect();
+    std::future::poll_fn(|cx| {
+        for f in futs.iter_mut() {
+            if f.as_mut().poll(cx).is_ready() {
+                return std::task::Poll::Ready(());
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
 /// Run `futs` concurrently on this task; their outputs, in order.
 pub async fn join_all<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output> {
     let mut futs: Vec<std::pin::Pin<Box<F>>> = futs.into_iter().map(Box::pin).collect();

@@ -217,6 +217,9 @@ pub struct Job {
     pub kick: Notify,
     /// Signalled when the job reaches `null` or `concluded`.
     finished: Notify,
+    /// Signalled when its work moved (a copy settled, its status changed):
+    /// what a waiter for "in sync" waits on instead of polling.
+    moved: Notify,
     events: EventSink,
     driver: Mutex<Option<Arc<dyn JobDriver>>>,
     kind: &'static str,
@@ -288,7 +291,19 @@ impl Job {
         self.status() == Status::Ready && JobManager::driver_of(self).is_some_and(|d| d.in_sync())
     }
 
+    /// Resolves at the job's next move (see [`Job::moved`]); one missed
+    /// between a check and this wait is caught by the waiter's own bound.
+    pub fn moved(&self) -> tokio::sync::futures::Notified<'_> {
+        self.moved.notified()
+    }
+
+    /// Tell waiters the job's work moved.
+    pub fn note_moved(&self) {
+        self.moved.notify_waiters();
+    }
+
     fn transition(&self, to: Status) {
+        self.moved.notify_waiters();
         let mut s = self.st();
         let from = s.status;
         if from == to {
@@ -468,6 +483,7 @@ impl JobManager {
             progress: AtomicU64::new(0),
             total: AtomicU64::new(0),
             kick: Notify::new(),
+            moved: Notify::new(),
             finished: Notify::new(),
             events: self.events.clone(),
             driver: Mutex::new(Some(driver.clone())),

@@ -752,6 +752,13 @@ impl MirrorDriver {
 
     /// Account a finished copy; `Some` ends the job.
     fn settle(&self, job: &Job, r: Result<(u64, u64, CopyResult), tokio::task::JoinError>) -> Option<Outcome> {
+        let o = self.settle_one(job, r);
+        // After the accounting: a waiter for "in sync" sees this copy's effect.
+        job.note_moved();
+        o
+    }
+
+    fn settle_one(&self, job: &Job, r: Result<(u64, u64, CopyResult), tokio::task::JoinError>) -> Option<Outcome> {
         let g = self.shared.granularity;
         match r {
             Ok((off, len, res)) => {

@@ -111,8 +111,13 @@ where
         }
         Ok(all)
     };
-    run(graph, vm, was_running, Bounds::default(), in_sync, &|| false, &|_, _| {}, handover).await
+    let moved = || -> Moved<'_> { Box::pin(tokio::time::sleep(Duration::from_millis(2))) };
+    run(graph, vm, was_running, Bounds::default(), in_sync, &moved, &|| false, &|_, _| {}, handover).await
 }
+
+/// A future that resolves when a carrier's work may have moved (a copy
+/// settled): the switchover then checks "in sync" again, without polling.
+pub type Moved<'a> = std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
 /// Told each step's name and how long it took, as it ends.
 pub type OnStep<'a> = &'a (dyn Fn(&'static str, Duration) + Sync);
@@ -123,12 +128,13 @@ pub type OnStep<'a> = &'a (dyn Fn(&'static str, Duration) + Sync);
 /// hears each step's time (`stop`, `drain`, `mirror-sync`, `inactivate`,
 /// `device-state`; the handover times its own).
 #[allow(clippy::too_many_arguments)]
-pub async fn run<C, F, Fut>(
+pub async fn run<'m, C, F, Fut>(
     graph: &Arc<Graph>,
     vm: &Arc<Vm>,
     was_running: bool,
     bounds: Bounds,
     in_sync: C,
+    moved: &'m (dyn Fn() -> Moved<'m> + Sync),
     cancelled: &(dyn Fn() -> bool + Sync),
     on_step: OnStep<'_>,
     handover: F,
@@ -138,7 +144,7 @@ where
     F: FnOnce(VmState) -> Fut,
     Fut: Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>>,
 {
-    match steps(graph, vm, bounds, in_sync, cancelled, on_step, handover).await {
+    match steps(graph, vm, bounds, in_sync, moved, cancelled, on_step, handover).await {
         Ok(()) => {
             vm.set_state(RunState::PostMigrate);
             Ok(())
@@ -153,11 +159,13 @@ fn step_err(step: &'static str, e: impl std::error::Error + Send + Sync + 'stati
     (step, Box::new(e))
 }
 
-async fn steps<C, F, Fut>(
+#[allow(clippy::too_many_arguments)]
+async fn steps<'m, C, F, Fut>(
     graph: &Arc<Graph>,
     vm: &Arc<Vm>,
     bounds: Bounds,
     mut in_sync: C,
+    moved: &'m (dyn Fn() -> Moved<'m> + Sync),
     cancelled: &(dyn Fn() -> bool + Sync),
     on_step: OnStep<'_>,
     handover: F,
@@ -179,6 +187,8 @@ where
     // 2. Every disk's carrier in sync.
     let deadline = Instant::now() + bounds.sync;
     loop {
+        // Armed before the check, so a move between the two is not missed.
+        let next = moved();
         match in_sync() {
             Ok(true) => break,
             Ok(false) if Instant::now() > deadline => {
@@ -190,7 +200,8 @@ where
         if cancelled() {
             return Err(step_err("jobs", StepError::Cancelled));
         }
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        // The next move, or 2 ms (a move the future missed, a cancel, the deadline).
+        let _ = tokio::time::timeout(Duration::from_millis(2), next).await;
     }
     on_step("mirror-sync", t.elapsed());
     point("switchover::after-jobs").await.map_err(|e| step_err("jobs", e))?;

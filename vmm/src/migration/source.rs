@@ -579,7 +579,11 @@ where
             mig.transition(Status::Device);
         }
     };
-    let r = switchover::run(graph, vm, was_running, bounds, sync, &cancelled, &on_step, handover).await;
+    let moved = || -> switchover::Moved<'_> {
+        let waits: Vec<_> = carriers.iter().map(|c| c.job.moved()).collect();
+        Box::pin(block::sync::select_any(waits))
+    };
+    let r = switchover::run(graph, vm, was_running, bounds, sync, &moved, &cancelled, &on_step, handover).await;
     if let Err(e) = r {
         return Err(e.into());
     }

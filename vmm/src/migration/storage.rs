@@ -172,8 +172,8 @@ pub async fn attach(
 }
 
 /// Whether every copy is READY (then made write-blocking, so it stays in
-/// sync with each guest write and the switchover has nothing to drain).
-/// Err: a copy ended or failed.
+/// sync with each guest write and the switchover has nothing to drain) with
+/// nothing left dirty from before. Err: a copy ended or failed.
 pub fn ready(jobs: &JobManager, carriers: &[Carrier]) -> Result<bool, MigrationError> {
     let mut all = true;
     for c in carriers {
@@ -183,6 +183,11 @@ pub fn ready(jobs: &JobManager, carriers: &[Carrier]) -> Result<bool, MigrationE
                 jobs.change(&c.job.id, &mode).map_err(|e| {
                     MigrationError::Disk(format!("copy '{}': cannot make it write-blocking: {e}", c.job.id))
                 })?;
+                // What the guest wrote before the switch is copied now, not at the job's next tick.
+                if c.job.remaining() > 0 {
+                    c.job.wake();
+                    all = false;
+                }
             }
             jobs::Status::Running | jobs::Status::Created => all = false,
             other => {
