@@ -260,24 +260,28 @@ impl Daemon {
         let mut dropped = Vec::new();
         for e in self.exports().await {
             if e.config.writable && targets.iter().any(|t| t.export == e.config.name) {
-                dropped.push((e.config.id.clone(), e.backend.node()));
+                dropped.push(e);
             }
         }
-        for (id, _) in &dropped {
-            if let Err(err) = self.export_del(id, true).await {
-                tracing::warn!(export = %id, error = %err, "cannot drop the incoming mirror's export");
+        for e in &dropped {
+            if let Err(err) = self.export_del(&e.config.id, true).await {
+                tracing::warn!(export = %e.config.id, error = %err, "cannot drop the incoming mirror's export");
             }
         }
-        // The export lets go of its node once its last connection is gone.
+        // The export lets go of its node once its last connection is gone
+        // (woken by the export, not polled) and the last reference drops.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        for (id, node) in &dropped {
+        for e in dropped {
+            let (id, node) = (e.config.id.clone(), e.backend.node());
+            let _ = tokio::time::timeout_at(deadline.into(), e.wait_idle()).await;
+            drop(e);
             let user = format!("export '{id}'");
             while node.users().iter().any(|u| u.name == user) {
                 if std::time::Instant::now() > deadline {
                     tracing::warn!(export = %id, "the incoming mirror's export still holds its node");
                     break;
                 }
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
             }
         }
     }
