@@ -65,6 +65,12 @@ impl Pair {
     }
 }
 
+/// The guest's own check on the destination: every write it made is there.
+fn verified(q: &mut Qmp) {
+    let v = ok(q, "x-baton-guest-verify", json!({}));
+    assert!(v["checked"].as_u64().unwrap() > 0 && v["mismatches"] == 0, "{v}");
+}
+
 fn sized(p: &Path, size: u64) {
     std::fs::File::create(p).unwrap().set_len(size).unwrap();
 }
@@ -73,6 +79,11 @@ fn sized(p: &Path, size: u64) {
 /// its own dst.img (`dst_size`, inactive until the migration) with `extra`
 /// arguments, and neither sharing anything.
 fn pair(src_size: u64, dst_size: u64, extra: &[String]) -> Pair {
+    pair_at(src_size, dst_size, extra, None)
+}
+
+/// As `pair`, the destination listening on `incoming` (default: unix mig.sock).
+fn pair_at(src_size: u64, dst_size: u64, extra: &[String], incoming: Option<String>) -> Pair {
     let dir = tempfile::tempdir().unwrap();
     let d = |n: &str| dir.path().join(n).display().to_string();
     sized(&dir.path().join("src.img"), src_size);
@@ -83,7 +94,7 @@ fn pair(src_size: u64, dst_size: u64, extra: &[String]) -> Pair {
         "--vm".into(),
         "memory=64M,disk=disk".into(),
         "--incoming".into(),
-        format!("unix:{}", d("mig.sock")),
+        incoming.unwrap_or_else(|| format!("unix:{}", d("mig.sock"))),
         "--qmp".into(),
         format!("unix:{}", d("dq.sock")),
     ];
@@ -126,6 +137,9 @@ fn one_command_moves_a_writing_guest_and_its_256_mib_disk() {
     assert_eq!(nodes[0]["active"], false, "{nodes}");
     wait_for(&mut p.sq, "query-block-jobs", "the copy's job to be gone", |v| v == &json!([]));
     assert!(common::locked_bytes(&p.path("src.img")).is_empty(), "the source let go of its image");
+    let copy = &m["x-baton-storage"][0];
+    assert!(copy["device"] == "disk" && copy["destination"] == "disk" && copy["job"] == "baton-copy-0", "{m}");
+    assert!(copy["copied"].as_u64().unwrap() > 0 && copy["remaining"] == 0, "the copy's progress: {m}");
     let steps = m["x-baton-switchover"].as_object().unwrap();
     assert!(steps.contains_key("mirror-sync"), "the copy was checked in sync at the switchover: {m}");
 
@@ -141,8 +155,7 @@ fn one_command_moves_a_writing_guest_and_its_256_mib_disk() {
     assert!(after["writes"].as_u64().unwrap() > before["writes"].as_u64().unwrap(), "{before} -> {after}");
     assert_eq!(after["mismatches"], 0, "{after}");
     // I6: every write the guest made on the source is on the destination's own image.
-    let v = ok(&mut p.dq, "x-baton-guest-verify", json!({}));
-    assert!(v["checked"].as_u64().unwrap() > 0 && v["mismatches"] == 0, "{v}");
+    verified(&mut p.dq);
 }
 
 /// A failure injected at each step of a storage copy, on either side,
@@ -177,8 +190,7 @@ fn a_failure_at_each_step_of_a_storage_copy_leaves_both_sides_as_before() {
     let m = p.migrate();
     assert_eq!(m["status"], "completed", "{m}");
     wait_for(&mut p.dq, "query-status", "the destination to run the guest", |v| v["status"] == "running");
-    let v = ok(&mut p.dq, "x-baton-guest-verify", json!({}));
-    assert!(v["checked"].as_u64().unwrap() > 0 && v["mismatches"] == 0, "{v}");
+    verified(&mut p.dq);
 }
 
 /// Bad input is refused before anything moves, saying what is wrong: a
@@ -227,47 +239,17 @@ fn a_storage_copy_over_tcp_reaches_the_export_on_the_migrations_host() {
         return;
     }
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let dir = tempfile::tempdir().unwrap();
-    let d = |n: &str| dir.path().join(n).display().to_string();
-    sized(&dir.path().join("src.img"), 16 << 20);
-    sized(&dir.path().join("dst.img"), 16 << 20);
-    let _dst = daemon_env(
-        &[
-            "--blockdev".into(),
-            format!("driver=file,node-name=disk,filename={},active=off", d("dst.img")),
-            "--vm".into(),
-            "memory=64M,disk=disk".into(),
-            "-S".into(),
-            "--incoming".into(),
-            format!("tcp:0.0.0.0:{port}"),
-            "--qmp".into(),
-            format!("unix:{}", d("dq.sock")),
-        ],
-        &[],
-    );
-    let _src = daemon_env(
-        &[
-            "--blockdev".into(),
-            format!("driver=file,node-name=disk,filename={}", d("src.img")),
-            "--vm".into(),
-            "memory=64M,disk=disk".into(),
-            "--qmp".into(),
-            format!("unix:{}", d("sq.sock")),
-        ],
-        &[],
-    );
-    let mut sq = Qmp::connect(&dir.path().join("sq.sock"));
-    let mut dq = Qmp::connect(&dir.path().join("dq.sock"));
-    ok(&mut sq, "migrate", json!({"uri": format!("tcp:127.0.0.1:{port}"), "x-baton-storage": "copy"}));
-    let m =
-        wait_for(&mut sq, "query-migrate", "the end", |v| matches!(v["status"].as_str(), Some("completed" | "failed")));
+    let mut p = pair_at(16 << 20, 16 << 20, &["-S".into()], Some(format!("tcp:0.0.0.0:{port}")));
+    ok(&mut p.sq, "migrate", json!({"uri": format!("tcp:127.0.0.1:{port}"), "x-baton-storage": "copy"}));
+    let m = wait_for(&mut p.sq, "query-migrate", "the end", |v| {
+        matches!(v["status"].as_str(), Some("completed" | "failed"))
+    });
     assert_eq!(m["status"], "completed", "{m}");
-    wait_for(&mut dq, "query-migrate", "the destination", |v| v["status"] == "completed");
+    wait_for(&mut p.dq, "query-migrate", "the destination", |v| v["status"] == "completed");
     // -S: the guest waits for cont.
-    assert_eq!(ok(&mut dq, "query-status", json!({}))["status"], "paused");
-    ok(&mut dq, "cont", json!({}));
-    let v = ok(&mut dq, "x-baton-guest-verify", json!({}));
-    assert!(v["checked"].as_u64().unwrap() > 0 && v["mismatches"] == 0, "{v}");
+    assert_eq!(ok(&mut p.dq, "query-status", json!({}))["status"], "paused");
+    ok(&mut p.dq, "cont", json!({}));
+    verified(&mut p.dq);
 }
 
 /// Either process killed while the copy runs (held at READY): the other

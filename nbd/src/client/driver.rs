@@ -134,7 +134,7 @@ impl NbdClient {
     /// Fail pending requests, send `NBD_CMD_DISC` (from a spawned task, if a
     /// runtime is running) and close the connection. Idempotent; also done on drop.
     pub fn shutdown(&self) {
-        let was_alive = self.shared.kill(self.closed_by_us());
+        let was_alive = self.shared.close(self.closed_by_us());
         if let Some(h) = self.take_reader() {
             h.abort();
         }
@@ -159,7 +159,7 @@ impl NbdClient {
 
     /// Like [`shutdown`](Self::shutdown), but waits until `NBD_CMD_DISC` is sent.
     pub async fn disconnect(&self) {
-        let was_alive = self.shared.kill(self.closed_by_us());
+        let was_alive = self.shared.close(self.closed_by_us());
         if let Some(h) = self.take_reader() {
             h.abort();
         }

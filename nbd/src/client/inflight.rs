@@ -166,15 +166,29 @@ impl Shared {
 
     /// [`kill`](Self::kill) with the error kind the failed requests report.
     pub(super) fn kill_with(&self, dead: Dead) -> bool {
+        self.kill_logged(dead, false)
+    }
+
+    /// The client closes the connection (its node goes): worth a warning
+    /// only if requests were still waiting.
+    pub(super) fn close(&self, why: String) -> bool {
+        self.kill_logged(Dead::aborted(why), true)
+    }
+
+    fn kill_logged(&self, dead: Dead, ours: bool) -> bool {
         let mut g = self.lock_inflight();
         if g.dead.is_some() {
             return false;
         }
-        tracing::warn!(uri = %self.uri, node = %self.node, "{}", dead.why);
         g.dead = Some(dead.clone());
         g.reading = None;
         let slots = std::mem::take(&mut g.slots);
         drop(g);
+        if ours && slots.is_empty() {
+            tracing::debug!(uri = %self.uri, node = %self.node, "{}", dead.why);
+        } else {
+            tracing::warn!(uri = %self.uri, node = %self.node, pending = slots.len(), "{}", dead.why);
+        }
         for (_, s) in slots {
             let _ = s.done.send(Err(Failure::Dead(dead.clone())));
         }

@@ -430,7 +430,7 @@ where
         None => carriers::bind(jobs, vm, &targets).map_err(MigrationError::Disk)?,
         Some(route) => {
             // Storage copy: the disks first, in sync before RAM moves.
-            let c = storage::attach(graph, jobs, vm, &targets, route, p.io_timeout, made).await?;
+            let c = storage::attach(mig, graph, jobs, vm, &targets, route, p.io_timeout, made).await?;
             copies_ready(link, mig, jobs, &c, p.io_timeout).await?;
             point("migration::storage-ready").await?;
             c
@@ -588,6 +588,16 @@ where
         return Err(e.into());
     }
     keep_carriers(&carriers);
+    if !made.is_empty() {
+        // The storage copy is done with the destination's export: let go of
+        // it before COMMIT, so the destination withdraws an idle export
+        // (not one it has to cut under our connection).
+        let t = Instant::now();
+        if let Err(e) = storage::detach(graph, jobs, made, true).await {
+            tracing::warn!(error = %e, "committed; removing the storage copy's nodes and jobs left some");
+        }
+        mig.step_done("copy-detach", t.elapsed());
+    }
 
     // Committed: the guest belongs to the destination. Tell it; if that
     // fails, it stays paused until the decision reaches it another way.

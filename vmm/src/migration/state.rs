@@ -293,6 +293,8 @@ struct Attempt {
     decision: Option<Decision>,
     /// Why the destination cannot know the decision, or how it was made.
     decision_note: Option<String>,
+    /// Source, storage copy: (the guest's disk, the destination's, the job copying it).
+    copies: Vec<(String, String, Arc<jobs::Job>)>,
 }
 
 impl Attempt {
@@ -321,6 +323,7 @@ impl Attempt {
             proceed: false,
             decision: None,
             decision_note: None,
+            copies: Vec::new(),
         }
     }
 }
@@ -700,6 +703,11 @@ impl Migration {
         Ok(())
     }
 
+    /// Source, storage copy: a job copying a disk, for `query-migrate`.
+    pub fn add_copy(&self, disk: String, to: String, job: Arc<jobs::Job>) {
+        self.lock().copies.push((disk, to, job));
+    }
+
     /// `query-migrate`. `ram_total` is the guest's RAM size.
     pub fn query(&self, ram_total: u64) -> Value {
         let a = self.lock();
@@ -777,6 +785,18 @@ impl Migration {
         }
         if let Some(n) = &a.decision_note {
             v["x-baton-decision"] = json!(n);
+        }
+        if !a.copies.is_empty() {
+            // The storage copy's progress (its jobs are gone once the attempt ends).
+            let copies: Vec<Value> = a
+                .copies
+                .iter()
+                .map(|(disk, to, job)| {
+                    json!({"device": disk, "destination": to, "job": job.id, "status": job.status().as_str(),
+                           "copied": job.progress.load(Ordering::SeqCst), "remaining": job.remaining()})
+                })
+                .collect();
+            v["x-baton-storage"] = json!(copies);
         }
         v
     }

@@ -120,7 +120,9 @@ fn nbd_options(name: &str, t: &Target, route: &Route, io: Duration) -> Result<se
 /// Connect to each target and start its mirror; `made` records what exists
 /// as it is made (the caller tears it down, success or not). Returns the
 /// carriers for the switchover's checks.
+#[allow(clippy::too_many_arguments)]
 pub async fn attach(
+    mig: &super::Migration,
     graph: &Arc<Graph>,
     jobs: &Arc<JobManager>,
     vm: &Vm,
@@ -166,6 +168,7 @@ pub async fn attach(
         if let Some(c) = made.last_mut() {
             c.job = Some(job.clone());
         }
+        mig.add_copy(disk.name().to_string(), t.node.clone(), job.clone());
         carriers.push(Carrier { target: t.clone(), job });
     }
     Ok(carriers)
