@@ -643,7 +643,12 @@ where
     let left = || carriers.iter().map(|c| c.job.remaining()).sum::<u64>();
     let mut last = (left(), Instant::now());
     let mut alive = Instant::now();
-    while !storage::ready(jobs, carriers)? {
+    loop {
+        // Armed before the check: a copy's move between the two is not missed.
+        let moved = block::sync::select_any(carriers.iter().map(|c| c.job.moved()).collect());
+        if storage::ready(jobs, carriers)? {
+            break;
+        }
         let now = left();
         if now != last.0 {
             last = (now, Instant::now());
@@ -662,6 +667,7 @@ where
         tokio::select! {
             biased;
             _ = mig.cancelled() => return Err(mig.stop_reason()),
+            _ = moved => {}
             _ = tokio::time::sleep(storage::READY_POLL) => {}
         }
     }

@@ -10,10 +10,10 @@
 //!                                             which the binary implements)
 //!                            <───────────────  WELCOME {node, export, size, unix | port}
 //!  add an nbd node on it, mirror the guest
-//!  disk into it (sync full, auto-converge),
-//!  wait for READY, then write-blocking: the
-//!  disk stays in sync, nothing to drain at
-//!  the switchover
+//!  disk into it (sync full, write-blocking:
+//!  each guest write reaches both), wait for
+//!  READY with nothing dirty: nothing to drain
+//!  at the switchover
 //!  RAM pre-copy, switchover (the mirror is a carrier: checked in sync, as by hand)
 //!  commit point: cancel the mirror (in sync,
 //!  no pivot), delete the nbd node; COMMIT ─>  withdraw the exports and their server, run
@@ -155,7 +155,13 @@ pub async fn attach(
         made.push(Copy { node: name.clone(), job: None });
         super::points::point("migration::storage-mirror").await?;
         let mut m = jobs::mirror::MirrorOptions::new(disk.name(), &name);
-        m.auto_converge = true;
+        // Write-blocking from the first write (where auto-converge ends up):
+        // each guest write reaches both disks as it is made, so the copy
+        // gets READY once the bulk is copied, whatever the guest's write
+        // rate, and nothing is left to drain at the switchover. A guest
+        // write waits for the destination meanwhile, as with QEMU's active
+        // mirror.
+        m.copy_mode = jobs::mirror::CopyMode::WriteBlocking;
         m.granularity = granularity(disk.length());
         let job = jobs::JobOptions { id: name.clone(), speed: 0, auto_finalize: true, auto_dismiss: true };
         let (job, _) = jobs::mirror::start(graph, jobs, job, m).map_err(|e| {
@@ -174,9 +180,9 @@ pub async fn attach(
     Ok(carriers)
 }
 
-/// Whether every copy is READY (then made write-blocking, so it stays in
-/// sync with each guest write and the switchover has nothing to drain) with
-/// nothing left dirty from before. Err: a copy ended or failed.
+/// Whether every copy is READY (and write-blocking, so it stays in sync
+/// with each guest write and the switchover has nothing to drain) with
+/// nothing left dirty. Err: a copy ended or failed.
 pub fn ready(jobs: &JobManager, carriers: &[Carrier]) -> Result<bool, MigrationError> {
     let mut all = true;
     for c in carriers {
