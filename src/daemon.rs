@@ -211,11 +211,9 @@ impl Daemon {
         self.migration.begin(vmm::migration::Role::Source)?;
         let d = self.clone();
         // The storage copy reaches the destination's exports where it reaches the migration.
-        let route = storage.then(|| vmm::migration::storage::Route {
-            host: match &target {
-                NbdAddr::Unix { .. } => None,
-                NbdAddr::Inet { host, .. } => Some(host.clone()),
-            },
+        let route = storage.then(|| match &target {
+            NbdAddr::Unix { path } => vmm::migration::storage::Route::Unix { migration: path.clone() },
+            NbdAddr::Inet { host, .. } => vmm::migration::storage::Route::Tcp { host: host.clone() },
         });
         // Not under the command lock: query-migrate and migrate_cancel work meanwhile.
         tokio::spawn(async move {

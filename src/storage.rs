@@ -68,8 +68,9 @@ impl AttemptExports {
                 let mut p = path.clone().into_os_string();
                 p.push(".disk");
                 let p = PathBuf::from(p);
-                let _ = std::fs::remove_file(&p);
-                let l = bind_unix(&p)?;
+                // 0600 from the start, listening when it appears (as the QMP sockets).
+                let l = crate::qmp::monitor::bind(&p)
+                    .map_err(|e| format!("cannot listen on {} for the storage copy: {e}", p.display()))?;
                 let at = TargetAt::Unix(p.display().to_string());
                 (Listener::Unix(l), Some(p), at)
             }
@@ -103,7 +104,7 @@ impl AttemptExports {
         let export = match opened {
             Ok(e) => e,
             Err(why) => {
-                close(served).await;
+                let _ = close(served).await;
                 return Err(format!("exporting disk '{node_name}' for the storage copy: {why}"));
             }
         };
@@ -116,36 +117,48 @@ impl AttemptExports {
     }
 }
 
-/// A unix listener only this user can reach (0600), as the QMP sockets.
-fn bind_unix(p: &std::path::Path) -> Result<tokio::net::UnixListener, String> {
-    use std::os::unix::fs::PermissionsExt;
-    let l = tokio::net::UnixListener::bind(p)
-        .map_err(|e| format!("cannot listen on {} for the storage copy: {e}", p.display()))?;
-    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| format!("cannot restrict {}: {e}", p.display()))?;
-    Ok(l)
-}
-
 /// Close the exports (cutting their connections) and the server; wait,
-/// bounded, until the nodes are let go.
-async fn close(s: Served) {
+/// bounded, until the nodes are let go. Err: an export still holds its
+/// node (a connection's request did not end), named.
+async fn close(s: Served) -> Result<(), String> {
     s.server.stop();
+    if let Some(p) = &s.unix_path {
+        let _ = std::fs::remove_file(p);
+    }
     for e in &s.exports {
         e.close();
         s.server.exports.remove(&e.config.id);
     }
-    if tokio::time::timeout(IDLE_BOUND, s.server.wait_idle()).await.is_err() {
-        tracing::warn!("the storage copy's connections did not end within {IDLE_BOUND:?}");
-    }
+    let deadline = tokio::time::Instant::now() + IDLE_BOUND;
+    let _ = tokio::time::timeout_at(deadline, s.server.wait_idle()).await;
+    let mut held = Vec::new();
     for e in &s.exports {
-        if tokio::time::timeout(IDLE_BOUND, e.wait_idle()).await.is_err() {
-            tracing::warn!(export = %e.config.id, "the storage copy's export is still in use");
+        if tokio::time::timeout_at(deadline, e.wait_idle()).await.is_err() {
+            held.push(e.config.id.clone());
         }
     }
     s.task.abort();
+    let nodes: Vec<_> = s.exports.iter().map(|e| (e.config.id.clone(), e.backend.node())).collect();
     drop(s.exports);
-    if let Some(p) = s.unix_path {
-        let _ = std::fs::remove_file(p);
+    // The export lets go of its node with its last reference (its connections' tasks).
+    for (id, node) in nodes {
+        let user = format!("export '{id}'");
+        while node.users().iter().any(|u| u.name == user) {
+            if tokio::time::Instant::now() > deadline {
+                held.push(id.clone());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    if held.is_empty() {
+        Ok(())
+    } else {
+        held.dedup();
+        Err(format!(
+            "the storage copy's export {} still holds the disk after {IDLE_BOUND:?} (a request that does not end)",
+            held.join(", ")
+        ))
     }
 }
 
@@ -154,12 +167,12 @@ impl Exporter for AttemptExports {
         Box::pin(self.open(node))
     }
 
-    fn withdraw(&self) -> BoxFuture<'_, ()> {
+    fn withdraw(&self) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
             let served = block::sync::lock(&self.served).take();
-            if let Some(s) = served {
-                close(s).await;
-                tracing::info!("the storage copy's exports are withdrawn");
+            match served {
+                Some(s) => close(s).await.map(|()| tracing::info!("the storage copy's exports are withdrawn")),
+                None => Ok(()),
             }
         })
     }

@@ -139,7 +139,8 @@ fn one_command_moves_a_writing_guest_and_its_256_mib_disk() {
     assert!(common::locked_bytes(&p.path("src.img")).is_empty(), "the source let go of its image");
     let copy = &m["x-baton-storage"][0];
     assert!(copy["device"] == "disk" && copy["destination"] == "disk" && copy["job"] == "baton-copy-0", "{m}");
-    assert!(copy["copied"].as_u64().unwrap() > 0 && copy["remaining"] == 0, "the copy's progress: {m}");
+    // Granules the guest rewrote in full went by its writes (write-blocking), not the copy.
+    assert!(copy["copied"].as_u64().unwrap() > 128 << 20, "the copy's progress: {m}");
     let steps = m["x-baton-switchover"].as_object().unwrap();
     assert!(steps.contains_key("mirror-sync"), "the copy was checked in sync at the switchover: {m}");
 
@@ -209,7 +210,7 @@ fn a_storage_copy_refuses_bad_input_before_anything_moves() {
     p.assert_as_before("another size");
     let r = p.sq.execute("migrate", json!({"uri": p.uri(), "x-baton-storage": "move"}));
     assert!(r["error"]["desc"].as_str().unwrap().contains("'x-baton-storage'"), "{r}");
-    assert_eq!(ok(&mut p.sq, "query-migrate", json!({}))["status"], "failed", "nothing started");
+    assert_eq!(ok(&mut p.sq, "query-migrate", json!({})), m, "nothing started: the last attempt's record stands");
 
     let nbd = p.path("nbd.sock").display().to_string();
     let extra = [

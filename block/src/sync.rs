@@ -162,9 +162,11 @@ mod tests {
 
     #[test]
     fn join_all_runs_its_futures_side_by_side_and_keeps_their_order() {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        // Paused time: the clock moves only when every task waits, so the
+        // elapsed time is exactly the longest sleep if they overlap.
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
         rt.block_on(async {
-            let t = std::time::Instant::now();
+            let t = tokio::time::Instant::now();
             let futs: Vec<_> = [30u64, 10, 20]
                 .into_iter()
                 .map(|ms| async move {
@@ -173,7 +175,7 @@ mod tests {
                 })
                 .collect();
             assert_eq!(super::join_all(futs).await, [30, 10, 20]);
-            assert!(t.elapsed() < std::time::Duration::from_millis(55), "not one after another: {:?}", t.elapsed());
+            assert_eq!(t.elapsed(), std::time::Duration::from_millis(30), "side by side, not one after another");
         });
     }
 }

@@ -303,7 +303,6 @@ impl Job {
     }
 
     fn transition(&self, to: Status) {
-        self.moved.notify_waiters();
         let mut s = self.st();
         let from = s.status;
         if from == to {
@@ -315,6 +314,8 @@ impl Job {
         }
         s.status = to;
         drop(s);
+        // After the new status is visible: a waiter re-checks and sees it.
+        self.moved.notify_waiters();
         (self.events)("JOB_STATUS_CHANGE", json!({"id": self.id, "status": to.as_str()}));
     }
 

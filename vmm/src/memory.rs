@@ -63,14 +63,15 @@ pub fn take_dirty_log(vm: &VmFd, mem: &Mem) -> Result<Vec<u64>, VmmError> {
             .get_dirty_log(slot as u32, region.len() as usize)
             .map_err(|source| VmmError::Kvm { op: "KVM_GET_DIRTY_LOG", source })?;
         words.resize(pages.div_ceil(64), 0);
-        // The region's whole AtomicBitmap (not the trait's slice view).
+        // The region's whole AtomicBitmap (not the trait's slice view), read
+        // and cleared word by word in one atomic step each: a VMM write that
+        // sets a bit meanwhile is either in this pass or in the next, never
+        // lost between a read and a reset. Same layout: page p is bit p % 64
+        // of word p / 64.
         let bm: &AtomicBitmap = std::ops::Deref::deref(region).bitmap();
-        for (p, w) in (0..pages).map(|p| (p, p / 64)) {
-            if bm.is_bit_set(p) {
-                words[w] |= 1 << (p % 64);
-            }
+        for (w, bits) in words.iter_mut().zip(bm.get_and_reset()) {
+            *w |= bits;
         }
-        bm.reset();
         out.extend(words);
     }
     Ok(out)
@@ -83,6 +84,10 @@ pub fn take_dirty_log(vm: &VmFd, mem: &Mem) -> Result<Vec<u64>, VmmError> {
 pub fn discard(mem: &Mem) -> Result<(), VmmError> {
     for region in mem.iter() {
         let len = region.len() as usize;
+        // MADV_DONTNEED zeroes only a private anonymous mapping's pages.
+        if region.file_offset().is_some() {
+            return Err(VmmError::Sys { op: "guest RAM is not anonymous memory", source: nix::Error::EINVAL });
+        }
         let host = mem
             .get_host_address(region.start_addr())
             .map_err(|source| error("map", region.start_addr().0, len, source))?;
@@ -108,9 +113,26 @@ pub fn untouched(mem: &Mem) -> Result<Vec<u64>, VmmError> {
     use std::os::unix::fs::FileExt;
     let io = |source: std::io::Error| VmmError::Sys { op: "reading /proc/self/pagemap", source: io_errno(&source) };
     let f = std::fs::File::open("/proc/self/pagemap").map_err(io)?;
+    let entry = |addr: usize| -> Result<u64, VmmError> {
+        let mut e = [0u8; 8];
+        f.read_exact_at(&mut e, addr as u64 / PAGE_SIZE * 8).map_err(io)?;
+        Ok(u64::from_ne_bytes(e))
+    };
+    // Trust the flags only if they show a page this thread just wrote as
+    // present (a sandbox may serve a pagemap of zeroes: every page would
+    // then look untouched).
+    let probe = Box::new([1u8; PAGE_SIZE as usize]);
+    if entry(std::hint::black_box(probe.as_ptr()) as usize)? & (3 << 62) == 0 {
+        return Err(VmmError::Sys { op: "/proc/self/pagemap shows no page present", source: nix::Error::EINVAL });
+    }
     let mut out = Vec::new();
     for region in mem.iter() {
         let len = region.len() as usize;
+        // Only a private anonymous mapping reads zeroes where nothing was
+        // ever written (a file or shared mapping holds data elsewhere).
+        if region.file_offset().is_some() {
+            return Err(VmmError::Sys { op: "guest RAM is not anonymous memory", source: nix::Error::EINVAL });
+        }
         let host = mem
             .get_host_address(region.start_addr())
             .map_err(|source| error("map", region.start_addr().0, len, source))?;

@@ -76,11 +76,18 @@ where
                 let _ = tokio::time::timeout(Duration::from_secs(1), ack).await;
                 // The storage copy's exports go before the guest takes its disk.
                 let t = std::time::Instant::now();
-                exporter.withdraw().await;
+                let withdrawn = exporter.withdraw().await;
                 mig.step_done("withdraw-exports", t.elapsed());
                 vm.set_state(RunState::Paused);
                 if !mig.transition(Status::Completed) {
                     tracing::error!(status = mig.status().as_str(), "committed, but the status cannot say completed");
+                }
+                if let Err(why) = withdrawn {
+                    // The guest is ours, but a writer other than it still
+                    // holds its disk: it stays paused until that is resolved.
+                    tracing::error!(error = %why, "committed; the guest stays paused");
+                    mig.set_decision_note(format!("COMMIT taken, but {why}: the guest stays paused"));
+                    return Landing::Committed { run: false };
                 }
                 return Landing::Committed { run };
             }
@@ -95,7 +102,9 @@ where
         }
     };
     let mut text = crate::error_text(&failure);
-    exporter.withdraw().await;
+    if let Err(e) = exporter.withdraw().await {
+        text = format!("{text}; and {e}");
+    }
     if let Err(e) = roll_back(graph, vm, &activated, &mut created).await {
         text = format!("{text}; and rolling back failed: {e}");
     }
@@ -214,11 +223,9 @@ where
             // Storage copy: this side exports its guest's disk itself (the
             // export activates it; a rollback inactivates it again).
             let node = vm.device().backend().node();
-            activated.extend(
-                std::iter::successors(Some(node.clone()), |n| n.child().cloned())
-                    .filter(|n| !n.is_active())
-                    .map(|n| n.name().to_string()),
-            );
+            // Children first, as activation goes (a rollback walks it backwards).
+            let chain: Vec<_> = std::iter::successors(Some(node.clone()), |n| n.child().cloned()).collect();
+            activated.extend(chain.iter().rev().filter(|n| !n.is_active()).map(|n| n.name().to_string()));
             point("migration::incoming-storage").await?;
             vec![exporter.export(node.name()).await.map_err(MigrationError::Disk)?]
         }

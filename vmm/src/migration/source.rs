@@ -34,6 +34,8 @@ const ABORT_BOUND: Duration = Duration::from_secs(1);
 /// How long a committed source waits for the destination to acknowledge
 /// COMMIT (only for the record: the guest is the destination's either way).
 const ACK_BOUND: Duration = Duration::from_secs(2);
+/// A remote node's flush, in a task of its own (see `flush_all`).
+type FlushTask = tokio::task::JoinHandle<Result<(), String>>;
 /// How long a pass waits for the flush of a mirror target the management
 /// made (see `flush_all`).
 const LENIENT_FLUSH: Duration = Duration::from_secs(1);
@@ -329,7 +331,7 @@ pub async fn migrate_out<C, S>(
     let mut made = Vec::new();
     match outgoing(mig, graph, jobs, vm, connect, &p, storage.as_ref(), &mut made, &mut link).await {
         Ok(()) => {
-            if let Err(e) = storage::detach(graph, jobs, &mut made, true).await {
+            if let Err(e) = storage::detach(graph, jobs, &mut made).await {
                 tracing::warn!(error = %e, "migrated; removing the storage copy's nodes and jobs left some");
             }
             if let Some(l) = link.as_mut() {
@@ -343,7 +345,7 @@ pub async fn migrate_out<C, S>(
             if let Some(l) = link.as_mut() {
                 l.abort(&text).await;
             }
-            if let Err(e) = storage::detach(graph, jobs, &mut made, false).await {
+            if let Err(e) = storage::detach(graph, jobs, &mut made).await {
                 text = format!("{text}; and removing the storage copy left: {e}");
             }
             mig.set_handover(Handover::RolledBack);
@@ -427,11 +429,19 @@ where
         }
     };
     let carriers = match storage {
-        None => carriers::bind(jobs, vm, &targets).map_err(MigrationError::Disk)?,
+        None => {
+            if let Some(t) = targets.iter().find(|t| t.at.is_some()) {
+                return Err(MigrationError::Stream(StreamError::BadReply(format!(
+                    "WELCOME says where disk '{}' is exported, but this is no storage copy",
+                    t.node
+                ))));
+            }
+            carriers::bind(jobs, vm, &targets).map_err(MigrationError::Disk)?
+        }
         Some(route) => {
             // Storage copy: the disks first, in sync before RAM moves.
             let c = storage::attach(mig, graph, jobs, vm, &targets, route, p.io_timeout, made).await?;
-            copies_ready(link, mig, jobs, &c, p.io_timeout).await?;
+            copies_ready(link, mig, &c, p.io_timeout).await?;
             point("migration::storage-ready").await?;
             c
         }
@@ -471,14 +481,15 @@ where
     let mut unsent = Vec::new();
     let mut rtt = Duration::MAX;
     let mut converged = None;
+    let mut flushing = Vec::new();
     for passes in 1..=p.max_passes {
         // The destination has applied everything so far (the round trip
         // only ever overstates the link's: take the least seen).
         rtt = rtt.min(sync(link, mig, p.io_timeout).await?);
-        let flush = flush_all(link, graph, mig, &carriers, made, p.io_timeout).await?;
+        let flush = flush_all(link, graph, mig, &carriers, made, &mut flushing, p.io_timeout).await?;
         if storage.is_some() {
             // A copy that failed meanwhile fails the attempt now, not at the switchover.
-            storage::ready(jobs, &carriers)?;
+            storage::ready(&carriers)?;
         }
         let log = vm.take_dirty_log()?;
         let n = crate::memory::count(&log);
@@ -593,7 +604,7 @@ where
         // it before COMMIT, so the destination withdraws an idle export
         // (not one it has to cut under our connection).
         let t = Instant::now();
-        if let Err(e) = storage::detach(graph, jobs, made, true).await {
+        if let Err(e) = storage::detach(graph, jobs, made).await {
             tracing::warn!(error = %e, "committed; removing the storage copy's nodes and jobs left some");
         }
         mig.step_done("copy-detach", t.elapsed());
@@ -633,7 +644,6 @@ where
 async fn copies_ready<S>(
     link: &mut Link<S>,
     mig: &Migration,
-    jobs: &JobManager,
     carriers: &[Carrier],
     io: Duration,
 ) -> Result<(), MigrationError>
@@ -646,7 +656,7 @@ where
     loop {
         // Armed before the check: a copy's move between the two is not missed.
         let moved = block::sync::select_any(carriers.iter().map(|c| c.job.moved()).collect());
-        if storage::ready(jobs, carriers)? {
+        if storage::ready(carriers)? {
             break;
         }
         let now = left();
@@ -709,12 +719,16 @@ async fn flush_all<S>(
     mig: &Migration,
     carriers: &[Carrier],
     copies: &[storage::Copy],
+    pending: &mut Vec<(String, FlushTask)>,
     io: Duration,
 ) -> Result<Duration, MigrationError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let t = Instant::now();
+    // A remote flush an earlier pass stopped waiting for is not sent again
+    // while it is still out (a stalled target would pile them up).
+    pending.retain(|(_, task)| !task.is_finished());
     let is_remote = |n: &Arc<block::Node>| {
         std::iter::successors(Some(n.clone()), |x| x.child().cloned()).any(|x| x.driver_name() == "nbd")
     };
@@ -725,6 +739,7 @@ where
         let remote: Vec<_> = remote
             .into_iter()
             .filter(carried)
+            .filter(|n| !pending.iter().any(|(name, _)| name == n.name()))
             .map(|n| {
                 let name = n.name().to_string();
                 let strict = copies.iter().any(|c| c.node == name);
@@ -735,13 +750,17 @@ where
         if let Some((n, Err(e))) = local.iter().zip(flushed).find(|(_, r)| r.is_err()) {
             return Err(MigrationError::Disk(format!("flushing '{}' before the switchover: {}", n.name(), e.chain())));
         }
-        for (name, strict, task) in remote {
+        for (name, strict, mut task) in remote {
             let bound = if strict { io } else { LENIENT_FLUSH.min(io / 2) };
-            let why = match tokio::time::timeout_at((t + bound).into(), task).await {
+            let why = match tokio::time::timeout_at((t + bound).into(), &mut task).await {
                 Ok(Ok(Ok(()))) => continue,
                 Ok(Ok(Err(e))) => e,
                 Ok(Err(e)) => e.to_string(),
-                Err(_) => format!("no answer within {bound:?}"),
+                Err(_) => {
+                    let why = format!("no answer within {bound:?}");
+                    pending.push((name.clone(), task));
+                    why
+                }
             };
             let why = format!("flushing '{name}' (on the destination) before the switchover: {why}");
             if strict {

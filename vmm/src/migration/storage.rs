@@ -49,14 +49,19 @@ pub trait Exporter: Send + Sync {
     fn export<'a>(&'a self, node: &'a str) -> BoxFuture<'a, Result<Target, String>>;
     /// Remove every export [`Exporter::export`] made and the server, cutting
     /// any connection left. Idempotent; nothing to do when nothing was made.
-    fn withdraw(&self) -> BoxFuture<'_, ()>;
+    /// Err: an export still holds the disk (named): the guest must not run.
+    fn withdraw(&self) -> BoxFuture<'_, Result<(), String>>;
 }
 
-/// How the source reaches the destination's exports: the host it reached
-/// the migration at (None: a unix socket, and the exports are too).
-#[derive(Debug, Clone, Default)]
-pub struct Route {
-    pub host: Option<String>,
+/// How the source reaches the destination's exports: where it reached the
+/// migration. Over TCP, the export is on that host (a port of the
+/// destination's choosing); over a unix socket, the export's socket must
+/// be the migration socket's path with `.disk` appended: the source never
+/// connects (and mirrors the guest's disk) wherever a destination says.
+#[derive(Debug, Clone)]
+pub enum Route {
+    Tcp { host: String },
+    Unix { migration: std::path::PathBuf },
 }
 
 /// What the source made for one destination disk.
@@ -91,12 +96,25 @@ fn granularity(size: u64) -> u64 {
 
 /// The nbd node's options for `t`.
 fn nbd_options(name: &str, t: &Target, route: &Route, io: Duration) -> Result<serde_json::Value, MigrationError> {
-    let server = match (&t.at, &route.host) {
-        (Some(TargetAt::Unix(path)), _) => json!({"type": "unix", "path": path}),
-        (Some(TargetAt::Port(port)), Some(host)) => json!({"type": "inet", "host": host, "port": port.to_string()}),
-        (Some(TargetAt::Port(_)), None) => {
+    let server = match (&t.at, route) {
+        (Some(TargetAt::Unix(path)), Route::Unix { migration }) => {
+            let mut expected = migration.clone().into_os_string();
+            expected.push(".disk");
+            if std::path::Path::new(path) != std::path::Path::new(&expected) {
+                return Err(MigrationError::Disk(format!(
+                    "the destination exports disk '{}' at {path}, not at {}: refused",
+                    t.node,
+                    std::path::Path::new(&expected).display()
+                )));
+            }
+            json!({"type": "unix", "path": path})
+        }
+        (Some(TargetAt::Port(port)), Route::Tcp { host }) => {
+            json!({"type": "inet", "host": host, "port": port.to_string()})
+        }
+        (Some(_), _) => {
             return Err(MigrationError::Disk(format!(
-                "the destination exports disk '{}' on a TCP port, but the migration reached it over a unix socket",
+                "the destination exports disk '{}' over another transport than the migration's",
                 t.node
             )))
         }
@@ -180,19 +198,15 @@ pub async fn attach(
     Ok(carriers)
 }
 
-/// Whether every copy is READY (and write-blocking, so it stays in sync
-/// with each guest write and the switchover has nothing to drain) with
-/// nothing left dirty. Err: a copy ended or failed.
-pub fn ready(jobs: &JobManager, carriers: &[Carrier]) -> Result<bool, MigrationError> {
+/// Whether every copy is READY (write-blocking: it stays in sync with each
+/// guest write and the switchover has nothing to drain) with nothing left
+/// dirty. Err: a copy ended or failed.
+pub fn ready(carriers: &[Carrier]) -> Result<bool, MigrationError> {
     let mut all = true;
     for c in carriers {
         match c.job.status() {
             jobs::Status::Ready => {
-                let mode = serde_json::Map::from_iter([("copy-mode".to_string(), json!("write-blocking"))]);
-                jobs.change(&c.job.id, &mode).map_err(|e| {
-                    MigrationError::Disk(format!("copy '{}': cannot make it write-blocking: {e}", c.job.id))
-                })?;
-                // What the guest wrote before the switch is copied now, not at the job's next tick.
+                // What is left is copied now, not at the job's next tick.
                 if c.job.remaining() > 0 {
                     c.job.wake();
                     all = false;
@@ -211,17 +225,17 @@ pub fn ready(jobs: &JobManager, carriers: &[Carrier]) -> Result<bool, MigrationE
     Ok(all)
 }
 
-/// Tear down what [`attach`] made: cancel each job (nothing pivots: after
-/// the commit point its target is in sync and a soft cancel completes it,
-/// as libvirt's `block-job-cancel`; after a failure it is forced, as the
-/// target may be stalled), wait for it to end, delete the `nbd` node (which
-/// disconnects). Returns what could not be removed.
-pub async fn detach(graph: &Graph, jobs: &JobManager, made: &mut Vec<Copy>, committed: bool) -> Result<(), String> {
+/// Tear down what [`attach`] made: cancel each job (forced: nothing pivots,
+/// and after the commit point its target was flushed when the switchover
+/// inactivated it, so there is nothing to finish; a stalled target holds
+/// it for the job's one-second grace at most), wait for it to end, delete
+/// the `nbd` node (which disconnects). Returns what could not be removed.
+pub async fn detach(graph: &Graph, jobs: &JobManager, made: &mut Vec<Copy>) -> Result<(), String> {
     let mut left = Vec::new();
     for c in made.drain(..).rev() {
         if let Some(job) = &c.job {
             if !matches!(job.status(), jobs::Status::Concluded | jobs::Status::Null) {
-                let _ = jobs.cancel(&job.id, !committed);
+                let _ = jobs.cancel(&job.id, true);
             }
             if tokio::time::timeout(JOB_END_BOUND, job.wait_finished()).await.is_err() {
                 left.push(format!("job '{}' did not end within {JOB_END_BOUND:?}", job.id));
