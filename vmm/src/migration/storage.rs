@@ -265,3 +265,50 @@ pub async fn detach(graph: &Graph, jobs: &JobManager, made: &mut Vec<Copy>) -> R
         Err(left.join("; "))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(at: Option<TargetAt>) -> Target {
+        Target { node: "disk".into(), export: "disk".into(), size: 1 << 20, at }
+    }
+
+    /// The source connects only where the migration went: `<socket>.disk`,
+    /// or a port on the migration's host; any other address a destination
+    /// names is refused before anything connects.
+    #[test]
+    fn the_copy_connects_only_next_to_the_migration() {
+        let io = Duration::from_secs(30);
+        let unix = Route::Unix { migration: "/run/baton/mig.sock".into() };
+        let o =
+            nbd_options("baton-copy-0", &target(Some(TargetAt::Unix("/run/baton/mig.sock.disk".into()))), &unix, io)
+                .unwrap();
+        assert_eq!(o["server"], json!({"type": "unix", "path": "/run/baton/mig.sock.disk"}));
+        assert_eq!(o["x-baton-request-timeout"], 30);
+        for elsewhere in ["/run/other-vm/nbd.sock", "/run/baton/mig.sock", "/run/baton/../baton/mig.sock.disk"] {
+            let e = nbd_options("n", &target(Some(TargetAt::Unix(elsewhere.into()))), &unix, io).unwrap_err();
+            assert!(e.to_string().contains("refused"), "{elsewhere}: {e}");
+        }
+        assert!(
+            nbd_options("n", &target(Some(TargetAt::Port(10809))), &unix, io).is_err(),
+            "TCP after a unix migration"
+        );
+        assert!(nbd_options("n", &target(None), &unix, io).is_err(), "no address at all");
+        let tcp = Route::Tcp { host: "192.0.2.7".into() };
+        let o = nbd_options("n", &target(Some(TargetAt::Port(10809))), &tcp, io).unwrap();
+        assert_eq!(o["server"], json!({"type": "inet", "host": "192.0.2.7", "port": "10809"}));
+        assert!(nbd_options("n", &target(Some(TargetAt::Unix("/x.disk".into()))), &tcp, io).is_err());
+    }
+
+    #[test]
+    fn the_copys_granule_is_4_kib_up_to_64_gib_and_the_bitmap_stays_small() {
+        assert_eq!(granularity(1 << 20), 4096);
+        assert_eq!(granularity(64 << 30), 4096);
+        assert_eq!(granularity(128 << 30), 8192);
+        assert_eq!(granularity(1 << 50), 64 << 10);
+        for size in [1u64 << 30, 100 << 30, 1 << 40] {
+            assert!(size / granularity(size) <= 1 << 24, "{size}");
+        }
+    }
+}
