@@ -45,11 +45,10 @@ impl Hosts {
             "ip", "link", "add", &veth[0], "netns", &h.ns[0], "type", "veth", "peer", "name", &veth[1], "netns",
             &h.ns[1],
         ]);
-        for i in 0..2 {
-            let n = &h.ns[i];
+        for ((n, a), v) in h.ns.iter().zip(&h.addr).zip(&veth) {
             run(&["ip", "-n", n, "link", "set", "lo", "up"]);
-            run(&["ip", "-n", n, "addr", "add", &format!("{}/24", h.addr[i]), "dev", &veth[i]]);
-            run(&["ip", "-n", n, "link", "set", &veth[i], "up"]);
+            run(&["ip", "-n", n, "addr", "add", &format!("{a}/24"), "dev", v]);
+            run(&["ip", "-n", n, "link", "set", v, "up"]);
         }
         h
     }
