@@ -389,7 +389,8 @@ impl Daemon {
             }
             let targets = self.mirror_targets(&vm).await;
             let existing = self.exports().await.iter().map(|e| (e.config.name.clone(), e.backend.node())).collect();
-            let exporter = crate::storage::AttemptExports::new(self.graph.clone(), at, existing);
+            let port = u16::try_from(self.migration.params().storage_port).unwrap_or(0);
+            let exporter = crate::storage::AttemptExports::new(self.graph.clone(), at, existing, port);
             let landing = vmm::migration::migrate_in(&self.migration, &self.graph, &vm, targets, &exporter, conn).await;
             if let vmm::migration::Landing::Committed { run } = landing {
                 self.drop_target_exports(&vm).await;

@@ -6,7 +6,8 @@
 //!
 //! - migration on `unix:PATH`: the server listens on `PATH.disk` (0600);
 //! - migration on `tcp:HOST:PORT`: on HOST, a port the kernel picks; the
-//!   source reaches it at the host it reached the migration at.
+//!   source reaches it at the host it reached the migration at (a fixed
+//!   port with `x-baton-storage-port`, for firewalls).
 //!
 //! The attempt withdraws them however it ends (the source's connections
 //! are cut if any are left), and the socket file goes with them.
@@ -40,12 +41,14 @@ pub struct AttemptExports {
     at: NbdAddr,
     /// The management's exports when the attempt began: (export name, node).
     existing: Vec<(String, Arc<block::Node>)>,
+    /// Over TCP, the port to listen on (`x-baton-storage-port`; 0: any).
+    port: u16,
     served: Mutex<Option<Served>>,
 }
 
 impl AttemptExports {
-    pub fn new(graph: Arc<Graph>, at: NbdAddr, existing: Vec<(String, Arc<block::Node>)>) -> Self {
-        AttemptExports { graph, at, existing, served: Mutex::new(None) }
+    pub fn new(graph: Arc<Graph>, at: NbdAddr, existing: Vec<(String, Arc<block::Node>)>, port: u16) -> Self {
+        AttemptExports { graph, at, existing, port, served: Mutex::new(None) }
     }
 
     async fn open(&self, node_name: &str) -> Result<Target, String> {
@@ -75,7 +78,8 @@ impl AttemptExports {
                 (Listener::Unix(l), Some(p), at)
             }
             NbdAddr::Inet { host, .. } => {
-                let a = if host.contains(':') { format!("[{host}]:0") } else { format!("{host}:0") };
+                let port = self.port;
+                let a = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
                 let l = tokio::net::TcpListener::bind(&a)
                     .await
                     .map_err(|e| format!("cannot listen on {a} for the storage copy: {e}"))?;

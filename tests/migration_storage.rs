@@ -303,9 +303,10 @@ fn a_process_killed_during_the_copy_leaves_the_other_side_as_before() {
 }
 
 /// Two hosts that share nothing (network namespaces joined by a veth pair,
-/// 0.1% of packets dropped each way by nftables): a 32 MiB guest writing
-/// its 64 MiB disk moves in one command over TCP between their addresses;
-/// the guest's own check passes on the destination.
+/// 0.1% of packets dropped each way by nftables, the destination's firewall
+/// open to the migration's port and `x-baton-storage-port` only): a 32 MiB
+/// guest writing its 64 MiB disk moves in one command over TCP between
+/// their addresses; the guest's own check passes on the destination.
 #[test]
 fn a_storage_copy_moves_a_guest_between_two_hosts_over_a_lossy_link() {
     if !common::kvm_or_skip() {
@@ -351,6 +352,9 @@ fn a_storage_copy_moves_a_guest_between_two_hosts_over_a_lossy_link() {
     );
     let mut sq = Qmp::connect(&dir.path().join("sq.sock"));
     let mut dq = Qmp::connect(&dir.path().join("dq.sock"));
+    // Host B's firewall lets in the migration's port and the copy's only.
+    hosts.only_tcp_ports(Host::B, &[4444, 4445]);
+    ok(&mut dq, "migrate-set-parameters", json!({"x-baton-storage-port": 4445}));
     std::thread::sleep(Duration::from_millis(300));
     // Loopback is the host's own: the destination is not reachable there.
     let r = sq.execute("migrate", json!({"uri": "tcp:127.0.0.1:4444", "x-baton-storage": "copy"}));

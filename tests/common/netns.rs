@@ -79,6 +79,22 @@ impl Hosts {
             "table inet baton_loss {{\n chain input {{\n  type filter hook input priority 0; policy accept;\n  \
              iifname != \"lo\" numgen random mod 1000 < {per_mille} counter drop\n }}\n}}\n"
         );
+        self.nft(host, &ruleset);
+    }
+
+    /// Let `host` accept new TCP connections on `ports` only (a firewall).
+    pub fn only_tcp_ports(&self, host: Host, ports: &[u16]) {
+        let list = ports.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ");
+        self.nft(
+            host,
+            &format!(
+                "table inet baton_fw {{\n chain input {{\n  type filter hook input priority 0; policy accept;\n  \
+                 iifname != \"lo\" tcp flags syn tcp dport != {{ {list} }} counter reject with tcp reset\n }}\n}}\n"
+            ),
+        );
+    }
+
+    fn nft(&self, host: Host, ruleset: &str) {
         let out = Command::new("ip")
             .args(["netns", "exec", &self.ns[Self::i(host)], "nft", "-f", "-"])
             .stdin(Stdio::piped())

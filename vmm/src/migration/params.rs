@@ -75,6 +75,9 @@ pub struct Parameters {
     /// not bring the switchover's prediction within `downtime-limit`; 0:
     /// switch over anyway, as QEMU overruns its limit.
     pub strict_downtime: u64,
+    /// Destination: the TCP port a storage copy's export listens on (on the
+    /// migration's address; 0: one the kernel picks). For firewalls.
+    pub storage_port: u64,
     /// The mapping as the client gave it, for `query-migrate-parameters`.
     block_bitmap_mapping_json: Option<Value>,
 }
@@ -109,7 +112,7 @@ const fn timeout(name: &'static str, default: u64, field: fn(&mut Parameters) ->
     Param { name, default, min: MIN_MS, max: MAX_MS, error_name: name, max_text: None, unit: "milliseconds", field }
 }
 
-const PARAMS: [Param; 12] = [
+const PARAMS: [Param; 13] = [
     Param {
         name: "downtime-limit",
         default: 300,
@@ -161,6 +164,16 @@ const PARAMS: [Param; 12] = [
         unit: "(0: switch over anyway, as QEMU; 1: fail and run on)",
         field: |p| Slot::Int(&mut p.strict_downtime),
     },
+    Param {
+        name: "x-baton-storage-port",
+        default: 0,
+        min: 0,
+        max: 65535,
+        error_name: "x-baton-storage-port",
+        max_text: None,
+        unit: "(a TCP port; 0: the kernel picks one)",
+        field: |p| Slot::Int(&mut p.storage_port),
+    },
     timeout("x-baton-connect-timeout", 10_000, |p| Slot::Millis(&mut p.connect_timeout)),
     timeout("x-baton-hello-timeout", 10_000, |p| Slot::Millis(&mut p.hello_timeout)),
     timeout("x-baton-io-timeout", 30_000, |p| Slot::Millis(&mut p.io_timeout)),
@@ -189,6 +202,7 @@ impl Default for Parameters {
             avail_switchover_bandwidth: 0,
             max_passes: 0,
             strict_downtime: 0,
+            storage_port: 0,
             block_bitmap_mapping: None,
             block_bitmap_mapping_json: None,
         };
