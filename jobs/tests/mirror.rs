@@ -175,7 +175,7 @@ async fn complete_pivots_guest_to_target_and_leaves_source_unused() {
     let (src, tgt) = file_pair(&fx, SIZE, 8).await;
     let guest = fx.guest("src");
     let (job, mirror) = fx.start("m0", 0, MirrorOptions::new("src", "tgt")).unwrap();
-    wait_status(&job, Status::Ready, secs(5)).await;
+    wait_status(&job, Status::Ready, secs(30)).await;
 
     // Written while READY, before complete: must reach the target too.
     let before = Rng::new(11).bytes(64 * KIB as usize);
@@ -219,7 +219,7 @@ async fn write_blocking_mode_puts_each_guest_write_on_target_before_it_returns()
     let mut opts = MirrorOptions::new("src", "tgt");
     opts.copy_mode = CopyMode::WriteBlocking;
     let (job, m) = fx.start("m0", 0, opts).unwrap();
-    wait_status(&job, Status::Ready, secs(5)).await;
+    wait_status(&job, Status::Ready, secs(30)).await;
     let q = fx.mgr.query_block_jobs();
     assert_eq!(q[0]["actively-synced"], json!(true), "{q}");
 
@@ -299,7 +299,7 @@ async fn slow_mirror_does_not_converge_under_fast_writer_until_auto_converge() {
     let ev = &fx.events_named("X_BATON_BLOCK_JOB_COPY_MODE_CHANGED")[0];
     assert_eq!(ev["device"], json!("m1"));
     assert_eq!(ev["copy-mode"], json!("write-blocking"));
-    wait_status(&job, Status::Ready, secs(5)).await;
+    wait_status(&job, Status::Ready, secs(30)).await;
     assert!(!writer.is_finished(), "the writer stopped");
     stop.store(true, Ordering::SeqCst);
     writer.await.unwrap();
@@ -338,14 +338,14 @@ async fn target_write_error_with_ignore_retries_until_it_succeeds() {
     let mut opts = MirrorOptions::new("src", "tgt");
     opts.on_target_error = OnError::Ignore;
     let (job, m) = fx.start("m0", 0, opts).unwrap();
-    wait_until("3 BLOCK_JOB_ERROR", secs(5), || fx.count("BLOCK_JOB_ERROR") >= 3).await;
+    wait_until("3 BLOCK_JOB_ERROR", secs(30), || fx.count("BLOCK_JOB_ERROR") >= 3).await;
     assert!(fx
         .events_named("BLOCK_JOB_ERROR")
         .iter()
         .all(|e| *e == json!({"device": "m0", "operation": "write", "action": "ignore"})));
     assert_eq!(job.status(), Status::Running);
     clear_rules(&fx, "tgt");
-    wait_status(&job, Status::Ready, secs(5)).await;
+    wait_status(&job, Status::Ready, secs(30)).await;
     fx.mgr.cancel("m0", false).unwrap();
     fx.wait_done(&job).await;
     let completed = fx.events_named("BLOCK_JOB_COMPLETED");
@@ -361,7 +361,7 @@ async fn target_write_error_with_stop_pauses_until_resumed() {
     let mut opts = MirrorOptions::new("src", "tgt");
     opts.on_target_error = OnError::Stop;
     let (job, m) = fx.start("m0", 0, opts).unwrap();
-    wait_status(&job, Status::Paused, secs(5)).await;
+    wait_status(&job, Status::Paused, secs(30)).await;
     let errs = fx.events_named("BLOCK_JOB_ERROR");
     assert!(!errs.is_empty());
     assert!(errs.iter().all(|e| *e == json!({"device": "m0", "operation": "write", "action": "stop"})), "{errs:?}");
@@ -374,7 +374,7 @@ async fn target_write_error_with_stop_pauses_until_resumed() {
 
     clear_rules(&fx, "tgt");
     fx.mgr.resume("m0").unwrap();
-    wait_status(&job, Status::Ready, secs(5)).await;
+    wait_status(&job, Status::Ready, secs(30)).await;
     fx.mgr.cancel("m0", false).unwrap();
     fx.wait_done(&job).await;
     fx.release(m).await;
@@ -432,7 +432,7 @@ async fn hard_cancel_before_ready_leaves_graph_as_before() {
 
     clear_rules(&fx, "tgt");
     let (job, _m) = fx.start("m0", 0, MirrorOptions::new("src", "tgt")).unwrap();
-    wait_status(&job, Status::Ready, secs(5)).await;
+    wait_status(&job, Status::Ready, secs(30)).await;
     fx.mgr.cancel("m0", false).unwrap();
     fx.wait_done(&job).await;
 }
@@ -453,7 +453,7 @@ async fn failed_mirror_leaves_graph_as_before_and_a_second_one_works() {
 
     clear_rules(&fx, "tgt");
     let (job, m) = fx.start("m0", 0, MirrorOptions::new("src", "tgt")).unwrap();
-    wait_status(&job, Status::Ready, secs(5)).await;
+    wait_status(&job, Status::Ready, secs(30)).await;
     fx.mgr.cancel("m0", false).unwrap();
     fx.wait_done(&job).await;
     fx.release(m).await;
@@ -490,7 +490,7 @@ async fn cancel_of_a_mirror_stopped_on_error_concludes_it() {
     let mut opts = MirrorOptions::new("src", "tgt");
     opts.on_target_error = OnError::Stop;
     let (job, mirror) = fx.start("m0", 0, opts).unwrap();
-    wait_status(&job, Status::Paused, secs(5)).await;
+    wait_status(&job, Status::Paused, secs(30)).await;
     fx.mgr.cancel("m0", false).unwrap();
     fx.wait_done(&job).await;
     assert_eq!(fx.count("BLOCK_JOB_CANCELLED"), 1, "events: {:?}", fx.event_names());
@@ -557,7 +557,7 @@ async fn bad_mirror_requests_fail_and_change_nothing() {
 
     // The job was not disturbed: it still gets READY and completes.
     clear_rules(&fx, "tgt");
-    wait_status(&job, Status::Ready, secs(5)).await;
+    wait_status(&job, Status::Ready, secs(30)).await;
     fx.mgr.cancel("m0", false).unwrap();
     fx.wait_done(&job).await;
     assert_eq!(fx.count("BLOCK_JOB_COMPLETED"), 1);
@@ -582,7 +582,7 @@ async fn pause_and_resume_a_running_then_a_ready_mirror() {
     assert_eq!(job.status(), Status::Paused);
     assert_eq!(job.progress.load(Ordering::SeqCst), p, "a paused job made progress");
     fx.mgr.resume("m0").unwrap();
-    wait_status(&job, Status::Ready, secs(5)).await;
+    wait_status(&job, Status::Ready, secs(30)).await;
 
     fx.mgr.pause("m0").unwrap();
     wait_status(&job, Status::Standby, secs(3)).await;
@@ -602,7 +602,7 @@ async fn soft_cancel_of_a_paused_ready_mirror_still_completes() {
     let fx = Fx::new();
     let (src, tgt) = file_pair(&fx, 8 * MIB, 2).await;
     let (job, m) = fx.start("m0", 0, MirrorOptions::new("src", "tgt")).unwrap();
-    wait_status(&job, Status::Ready, secs(5)).await;
+    wait_status(&job, Status::Ready, secs(30)).await;
     fx.mgr.pause("m0").unwrap();
     wait_status(&job, Status::Standby, secs(3)).await;
     fx.mgr.cancel("m0", false).unwrap();
@@ -628,7 +628,7 @@ async fn ended_job_detaches_from_its_nodes_before_its_end_event() {
     // Completed (pivot), with the stats handle dropped at once as QMP does.
     let (job, m) = fx.start("m0", 0, MirrorOptions::new("src", "tgt")).unwrap();
     drop(m);
-    wait_status(&job, Status::Ready, secs(5)).await;
+    wait_status(&job, Status::Ready, secs(30)).await;
     fx.mgr.complete("m0").unwrap();
     fx.wait_done(&job).await;
     let at_end = fx.users_at_end.lock().unwrap().clone();
@@ -664,7 +664,7 @@ async fn mirror_stats_handle_does_not_keep_the_ended_job_on_its_nodes() {
     let fx = Fx::new();
     let (_src, tgt) = file_pair(&fx, 8 * MIB, 2).await;
     let (job, mirror) = fx.start("m0", 0, MirrorOptions::new("src", "tgt")).unwrap();
-    wait_status(&job, Status::Ready, secs(5)).await;
+    wait_status(&job, Status::Ready, secs(30)).await;
     fx.mgr.cancel("m0", false).unwrap();
     fx.wait_done(&job).await;
     let t0 = std::time::Instant::now();

@@ -94,7 +94,8 @@ async fn force_cancel_of_a_write_blocking_mirror_into_a_stalled_nbd_target_ends_
     let mut opts = MirrorOptions::new("src", "tgt");
     opts.copy_mode = CopyMode::WriteBlocking;
     let (job, mirror) = fx.start("m0", 0, opts).unwrap();
-    wait_until("the first copies to reach the stalled server", Duration::from_secs(5), || st.hole.requests() > 0).await;
+    wait_until("the first copies to reach the stalled server", Duration::from_secs(30), || st.hole.requests() > 0)
+        .await;
 
     // A guest write now waits for the target (write-blocking mode).
     let data = Rng::new(31).bytes(64 * KIB as usize);
@@ -119,12 +120,12 @@ async fn force_cancel_of_a_ready_mirror_whose_target_stalled_unblocks_the_guest(
     opts.copy_mode = CopyMode::WriteBlocking;
     opts.sync = SyncMode::None;
     let (job, mirror) = fx.start("m0", 0, opts).unwrap();
-    wait_status(&job, Status::Ready, Duration::from_secs(5)).await;
+    wait_status(&job, Status::Ready, Duration::from_secs(30)).await;
     assert_eq!(st.hole.requests(), 0);
 
     let data = Rng::new(32).bytes(64 * KIB as usize);
     let held = spawn_guest_write(&st.guest, MIB, &data);
-    wait_until("the guest's write to reach the stalled server", Duration::from_secs(5), || st.hole.requests() > 0)
+    wait_until("the guest's write to reach the stalled server", Duration::from_secs(30), || st.hole.requests() > 0)
         .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!held.is_finished(), "the guest's write should be held by the stalled target");

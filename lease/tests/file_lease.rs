@@ -111,8 +111,14 @@ async fn an_unrenewed_lease_expires_and_the_old_holder_loses_it() {
     let dir = tempfile::tempdir().unwrap();
     let l = FileLease::new(dir.path(), "vm1", SHORT_TTL, SHORT_MARGIN).unwrap();
     let a = l.acquire("a").await.unwrap();
-    let err = l.acquire("b").await.unwrap_err();
-    assert_eq!(err.to_string(), "the lease of guest vm1 is held by a at generation 1");
+    let err = l.acquire("b").await;
+    // Before a's deadline (which comes before the store's expiry) nobody
+    // else gets it; past it, on a loaded machine, b may, rightly.
+    if std::time::Instant::now() >= a.deadline {
+        eprintln!("the machine is too slow for a {SHORT_TTL:?} lease: nothing to check in this run");
+        return;
+    }
+    assert_eq!(err.unwrap_err().to_string(), "the lease of guest vm1 is held by a at generation 1");
     tokio::time::sleep(SHORT_TTL + Duration::from_millis(50)).await;
     assert_eq!(l.read().await.unwrap(), None, "an expired lease is free");
     assert!(matches!(l.renew(&a).await, Err(LeaseError::Lost { .. })), "renewed after expiry");
@@ -124,10 +130,12 @@ async fn an_unrenewed_lease_expires_and_the_old_holder_loses_it() {
 #[tokio::test]
 async fn renewing_keeps_the_lease_past_one_ttl() {
     let dir = tempfile::tempdir().unwrap();
-    let l = FileLease::new(dir.path(), "vm1", SHORT_TTL, SHORT_MARGIN).unwrap();
+    // 2 s of lease renewed every 500 ms for 2.5 s: past one ttl, with room
+    // for a slow fsync on a loaded machine.
+    let l = FileLease::new(dir.path(), "vm1", Duration::from_secs(2), SHORT_MARGIN).unwrap();
     let mut a = l.acquire("a").await.unwrap();
     for _ in 0..5 {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
         a = l.renew(&a).await.unwrap();
     }
     let got = l.acquire("b").await;
