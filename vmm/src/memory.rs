@@ -77,20 +77,31 @@ pub fn take_dirty_log(vm: &VmFd, mem: &Mem) -> Result<Vec<u64>, VmmError> {
     Ok(out)
 }
 
-/// Give every page of guest RAM back to the kernel: it reads as zeroes
-/// again (the kernel's zero page) until written. For a destination before
-/// an incoming attempt, so a zero page that arrives needs no write and no
-/// read of what was there.
-pub fn discard(mem: &Mem) -> Result<(), VmmError> {
+/// Each region's host address and length, if every region is a private
+/// anonymous mapping: only such memory reads zeroes where nothing was ever
+/// written and is zeroed by MADV_DONTNEED (a file or shared mapping keeps
+/// its data elsewhere).
+fn anonymous_regions(mem: &Mem) -> Result<Vec<(*mut u8, usize)>, VmmError> {
+    let mut out = Vec::new();
     for region in mem.iter() {
         let len = region.len() as usize;
-        // MADV_DONTNEED zeroes only a private anonymous mapping's pages.
         if region.file_offset().is_some() {
             return Err(VmmError::Sys { op: "guest RAM is not anonymous memory", source: nix::Error::EINVAL });
         }
         let host = mem
             .get_host_address(region.start_addr())
             .map_err(|source| error("map", region.start_addr().0, len, source))?;
+        out.push((host, len));
+    }
+    Ok(out)
+}
+
+/// Give every page of guest RAM back to the kernel: it reads as zeroes
+/// again (the kernel's zero page) until written. For a destination before
+/// an incoming attempt, so a zero page that arrives needs no write and no
+/// read of what was there.
+pub fn discard(mem: &Mem) -> Result<(), VmmError> {
+    for (host, len) in anonymous_regions(mem)? {
         let Some(addr) = std::ptr::NonNull::new(host.cast::<std::ffi::c_void>()) else { continue };
         // SAFETY: `host` starts the private anonymous mapping vm-memory made
         // for `region`, `len` bytes long, alive while `mem` is. MADV_DONTNEED
@@ -126,16 +137,7 @@ pub fn untouched(mem: &Mem) -> Result<Vec<u64>, VmmError> {
         return Err(VmmError::Sys { op: "/proc/self/pagemap shows no page present", source: nix::Error::EINVAL });
     }
     let mut out = Vec::new();
-    for region in mem.iter() {
-        let len = region.len() as usize;
-        // Only a private anonymous mapping reads zeroes where nothing was
-        // ever written (a file or shared mapping holds data elsewhere).
-        if region.file_offset().is_some() {
-            return Err(VmmError::Sys { op: "guest RAM is not anonymous memory", source: nix::Error::EINVAL });
-        }
-        let host = mem
-            .get_host_address(region.start_addr())
-            .map_err(|source| error("map", region.start_addr().0, len, source))?;
+    for (host, len) in anonymous_regions(mem)? {
         let pages = len / PAGE_SIZE as usize;
         let mut entries = vec![0u8; pages * 8];
         f.read_exact_at(&mut entries, host as u64 / PAGE_SIZE * 8).map_err(io)?;
