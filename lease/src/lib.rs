@@ -21,10 +21,12 @@
 //!
 //! Every operation is one transaction in the store; the rules are in one
 //! place (`rules`), the backends only make them atomic: [`FileLease`] (OFD
-//! locks, one host or a shared directory) and, later, etcd v3.
+//! locks, one host or a shared directory) and [`EtcdLease`] (etcd v3, hosts
+//! that share nothing).
 
 mod config;
 mod error;
+mod etcd;
 mod file;
 mod key;
 mod rules;
@@ -35,6 +37,7 @@ use std::time::Instant;
 
 pub use config::{default_margin, parse_option, Backend, LeaseConfig, TTL_MS};
 pub use error::{LeaseError, Result};
+pub use etcd::{EtcdLease, CONNECT_TIMEOUT, RETRIES};
 pub use file::{FileLease, LOCK_BYTE};
 pub use key::{Key, MAX_KEY_LEN, MAX_OWNER_LEN};
 

@@ -241,3 +241,49 @@ async fn another_process_holding_the_lock_blocks_our_transaction() {
     l.renew(&a).await.unwrap();
     assert!(start.elapsed() < Duration::from_millis(300), "an uncontended transaction is slow");
 }
+
+mod shared;
+
+fn file_pair(dir: &std::path::Path, ttl: Duration) -> shared::Pair {
+    let margin = lease::default_margin(ttl);
+    [
+        Arc::new(FileLease::new(dir, "vm1", ttl, margin).unwrap()),
+        Arc::new(FileLease::new(dir, "vm1", ttl, margin).unwrap()),
+    ]
+}
+
+#[tokio::test]
+async fn shared_generations() {
+    let dir = tempfile::tempdir().unwrap();
+    shared::generations(file_pair(dir.path(), Duration::from_secs(10))).await;
+}
+
+#[tokio::test]
+async fn shared_claims() {
+    let dir = tempfile::tempdir().unwrap();
+    shared::claims(file_pair(dir.path(), Duration::from_secs(10))).await;
+}
+
+#[tokio::test]
+async fn shared_expiry() {
+    let dir = tempfile::tempdir().unwrap();
+    shared::expiry(file_pair(dir.path(), Duration::from_secs(2)), Duration::from_secs(2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shared_race() {
+    let dir = tempfile::tempdir().unwrap();
+    shared::race(file_pair(dir.path(), Duration::from_secs(10)), 10).await;
+}
+
+#[tokio::test]
+async fn shared_renewing() {
+    let dir = tempfile::tempdir().unwrap();
+    shared::renewing(file_pair(dir.path(), Duration::from_secs(2)), Duration::from_secs(2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shared_concurrent_transfers() {
+    let dir = tempfile::tempdir().unwrap();
+    shared::concurrent_transfers(file_pair(dir.path(), Duration::from_secs(10)), 10).await;
+}
