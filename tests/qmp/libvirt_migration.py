@@ -52,6 +52,7 @@ BATON = os.environ.get("BATON")
 QEMU = os.environ.get("QEMU_SYSTEM", "qemu-system-x86_64")
 HERE = os.path.dirname(os.path.abspath(__file__))
 TIMEOUT = 30
+START_TIMEOUT = 90
 MIB = 1 << 20
 EVENTS = ("MIGRATION", "MIGRATION_PASS", "STOP", "RESUME", "BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED",
           "BLOCK_JOB_CANCELLED", "BLOCK_EXPORT_DELETED")
@@ -65,7 +66,10 @@ class Monitor:
     def __init__(self, tag, argv, sock, log):
         self.tag = tag
         self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + TIMEOUT
+        # A minute and a half to start: a daemon with --vm creates its KVM VM
+        # first, and KVM_CREATE_IRQCHIP can wait many seconds for an SRCU
+        # grace period on a loaded host (seen: over 30 s under the suite).
+        deadline = time.monotonic() + START_TIMEOUT
         while not os.path.exists(sock):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{tag}: {' '.join(argv)} did not create {sock} (rc={self.proc.poll()})")
