@@ -72,7 +72,11 @@ class Monitor:
         deadline = time.monotonic() + START_TIMEOUT
         while not os.path.exists(sock):
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{tag}: {' '.join(argv)} did not create {sock} (rc={self.proc.poll()})")
+                rc = self.proc.poll()
+                if rc is None:
+                    self.proc.kill()
+                    self.proc.wait()
+                raise RuntimeError(f"{tag}: {' '.join(argv)} did not create {sock} (rc={rc})")
             time.sleep(0.02)
         # The file appears at bind(), a moment before listen(): retry a refusal.
         while True:
@@ -173,7 +177,12 @@ class Pair:
                         "--chardev", chardev, "--monitor", "chardev=m"]
             if side == "D":
                 argv += ["-S", "--incoming" if kind == "baton" else "-incoming", "defer"]
-            self.mons[side] = Monitor(f"{kind}/{side}", argv, sock, log)
+            try:
+                self.mons[side] = Monitor(f"{kind}/{side}", argv, sock, log)
+            except BaseException:
+                # Never leave the peer started before this one running.
+                self.close()
+                raise
 
     def close(self):
         for m in self.mons.values():
@@ -501,12 +510,13 @@ def main():
         for i, (name, steps) in enumerate(RUNS):
             results = {}
             pairs = {}
-            for kind in ("qemu", "baton"):
-                pairs[kind] = Pair(kind, os.path.join(tmp, f"{kind}{i}"))
-                if schema is None and kind == "qemu":
-                    schema = Schema(pairs[kind].mons["S"].execute("query-qmp-schema", None)["return"])
-                results[kind] = run(pairs[kind], steps)
             try:
+                # Inside the try: a pair that fails to start or to run is closed too.
+                for kind in ("qemu", "baton"):
+                    pairs[kind] = Pair(kind, os.path.join(tmp, f"{kind}{i}"))
+                    if schema is None and kind == "qemu":
+                        schema = Schema(pairs[kind].mons["S"].execute("query-qmp-schema", None)["return"])
+                    results[kind] = run(pairs[kind], steps)
                 compare(name, schema, diffs, problems, results["qemu"], results["baton"], pairs["qemu"],
                         pairs["baton"])
                 covered |= {s["cmd"] for s in steps if s["op"] == "qmp"}
