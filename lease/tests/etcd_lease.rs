@@ -32,7 +32,12 @@ impl Etcd {
             std::path::Path::new(ETCD).exists(),
             "{ETCD} is missing: run ./scripts/test, which installs etcd-server"
         );
-        let dir = tempfile::tempdir().unwrap();
+        // Its data in memory where the machine has /dev/shm: etcd fsyncs its
+        // WAL on every write, which on this shared disk slows the KVM
+        // migration tests that run beside these (the lease's semantics do
+        // not depend on the disk).
+        let shm = std::path::Path::new("/dev/shm");
+        let dir = if shm.is_dir() { tempfile::tempdir_in(shm) } else { tempfile::tempdir() }.unwrap();
         let (client, peer) = (free_port(), free_port());
         let url = format!("http://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");

@@ -15,6 +15,14 @@ use lease::{FileLease, Held, Holder, Lease, LeaseError};
 const SHORT_TTL: Duration = Duration::from_millis(1000);
 const SHORT_MARGIN: Duration = Duration::from_millis(200);
 
+/// A directory for one test's lease files: in memory where the machine has
+/// /dev/shm (the fsyncs then cost nothing and do not slow the KVM tests
+/// beside these; rename, fsync and OFD locks behave the same there).
+fn scratch() -> tempfile::TempDir {
+    let shm = std::path::Path::new("/dev/shm");
+    if shm.is_dir() { tempfile::tempdir_in(shm) } else { tempfile::tempdir() }.unwrap()
+}
+
 fn open(dir: &std::path::Path, ttl: Duration) -> FileLease {
     FileLease::new(dir, "vm1", ttl, lease::default_margin(ttl)).unwrap()
 }
@@ -25,7 +33,7 @@ fn stored(l: &FileLease) -> serde_json::Value {
 
 #[tokio::test]
 async fn generation_goes_up_by_one_per_change_of_hands_and_release_keeps_it() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = scratch();
     let l = open(dir.path(), Duration::from_secs(10));
     assert_eq!(l.read().await.unwrap(), None);
     let a = l.acquire("a").await.unwrap();
@@ -48,7 +56,7 @@ async fn generation_goes_up_by_one_per_change_of_hands_and_release_keeps_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_daemons_racing_acquire_get_one_winner_per_generation() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = scratch();
     let daemons =
         [Arc::new(open(dir.path(), Duration::from_secs(10))), Arc::new(open(dir.path(), Duration::from_secs(10)))];
     let mut owner_of: BTreeMap<u64, String> = BTreeMap::new();
@@ -77,7 +85,7 @@ async fn two_daemons_racing_acquire_get_one_winner_per_generation() {
 
 #[tokio::test]
 async fn transfer_from_a_stale_held_fails_and_changes_nothing() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = scratch();
     let l = FileLease::new(dir.path(), "vm1", SHORT_TTL, SHORT_MARGIN).unwrap();
     let a = l.acquire("a").await.unwrap();
     tokio::time::sleep(SHORT_TTL + Duration::from_millis(50)).await;
@@ -92,7 +100,7 @@ async fn transfer_from_a_stale_held_fails_and_changes_nothing() {
 
 #[tokio::test]
 async fn only_the_target_claims_a_transfer_at_its_generation() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = scratch();
     let l = open(dir.path(), Duration::from_secs(10));
     let a = l.acquire("a").await.unwrap();
     assert_eq!(l.transfer(&a, "b").await.unwrap().generation, 2);
@@ -108,7 +116,7 @@ async fn only_the_target_claims_a_transfer_at_its_generation() {
 
 #[tokio::test]
 async fn an_unrenewed_lease_expires_and_the_old_holder_loses_it() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = scratch();
     let l = FileLease::new(dir.path(), "vm1", SHORT_TTL, SHORT_MARGIN).unwrap();
     let a = l.acquire("a").await.unwrap();
     let err = l.acquire("b").await;
@@ -129,7 +137,7 @@ async fn an_unrenewed_lease_expires_and_the_old_holder_loses_it() {
 
 #[tokio::test]
 async fn renewing_keeps_the_lease_past_one_ttl() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = scratch();
     // 2 s of lease renewed every 500 ms for 2.5 s: past one ttl, with room
     // for a slow fsync on a loaded machine.
     let l = FileLease::new(dir.path(), "vm1", Duration::from_secs(2), SHORT_MARGIN).unwrap();
@@ -144,7 +152,7 @@ async fn renewing_keeps_the_lease_past_one_ttl() {
 
 #[tokio::test]
 async fn the_local_deadline_comes_a_margin_before_the_stores_expiry() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = scratch();
     let l = FileLease::new(dir.path(), "vm1", Duration::from_secs(5), Duration::from_secs(1)).unwrap();
     let before_send = Instant::now();
     let a = l.acquire("a").await.unwrap();
@@ -162,7 +170,7 @@ async fn the_local_deadline_comes_a_margin_before_the_stores_expiry() {
 
 #[tokio::test]
 async fn corrupt_and_foreign_lease_files_are_refused_with_their_path() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = scratch();
     let l = open(dir.path(), Duration::from_secs(10));
     let cases: [&[u8]; 5] = [
         b"",
@@ -194,7 +202,7 @@ fn bad_keys_and_margins_are_refused() {
 
 #[tokio::test]
 async fn leases_work_behind_a_dyn_lease() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = scratch();
     let l: Arc<dyn Lease> = Arc::new(open(dir.path(), Duration::from_secs(10)));
     assert_eq!(l.acquire("a").await.unwrap().generation, 1);
     assert!(dir.path().join("vm1.lease").exists());
@@ -221,7 +229,7 @@ fn ofd_lock_helper_process() {
 
 #[tokio::test]
 async fn another_process_holding_the_lock_blocks_our_transaction() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = scratch();
     let l = open(dir.path(), Duration::from_secs(10));
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["ofd_lock_helper_process", "--exact", "--nocapture", "--test-threads=1"])
@@ -254,36 +262,36 @@ fn file_pair(dir: &std::path::Path, ttl: Duration) -> shared::Pair {
 
 #[tokio::test]
 async fn shared_generations() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = scratch();
     shared::generations(file_pair(dir.path(), Duration::from_secs(10))).await;
 }
 
 #[tokio::test]
 async fn shared_claims() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = scratch();
     shared::claims(file_pair(dir.path(), Duration::from_secs(10))).await;
 }
 
 #[tokio::test]
 async fn shared_expiry() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = scratch();
     shared::expiry(file_pair(dir.path(), Duration::from_secs(2)), Duration::from_secs(2)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn shared_race() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = scratch();
     shared::race(file_pair(dir.path(), Duration::from_secs(10)), 10).await;
 }
 
 #[tokio::test]
 async fn shared_renewing() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = scratch();
     shared::renewing(file_pair(dir.path(), Duration::from_secs(2)), Duration::from_secs(2)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn shared_concurrent_transfers() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = scratch();
     shared::concurrent_transfers(file_pair(dir.path(), Duration::from_secs(10)), 10).await;
 }
