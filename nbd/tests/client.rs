@@ -23,6 +23,17 @@ const SIZE: u64 = 64 * MIB;
 /// Bound on any single step that must not hang.
 const STEP: Duration = Duration::from_secs(20);
 
+/// Whether a unix socket is bound at `path` and listening.
+fn listening(path: &Path) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else { return path.exists() };
+    let want = path.display().to_string();
+    table.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        // Num RefCount Protocol Flags Type St Inode Path
+        f.len() >= 8 && f[7] == want && u32::from_str_radix(f[3], 16).is_ok_and(|flags| flags & 0x1_0000 != 0)
+    })
+}
+
 /// A server process owned by the test; killed on drop.
 struct Server {
     child: Child,
@@ -38,9 +49,13 @@ impl Server {
         s
     }
 
+    /// Wait until the server listens: its socket file appears at bind(), a
+    /// moment before listen(), and a probe connection could end a server
+    /// that serves one client only; /proc/net/unix says "listening" (flag
+    /// __SO_ACCEPTCON) without touching it.
     fn wait_for_socket(&mut self) {
         let start = Instant::now();
-        while !self.sock.exists() {
+        while !listening(&self.sock) {
             if let Some(status) = self.child.try_wait().unwrap() {
                 panic!("server exited early: {status}");
             }

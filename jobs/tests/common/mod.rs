@@ -344,9 +344,11 @@ impl QemuNbd {
             .spawn()
             .expect("spawn qemu-nbd");
         let q = QemuNbd { child, sock: sock.to_path_buf() };
+        // The file appears at bind(), a moment before listen(): wait until a
+        // connection is taken (qemu-nbd -t serves the next one as usual).
         let t0 = Instant::now();
-        while !sock.exists() {
-            assert!(t0.elapsed() < Duration::from_secs(10), "qemu-nbd did not create {}", sock.display());
+        while std::os::unix::net::UnixStream::connect(sock).is_err() {
+            assert!(t0.elapsed() < Duration::from_secs(30), "qemu-nbd does not listen on {}", sock.display());
             std::thread::sleep(Duration::from_millis(10));
         }
         q
