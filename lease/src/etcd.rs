@@ -33,9 +33,9 @@ use etcd_client::{Client, Compare, CompareOp, ConnectOptions, KeyValue, PutOptio
 use tokio::sync::OnceCell;
 
 use crate::error::{LeaseError, Result};
-use crate::key::{check_owner, Key};
+use crate::key::Key;
 use crate::rules::{apply, Op, Record};
-use crate::{BoxFuture, Held, Holder, Lease};
+use crate::{BoxFuture, Holder, Lease};
 
 /// How many times a transaction that lost its compare is re-read and retried.
 pub const RETRIES: usize = 16;
@@ -275,10 +275,6 @@ impl EtcdLease {
         }
         Err(self.err("change", format!("the keys kept changing under {} tries", RETRIES + 1)))
     }
-
-    fn held(rec: Record, deadline: Instant) -> Held {
-        Held { owner: rec.owner, generation: rec.generation, deadline }
-    }
 }
 
 impl Lease for EtcdLease {
@@ -293,44 +289,7 @@ impl Lease for EtcdLease {
         })
     }
 
-    fn acquire<'a>(&'a self, owner: &'a str) -> BoxFuture<'a, Result<Held>> {
-        Box::pin(async move {
-            check_owner(owner)?;
-            let (rec, deadline) = self.run(Op::Acquire { owner: owner.to_owned() }).await?;
-            Ok(Self::held(rec, deadline))
-        })
-    }
-
-    fn renew<'a>(&'a self, held: &'a Held) -> BoxFuture<'a, Result<Held>> {
-        Box::pin(async move {
-            let op = Op::Renew { owner: held.owner.clone(), generation: held.generation };
-            let (rec, deadline) = self.run(op).await?;
-            Ok(Self::held(rec, deadline))
-        })
-    }
-
-    fn transfer<'a>(&'a self, held: &'a Held, to: &'a str) -> BoxFuture<'a, Result<Holder>> {
-        Box::pin(async move {
-            let op = Op::Transfer { owner: held.owner.clone(), generation: held.generation, to: to.to_owned() };
-            let (rec, _) = self.run(op).await?;
-            Ok(Holder { owner: rec.owner, generation: rec.generation })
-        })
-    }
-
-    fn claim<'a>(&'a self, owner: &'a str, generation: u64) -> BoxFuture<'a, Result<Held>> {
-        Box::pin(async move {
-            check_owner(owner)?;
-            let (rec, deadline) = self.run(Op::Claim { owner: owner.to_owned(), generation }).await?;
-            Ok(Self::held(rec, deadline))
-        })
-    }
-
-    fn release(&self, held: Held) -> BoxFuture<'_, Result<()>> {
-        Box::pin(async move {
-            self.run(Op::Release { owner: held.owner, generation: held.generation }).await?;
-            Ok(())
-        })
-    }
+    crate::transactions!();
 }
 
 /// CLOCK_REALTIME in milliseconds since 1970.

@@ -25,9 +25,9 @@ use nix::fcntl::{fcntl, FcntlArg};
 use nix::libc;
 
 use crate::error::{LeaseError, Result};
-use crate::key::{check_owner, Key};
+use crate::key::Key;
 use crate::rules::{apply, Op, Record};
-use crate::{BoxFuture, Held, Holder, Lease};
+use crate::{BoxFuture, Holder, Lease};
 
 /// The byte of `<key>.lease.lock` that a transaction write-locks (OFD, `F_OFD_SETLKW`).
 pub const LOCK_BYTE: i64 = 0;
@@ -139,10 +139,6 @@ impl FileLease {
         std::fs::rename(&tmp, &path).map_err(io("rename into", &path))?;
         File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io("sync", &self.dir))
     }
-
-    fn held(&self, rec: Record, deadline: Instant) -> Held {
-        Held { owner: rec.owner, generation: rec.generation, deadline }
-    }
 }
 
 impl Lease for FileLease {
@@ -158,43 +154,7 @@ impl Lease for FileLease {
         })
     }
 
-    fn acquire<'a>(&'a self, owner: &'a str) -> BoxFuture<'a, Result<Held>> {
-        Box::pin(async move {
-            let (rec, deadline) = self.run(Op::Acquire { owner: owner.to_owned() }).await?;
-            Ok(self.held(rec, deadline))
-        })
-    }
-
-    fn renew<'a>(&'a self, held: &'a Held) -> BoxFuture<'a, Result<Held>> {
-        Box::pin(async move {
-            let op = Op::Renew { owner: held.owner.clone(), generation: held.generation };
-            let (rec, deadline) = self.run(op).await?;
-            Ok(self.held(rec, deadline))
-        })
-    }
-
-    fn transfer<'a>(&'a self, held: &'a Held, to: &'a str) -> BoxFuture<'a, Result<Holder>> {
-        Box::pin(async move {
-            let op = Op::Transfer { owner: held.owner.clone(), generation: held.generation, to: to.to_owned() };
-            let (rec, _) = self.run(op).await?;
-            Ok(Holder { owner: rec.owner, generation: rec.generation })
-        })
-    }
-
-    fn claim<'a>(&'a self, owner: &'a str, generation: u64) -> BoxFuture<'a, Result<Held>> {
-        Box::pin(async move {
-            check_owner(owner)?;
-            let (rec, deadline) = self.run(Op::Claim { owner: owner.to_owned(), generation }).await?;
-            Ok(self.held(rec, deadline))
-        })
-    }
-
-    fn release(&self, held: Held) -> BoxFuture<'_, Result<()>> {
-        Box::pin(async move {
-            self.run(Op::Release { owner: held.owner, generation: held.generation }).await?;
-            Ok(())
-        })
-    }
+    crate::transactions!();
 }
 
 /// Runs blocking file work off the async runtime's threads.

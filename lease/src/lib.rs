@@ -62,6 +62,62 @@ pub struct Held {
     pub deadline: Instant,
 }
 
+/// The transactions of [`Lease`] every backend shares, written once: each
+/// is one `self.run(op)` (the backend's atomic read, [`rules::apply`],
+/// write, returning the new record and this daemon's deadline).
+macro_rules! transactions {
+    () => {
+        fn acquire<'a>(&'a self, owner: &'a str) -> $crate::BoxFuture<'a, $crate::Result<$crate::Held>> {
+            Box::pin(async move {
+                $crate::key::check_owner(owner)?;
+                let (rec, deadline) = self.run($crate::rules::Op::Acquire { owner: owner.to_owned() }).await?;
+                Ok($crate::Held { owner: rec.owner, generation: rec.generation, deadline })
+            })
+        }
+
+        fn renew<'a>(&'a self, held: &'a $crate::Held) -> $crate::BoxFuture<'a, $crate::Result<$crate::Held>> {
+            Box::pin(async move {
+                let op = $crate::rules::Op::Renew { owner: held.owner.clone(), generation: held.generation };
+                let (rec, deadline) = self.run(op).await?;
+                Ok($crate::Held { owner: rec.owner, generation: rec.generation, deadline })
+            })
+        }
+
+        fn transfer<'a>(
+            &'a self,
+            held: &'a $crate::Held,
+            to: &'a str,
+        ) -> $crate::BoxFuture<'a, $crate::Result<$crate::Holder>> {
+            Box::pin(async move {
+                let op = $crate::rules::Op::Transfer {
+                    owner: held.owner.clone(),
+                    generation: held.generation,
+                    to: to.to_owned(),
+                };
+                let (rec, _) = self.run(op).await?;
+                Ok($crate::Holder { owner: rec.owner, generation: rec.generation })
+            })
+        }
+
+        fn claim<'a>(&'a self, owner: &'a str, generation: u64) -> $crate::BoxFuture<'a, $crate::Result<$crate::Held>> {
+            Box::pin(async move {
+                $crate::key::check_owner(owner)?;
+                let op = $crate::rules::Op::Claim { owner: owner.to_owned(), generation };
+                let (rec, deadline) = self.run(op).await?;
+                Ok($crate::Held { owner: rec.owner, generation: rec.generation, deadline })
+            })
+        }
+
+        fn release(&self, held: $crate::Held) -> $crate::BoxFuture<'_, $crate::Result<()>> {
+            Box::pin(async move {
+                self.run($crate::rules::Op::Release { owner: held.owner, generation: held.generation }).await?;
+                Ok(())
+            })
+        }
+    };
+}
+pub(crate) use transactions;
+
 /// One guest's lease in some store. Every method is one atomic transaction;
 /// a failed one changes nothing.
 pub trait Lease: Send + Sync + std::fmt::Debug {
