@@ -50,6 +50,11 @@ pub struct Args {
     /// or, with `defer`, wherever `migrate-incoming` says.
     #[arg(long = "incoming", value_name = "URI")]
     incoming: Option<String>,
+    /// The guest's lease: backend=file,dir=D or backend=etcd,endpoints=URL[+URL...],
+    /// then key=K,ttl=MS[,margin=MS][,owner=NAME]. The guest runs only while this
+    /// daemon holds it; a migration moves it to the destination.
+    #[arg(long = "lease", value_name = "OPTIONS")]
+    lease: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -219,6 +224,12 @@ pub async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         };
         let disk = o.disk;
         let vm = d.create_vm(cfg, &disk, a.incoming.is_some()).map_err(|e| failed("--vm")(e.into()))?;
+        if let Some(l) = &a.lease {
+            let c = lease::parse_option(l).map_err(|e| opt_err("--lease", e))?;
+            let store = c.open().map_err(|e| opt_err("--lease", e))?;
+            let owner = c.owner.clone().unwrap_or_else(default_owner);
+            vm.set_tenure(vmm::tenure::Tenure::new(store, owner, c.ttl));
+        }
         match &a.incoming {
             Some(defer) if defer == "defer" => d.defer_incoming(a.start_paused),
             Some(uri) => d.listen_incoming(uri, a.start_paused).await.map_err(|e| failed("--incoming")(e.into()))?,
@@ -227,6 +238,8 @@ pub async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         }
     } else if a.incoming.is_some() {
         return Err(opt_err("--incoming", "needs --vm").into());
+    } else if a.lease.is_some() {
+        return Err(opt_err("--lease", "needs --vm").into());
     }
 
     let mut chardevs: HashMap<String, PathBuf> = HashMap::new();
@@ -292,4 +305,12 @@ pub async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         return Err(opt_err("--incoming", format!("the incoming migration failed: {why}")).into());
     }
     Ok(())
+}
+
+/// This daemon's name in the lease store unless `owner=` says: the host's
+/// name and the process id.
+fn default_owner() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host = host.trim();
+    format!("{}-{}", if host.is_empty() { "baton" } else { host }, std::process::id())
 }

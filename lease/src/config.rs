@@ -1,12 +1,14 @@
 //! The daemon's `--lease` option, QEMU keyval style:
 //!
 //! ```text
-//! --lease backend=file,dir=/var/lib/baton/leases,key=vm1,ttl=10000[,margin=2000]
+//! --lease backend=file,dir=/var/lib/baton/leases,key=vm1,ttl=10000[,margin=2000][,owner=NAME]
 //! --lease backend=etcd,endpoints=http://10.0.0.1:2379+http://10.0.0.2:2379,key=vm1,ttl=10000
 //! ```
 //!
 //! `ttl` and `margin` are milliseconds; `ttl` is within [`TTL_MS`], `margin`
-//! shorter than `ttl` and defaults to [`default_margin`]. etcd endpoints are
+//! shorter than `ttl` and defaults to [`default_margin`]. `owner` is this
+//! daemon's name in the store (default: the host's name and the process id,
+//! so two daemons never share one). etcd endpoints are
 //! separated by `+` (a character URLs with host and port do not use).
 
 use std::ops::RangeInclusive;
@@ -40,6 +42,8 @@ pub struct LeaseConfig {
     pub ttl: Duration,
     /// How long before the store's expiry this daemon stops its guest.
     pub margin: Duration,
+    /// This daemon's name in the store, if given.
+    pub owner: Option<String>,
 }
 
 /// The default margin: a fifth of the ttl, at least 100 ms.
@@ -62,9 +66,10 @@ pub fn parse_option(text: &str) -> Result<LeaseConfig> {
             "key" => &mut fields.key,
             "ttl" => &mut fields.ttl,
             "margin" => &mut fields.margin,
+            "owner" => &mut fields.owner,
             _ => {
                 return Err(bad(format!(
-                    "unknown parameter {name:?} (expected backend, dir, endpoints, key, ttl, margin)"
+                    "unknown parameter {name:?} (expected backend, dir, endpoints, key, ttl, margin, owner)"
                 )))
             }
         };
@@ -95,6 +100,7 @@ struct Fields {
     key: Option<String>,
     ttl: Option<String>,
     margin: Option<String>,
+    owner: Option<String>,
 }
 
 impl Fields {
@@ -127,7 +133,10 @@ impl Fields {
             }
             other => return Err(bad(format!("unknown backend {other:?} (expected file or etcd)"))),
         };
-        Ok(LeaseConfig { backend, key, ttl, margin })
+        if let Some(o) = &self.owner {
+            crate::key::check_owner(o)?;
+        }
+        Ok(LeaseConfig { backend, key, ttl, margin, owner: self.owner })
     }
 }
 

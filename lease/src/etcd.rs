@@ -27,15 +27,15 @@
 //! directory), so hosts need synchronized clocks; each holder's own deadline
 //! is on its monotonic clock, from the send time of its first request.
 
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse};
 use tokio::sync::OnceCell;
 
 use crate::error::{LeaseError, Result};
 use crate::key::Key;
-use crate::rules::{apply, Op, Record};
-use crate::{BoxFuture, Holder, Lease};
+use crate::rules::{apply, wall_ms, Op, Record};
+use crate::{BoxFuture, Lease};
 
 /// How many times a transaction that lost its compare is re-read and retried.
 pub const RETRIES: usize = 16;
@@ -282,19 +282,12 @@ impl Lease for EtcdLease {
         self.key.as_str()
     }
 
-    fn read(&self) -> BoxFuture<'_, Result<Option<Holder>>> {
+    fn inspect(&self) -> BoxFuture<'_, Result<Record>> {
         Box::pin(async move {
             let mut client = self.client().await?;
-            Ok(self.snapshot(&mut client).await?.rec.live_holder(wall_ms()?))
+            Ok(self.snapshot(&mut client).await?.rec)
         })
     }
 
     crate::transactions!();
-}
-
-/// CLOCK_REALTIME in milliseconds since 1970.
-fn wall_ms() -> Result<u64> {
-    let since = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH);
-    let since = since.map_err(|_| LeaseError::Backend("the wall clock is before 1970".into()))?;
-    Ok(u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
 }

@@ -18,7 +18,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg};
@@ -26,8 +26,8 @@ use nix::libc;
 
 use crate::error::{LeaseError, Result};
 use crate::key::Key;
-use crate::rules::{apply, Op, Record};
-use crate::{BoxFuture, Holder, Lease};
+use crate::rules::{apply, wall_ms, Op, Record};
+use crate::{BoxFuture, Lease};
 
 /// The byte of `<key>.lease.lock` that a transaction write-locks (OFD, `F_OFD_SETLKW`).
 pub const LOCK_BYTE: i64 = 0;
@@ -146,11 +146,11 @@ impl Lease for FileLease {
         self.key.as_str()
     }
 
-    fn read(&self) -> BoxFuture<'_, Result<Option<Holder>>> {
+    fn inspect(&self) -> BoxFuture<'_, Result<Record>> {
         // No lock needed: the file is only ever replaced whole, by rename.
         Box::pin(async move {
             let this = self.clone();
-            blocking(move || Ok(this.load()?.live_holder(wall_ms()?))).await
+            blocking(move || this.load()).await
         })
     }
 
@@ -162,13 +162,6 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| LeaseError::Backend(format!("the lease transaction's thread failed: {e}")))?
-}
-
-/// CLOCK_REALTIME in milliseconds since 1970.
-fn wall_ms() -> Result<u64> {
-    let since = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH);
-    let since = since.map_err(|_| LeaseError::Backend("the wall clock is before 1970".into()))?;
-    Ok(u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> LeaseError {

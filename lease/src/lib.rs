@@ -40,6 +40,7 @@ pub use error::{LeaseError, Result};
 pub use etcd::{EtcdLease, CONNECT_TIMEOUT, RETRIES};
 pub use file::{FileLease, LOCK_BYTE};
 pub use key::{Key, MAX_KEY_LEN, MAX_OWNER_LEN};
+pub use rules::{wall_ms, Record};
 
 /// A future a [`Lease`] returns (boxed, so `dyn Lease` works).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -124,8 +125,15 @@ pub trait Lease: Send + Sync + std::fmt::Debug {
     /// The guest's key.
     fn key(&self) -> &str;
 
+    /// The stored record as it is, expired or not (what a destination
+    /// waiting for the handover's decision reads: a renewal shows as a new
+    /// `expires_ms`).
+    fn inspect(&self) -> BoxFuture<'_, Result<Record>>;
+
     /// The live holder; `None` if never held, released, or expired.
-    fn read(&self) -> BoxFuture<'_, Result<Option<Holder>>>;
+    fn read(&self) -> BoxFuture<'_, Result<Option<Holder>>> {
+        Box::pin(async move { Ok(self.inspect().await?.live_holder(wall_ms()?)) })
+    }
 
     /// Takes the lease if free (at generation + 1; the first ever is 1), or
     /// renews it if `owner` already holds it. Else [`LeaseError::HeldBy`].

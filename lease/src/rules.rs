@@ -59,6 +59,13 @@ impl Record {
     }
 }
 
+/// CLOCK_REALTIME in milliseconds since 1970: the time expiry is judged on.
+pub fn wall_ms() -> Result<u64> {
+    let since = std::time::SystemTime::now().duration_since(std::time::SystemTime::UNIX_EPOCH);
+    let since = since.map_err(|_| LeaseError::Backend("the wall clock is before 1970".into()))?;
+    Ok(u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// One change a caller asks of the store.
 #[derive(Debug, Clone)]
 pub enum Op {

@@ -53,6 +53,7 @@ pub fn query_status_ret() -> Ty {
         Field::of::<String>("status"),
         Field::of::<Option<String>>("x-baton-handover"),
         Field::of::<Option<String>>("x-baton-waiting"),
+        Field::of::<Option<Value>>("x-baton-lease"),
     ])
 }
 
@@ -62,6 +63,9 @@ pub async fn query_status(d: Arc<Daemon>, _: NoArgs) -> Reply {
     let mut v = json!({"running": st == vmm::RunState::Running, "status": st.as_str()});
     if let (Some(Value::Object(extra)), Some(o)) = (d.migration.status_extra(), v.as_object_mut()) {
         o.extend(extra);
+    }
+    if let Some(t) = vm.tenure() {
+        v["x-baton-lease"] = t.status();
     }
     Ok(v)
 }

@@ -10,6 +10,7 @@ pub mod memory;
 pub mod migration;
 pub mod stream;
 pub mod switchover;
+pub mod tenure;
 pub mod vcpu;
 pub mod vm;
 
@@ -98,6 +99,9 @@ pub enum VmmError {
     /// I8: the guest now runs on the destination.
     #[error("the guest was migrated away and runs on the destination")]
     MigratedAway,
+    /// `cont` (or a resume) could not prove the guest's lease.
+    #[error("the guest cannot run without its lease")]
+    Lease(#[source] crate::tenure::TenureError),
     #[error("the guest is stopped for a migration's switchover")]
     InSwitchover,
     /// The guest stopped on its own (the vCPU's report: triple fault and the like).

@@ -16,7 +16,10 @@
 //!           hcrc = CRC32C(tag version len)
 //!           pcrc = CRC32C(tag version len hcrc payload)
 //!    1 HELLO   memory:u64 vcpus:u32 disk_size:u64 layout:u64 flags:u8   (first, exactly once;
-//!              flags bit 0: storage copy, the destination exports its disks itself)
+//!              flags bit 0: storage copy, the destination exports its disks itself;
+//!              bit 1: the guest has a lease, and then follow
+//!              key_len:u8 key owner_len:u8 owner generation:u64: its key, the
+//!              source's name in the lease store, and the generation it holds)
 //!    2 RAM     first_page:u64 count:u32 count * (0 | 1 page[4096])
 //!              (0: the page is all zeroes, no payload follows; 1: its bytes follow)
 //!    3 VCPU    id:u32 state[VCPU_STATE_LEN]      (once per vCPU; field by field, see
@@ -26,7 +29,8 @@
 //!    4 DEVICE  consumed:u32
 //!    6 KVMCLOCK clock:u64                       (KVM_GET_CLOCK's ns; exactly once)
 //!    255 END   running:u8                       (the guest ran when the source stopped it)
-//!    7 COMMIT  (empty)                          (after PREPARED: the decision)
+//!    7 COMMIT  [generation:u64]                 (after PREPARED: the decision; with a lease,
+//!              the generation the lease moved to the destination at)
 //!    8 ABORT   reason (utf-8)                   (any time before COMMIT)
 //!    9 KEEPALIVE (empty)                        (while the source waits at pre-switchover)
 //!   10 BITMAPS node_len:u8 node[node_len] bitmap_len:u8 bitmap[bitmap_len]
@@ -39,7 +43,8 @@
 //!
 //!  destination -> source (the return path)
 //!  reply: tag:u8 len:u32 hcrc:u32 payload[len] pcrc:u32   (CRCs as for sections)
-//!    1 WELCOME   JSON {"targets": [{"node", "export", "size"[, "unix" | "port"]}]}
+//!    1 WELCOME   JSON {"targets": [{"node", "export", "size"[, "unix" | "port"]}]
+//!                      [, "lease": {"key", "owner"}]}   (with a lease: the destination's name)
 //!                (answer to HELLO: the destination's disks that are incoming mirror
 //!                targets; with storage copy, each on the NBD server it opened for
 //!                this attempt: a unix socket's path, or a TCP port on the host the
@@ -80,6 +85,9 @@ pub const DEVICE: u8 = 4;
 pub const KVMCLOCK: u8 = 6;
 pub const END: u8 = 255;
 pub const COMMIT: u8 = 7;
+/// HELLO flags.
+pub const HELLO_STORAGE: u8 = 1;
+pub const HELLO_LEASE: u8 = 2;
 pub const ABORT: u8 = 8;
 pub const KEEPALIVE: u8 = 9;
 pub const BITMAPS: u8 = 10;
@@ -124,8 +132,9 @@ pub const SECTIONS: &[Layout] = &[
     Layout {
         tag: HELLO,
         name: "HELLO",
-        version: 2,
-        fields: "memory:u64be vcpus:u32be disk_size:u64be layout:u64be flags:u8(bit 0: storage copy)",
+        version: 3,
+        fields: "memory:u64be vcpus:u32be disk_size:u64be layout:u64be flags:u8(bit 0: storage copy, bit 1: \
+                 lease) [lease: key_len:u8 key owner_len:u8 owner generation:u64be]",
     },
     Layout {
         tag: RAM,
@@ -137,7 +146,7 @@ pub const SECTIONS: &[Layout] = &[
     Layout { tag: KVMCLOCK, name: "KVMCLOCK", version: 1, fields: "clock:u64be" },
     Layout { tag: DEVICE, name: "DEVICE", version: 1, fields: "consumed:u32be" },
     Layout { tag: END, name: "END", version: 1, fields: "running:u8(0|1)" },
-    Layout { tag: COMMIT, name: "COMMIT", version: 1, fields: "" },
+    Layout { tag: COMMIT, name: "COMMIT", version: 2, fields: "[generation:u64be]" },
     Layout { tag: ABORT, name: "ABORT", version: 1, fields: "reason:utf8[<=MAX_REPLY]" },
     Layout { tag: KEEPALIVE, name: "KEEPALIVE", version: 1, fields: "" },
     Layout { tag: BITMAPS, name: "BITMAPS", version: 1, fields: BITMAP_FIELDS },
@@ -287,7 +296,10 @@ pub enum Section {
     End {
         running: bool,
     },
-    Commit,
+    /// The decision; with a lease, the generation it moved to the destination at.
+    Commit {
+        generation: Option<u64>,
+    },
     Abort(String),
     KeepAlive,
     /// Part (or all) of a dirty bitmap's bits.
@@ -345,7 +357,7 @@ impl Section {
             Section::Device { .. } => "DEVICE",
             Section::KvmClock { .. } => "KVMCLOCK",
             Section::End { .. } => "END",
-            Section::Commit => "COMMIT",
+            Section::Commit { .. } => "COMMIT",
             Section::Abort(_) => "ABORT",
             Section::KeepAlive => "KEEPALIVE",
             Section::Bitmap(_) => "BITMAPS",
@@ -385,8 +397,18 @@ impl RamRun {
     }
 }
 
+/// The guest's lease as HELLO carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HelloLease {
+    pub key: String,
+    /// The source's name in the lease store.
+    pub owner: String,
+    /// The generation the source holds.
+    pub generation: u64,
+}
+
 /// What the source says of the guest before any RAM moves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
     pub memory: u64,
     pub vcpus: u32,
@@ -396,6 +418,8 @@ pub struct Hello {
     /// Storage copy (`x-baton-storage: copy`): the destination exports its
     /// disks for this attempt and says where in WELCOME.
     pub storage: bool,
+    /// The guest's lease, if it has one.
+    pub lease: Option<HelloLease>,
 }
 
 impl Hello {
@@ -413,13 +437,21 @@ impl Hello {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
     /// HELLO accepted; the destination's incoming mirror targets.
-    Welcome(Vec<Target>),
+    Welcome(Welcome),
     Refused(String),
     Prepared,
     /// COMMIT taken.
     Committed,
     /// Everything before SYNC is applied.
     Synced,
+}
+
+/// WELCOME: the destination's disks, and its name in the lease store.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Welcome {
+    pub targets: Vec<Target>,
+    /// With a lease: (key, the destination's owner name).
+    pub lease: Option<(String, String)>,
 }
 
 /// A destination disk exported writable for the source's mirror.
@@ -791,7 +823,16 @@ pub async fn write_hello<W: AsyncWrite + Unpin>(w: &mut W, h: &Hello) -> std::io
     p.extend_from_slice(&h.vcpus.to_be_bytes());
     p.extend_from_slice(&h.disk_size.to_be_bytes());
     p.extend_from_slice(&h.layout.to_be_bytes());
-    p.push(u8::from(h.storage));
+    p.push(u8::from(h.storage) | if h.lease.is_some() { HELLO_LEASE } else { 0 });
+    if let Some(l) = &h.lease {
+        for text in [&l.key, &l.owner] {
+            let b = text.as_bytes();
+            let n = u8::try_from(b.len()).map_err(|_| std::io::Error::other("a lease key or owner over 255 bytes"))?;
+            p.push(n);
+            p.extend_from_slice(b);
+        }
+        p.extend_from_slice(&l.generation.to_be_bytes());
+    }
     section(w, HELLO, &p).await?;
     w.flush().await
 }
@@ -806,8 +847,9 @@ pub async fn write_sync<W: AsyncWrite + Unpin>(w: &mut W) -> std::io::Result<()>
     w.flush().await
 }
 
-pub async fn write_commit<W: AsyncWrite + Unpin>(w: &mut W) -> std::io::Result<()> {
-    section(w, COMMIT, &[]).await?;
+pub async fn write_commit<W: AsyncWrite + Unpin>(w: &mut W, generation: Option<u64>) -> std::io::Result<()> {
+    let p = generation.map(u64::to_be_bytes);
+    section(w, COMMIT, p.as_ref().map_or(&[][..], |b| &b[..])).await?;
     w.flush().await
 }
 
@@ -1086,17 +1128,25 @@ pub async fn read_section<R: AsyncRead + Unpin>(r: &mut R) -> Result<Section, St
     let u32_at = |at: usize| p.get(at..).and_then(be_u32);
     let u64_at = |at: usize| p.get(at..).and_then(be_u64);
     match tag {
-        HELLO if len == 29 => Ok(Section::Hello(Hello {
-            memory: u64_at(0).ok_or_else(|| bad("short"))?,
-            vcpus: u32_at(8).ok_or_else(|| bad("short"))?,
-            disk_size: u64_at(12).ok_or_else(|| bad("short"))?,
-            layout: u64_at(20).ok_or_else(|| bad("short"))?,
-            storage: match p.get(28) {
-                Some(0) => false,
-                Some(1) => true,
-                _ => return Err(bad("flags other than bit 0 (storage copy)")),
-            },
-        })),
+        HELLO if len >= 29 => {
+            let flags = p.get(28).copied().unwrap_or(0);
+            if flags & !(HELLO_STORAGE | HELLO_LEASE) != 0 {
+                return Err(bad("flags other than bit 0 (storage copy) and bit 1 (lease)"));
+            }
+            let lease = match flags & HELLO_LEASE {
+                0 if len == 29 => None,
+                0 => return Err(bad("bytes after the flags without a lease")),
+                _ => Some(hello_lease(&p[29..]).map_err(|why| bad(&why))?),
+            };
+            Ok(Section::Hello(Hello {
+                memory: u64_at(0).ok_or_else(|| bad("short"))?,
+                vcpus: u32_at(8).ok_or_else(|| bad("short"))?,
+                disk_size: u64_at(12).ok_or_else(|| bad("short"))?,
+                layout: u64_at(20).ok_or_else(|| bad("short"))?,
+                storage: flags & HELLO_STORAGE != 0,
+                lease,
+            }))
+        }
         RAM => {
             let first_page = u64_at(0).ok_or_else(|| bad("short header"))?;
             let count = u32_at(8).ok_or_else(|| bad("short header"))? as usize;
@@ -1144,7 +1194,8 @@ pub async fn read_section<R: AsyncRead + Unpin>(r: &mut R) -> Result<Section, St
             Some(&b @ (0 | 1)) => Ok(Section::End { running: b == 1 }),
             _ => Err(bad("running is neither 0 nor 1")),
         },
-        COMMIT if len == 0 => Ok(Section::Commit),
+        COMMIT if len == 0 => Ok(Section::Commit { generation: None }),
+        COMMIT if len == 8 => Ok(Section::Commit { generation: u64_at(0) }),
         KEEPALIVE if len == 0 => Ok(Section::KeepAlive),
         SYNC if len == 0 => Ok(Section::Sync),
         ABORT if len <= u64::from(MAX_REPLY) => Ok(Section::Abort(String::from_utf8_lossy(p).into_owned())),
@@ -1153,9 +1204,26 @@ pub async fn read_section<R: AsyncRead + Unpin>(r: &mut R) -> Result<Section, St
     }
 }
 
+/// HELLO's lease fields: key_len:u8 key owner_len:u8 owner generation:u64.
+fn hello_lease(p: &[u8]) -> Result<HelloLease, String> {
+    let mut at = 0;
+    let mut text = |what: &str| -> Result<String, String> {
+        let n = *p.get(at).ok_or(format!("the lease's {what} is missing"))? as usize;
+        let b = p.get(at + 1..at + 1 + n).ok_or(format!("the lease's {what} is truncated"))?;
+        at += 1 + n;
+        String::from_utf8(b.to_vec()).map_err(|_| format!("the lease's {what} is not UTF-8"))
+    };
+    let (key, owner) = (text("key")?, text("owner")?);
+    let rest = p.get(at..).unwrap_or_default();
+    if rest.len() != 8 {
+        return Err(format!("the lease's generation takes 8 bytes, {} follow", rest.len()));
+    }
+    Ok(HelloLease { key, owner, generation: be_u64(rest).unwrap_or(0) })
+}
+
 pub async fn write_reply<W: AsyncWrite + Unpin>(w: &mut W, reply: &Reply) -> std::io::Result<()> {
     let (tag, payload) = match reply {
-        Reply::Welcome(targets) => {
+        Reply::Welcome(Welcome { targets, lease }) => {
             let t: Vec<serde_json::Value> = targets
                 .iter()
                 .map(|t| {
@@ -1168,7 +1236,11 @@ pub async fn write_reply<W: AsyncWrite + Unpin>(w: &mut W, reply: &Reply) -> std
                     o
                 })
                 .collect();
-            (REPLY_WELCOME, serde_json::json!({"targets": t}).to_string().into_bytes())
+            let mut o = serde_json::json!({"targets": t});
+            if let Some((key, owner)) = lease {
+                o["lease"] = serde_json::json!({"key": key, "owner": owner});
+            }
+            (REPLY_WELCOME, o.to_string().into_bytes())
         }
         Reply::Refused(why) => {
             let mut b = why.as_bytes().to_vec();
@@ -1184,10 +1256,29 @@ pub async fn write_reply<W: AsyncWrite + Unpin>(w: &mut W, reply: &Reply) -> std
     w.flush().await
 }
 
-fn parse_targets(p: &[u8]) -> Result<Vec<Target>, StreamError> {
+fn parse_welcome(p: &[u8]) -> Result<Welcome, StreamError> {
     let bad = |why: &str| StreamError::BadReply(format!("WELCOME: {why}"));
     let v: serde_json::Value = serde_json::from_slice(p).map_err(|e| bad(&e.to_string()))?;
-    let obj = v.as_object().filter(|o| o.len() == 1).ok_or_else(|| bad("not an object with exactly 'targets'"))?;
+    let obj = v
+        .as_object()
+        .filter(|o| o.len() == 1 + usize::from(o.contains_key("lease")))
+        .ok_or_else(|| bad("not an object with 'targets' and at most 'lease'"))?;
+    let lease = match obj.get("lease") {
+        None => None,
+        Some(l) => {
+            let o = l.as_object().filter(|o| o.len() == 2).ok_or_else(|| bad("'lease' is not {key, owner}"))?;
+            let s = |k: &str| o.get(k).and_then(|v| v.as_str()).map(str::to_string);
+            match (s("key"), s("owner")) {
+                (Some(k), Some(w)) => Some((k, w)),
+                _ => return Err(bad("'lease' is not {key, owner} strings")),
+            }
+        }
+    };
+    Ok(Welcome { targets: parse_targets(obj)?, lease })
+}
+
+fn parse_targets(obj: &serde_json::Map<String, serde_json::Value>) -> Result<Vec<Target>, StreamError> {
+    let bad = |why: &str| StreamError::BadReply(format!("WELCOME: {why}"));
     let list = obj.get("targets").and_then(|t| t.as_array()).ok_or_else(|| bad("'targets' is not an array"))?;
     let mut out = Vec::with_capacity(list.len());
     for t in list {
@@ -1265,7 +1356,7 @@ pub async fn read_reply<R: AsyncRead + Unpin>(r: &mut R) -> Result<Reply, Stream
         return Err(StreamError::BadReply(format!("{name} of {len} bytes: payload checksum mismatch")));
     }
     match tag {
-        REPLY_WELCOME => Ok(Reply::Welcome(parse_targets(p)?)),
+        REPLY_WELCOME => Ok(Reply::Welcome(parse_welcome(p)?)),
         REPLY_REFUSED => Ok(Reply::Refused(String::from_utf8_lossy(p).into_owned())),
         REPLY_PREPARED if len == 0 => Ok(Reply::Prepared),
         REPLY_COMMITTED if len == 0 => Ok(Reply::Committed),
@@ -1301,14 +1392,22 @@ mod tests {
         rt().block_on(async {
             let mut w = Vec::new();
             write_header(&mut w).await.unwrap();
-            let hello = Hello { memory: 64 << 20, vcpus: 1, disk_size: 1 << 20, layout: layout_hash(), storage: true };
+            let lease = HelloLease { key: "vm1".into(), owner: "host-a-42".into(), generation: 7 };
+            let hello = Hello {
+                memory: 64 << 20,
+                vcpus: 1,
+                disk_size: 1 << 20,
+                layout: layout_hash(),
+                storage: true,
+                lease: Some(lease),
+            };
             write_hello(&mut w, &hello).await.unwrap();
             write_ram(&mut w, 3, &[7u8; 2 * PAGE]).await.unwrap();
             write_device(&mut w, 42).await.unwrap();
             write_kvmclock(&mut w, 7_000_000_123).await.unwrap();
             write_end(&mut w, true).await.unwrap();
             let s = parse_all(&w).await.unwrap();
-            assert!(matches!(s[0], Section::Hello(h) if h == hello));
+            assert!(matches!(&s[0], Section::Hello(h) if *h == hello));
             assert!(matches!(&s[1], Section::Ram(r) if r.first_page == 3 && r.expand() == [7u8; 2 * PAGE]));
             assert!(matches!(s[2], Section::Device { consumed: 42 }));
             assert!(matches!(s[3], Section::KvmClock { clock: 7_000_000_123 }));
@@ -1320,6 +1419,10 @@ mod tests {
             let e = parse_all(&bad).await.unwrap_err();
             assert!(matches!(e, StreamError::UnknownSection(99)), "{e}");
             assert_eq!(e.to_string(), "unknown section tag 99");
+            // COMMIT with a lease carries the generation it moved to.
+            let mut c = Vec::new();
+            write_commit(&mut c, Some(8)).await.unwrap();
+            assert!(matches!(read_section(&mut &c[..]).await.unwrap(), Section::Commit { generation: Some(8) }));
         });
     }
 
@@ -1336,9 +1439,14 @@ mod tests {
                 },
                 Target { node: "d3".into(), export: "g".into(), size: 1, at: Some(TargetAt::Port(10809)) },
             ];
-            for reply in
-                [Reply::Welcome(targets.clone()), Reply::Refused("no".into()), Reply::Prepared, Reply::Welcome(vec![])]
-            {
+            let leased = Welcome { targets: targets.clone(), lease: Some(("vm1".into(), "host-b-7".into())) };
+            for reply in [
+                Reply::Welcome(Welcome { targets: targets.clone(), lease: None }),
+                Reply::Refused("no".into()),
+                Reply::Prepared,
+                Reply::Welcome(Welcome::default()),
+                Reply::Welcome(leased),
+            ] {
                 let mut w = Vec::new();
                 write_reply(&mut w, &reply).await.unwrap();
                 assert_eq!(read_reply(&mut &w[..]).await.unwrap(), reply);
@@ -1547,7 +1655,8 @@ mod tests {
     async fn one_of_each() -> Vec<(&'static str, Vec<u8>)> {
         let mut out = Vec::new();
         let mut w = Vec::new();
-        let hello = Hello { memory: 16 << 20, vcpus: 2, disk_size: 1 << 20, layout: layout_hash(), storage: false };
+        let hello =
+            Hello { memory: 16 << 20, vcpus: 2, disk_size: 1 << 20, layout: layout_hash(), storage: false, lease: None };
         write_hello(&mut w, &hello).await.unwrap();
         out.push(("HELLO", std::mem::take(&mut w)));
         let mut page = vec![0u8; PAGE];
@@ -1563,7 +1672,7 @@ mod tests {
         out.push(("DEVICE", std::mem::take(&mut w)));
         write_kvmclock(&mut w, 0x1234_5678_9abc).await.unwrap();
         out.push(("KVMCLOCK", std::mem::take(&mut w)));
-        write_commit(&mut w).await.unwrap();
+        write_commit(&mut w, None).await.unwrap();
         out.push(("COMMIT", std::mem::take(&mut w)));
         write_abort(&mut w, "no space").await.unwrap();
         out.push(("ABORT", std::mem::take(&mut w)));
@@ -1874,9 +1983,8 @@ mod tests {
             let theirs = ours ^ 0x8000;
             let mut w = Vec::new();
             write_header(&mut w).await.unwrap();
-            write_hello(&mut w, &Hello { memory: 1, vcpus: 1, disk_size: 1, layout: theirs, storage: false })
-                .await
-                .unwrap();
+            let hello = Hello { memory: 1, vcpus: 1, disk_size: 1, layout: theirs, storage: false, lease: None };
+            write_hello(&mut w, &hello).await.unwrap();
             let Section::Hello(h) = first_section(&w).await.unwrap() else { panic!("not HELLO") };
             assert_eq!(h.layout, theirs);
             let e = h.check_layout().unwrap_err();
@@ -1912,7 +2020,7 @@ mod tests {
         rt().block_on(async {
             let targets = vec![Target { node: "disk".into(), export: "e".into(), size: 4096, at: None }];
             for (name, reply) in [
-                ("WELCOME", Reply::Welcome(targets)),
+                ("WELCOME", Reply::Welcome(Welcome { targets, lease: None })),
                 ("REFUSED", Reply::Refused("no".into())),
                 ("PREPARED", Reply::Prepared),
                 ("COMMITTED", Reply::Committed),

@@ -239,6 +239,11 @@ async fn rollback(
     vm.set_state(RunState::Paused);
     if was_running {
         if let Err(e) = vm.cont().await {
+            // Without its lease the guest waits: resumed once the lease is
+            // proven again (the store answers), unless someone else has it.
+            if let (crate::VmmError::Lease(_), Some(t)) = (&e, vm.tenure()) {
+                t.resume_when_held();
+            }
             return Err(SwitchoverError::RolledBack {
                 step,
                 cause: format!("{}; and resuming failed: {e}", crate::error_text(cause.as_ref())).into(),

@@ -14,6 +14,13 @@
 //! XCRs, MSRs, local APIC, pending events, debug registers, MP state) is
 //! read and written on its own thread while every vCPU is parked.
 //!
+//! Fencing: a lease holder's vCPUs must not run guest code past the lease's
+//! local deadline ([`Fence`]), even when the process was frozen (SIGSTOP,
+//! a hung host) across it. Each vCPU thread arms a timer of its own at the
+//! deadline whose signal is the kick (pending, if the process is frozen,
+//! when it thaws: KVM_RUN returns before entering the guest), and checks
+//! the deadline before every entry into KVM_RUN.
+//!
 //! ```text
 //!  parked ──cont──> in KVM_RUN ──exit──> handle (doorbell, error)
 //!    ^                  │                     │
@@ -21,7 +28,7 @@
 //! ```
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use block::sync::{lock, wait, wait_timeout};
@@ -89,12 +96,124 @@ pub fn install_kick_handler() -> Result<(), nix::Error> {
     })
 }
 
+/// The instant after which no vCPU may enter KVM_RUN, on CLOCK_MONOTONIC
+/// (which keeps counting while the process is stopped): the guest's lease's
+/// local deadline. Open (no deadline) without a lease; closed (0) while a
+/// leased guest holds no lease.
+#[derive(Debug)]
+pub struct Fence(AtomicU64);
+
+impl Default for Fence {
+    fn default() -> Self {
+        Fence(AtomicU64::new(Fence::OPEN))
+    }
+}
+
+impl Fence {
+    const OPEN: u64 = u64::MAX;
+    const CLOSED: u64 = 0;
+
+    /// No deadline: the guest has no lease.
+    pub fn open(&self) {
+        self.0.store(Self::OPEN, Ordering::SeqCst);
+    }
+
+    /// No vCPU may enter KVM_RUN (a leased guest that holds no lease).
+    pub fn close(&self) {
+        self.0.store(Self::CLOSED, Ordering::SeqCst);
+    }
+
+    /// vCPUs may run until `deadline`.
+    pub fn until(&self, deadline: std::time::Instant) {
+        self.0.store(instant_ns(deadline).max(1), Ordering::SeqCst);
+    }
+
+    fn deadline_ns(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// Whether a vCPU may enter KVM_RUN now.
+    pub fn allows_run(&self) -> bool {
+        let d = self.deadline_ns();
+        d == Self::OPEN || monotonic_ns() < d
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds (`Instant`'s clock on Linux).
+fn monotonic_ns() -> u64 {
+    match nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) {
+        Ok(t) => (t.tv_sec() as u64).saturating_mul(1_000_000_000).saturating_add(t.tv_nsec() as u64),
+        // Cannot fail for CLOCK_MONOTONIC; were it to, every deadline has passed.
+        Err(_) => u64::MAX - 1,
+    }
+}
+
+/// An `Instant` on CLOCK_MONOTONIC, in nanoseconds.
+fn instant_ns(at: std::time::Instant) -> u64 {
+    let (now, now_ns) = (std::time::Instant::now(), monotonic_ns());
+    match at.checked_duration_since(now) {
+        Some(ahead) => now_ns.saturating_add(ahead.as_nanos() as u64),
+        None => now_ns.saturating_sub(now.duration_since(at).as_nanos() as u64),
+    }
+}
+
+/// This vCPU thread's fence timer: a POSIX timer on CLOCK_MONOTONIC whose
+/// expiry sends [`KICK_SIGNAL`] to this thread, armed at the fence's deadline.
+struct FenceTimer {
+    timer: Option<nix::sys::timer::Timer>,
+    armed: u64,
+}
+
+impl FenceTimer {
+    fn new(id: u64) -> FenceTimer {
+        use nix::sys::signal::{SigEvent, SigevNotify};
+        let ev = SigEvent::new(SigevNotify::SigevThreadId {
+            signal: KICK_SIGNAL,
+            thread_id: nix::unistd::gettid().as_raw(),
+            si_value: 0,
+        });
+        let timer = match nix::sys::timer::Timer::new(nix::time::ClockId::CLOCK_MONOTONIC, ev) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                // Entries are still checked; only a vCPU already inside
+                // KVM_RUN at the deadline waits for the VMM's own stop.
+                tracing::error!(vcpu = id, error = %e, "cannot create the vCPU's fence timer");
+                None
+            }
+        };
+        FenceTimer { timer, armed: Fence::OPEN }
+    }
+
+    /// Arm at `deadline` (disarm when open), if it changed.
+    fn arm(&mut self, deadline: u64) {
+        use nix::sys::time::TimeSpec;
+        use nix::sys::timer::{Expiration, TimerSetTimeFlags};
+        if deadline == self.armed {
+            return;
+        }
+        self.armed = deadline;
+        let Some(t) = self.timer.as_mut() else { return };
+        let at = match deadline {
+            Fence::OPEN => TimeSpec::new(0, 0),
+            // Already passed (closed): the entry check stops the vCPU.
+            d => TimeSpec::new((d / 1_000_000_000) as i64, (d % 1_000_000_000).max(1) as i64),
+        };
+        if let Err(e) = t.set(Expiration::OneShot(at), TimerSetTimeFlags::TFD_TIMER_ABSTIME) {
+            tracing::error!(error = %e, "cannot arm the vCPU's fence timer");
+        }
+    }
+}
+
 /// What a vCPU thread reports back.
 pub trait ExitHandler: Send + Sync + 'static {
     /// A write to an I/O port.
     fn io_out(&self, port: u16, data: &[u8]);
     /// The guest cannot go on (triple fault, failed entry, internal error).
     fn fatal(&self, vcpu: u64, why: String);
+    /// The vCPU reached the fence's deadline and parked (its guest's lease
+    /// was not renewed in time): it enters KVM_RUN again only after a stop
+    /// and a `cont` that proved the lease.
+    fn fenced(&self, vcpu: u64);
 }
 
 /// The MSRs migration carries, in the stream's order ([`crate::stream::VCPU_FIELDS`]
@@ -443,6 +562,8 @@ struct Ctl {
 /// Shared control of every vCPU thread.
 #[derive(Debug, Default)]
 pub struct Vcpus {
+    /// The lease's deadline for guest code (see [`Fence`]).
+    pub fence: Arc<Fence>,
     ctl: Mutex<Ctl>,
     cond: Condvar,
     stop_flag: AtomicBool,
@@ -477,6 +598,7 @@ impl Vcpus {
     }
 
     fn thread_loop(&self, id: u64, vcpu: &mut VcpuFd, caps: &VcpuCaps, handler: &dyn ExitHandler) {
+        let mut timer = FenceTimer::new(id);
         loop {
             {
                 let mut c = self.lock();
@@ -499,6 +621,14 @@ impl Vcpus {
             // A kick that arrived while parked must not end this session at once.
             vcpu.set_kvm_immediate_exit(0);
             while !self.stop_flag.load(Ordering::SeqCst) && !halted {
+                // The fence: armed before the check, so a deadline that
+                // passes between the two still kicks the entry below.
+                timer.arm(self.fence.deadline_ns());
+                if !self.fence.allows_run() {
+                    handler.fenced(id);
+                    halted = true;
+                    break;
+                }
                 match vcpu.run() {
                     Ok(VcpuExit::IoOut(port, data)) => handler.io_out(port, data),
                     Ok(VcpuExit::IoIn(_, data)) => data.fill(0xff),

@@ -124,6 +124,9 @@ impl ExitHandler for Exits {
         tracing::error!(vcpu, "guest stopped: {why}");
         lock(&self.fatal).get_or_insert(format!("vcpu {vcpu}: {why}"));
     }
+    fn fenced(&self, vcpu: u64) {
+        tracing::warn!(vcpu, "the lease's deadline passed: the vCPU stopped entering the guest");
+    }
 }
 
 pub struct Vm {
@@ -149,6 +152,8 @@ pub struct Vm {
     last_stop: Mutex<Option<Instant>>,
     /// How long the last stop waited for the device's requests in flight.
     last_drain: Mutex<Duration>,
+    /// The guest's lease (`--lease`): vCPUs run only while it is held.
+    tenure: std::sync::OnceLock<Arc<crate::tenure::Tenure>>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -356,7 +361,21 @@ impl Vm {
             runs: std::sync::atomic::AtomicU64::new(0),
             last_stop: Mutex::new(Some(Instant::now())),
             last_drain: Mutex::new(Duration::ZERO),
+            tenure: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Keep the guest's lease with `t`: from now on its vCPUs run only
+    /// while `t` holds the lease (once, before the guest first runs).
+    pub fn set_tenure(self: &Arc<Self>, t: Arc<crate::tenure::Tenure>) {
+        if self.tenure.set(t.clone()).is_ok() {
+            t.attach(self, self.vcpus.fence.clone(), self.events.clone());
+        }
+    }
+
+    /// The guest's lease, if it has one.
+    pub fn tenure(&self) -> Option<&Arc<crate::tenure::Tenure>> {
+        self.tenure.get()
     }
 
     pub fn state(&self) -> RunState {
@@ -410,7 +429,17 @@ impl Vm {
             RunState::Running => return Ok(()),
             RunState::InMigrate => return Err(VmmError::WaitingForMigration),
             // I8: the guest now runs on the destination; running it here too is never allowed.
-            RunState::PostMigrate => return Err(VmmError::MigratedAway),
+            RunState::PostMigrate => {
+                // With a lease, say who holds it now.
+                if let Some(t) = self.tenure.get() {
+                    if let crate::tenure::Phase::Transferred { to, generation } = t.phase() {
+                        let key = t.key().to_string();
+                        let e = crate::tenure::TenureError::Transferred { key, to, generation };
+                        return Err(VmmError::Lease(e));
+                    }
+                }
+                return Err(VmmError::MigratedAway);
+            }
             // The switchover owns the guest: its disks are being handed over.
             RunState::FinishMigrate => return Err(VmmError::InSwitchover),
             RunState::InternalError => return Err(VmmError::GuestFailed(self.fatal_error().unwrap_or_default())),
@@ -419,6 +448,10 @@ impl Vm {
         self.check_active()?;
         // A guest that arrived by migration held no permission while it waited
         // (the disk was the mirror's target): take the exclusive writer now.
+        // The lease: held now (renewed, or acquired if free), or no run.
+        if let Some(t) = self.tenure.get() {
+            t.prove().await.map_err(VmmError::Lease)?;
+        }
         let be = self.device.backend();
         if be.perms() != block::PermSet::GUEST_WRITER {
             be.set_perms(block::PermSet::GUEST_WRITER, true).map_err(VmmError::TakeDisk)?;
@@ -442,7 +475,29 @@ impl Vm {
     /// `stop`: returns once every vCPU has left KVM_RUN and the device is drained.
     pub async fn stop(&self) -> Result<Duration, VmmError> {
         let _c = self.control.lock().await;
+        if let Some(t) = self.tenure.get() {
+            t.stopped();
+        }
         self.stop_locked(RunState::Paused).await
+    }
+
+    /// The lease's deadline passed: stop a running guest (its vCPUs already
+    /// stopped entering KVM_RUN at the deadline).
+    pub(crate) async fn stop_fenced(&self) -> Result<Duration, VmmError> {
+        let _c = self.control.lock().await;
+        if !self.is_running() {
+            return Ok(Duration::ZERO);
+        }
+        self.stop_locked(RunState::Paused).await
+    }
+
+    /// Run a guest its lease fenced, now that the lease can be proven again
+    /// (only from `paused`: an operator's or a migration's state stands).
+    pub(crate) async fn resume_leased(&self) -> Result<(), VmmError> {
+        if self.state() != RunState::Paused {
+            return Err(VmmError::NotRunning);
+        }
+        self.cont().await
     }
 
     /// Stop into a given state (a migration stops into finish-migrate).
@@ -641,11 +696,14 @@ impl Vm {
         self.vcpus.any_in_run()
     }
 
-    /// Stop and end the vCPU threads.
+    /// Stop and end the vCPU threads; let go of the lease.
     pub async fn shutdown(&self) {
         let _c = self.control.lock().await;
         let _ = self.stop_locked(RunState::Paused).await;
         self.vcpus.shutdown();
+        if let Some(t) = self.tenure.get() {
+            t.release().await;
+        }
     }
 }
 

@@ -65,10 +65,12 @@ where
     let mut r = BufReader::with_capacity(1 << 20, r);
     let mut activated = Vec::new();
     let mut created = Vec::new();
-    let res = receive(mig, graph, vm, &targets, exporter, &p, &mut r, &mut w, &mut activated, &mut created).await;
+    let mut lease = None;
+    let res =
+        receive(mig, graph, vm, &targets, exporter, &p, &mut r, &mut w, &mut activated, &mut created, &mut lease).await;
     let failure = match res {
-        Ok(run) => match decide(mig, &p, &mut r).await {
-            Ok(()) => {
+        Ok(run) => match decide(mig, &p, &mut r, lease.as_ref()).await {
+            Ok(leased) => {
                 mig.set_handover(Handover::Committed);
                 // Acknowledge (best effort: the source may be gone, and the
                 // decision stands either way).
@@ -89,7 +91,7 @@ where
                     mig.set_decision_note(format!("COMMIT taken, but {why}: the guest stays paused"));
                     return Landing::Committed { run: false };
                 }
-                return Landing::Committed { run };
+                return Landing::Committed { run: run && leased };
             }
             Err(e) => e,
         },
@@ -142,7 +144,46 @@ async fn roll_back(
     }
 }
 
-/// Read a section within `bound`.
+/// The guest's lease in an incoming attempt: the source's record as read
+/// before PREPARED went (its owner and generation are HELLO's).
+struct Incoming {
+    tenure: Arc<crate::tenure::Tenure>,
+    prepared: lease::Record,
+}
+
+impl Incoming {
+    /// The generation the lease moves to at the commit point.
+    fn next(&self) -> u64 {
+        self.prepared.generation + 1
+    }
+}
+
+/// HELLO's lease against this side's: both keep the same one, under
+/// different names, or neither keeps one.
+fn check_lease(vm: &Vm, theirs: Option<&stream::HelloLease>) -> Result<(), MigrationError> {
+    match (vm.tenure(), theirs) {
+        (None, None) => Ok(()),
+        (None, Some(l)) => Err(MigrationError::Lease(format!(
+            "the source's guest has lease {}; this destination keeps none (start it with the same --lease key)",
+            l.key
+        ))),
+        (Some(t), None) => Err(MigrationError::Lease(format!(
+            "this destination keeps lease {}; the source's guest has none",
+            t.key()
+        ))),
+        (Some(t), Some(l)) if l.key != t.key() => Err(MigrationError::Lease(format!(
+            "the source's guest has lease {}, this destination keeps {}",
+            l.key,
+            t.key()
+        ))),
+        (Some(t), Some(l)) if l.owner == t.owner() => Err(MigrationError::Lease(format!(
+            "both daemons call themselves {} in the lease store (give each its own owner=)",
+            l.owner
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Read a section within `bound`; `migrate_cancel` (or yank) ends the wait.
 async fn section<R: AsyncRead + Unpin>(
     mig: &Migration,
@@ -177,6 +218,7 @@ async fn receive<R, W>(
     w: &mut W,
     activated: &mut Vec<String>,
     created: &mut Vec<Created>,
+    lease: &mut Option<Incoming>,
 ) -> Result<bool, MigrationError>
 where
     R: AsyncRead + Unpin,
@@ -216,6 +258,7 @@ where
             h.disk_size
         )));
     }
+    check_lease(vm, h.lease.as_ref())?;
     point("migration::incoming-hello").await?;
     let targets = match h.storage {
         false => targets.to_vec(),
@@ -230,7 +273,11 @@ where
             vec![exporter.export(node.name()).await.map_err(MigrationError::Disk)?]
         }
     };
-    tokio::time::timeout(p.io_timeout, stream::write_reply(w, &Reply::Welcome(targets)))
+    let welcome = stream::Welcome {
+        targets,
+        lease: vm.tenure().map(|t| (t.key().to_string(), t.owner().to_string())),
+    };
+    tokio::time::timeout(p.io_timeout, stream::write_reply(w, &Reply::Welcome(welcome)))
         .await
         .map_err(|_| MigrationError::Timeout("the WELCOME write", p.io_timeout))?
         .map_err(StreamError::Io)?;
@@ -297,7 +344,9 @@ where
                 .await
                 .map_err(|_| MigrationError::Timeout("the SYNCED write", p.io_timeout))?
                 .map_err(StreamError::Io)?,
-            Section::Commit => return Err(MigrationError::Invalid("COMMIT before the end of the stream".into())),
+            Section::Commit { .. } => {
+                return Err(MigrationError::Invalid("COMMIT before the end of the stream".into()))
+            }
             Section::End { running } => break running,
         }
     };
@@ -331,6 +380,29 @@ where
     vm.load_cpu_state(&vcpus, device, clock).await?;
     mig.step_done("load-state", t.elapsed());
     point("migration::incoming-before-prepared").await?;
+    // The lease: the source's, at the generation HELLO said, now that its
+    // last state is here and it renews no more until it decides; what the
+    // record says now is what a later read is judged against.
+    if let (Some(t), Some(l)) = (vm.tenure(), h.lease.as_ref()) {
+        let rec = t.inspect().await.map_err(|e| MigrationError::Lease(crate::error_text(&e)))?;
+        let now = lease::wall_ms().map_err(|e| MigrationError::Lease(e.to_string()))?;
+        match rec.live_holder(now) {
+            Some(holder) if holder.owner == l.owner && holder.generation == l.generation => {}
+            other => {
+                return Err(MigrationError::Lease(format!(
+                    "the lease of guest {} is not the source's ({} at generation {}): {}",
+                    t.key(),
+                    l.owner,
+                    l.generation,
+                    match other {
+                        Some(h) => format!("{} holds it at generation {}", h.owner, h.generation),
+                        None => "nobody holds it".into(),
+                    }
+                )))
+            }
+        }
+        *lease = Some(Incoming { tenure: t.clone(), prepared: rec });
+    }
     if !mig.try_prepare() {
         return Err(mig.stop_reason());
     }
@@ -371,10 +443,86 @@ fn write_pages(mem: &crate::memory::Mem, run: &stream::RamRun, written: &mut [u6
 }
 
 /// PREPARED: wait for COMMIT or ABORT from the source, or the operator's
-/// decision. Past the commit bound, or with the link gone, the decision is
-/// unknown: stay paused and say so (a late COMMIT is still taken).
-/// Ok: commit. Err: abort, and why.
-async fn decide<R: AsyncRead + Unpin>(mig: &Migration, p: &Parameters, r: &mut R) -> Result<(), MigrationError> {
+/// decision, or (with a lease) the lease store's. Past the commit bound, or
+/// with the link gone, the decision is unknown: stay paused and say so (a
+/// late COMMIT is still taken); with a lease the store resolves it.
+/// Ok: commit (and whether this side holds the lease, if it has one).
+/// Err: abort, and why.
+async fn decide<R: AsyncRead + Unpin>(
+    mig: &Migration,
+    p: &Parameters,
+    r: &mut R,
+    lease: Option<&Incoming>,
+) -> Result<bool, MigrationError> {
+    let commit = decided(mig, p, r, lease).await?;
+    let Some(l) = lease else { return Ok(true) };
+    match commit {
+        // The store's decision made this side the holder already.
+        Via::Store => Ok(true),
+        Via::Source | Via::Operator => match l.tenure.claim(l.next()).await {
+            Ok(_) => Ok(true),
+            Err(e) => {
+                let why = crate::error_text(&e);
+                tracing::error!(error = %why, "committed, but the lease cannot be claimed: the guest stays paused");
+                mig.set_decision_note(format!("committed, but the lease cannot be claimed ({why}): the guest stays paused"));
+                Ok(false)
+            }
+        },
+    }
+}
+
+/// Who decided to commit.
+enum Via {
+    Source,
+    Operator,
+    /// The lease store (this side holds the lease already).
+    Store,
+}
+
+/// How often a prepared destination reads the lease store: a tenth of the
+/// ttl, within 20 ms and 500 ms.
+fn poll_every(l: &Incoming) -> Duration {
+    (l.tenure.ttl() / 10).clamp(Duration::from_millis(20), Duration::from_millis(500))
+}
+
+/// One read of the store: Some(Ok) commit (this side now holds the lease),
+/// Some(Err) abort, None undecided (or the store did not answer).
+async fn ask_store(l: &Incoming) -> Option<Result<(), String>> {
+    use crate::tenure::Verdict;
+    let now = match l.tenure.inspect().await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(error = %e, "the lease store did not answer");
+            return None;
+        }
+    };
+    let now_ms = lease::wall_ms().ok()?;
+    match crate::tenure::verdict(&l.prepared, &now, l.tenure.owner(), now_ms) {
+        Verdict::Open => None,
+        Verdict::Abort(why) => Some(Err(why)),
+        Verdict::Commit => match l.tenure.claim(l.next()).await {
+            Ok(_) => Some(Ok(())),
+            Err(e) => {
+                tracing::warn!(error = %crate::error_text(&e), "the lease moved here, but claiming it failed");
+                None
+            }
+        },
+        Verdict::Lapsed => match l.tenure.take_lapsed(now.generation + 1).await {
+            Ok(_) => Some(Ok(())),
+            Err(e) => {
+                tracing::warn!(error = %crate::error_text(&e), "the source's lease lapsed, but taking it failed");
+                None
+            }
+        },
+    }
+}
+
+async fn decided<R: AsyncRead + Unpin>(
+    mig: &Migration,
+    p: &Parameters,
+    r: &mut R,
+    lease: Option<&Incoming>,
+) -> Result<Via, MigrationError> {
     // One read, never dropped halfway (a COMMIT that straddles the bound is
     // still read whole); the bound only changes what the destination says.
     let read = stream::read_section(r);
@@ -391,10 +539,29 @@ async fn decide<R: AsyncRead + Unpin>(mig: &Migration, p: &Parameters, r: &mut R
                 std::future::pending().await
             }
         };
+        let store = async {
+            match lease {
+                Some(l) => {
+                    tokio::time::sleep(poll_every(l)).await;
+                    ask_store(l).await
+                }
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             d = mig.wait_decision() => return match d {
-                Decision::Commit => Ok(()),
+                Decision::Commit => Ok(Via::Operator),
                 Decision::Abort => Err(MigrationError::OperatorAborted),
+            },
+            Some(verdict) = store => match verdict {
+                Ok(()) => {
+                    mig.set_decision_note("the lease moved to this destination (read from the lease store)".into());
+                    return Ok(Via::Store);
+                }
+                Err(why) => {
+                    mig.set_decision_note(format!("the lease store says abort: {why}"));
+                    return Err(MigrationError::Lease(why));
+                }
             },
             _ = &mut bound, if !bound_passed => {
                 bound_passed = true;
@@ -403,14 +570,23 @@ async fn decide<R: AsyncRead + Unpin>(mig: &Migration, p: &Parameters, r: &mut R
             got = next => {
                 link_open = false;
                 match got {
-                    Ok(Section::Commit) => {
+                    Ok(Section::Commit { generation }) => {
                         if point("migration::incoming-commit").await.is_err() {
                             // Behave as if COMMIT never arrived.
                             mig.decision_unknown("failpoint migration::incoming-commit".into());
                             continue;
                         }
+                        if let Some(l) = lease {
+                            if generation != Some(l.next()) {
+                                mig.decision_unknown(format!(
+                                    "COMMIT says generation {generation:?}, the lease moves to {}",
+                                    l.next()
+                                ));
+                                continue;
+                            }
+                        }
                         mig.set_decision_note("COMMIT from the source".into());
-                        return Ok(());
+                        return Ok(Via::Source);
                     }
                     Ok(Section::Abort(why)) => {
                         mig.set_decision_note(format!("ABORT from the source: {why}"));

@@ -106,6 +106,9 @@ pub enum MigrationError {
     /// A dirty bitmap could not go (source) or be taken (destination); the text names it.
     #[error("dirty bitmaps: {0}")]
     Bitmap(String),
+    /// The guest's lease decided, or could not be moved or proven.
+    #[error("the guest's lease: {0}")]
+    Lease(String),
 }
 
 impl MigrationError {

@@ -408,24 +408,60 @@ where
     };
     let link = slot.insert(Link::new(conn, p.io_timeout));
     point("migration::setup").await?;
+    let tenure = vm.tenure();
     let hello = Hello {
         memory: vm.config().memory,
         vcpus: vm.config().vcpus,
         disk_size: vm.device().backend().node().length(),
         layout: stream::layout_hash(),
         storage: storage.is_some(),
+        lease: tenure.map(|t| stream::HelloLease {
+            key: t.key().to_string(),
+            owner: t.owner().to_string(),
+            generation: t.generation().unwrap_or(0),
+        }),
     };
     guarded(mig, p.hello_timeout, async {
         stream::write_header(&mut link.w).await?;
         stream::write_hello(&mut link.w, &hello).await
     })
     .await?;
-    let targets = match link.expect(mig, p.hello_timeout, "answer to HELLO").await? {
-        Reply::Welcome(t) => t,
+    let welcome = match link.expect(mig, p.hello_timeout, "answer to HELLO").await? {
+        Reply::Welcome(w) => w,
         Reply::Refused(why) => return Err(MigrationError::Refused(why)),
         other @ (Reply::Prepared | Reply::Committed | Reply::Synced) => {
             let what = format!("{other:?} before anything was sent");
             return Err(MigrationError::Stream(StreamError::BadReply(what)));
+        }
+    };
+    let targets = welcome.targets;
+    // The lease: both sides keep the same one, under different names.
+    let lease = match (tenure, welcome.lease) {
+        (None, None) => None,
+        (Some(t), None) => {
+            return Err(MigrationError::Lease(format!(
+                "the destination keeps no lease; this guest's is {} (start the destination with the same --lease key)",
+                t.key()
+            )))
+        }
+        (None, Some((key, _))) => {
+            return Err(MigrationError::Lease(format!(
+                "the destination keeps lease {key}; this source has none (start it with --lease)"
+            )))
+        }
+        (Some(t), Some((key, owner))) => {
+            if key != t.key() {
+                return Err(MigrationError::Lease(format!(
+                    "the destination keeps lease {key}, this guest's is {}",
+                    t.key()
+                )));
+            }
+            if owner == t.owner() {
+                return Err(MigrationError::Lease(format!(
+                    "both daemons call themselves {owner} in the lease store (give each its own owner=)"
+                )));
+            }
+            Some(Leased { tenure: t.clone(), to: owner, generation: hello.lease.as_ref().map_or(0, |l| l.generation) })
         }
     };
     let carriers = match storage {
@@ -577,8 +613,10 @@ where
     let cancelled = || mig.is_stopping();
     let prepared_timeout = p.prepared_timeout;
     let bitmaps_of = claimed.as_ref().map(bitmaps::Claimed::bitmaps);
+    let moved_to = std::sync::Mutex::new(None);
+    let (lease, moved_at) = (lease.as_ref(), &moved_to);
     let handover = |st: crate::vm::VmState| async move {
-        hand_over(link, mig, vm, st, &unsent, was_running, prepared_timeout, bitmaps_of)
+        hand_over(link, mig, vm, st, &unsent, was_running, prepared_timeout, bitmaps_of, lease, moved_at)
             .await
             .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
     };
@@ -598,6 +636,7 @@ where
     if let Err(e) = r {
         return Err(e.into());
     }
+    let commit_generation = *block::sync::lock(&moved_to);
     keep_carriers(&carriers);
     if !made.is_empty() {
         // The storage copy is done with the destination's export: let go of
@@ -617,7 +656,7 @@ where
         None => return Ok(()),
     };
     let sent = match point("migration::after-commit").await {
-        Ok(()) => guarded(mig, p.io_timeout, stream::write_commit(&mut link.w)).await,
+        Ok(()) => guarded(mig, p.io_timeout, stream::write_commit(&mut link.w, commit_generation)).await,
         Err(e) => Err(e.into()),
     };
     let t = Instant::now();
@@ -840,9 +879,19 @@ where
     Ok(())
 }
 
+/// The guest's lease in a migration: kept by `tenure` at `generation` (as
+/// HELLO said), to move to the destination named `to`.
+struct Leased {
+    tenure: Arc<crate::tenure::Tenure>,
+    to: String,
+    generation: u64,
+}
+
 /// The guest is stopped and every node inactive: the last dirty pages, the
 /// dirty bitmaps (capability dirty-bitmaps: `bitmaps_of`, those the attempt
-/// claimed), the vCPUs, the device, END; then PREPARED, and the commit point.
+/// claimed), the vCPUs, the device, END; then PREPARED, and the commit point:
+/// with a lease, its transfer to the destination (the generation it moved
+/// at goes to `moved_at`, for COMMIT).
 #[allow(clippy::too_many_arguments)]
 async fn hand_over<S>(
     link: &mut Link<S>,
@@ -853,6 +902,8 @@ async fn hand_over<S>(
     was_running: bool,
     prepared_timeout: Duration,
     bitmaps_of: Option<&[bitmaps::Outgoing]>,
+    lease: Option<&Leased>,
+    moved_at: &std::sync::Mutex<Option<u64>>,
 ) -> Result<(), MigrationError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -883,6 +934,23 @@ where
         return Err(link.reason_for(e).await);
     }
     point("migration::before-end").await?;
+    // The lease, proven afresh; no renewal until the decision, so the
+    // destination can tell a source that resumed (its record changes) from
+    // one that has not decided yet.
+    let handing = match lease {
+        None => None,
+        Some(l) => {
+            let h = l.tenure.begin_handover().await.map_err(|e| MigrationError::Lease(crate::error_text(&e)))?;
+            if h.generation() != l.generation {
+                return Err(MigrationError::Lease(format!(
+                    "the lease moved from generation {} to {} during the migration",
+                    l.generation,
+                    h.generation()
+                )));
+            }
+            Some(h)
+        }
+    };
     let sent = guarded(mig, io, stream::write_end(&mut link.w, was_running)).await;
     if let Err(e) = sent {
         return Err(link.reason_for(e).await);
@@ -902,8 +970,22 @@ where
     let t = Instant::now();
     point("migration::before-commit").await?;
     // The commit point: one step that a cancel either beat or comes too late for.
-    if !mig.try_commit() {
-        return Err(MigrationError::Cancelled);
+    match (handing, lease) {
+        (Some(h), Some(l)) => {
+            if mig.is_stopping() {
+                return Err(MigrationError::Cancelled);
+            }
+            // The lease's transfer is the commit point: once it moved, the
+            // guest is the destination's, whatever happens to COMMIT.
+            let moved = h.transfer(&l.to).await.map_err(|e| MigrationError::Lease(crate::error_text(&e)))?;
+            *block::sync::lock(moved_at) = Some(moved.generation);
+            mig.commit_moved_lease();
+        }
+        _ => {
+            if !mig.try_commit() {
+                return Err(MigrationError::Cancelled);
+            }
+        }
     }
     mig.step_done("commit", t.elapsed());
     Ok(())

@@ -614,6 +614,14 @@ impl Migration {
         true
     }
 
+    /// The commit point when the guest has a lease: the lease already moved
+    /// to the destination, so a cancel that came meanwhile is too late.
+    pub fn commit_moved_lease(&self) {
+        let mut a = self.lock();
+        a.committed = true;
+        a.handover = Handover::Committed;
+    }
+
     /// The destination's step to PREPARED: refused if a cancel or a yank
     /// came first (then it rolls back); from here on neither is accepted.
     pub fn try_prepare(&self) -> bool {
