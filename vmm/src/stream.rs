@@ -1655,8 +1655,14 @@ mod tests {
     async fn one_of_each() -> Vec<(&'static str, Vec<u8>)> {
         let mut out = Vec::new();
         let mut w = Vec::new();
-        let hello =
-            Hello { memory: 16 << 20, vcpus: 2, disk_size: 1 << 20, layout: layout_hash(), storage: false, lease: None };
+        let hello = Hello {
+            memory: 16 << 20,
+            vcpus: 2,
+            disk_size: 1 << 20,
+            layout: layout_hash(),
+            storage: false,
+            lease: None,
+        };
         write_hello(&mut w, &hello).await.unwrap();
         out.push(("HELLO", std::mem::take(&mut w)));
         let mut page = vec![0u8; PAGE];

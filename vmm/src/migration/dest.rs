@@ -167,10 +167,9 @@ fn check_lease(vm: &Vm, theirs: Option<&stream::HelloLease>) -> Result<(), Migra
             "the source's guest has lease {}; this destination keeps none (start it with the same --lease key)",
             l.key
         ))),
-        (Some(t), None) => Err(MigrationError::Lease(format!(
-            "this destination keeps lease {}; the source's guest has none",
-            t.key()
-        ))),
+        (Some(t), None) => {
+            Err(MigrationError::Lease(format!("this destination keeps lease {}; the source's guest has none", t.key())))
+        }
         (Some(t), Some(l)) if l.key != t.key() => Err(MigrationError::Lease(format!(
             "the source's guest has lease {}, this destination keeps {}",
             l.key,
@@ -273,10 +272,7 @@ where
             vec![exporter.export(node.name()).await.map_err(MigrationError::Disk)?]
         }
     };
-    let welcome = stream::Welcome {
-        targets,
-        lease: vm.tenure().map(|t| (t.key().to_string(), t.owner().to_string())),
-    };
+    let welcome = stream::Welcome { targets, lease: vm.tenure().map(|t| (t.key().to_string(), t.owner().to_string())) };
     tokio::time::timeout(p.io_timeout, stream::write_reply(w, &Reply::Welcome(welcome)))
         .await
         .map_err(|_| MigrationError::Timeout("the WELCOME write", p.io_timeout))?
@@ -464,7 +460,9 @@ async fn decide<R: AsyncRead + Unpin>(
             Err(e) => {
                 let why = crate::error_text(&e);
                 tracing::error!(error = %why, "committed, but the lease cannot be claimed: the guest stays paused");
-                mig.set_decision_note(format!("committed, but the lease cannot be claimed ({why}): the guest stays paused"));
+                mig.set_decision_note(format!(
+                    "committed, but the lease cannot be claimed ({why}): the guest stays paused"
+                ));
                 Ok(false)
             }
         },
