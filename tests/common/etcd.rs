@@ -7,6 +7,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -74,7 +75,21 @@ impl EtcdCluster {
         let m = &self.members[i];
         let client = format!("http://{}:{CLIENT_PORT}", m.addr);
         let peer = format!("http://{}:{PEER_PORT}", m.addr);
-        let child = std::process::Command::new("ip")
+        let mut cmd = std::process::Command::new("ip");
+        // Killed with the test process even if it dies without dropping us
+        // (the signal follows the spawning thread: keep the cluster on the
+        // thread that started it).
+        // SAFETY: prctl(2) is async-signal-safe; nothing else runs between
+        // fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
             .args(["netns", "exec", &m.ns, ETCD])
             .arg(format!("--name={}", m.name))
             .arg(format!("--data-dir={}", self.dir.path().join(&m.name).display()))

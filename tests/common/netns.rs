@@ -46,6 +46,32 @@ fn run(args: &[&str]) {
     assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// The IPv4 prefixes the root namespace routes (every table, but default
+/// routes), as (network, length).
+fn root_routes() -> Vec<(u32, u32)> {
+    let out = Command::new("ip").args(["-4", "route", "show", "table", "all"]).output().unwrap();
+    assert!(out.status.success(), "ip route: {}", String::from_utf8_lossy(&out.stderr));
+    let mut v = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        // "PREFIX dev ...", or "TYPE PREFIX ..." (local, broadcast, ...).
+        for cand in w.iter().take(2) {
+            let (a, len) = cand.split_once('/').unwrap_or((cand, "32"));
+            if let (Ok(a), Ok(len)) = (a.parse::<std::net::Ipv4Addr>(), len.parse::<u32>()) {
+                v.push((u32::from(a), len));
+                break;
+            }
+        }
+    }
+    v
+}
+
+fn overlaps((a, la): (u32, u32), (b, lb): (u32, u32)) -> bool {
+    let l = la.min(lb);
+    let mask = if l == 0 { 0 } else { u32::MAX << (32 - l) };
+    a & mask == b & mask
+}
+
 /// Set the calling thread's network namespace to the named one
 /// (`/var/run/netns/<name>`). Sockets the thread creates afterwards live
 /// there, and keep living there whichever thread uses them.
@@ -78,10 +104,17 @@ impl Hosts {
         assert!(!names.is_empty() && names.len() < 250, "1 to 249 hosts");
         let pid = std::process::id() as usize;
         // Claim a /24: the root end of the root's veth is named after it.
+        // The root namespace gets a route to the /24: never one that
+        // overlaps a route the machine has (its own network may be a 10.x).
+        let taken = root_routes();
         let mut claimed = None;
         for k in 0..100 * 256 {
             let n = (pid + k * 7919) % (100 * 256);
             let (o2, o3) = (100 + n / 256, n % 256);
+            let net = u32::from_be_bytes([10, o2 as u8, o3 as u8, 0]);
+            if taken.iter().any(|(a, len)| overlaps((net, 24), (*a, *len))) {
+                continue;
+            }
             let tag = format!("bt{o2}x{o3}");
             let ok = Command::new("ip")
                 .args(["link", "add", &tag, "type", "veth", "peer", "name", &format!("{tag}p")])
