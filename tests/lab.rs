@@ -8,7 +8,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::delay::DelayProxy;
@@ -118,6 +118,8 @@ fn etcd_on_three_hosts_answers_from_root_and_from_a_host_and_needs_a_quorum() {
 /// An echo server inside a host, stopped when dropped.
 struct Echo {
     addr: SocketAddr,
+    /// Where each connection came from.
+    peers: Arc<Mutex<Vec<SocketAddr>>>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -128,14 +130,16 @@ impl Echo {
         let addr: SocketAddr = format!("{addr}:0").parse().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
+        let (stop2, peers) = (stop.clone(), Arc::new(Mutex::new(Vec::new())));
+        let peers2 = peers.clone();
         let thread = hosts.spawn_in(host, move || {
             let l = TcpListener::bind(addr).unwrap();
             l.set_nonblocking(true).unwrap();
             tx.send(l.local_addr().unwrap()).unwrap();
             while !stop2.load(Ordering::SeqCst) {
                 match l.accept() {
-                    Ok((mut s, _)) => {
+                    Ok((mut s, peer)) => {
+                        peers2.lock().unwrap().push(peer);
                         s.set_nonblocking(false).unwrap();
                         std::thread::spawn(move || {
                             let mut r = s.try_clone().unwrap();
@@ -150,7 +154,7 @@ impl Echo {
                 }
             }
         });
-        Echo { addr: rx.recv().unwrap(), stop, thread: Some(thread) }
+        Echo { addr: rx.recv().unwrap(), peers, stop, thread: Some(thread) }
     }
 }
 
@@ -159,6 +163,21 @@ impl Drop for Echo {
         self.stop.store(true, Ordering::SeqCst);
         let _ = self.thread.take().unwrap().join();
     }
+}
+
+/// Send `data` on `s` and half-close, while reading all that comes back
+/// (until EOF).
+fn echo_all(mut s: TcpStream, data: &[u8]) -> Vec<u8> {
+    let mut w = s.try_clone().unwrap();
+    let d2 = data.to_vec();
+    let sender = std::thread::spawn(move || {
+        w.write_all(&d2).unwrap();
+        w.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).unwrap();
+    sender.join().unwrap();
+    back
 }
 
 #[test]
@@ -190,26 +209,71 @@ fn the_delay_proxy_adds_its_delay_each_way_and_keeps_the_bytes() {
         // 1 MiB through and back, then a half-close that comes back as EOF.
         let data: Vec<u8> = (0..1u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
         let t = Instant::now();
-        let mut w = s.try_clone().unwrap();
-        let d2 = data.clone();
-        let sender = std::thread::spawn(move || {
-            w.write_all(&d2).unwrap();
-            w.shutdown(std::net::Shutdown::Write).unwrap();
-        });
-        let mut back = Vec::new();
-        s.read_to_end(&mut back).unwrap();
-        sender.join().unwrap();
+        let back = echo_all(s, &data);
         (rtts, back == data, t.elapsed())
     })
     .join()
     .unwrap();
     eprintln!("round trips through a {delay:?} proxy: {rtts:?}; 1 MiB echoed in {took:?}");
     assert!(rtts.iter().all(|r| *r >= 2 * delay), "a round trip under 2 × {delay:?}: {rtts:?}");
-    assert!(rtts.iter().all(|r| *r < 20 * delay), "a round trip far over 2 × {delay:?}: {rtts:?}");
+    assert!(rtts.iter().all(|r| *r < 50 * delay), "a round trip far over 2 × {delay:?}: {rtts:?}");
     assert!(data_ok, "the echoed MiB differs");
-    // Not one chunk per delay: 1 MiB in 64 KiB chunks would take 320 ms+.
-    assert!(took < Duration::from_secs(2), "1 MiB took {took:?}");
+    assert!(took >= 2 * delay, "1 MiB echoed in {took:?}, under 2 × {delay:?}");
+
+    // Not one chunk per delay: through 50 ms each way, 1 MiB (16 reads of
+    // 64 KiB at best, each way) would take 1.6 s+; pipelined, 100 ms and
+    // the copying.
+    let slow = DelayProxy::start(Some(hosts.ns(Host::A)), "127.0.0.1:0".parse().unwrap(), echo, 5 * delay);
+    let (saddr, ns) = (slow.addr(), hosts.ns(Host::A).to_string());
+    let (ok, took) = std::thread::spawn(move || {
+        common::netns::enter_netns(&ns);
+        let s = TcpStream::connect(saddr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let data = vec![5u8; 1 << 20];
+        let t = Instant::now();
+        let back = echo_all(s, &data);
+        (back == data, t.elapsed())
+    })
+    .join()
+    .unwrap();
+    eprintln!("1 MiB echoed through a {:?} proxy in {took:?}", 5 * delay);
+    assert!(ok, "the echoed MiB differs (slow proxy)");
+    assert!(took >= 10 * delay && took < Duration::from_millis(800), "1 MiB through 2 × 50 ms took {took:?}");
+    drop(slow);
+    // The proxy connected from host A's namespace, over the switch.
+    let peers = server.peers.lock().unwrap().clone();
+    assert!(peers.iter().all(|p| p.ip().to_string() == hosts.addr(Host::A)), "echo peers {peers:?}");
+
+    // Many connections at once, each its own bytes.
+    let ns = hosts.ns(Host::A).to_string();
+    let each: Vec<_> = (0..16u8)
+        .map(|k| {
+            let ns = ns.clone();
+            std::thread::spawn(move || {
+                common::netns::enter_netns(&ns);
+                let s = TcpStream::connect(addr).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let data = vec![k; 200_000];
+                echo_all(s, &data) == data
+            })
+        })
+        .collect();
+    for (k, t) in each.into_iter().enumerate() {
+        assert!(t.join().unwrap(), "connection {k}: the echo differs");
+    }
+
+    // Dropping the proxy ends a connection through it.
+    let held = std::thread::spawn(move || {
+        common::netns::enter_netns(&ns);
+        TcpStream::connect(addr).unwrap()
+    })
+    .join()
+    .unwrap();
+    held.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
     drop(proxy);
+    let mut b = [0u8; 1];
+    assert!(matches!((&held).read(&mut b), Ok(0) | Err(_)), "a connection outlived its proxy");
 }
 
 #[test]
