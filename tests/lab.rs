@@ -357,3 +357,35 @@ fn a_rate_limited_host_sends_at_its_rate() {
     assert!(limited >= Duration::from_millis(800), "1 MiB at 8 Mbit/s took {limited:?}");
     assert!(free < limited / 2, "unlimited {free:?} vs limited {limited:?}");
 }
+
+#[test]
+fn a_killed_runs_leftovers_are_reclaimed() {
+    if !root_or_skip() {
+        return;
+    }
+    // The /24 this process tries first, claimed by a process that is gone,
+    // with a namespace left behind.
+    let n = std::process::id() % (100 * 256);
+    let (o2, o3) = (100 + n / 256, n % 256);
+    let tag = format!("bt{o2}x{o3}");
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let dead = gone.id();
+    gone.wait().unwrap();
+    let run = |args: &[&str]| {
+        let st = std::process::Command::new("ip").args(args).status().unwrap();
+        assert!(st.success(), "ip {args:?}");
+    };
+    run(&["link", "add", &tag, "type", "veth", "peer", "name", &format!("{tag}p")]);
+    run(&["link", "set", &tag, "alias", &format!("baton-lab pid {dead}")]);
+    run(&["addr", "add", &format!("10.{o2}.{o3}.254/24"), "dev", &tag]);
+    run(&["link", "set", &tag, "up"]);
+    run(&["netns", "add", &format!("{tag}-zz")]);
+    let hosts = Hosts::new();
+    assert_eq!(hosts.addr(Host::A), format!("10.{o2}.{o3}.1"), "the leftover /24 was not reclaimed");
+    assert!(
+        !std::path::Path::new(&format!("/var/run/netns/{tag}-zz")).exists(),
+        "the leftover namespace is still there"
+    );
+    let server = Echo::start(&hosts, Host::B, hosts.addr(Host::B));
+    assert!(TcpStream::connect_timeout(&server.addr, Duration::from_secs(2)).is_ok(), "B unreachable from root");
+}

@@ -12,7 +12,8 @@
 //!
 //! Several test processes run at once: each claims a /24 by creating a
 //! root-namespace interface named after it (`bt<o2>x<o3>`, creation is
-//! atomic), and names its namespaces after the same pair.
+//! atomic), and names its namespaces after the same pair. The claim's alias
+//! names its pid: a later process reclaims the /24 of one that was killed.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::process::{Command, Stdio};
@@ -46,6 +47,30 @@ fn run(args: &[&str]) {
     assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// If `tag`'s claim belongs to a process that is gone (killed before its
+/// `Hosts` dropped), remove its namespaces and the claim; whether it did.
+/// A claim without an owner yet (being made) is not stale.
+fn reclaim_stale(tag: &str) -> bool {
+    let out = Command::new("ip").args(["-o", "link", "show", "dev", tag]).stderr(Stdio::null()).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let Some(pid) = text.split("alias baton-lab pid ").nth(1).and_then(|r| r.split_whitespace().next()) else {
+        return false;
+    };
+    if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        return false;
+    }
+    // Namespaces first, the claim last: nobody can claim it before.
+    if let Ok(dir) = std::fs::read_dir("/var/run/netns") {
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with(&format!("{tag}-")) {
+                let _ = Command::new("ip").args(["netns", "del", &name]).stderr(Stdio::null()).status();
+            }
+        }
+    }
+    Command::new("ip").args(["link", "del", tag]).stderr(Stdio::null()).status().unwrap().success()
+}
+
 /// The IPv4 prefixes the root namespace routes (every table, but default
 /// routes), as (network, length).
 fn root_routes() -> Vec<(u32, u32)> {
@@ -54,6 +79,10 @@ fn root_routes() -> Vec<(u32, u32)> {
     let mut v = Vec::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let w: Vec<&str> = line.split_whitespace().collect();
+        // Claims (ours and others'): settled by the claim itself.
+        if w.windows(2).any(|p| p[0] == "dev" && is_claim(p[1])) {
+            continue;
+        }
         // "PREFIX dev ...", or "TYPE PREFIX ..." (local, broadcast, ...).
         for cand in w.iter().take(2) {
             let (a, len) = cand.split_once('/').unwrap_or((cand, "32"));
@@ -64,6 +93,13 @@ fn root_routes() -> Vec<(u32, u32)> {
         }
     }
     v
+}
+
+/// Whether `dev` is named like a claim (`bt<o2>x<o3>`).
+fn is_claim(dev: &str) -> bool {
+    dev.strip_prefix("bt")
+        .and_then(|r| r.split_once('x'))
+        .is_some_and(|(a, b)| a.parse::<u8>().is_ok() && b.parse::<u8>().is_ok())
 }
 
 fn overlaps((a, la): (u32, u32), (b, lb): (u32, u32)) -> bool {
@@ -116,13 +152,16 @@ impl Hosts {
                 continue;
             }
             let tag = format!("bt{o2}x{o3}");
-            let ok = Command::new("ip")
-                .args(["link", "add", &tag, "type", "veth", "peer", "name", &format!("{tag}p")])
-                .stderr(Stdio::null())
-                .status()
-                .unwrap()
-                .success();
-            if ok {
+            let claim = || {
+                Command::new("ip")
+                    .args(["link", "add", &tag, "type", "veth", "peer", "name", &format!("{tag}p")])
+                    .stderr(Stdio::null())
+                    .status()
+                    .unwrap()
+                    .success()
+            };
+            if claim() || (reclaim_stale(&tag) && claim()) {
+                run(&["ip", "link", "set", &tag, "alias", &format!("baton-lab pid {pid}")]);
                 claimed = Some((tag, format!("10.{o2}.{o3}")));
                 break;
             }
@@ -264,6 +303,10 @@ impl Hosts {
         assert!(out.status.success(), "nft list tables: {}", String::from_utf8_lossy(&out.stderr));
         for line in String::from_utf8_lossy(&out.stdout).lines() {
             let w: Vec<&str> = line.split_whitespace().collect();
+            // Claims (ours and others'): settled by the claim itself.
+            if w.windows(2).any(|p| p[0] == "dev" && is_claim(p[1])) {
+                continue;
+            }
             if let ["table", family, name] = w[..] {
                 if name == "baton_cut" || name.starts_with("baton_cut_") {
                     let st = self.command(host, "nft").args(["delete", "table", family, name]).status().unwrap();
