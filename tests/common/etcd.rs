@@ -3,7 +3,8 @@
 //! port 2379, peer port 2380). Data and logs in one temporary directory in
 //! /dev/shm (etcd fsyncs every write); the logs stay for panic messages.
 //! Members are killed with SIGKILL and restarted on their data; all are
-//! killed when the cluster drops.
+//! killed when the cluster drops, and (PR_SET_PDEATHSIG) when the thread
+//! that started them ends: keep a cluster on the test's own thread.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::{Read, Write};

@@ -133,11 +133,20 @@ impl Hosts {
         Hosts::with(&["a", "b"])
     }
 
-    /// One host per name (short names: they end namespace names), in that
-    /// order: `Host(i)` is `names[i]` (see also [`host`](Self::host)).
+    /// One host per name (1 to 5 letters or digits: they end namespace
+    /// names), in that order: `Host(i)` is `names[i]` (see also
+    /// [`host`](Self::host)). Host `i` gets address `.i+1` on the /24.
     pub fn with(names: &[&str]) -> Hosts {
         super::require_tools(&["ip", "nft", "tc"]);
         assert!(!names.is_empty() && names.len() < 250, "1 to 249 hosts");
+        for (i, n) in names.iter().enumerate() {
+            // Namespace names stay within 15 characters (bt199x255-NAME).
+            assert!(
+                (1..=5).contains(&n.len()) && n.chars().all(|c| c.is_ascii_alphanumeric()) && *n != "sw",
+                "host name {n:?}: 1 to 5 letters or digits, not \"sw\" (the switch)"
+            );
+            assert!(!names[..i].contains(n), "host name {n:?} twice");
+        }
         let pid = std::process::id() as usize;
         // Claim a /24: the root end of the root's veth is named after it.
         // The root namespace gets a route to the /24: never one that
