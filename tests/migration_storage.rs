@@ -302,7 +302,7 @@ fn a_process_killed_during_the_copy_leaves_the_other_side_as_before() {
     assert!(!p.path("mig.sock.disk").exists());
 }
 
-/// Two hosts that share nothing (network namespaces joined by a veth pair,
+/// Two hosts that share nothing (network namespaces on a switch of their own,
 /// 0.1% of packets dropped each way by nftables, the destination's firewall
 /// open to the migration's port and `x-baton-storage-port` only): a 32 MiB
 /// guest writing its 64 MiB disk moves in one command over TCP between
