@@ -14,7 +14,7 @@ mod etcd_single;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::proxy::{Action, Dir, Proxy};
+use common::proxy::{Action, Dir, Flow, Proxy};
 use common::{daemon_env, ok, wait_for, Proc, Qmp};
 use serde_json::{json, Value};
 
@@ -249,8 +249,13 @@ fn a_link_cut_after_prepared_leaves_the_source_running_at_g() {
         let mut r = Rig::new(store);
         wait_status(&mut r.sq, "the source to hold the lease", |s| s["x-baton-lease"]["status"] == "held");
         r.proxy.on_frame(Dir::Down, vmm::stream::REPLY_PREPARED, Action::BlackHole(Dir::Down));
-        r.proxy.on_frame(Dir::Down, vmm::stream::REPLY_PREPARED, Action::BlackHole(Dir::Up));
         r.migrate();
+        // PREPARED went into the black hole; the other way goes too (the
+        // source's ABORT comes only after its PREPARED wait, 1.6 s at most).
+        wait_for(&mut r.dq, "query-migrate", "the destination to be prepared", |m| {
+            m["x-baton-handover"] == "prepared" || finished(m)
+        });
+        r.proxy.set(Dir::Up, Flow::BlackHole);
         let m = wait_for(&mut r.sq, "query-migrate", "the end", finished);
         assert_eq!(m["status"], "failed", "{name}: {m}");
         let s = wait_status(&mut r.sq, "the source to resume", |s| s["status"] == "running");

@@ -432,6 +432,13 @@ impl Handing {
         self.held.generation
     }
 
+    /// Until when the lease, proven at the handover's start, is certainly
+    /// still the source's: a decision must come before, or the source can no
+    /// longer resume at its generation.
+    pub fn deadline(&self) -> Instant {
+        self.held.deadline
+    }
+
     /// The commit point: move the lease to `to` at generation + 1. Ok: the
     /// guest is the destination's. Err: it did not move, or (the store did
     /// not answer) it is not known whether it did; either way the source

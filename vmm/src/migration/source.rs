@@ -960,6 +960,12 @@ where
     let t = Instant::now();
     mig.set_handover(Handover::AwaitingPrepared);
     point("migration::after-end").await?;
+    // With a lease, PREPARED must come while the lease is surely still
+    // ours: past its deadline the source could not resume at its generation.
+    let prepared_timeout = match &handing {
+        Some(h) => prepared_timeout.min(h.deadline().saturating_duration_since(Instant::now())),
+        None => prepared_timeout,
+    };
     match link.expect(mig, prepared_timeout, "PREPARED from the destination").await? {
         Reply::Prepared => mig.step_done("prepared", t.elapsed()),
         Reply::Refused(why) => return Err(MigrationError::Refused(why)),
