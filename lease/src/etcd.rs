@@ -143,22 +143,43 @@ impl EtcdLease {
     }
 
     /// Bounds a request by the request timeout (tonic's own one does not
-    /// cover a connection that never comes up).
-    async fn bounded<T>(
-        &self,
-        what: &str,
-        f: impl std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
-    ) -> Result<T> {
-        match tokio::time::timeout(self.request_timeout() + CONNECT_TIMEOUT, f).await {
+    /// cover a connection that never comes up). A request refused at
+    /// connect (a member down: it never reached etcd, so it cannot have
+    /// taken effect) is sent again, to whichever member the client's
+    /// balancer picks next, within the same bound.
+    async fn bounded<T, F>(&self, what: &str, mut f: impl FnMut() -> F) -> Result<T>
+    where
+        F: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
+        let limit = self.request_timeout() + CONNECT_TIMEOUT;
+        let tries = async {
+            let mut pause = Duration::from_millis(20);
+            loop {
+                match f().await {
+                    Err(e) if e.to_string().contains("connect error") => {
+                        tracing::debug!(error = %e, "an etcd member refused the connection: trying again");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_millis(200));
+                    }
+                    r => return r,
+                }
+            }
+        };
+        match tokio::time::timeout(limit, tries).await {
             Ok(r) => r.map_err(|e| self.err(what, e)),
-            Err(_) => Err(self.err(what, format!("no answer within {:?}", self.request_timeout() + CONNECT_TIMEOUT))),
+            Err(_) => Err(self.err(what, format!("no answer within {limit:?}"))),
         }
     }
 
     /// Reads both keys in one snapshot.
     async fn snapshot(&self, client: &mut Client) -> Result<Snapshot> {
         let txn = Txn::new().and_then([TxnOp::get(self.lease_key(), None), TxnOp::get(self.generation_key(), None)]);
-        let resp = self.bounded("read", client.txn(txn)).await?;
+        let resp = self
+            .bounded("read", || {
+                let (mut c, t) = (client.clone(), txn.clone());
+                async move { c.txn(t).await }
+            })
+            .await?;
         let mut gets = resp.op_responses().into_iter().map(|r| match r {
             TxnOpResponse::Get(g) => g.kvs().first().cloned(),
             _ => None,
@@ -205,6 +226,16 @@ impl EtcdLease {
         })
     }
 
+    /// Revokes etcd lease `id` (best effort: unused, it expires by itself).
+    async fn revoke(&self, client: &Client, id: i64) -> Result<()> {
+        self.bounded("revoke", || {
+            let mut c = client.clone();
+            async move { c.lease_revoke(id).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
     /// Runs `op` as one compare-and-swap transaction, retried on a lost
     /// compare; returns the new record and the local deadline it grants.
     async fn run(&self, op: Op) -> Result<(Record, Instant)> {
@@ -214,7 +245,7 @@ impl EtcdLease {
         if result.is_err() {
             if let Some((id, _)) = granted {
                 // Best effort: unused, it would expire by itself after the ttl.
-                let _ = self.bounded("revoke", client.lease_revoke(id)).await;
+                let _ = self.revoke(&client, id).await;
             }
         }
         result
@@ -248,8 +279,12 @@ impl EtcdLease {
                     Some((id, _)) => id,
                     None => {
                         let grant_sent = Instant::now();
+                        let ttl = self.etcd_ttl_secs();
                         let resp = self
-                            .bounded("grant an etcd lease for", client.lease_grant(self.etcd_ttl_secs(), None))
+                            .bounded("grant an etcd lease for", || {
+                                let mut c = client.clone();
+                                async move { c.lease_grant(ttl, None).await }
+                            })
                             .await?;
                         granted.insert((resp.id(), grant_sent)).0
                     }
@@ -260,12 +295,18 @@ impl EtcdLease {
             if snap.gen_rev.is_none() || next.generation != snap.rec.generation {
                 ops.push(TxnOp::put(self.generation_key(), next.generation.to_string(), None));
             }
-            let resp = self.bounded("write", client.txn(Txn::new().when(compares).and_then(ops))).await?;
+            let txn = Txn::new().when(compares).and_then(ops);
+            let resp = self
+                .bounded("write", || {
+                    let (mut c, t) = (client.clone(), txn.clone());
+                    async move { c.txn(t).await }
+                })
+                .await?;
             if resp.succeeded() {
                 let used = if next.owner.is_empty() { None } else { granted.take() };
                 if snap.etcd_lease != 0 && used.map(|(id, _)| id) != Some(snap.etcd_lease) {
                     // The old etcd lease holds no key now; free it early (best effort).
-                    let _ = self.bounded("revoke", client.lease_revoke(snap.etcd_lease)).await;
+                    let _ = self.revoke(client, snap.etcd_lease).await;
                 }
                 // Deadline: send time + ttl - margin, from the earlier of this
                 // try's read and the grant of the etcd lease now on the key.
