@@ -386,3 +386,43 @@ fn a_holder_cut_off_from_its_store_pauses_itself_before_expiry() {
     eprintln!("the holder paused {paused_after:?} after its store stopped answering");
     one_holder_per_generation(&mut [&mut r.sq, &mut iq]);
 }
+
+/// The source frozen (SIGSTOP) across the handover, after its last state
+/// went and before it read PREPARED: its lease lapses, the destination
+/// (which holds the guest's last state) takes it and runs. Thawed, the
+/// source cannot move a lease it no longer holds: it stays paused, its
+/// guest does not advance, its `cont` is refused naming the holder.
+#[test]
+fn a_source_frozen_across_the_handover_stays_paused_after_the_destination_runs() {
+    if !common::kvm_or_skip() {
+        return;
+    }
+    for (name, store, _keep) in stores() {
+        let mut r = Rig::new(store);
+        wait_status(&mut r.sq, "the source to hold the lease", |s| s["x-baton-lease"]["status"] == "held");
+        ok(&mut r.sq, "x-baton-failpoint", json!({"name": "migration::after-end", "actions": "return(hold)"}));
+        r.migrate();
+        wait_for(&mut r.dq, "query-migrate", "the destination to be prepared", |m| {
+            m["x-baton-handover"] == "prepared" || finished(m)
+        });
+        let stopped = batches(&mut r.sq);
+        let pid = nix::unistd::Pid::from_raw(r.src.0.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+        let frozen_at = Instant::now();
+        let d = wait_status(&mut r.dq, "the destination to run", |s| s["status"] == "running");
+        let took = frozen_at.elapsed();
+        assert_eq!(d["x-baton-lease"]["generation"], 2, "{name}: {d}");
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+        ok(&mut r.sq, "x-baton-failpoint", json!({"name": "migration::after-end", "actions": "off"}));
+        let m = wait_for(&mut r.sq, "query-migrate", "the source's attempt to end", finished);
+        assert_eq!(m["status"], "failed", "{name}: {m}");
+        let s = status(&mut r.sq);
+        assert_ne!(s["status"], "running", "{name}: {s}");
+        let e = refused(&mut r.sq, "cont");
+        assert!(e.contains("held by dst at generation 2"), "{name}: {e}");
+        assert_eq!(frozen(&mut r.sq, Duration::from_millis(300)), stopped, "{name}: the source's guest advanced");
+        verified(&mut r.dq);
+        one_holder_per_generation(&mut [&mut r.sq, &mut r.dq]);
+        eprintln!("{name}: the destination ran {took:?} after the source froze");
+    }
+}

@@ -445,13 +445,14 @@ impl Vm {
             RunState::InternalError => return Err(VmmError::GuestFailed(self.fatal_error().unwrap_or_default())),
             _ => {}
         }
-        self.check_active()?;
-        // A guest that arrived by migration held no permission while it waited
-        // (the disk was the mirror's target): take the exclusive writer now.
-        // The lease: held now (renewed, or acquired if free), or no run.
+        // The lease first: a guest that runs elsewhere now is the reason
+        // that matters (held now, renewed or acquired if free, or no run).
         if let Some(t) = self.tenure.get() {
             t.prove().await.map_err(VmmError::Lease)?;
         }
+        self.check_active()?;
+        // A guest that arrived by migration held no permission while it waited
+        // (the disk was the mirror's target): take the exclusive writer now.
         let be = self.device.backend();
         if be.perms() != block::PermSet::GUEST_WRITER {
             be.set_perms(block::PermSet::GUEST_WRITER, true).map_err(VmmError::TakeDisk)?;

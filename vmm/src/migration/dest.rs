@@ -537,13 +537,14 @@ async fn decided<R: AsyncRead + Unpin>(
                 std::future::pending().await
             }
         };
+        // Reads the store until it decides (never, without a lease).
         let store = async {
-            match lease {
-                Some(l) => {
-                    tokio::time::sleep(poll_every(l)).await;
-                    ask_store(l).await
+            let Some(l) = lease else { return std::future::pending().await };
+            loop {
+                tokio::time::sleep(poll_every(l)).await;
+                if let Some(v) = ask_store(l).await {
+                    return v;
                 }
-                None => std::future::pending().await,
             }
         };
         tokio::select! {
@@ -551,7 +552,7 @@ async fn decided<R: AsyncRead + Unpin>(
                 Decision::Commit => Ok(Via::Operator),
                 Decision::Abort => Err(MigrationError::OperatorAborted),
             },
-            Some(verdict) = store => match verdict {
+            verdict = store => match verdict {
                 Ok(()) => {
                     mig.set_decision_note("the lease moved to this destination (read from the lease store)".into());
                     return Ok(Via::Store);
