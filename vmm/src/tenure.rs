@@ -143,10 +143,6 @@ impl Tenure {
         self.ttl
     }
 
-    pub fn lease(&self) -> &Arc<dyn Lease> {
-        &self.lease
-    }
-
     pub fn phase(&self) -> Phase {
         lock(&self.st).phase.clone()
     }
